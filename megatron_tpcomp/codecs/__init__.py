@@ -1,0 +1,80 @@
+"""Codecs: bf16/fp16/fp32 tensor <-> one contiguous uint8 payload.
+
+Start here to find a format:
+
+=====================  ==============================  ==========================================
+spec family            module                          class
+=====================  ==============================  ==========================================
+fp8, fp8-e5m2          codecs/fp8.py                   Fp8Codec
+int2 .. int8           codecs/intx.py                  IntCodec
+mxfp4, nvfp4, fp3-fp6  codecs/microscaling.py          MinifloatCodec
++had                   codecs/hadamard.py              HadamardCodec (wraps another codec)
++outliers              codecs/outliers.py              OutlierCodec (wraps another codec)
+none                   codecs/base.py                  IdentityCodec
+=====================  ==============================  ==========================================
+
+``make_codec("int4:g32+had")`` builds one from a spec string (grammar: ``megatron_tpcomp/spec.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from megatron_tpcomp.codecs.base import Codec, CodecError, IdentityCodec
+from megatron_tpcomp.spec import CodecSpec, canonical, parse_spec
+
+__all__ = ["Codec", "CodecError", "IdentityCodec", "make_codec"]
+
+
+def make_codec(
+    spec: str | CodecSpec,
+    outlier_channels: Sequence[int] | torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    hadamard_seed: int = 0,
+) -> Codec:
+    """Build a codec from a spec string.
+
+    Args:
+        spec: a codec spec such as ``"int4:g32+outliers:k9"`` (see ``megatron_tpcomp.spec``).
+        outlier_channels: static outlier channel indices (last dimension) for ``+outliers``; without them,
+            ``+outliers:k<K>`` selects the K largest channels of each message and sends their indices.
+        dtype: for ``none`` only: the dtype whose raw bytes travel.
+        hadamard_seed: seed of the random signs of ``+had`` (must be equal on every rank).
+    """
+    cs = parse_spec(spec)
+    if cs.kind == "none":
+        if outlier_channels is not None:
+            raise CodecError("outlier channels were given for codec 'none'; they need a '+outliers' spec")
+        return IdentityCodec(dtype)
+    if outlier_channels is not None and not cs.outliers:
+        raise CodecError(
+            f"outlier channels were given but spec {canonical(cs)!r} has no '+outliers' modifier; "
+            f"use {canonical(cs.base)}+outliers"
+        )
+    codec: Codec
+    if cs.kind == "int":
+        from megatron_tpcomp.codecs.intx import IntCodec
+
+        codec = IntCodec(cs.base)
+    elif cs.kind == "fp8":
+        from megatron_tpcomp.codecs.fp8 import Fp8Codec
+
+        codec = Fp8Codec(cs.base)
+    elif cs.kind == "minifloat":
+        from megatron_tpcomp.codecs.microscaling import MinifloatCodec
+
+        codec = MinifloatCodec(cs.base)
+    else:
+        raise CodecError(f"spec kind {cs.kind!r} has no codec")
+    if cs.hadamard_block:
+        from megatron_tpcomp.codecs.hadamard import HadamardCodec
+
+        codec = HadamardCodec(codec, block=cs.hadamard_block, seed=hadamard_seed)
+    if cs.outliers:
+        from megatron_tpcomp.codecs.outliers import OutlierCodec
+
+        codec = OutlierCodec(codec, channels=outlier_channels, k=cs.outliers_k)
+    return codec

@@ -1,0 +1,218 @@
+"""The codec interface and the helpers every block codec shares.
+
+A codec turns a bf16/fp16/fp32 tensor into ONE contiguous ``uint8`` payload (data, scales and anything else,
+so one collective moves it) and back. Payload sizes depend only on the tensor's shape, so every rank can
+allocate receive buffers without a size exchange.
+
+Payload layout conventions shared by all codecs (each codec module documents its own sections):
+
+- A payload is a sequence of *sections* (for example "codes" then "scales"), each starting at a byte offset
+  that is a multiple of ``SECTION_ALIGN`` (16) so that it can be viewed as a typed tensor and loaded with
+  vector instructions. Padding bytes between sections are zero.
+- Multi-byte values are little-endian (the byte order of every platform torch supports).
+- Block codecs group the *flattened, row-major* input into consecutive blocks of ``block`` values; the last
+  block is zero-padded. Decoding drops the padding exactly.
+
+Non-finite input: a block containing NaN or +-Inf decodes entirely to NaN (its scale is stored as NaN). The
+damage is visible, never a silent finite value. ``check_finite=True`` on the collectives raises instead.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SECTION_ALIGN = 16
+
+#: Input dtypes every codec accepts.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CodecError(ValueError):
+    """Bad codec spec, bad input tensor or a malformed payload. The message names the bad value."""
+
+
+def align_up(n: int, alignment: int = SECTION_ALIGN) -> int:
+    """Smallest multiple of ``alignment`` that is >= ``n``."""
+    return (n + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class Section:
+    """One typed region of a payload: ``count`` elements of ``dtype`` starting at ``offset`` bytes."""
+
+    name: str
+    dtype: torch.dtype
+    count: int
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class PayloadLayout:
+    """Offsets of the sections of one payload, each aligned to ``SECTION_ALIGN`` bytes.
+
+    Args:
+        sections: ``(name, dtype, count)`` triples in wire order.
+    """
+
+    def __init__(self, sections: Sequence[tuple[str, torch.dtype, int]]):
+        offset = 0
+        self.sections: dict[str, Section] = {}
+        for name, dtype, count in sections:
+            offset = align_up(offset)
+            sec = Section(name, dtype, int(count), offset)
+            self.sections[name] = sec
+            offset += sec.nbytes
+        self.nbytes = align_up(offset) if offset else 0
+
+    def view(self, payload: torch.Tensor, name: str) -> torch.Tensor:
+        """Typed 1-D view of section ``name`` inside ``payload`` (uint8, 1-D, contiguous)."""
+        sec = self.sections[name]
+        return payload[sec.offset : sec.offset + sec.nbytes].view(sec.dtype)
+
+    def allocate(self, device: torch.device | str) -> torch.Tensor:
+        """A zeroed uint8 payload of ``nbytes`` (zero so that padding bytes are deterministic)."""
+        return torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+
+
+def check_input(x: torch.Tensor, what: str = "input") -> None:
+    """Raise CodecError unless ``x`` is a floating tensor of a supported dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise CodecError(f"{what} has dtype {str(x.dtype).replace('torch.', '')}; expected one of {names}")
+
+
+def check_payload(payload: torch.Tensor, expected_nbytes: int, codec: str) -> None:
+    """Raise CodecError unless ``payload`` is a 1-D contiguous uint8 tensor of ``expected_nbytes`` bytes."""
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        got = payload.dtype if isinstance(payload, torch.Tensor) else type(payload).__name__
+        raise CodecError(f"{codec}: payload must be a uint8 tensor, got {got}")
+    if payload.dim() != 1 or payload.numel() != expected_nbytes:
+        raise CodecError(
+            f"{codec}: payload has shape {tuple(payload.shape)}; expected 1-D with {expected_nbytes} bytes "
+            "(payload of another codec or another tensor shape?)"
+        )
+    if not payload.is_contiguous():
+        raise CodecError(f"{codec}: payload must be contiguous")
+
+
+def numel_of(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Flatten ``x`` (row-major), convert to fp32, zero-pad to a multiple of ``block``.
+
+    Returns:
+        fp32 tensor of shape ``[ceil(numel / block), block]``.
+    """
+    flat = x.reshape(-1).to(torch.float32)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block)
+
+
+def from_blocks(blocks: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: drop the padding, reshape to ``shape``, cast to ``dtype``."""
+    n = numel_of(shape)
+    return blocks.reshape(-1)[:n].reshape(tuple(shape)).to(dtype)
+
+
+def nonfinite_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Bool ``[nblocks]``: True where a block holds NaN or +-Inf (such blocks decode to NaN)."""
+    return ~torch.isfinite(blocks).all(dim=1)
+
+
+class Codec(ABC):
+    """Encode a floating tensor to one uint8 payload and decode it back.
+
+    Subclasses document their wire layout at the top of their module. ``spec`` is the canonical spec string
+    (``parse_spec(codec.spec)`` rebuilds an equal codec).
+    """
+
+    spec: str = "?"
+    #: True when the codec uses the last dimension as channels (outlier channels): such payloads are
+    #: per-row structured and a collective must split the tensor along rows, never inside a row.
+    row_structured: bool = False
+
+    @abstractmethod
+    def payload_nbytes(self, shape: Sequence[int]) -> int:
+        """Exact payload size in bytes for an input of ``shape`` (depends on shape only)."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode ``x`` (fp32/bf16/fp16, any shape, any strides).
+
+        Returns:
+            uint8 tensor, 1-D, contiguous, ``payload_nbytes(x.shape)`` bytes, on ``x.device``.
+        """
+
+    @abstractmethod
+    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Decode a payload produced by :meth:`encode` for a tensor of ``shape``.
+
+        Returns:
+            contiguous tensor of ``shape`` and ``dtype`` on ``payload.device``.
+        """
+
+    def bits_per_value(self, shape: Sequence[int]) -> float:
+        """Exact bits on the wire per input value for ``shape``: data, scales, outliers and padding."""
+        n = numel_of(shape)
+        if n == 0:
+            return 0.0
+        return 8.0 * self.payload_nbytes(shape) / n
+
+    def nominal_bits_per_value(self) -> float:
+        """Bits per value for a large, block-aligned tensor (the figure quoted in tables)."""
+        return self.bits_per_value((1 << 20, 1024))
+
+    def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional elementwise bound on |decode(encode(x)) - x| (same shape as x, fp32), for tests."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and type(other) is type(self) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.spec))
+
+
+class IdentityCodec(Codec):
+    """``none``: the raw tensor bytes in the input dtype (used for fallbacks and as the baseline).
+
+    Wire layout: ``numel`` values of the *decode* dtype is not known at encode time, so the payload holds the
+    input dtype's bytes; callers that use it must agree on the dtype (the collectives pass it explicitly).
+    """
+
+    spec = "none"
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+
+    def payload_nbytes(self, shape: Sequence[int]) -> int:
+        return numel_of(shape) * _itemsize(self.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x)
+        return x.to(self.dtype).contiguous().reshape(-1).view(torch.uint8)
+
+    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        check_payload(payload, self.payload_nbytes(shape), self.spec)
+        return payload.view(self.dtype).reshape(tuple(shape)).to(dtype)
