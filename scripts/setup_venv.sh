@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create or update a virtual environment with torch (CPU build), megatron-core and this package.
+# Idempotent: a stamp file records what was installed; a second run with the same inputs does nothing.
+#
+# Usage: scripts/setup_venv.sh [VENV_DIR] [MCORE_VERSION]
+#   VENV_DIR       default .venv (at the repository root)
+#   MCORE_VERSION  default 0.16.1 (newest that installs normally on Python 3.11); 0.17+ is installed with
+#                  --no-deps --ignore-requires-python because it declares Requires-Python >= 3.12 although the
+#                  megatron.core part runs on 3.11 (see README, "Supported versions").
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${1:-$root/.venv}
+mcore=${2:-0.16.1}
+torch_version=2.13.0
+python=${PYTHON:-python3}
+
+stamp_inputs="torch=$torch_version mcore=$mcore $(cat "$root/scripts/setup_venv.sh" "$root/setup.py" | sha256sum | cut -c1-16)"
+if [[ -f "$venv/.tpcomp-stamp" && "$(cat "$venv/.tpcomp-stamp")" == "$stamp_inputs" ]]; then
+  exit 0
+fi
+
+echo "[setup] creating $venv (torch $torch_version CPU, megatron-core $mcore)" >&2
+"$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# torch first and pinned, so that nothing later can pull a CUDA build.
+"${pip[@]}" install "torch==$torch_version"
+"${pip[@]}" install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff
+case "$mcore" in
+  0.16.*|0.15.*)
+    "${pip[@]}" install "megatron-core==$mcore" ;;
+  *)
+    # megatron.core imports triton (moe/ops); it does not pull torch.
+    "${pip[@]}" install "triton==3.9.0"
+    tmp=$(mktemp -d)
+    "${pip[@]}" download --no-deps --ignore-requires-python -d "$tmp" "megatron-core==$mcore"
+    "${pip[@]}" install --no-deps --ignore-requires-python "$tmp"/megatron_core-*.whl
+    rm -rf "$tmp" ;;
+esac
+# --no-deps: every dependency is installed above; --no-build-isolation: setup.py sees this torch.
+"${pip[@]}" install --no-deps --no-build-isolation -e "$root"
+"$venv/bin/python" -c "import torch, megatron.core, megatron_tpcomp; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__ if hasattr(megatron.core, '__version__') else '?')" >&2
+echo "$stamp_inputs" > "$venv/.tpcomp-stamp"
