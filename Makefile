@@ -1,0 +1,29 @@
+# The two commands of the README quickstart. Both create .venv/ (idempotent) before they run.
+#   make demo   compressed collectives over several local processes (the main job)
+#   make test   the test suite
+PY := .venv/bin/python
+MCORE ?= 0.16.1
+
+.PHONY: demo test lint venv test-mcore-max cuda-check clean
+
+venv:
+	@bash scripts/setup_venv.sh .venv $(MCORE)
+
+demo: venv
+	$(PY) -m megatron_tpcomp.cli demo $(ARGS)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The other end of the supported megatron-core range, in its own environment.
+test-mcore-max:
+	@bash scripts/setup_venv.sh .venv-mcore-0.19.2 0.19.2
+	.venv-mcore-0.19.2/bin/python -m pytest -q -m megatron $(PYTEST_ARGS)
+
+cuda-check:
+	bash scripts/check_cuda.sh
+
+clean:
+	rm -rf .venv .venv-mcore-* build *.egg-info

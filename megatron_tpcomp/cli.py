@@ -1,0 +1,88 @@
+"""``tpcomp``: the project's command line. A thin layer: each subcommand calls one function of the package.
+
+Subcommands:
+    demo            compressed all-reduce over several local processes (gloo), side by side with the stock one
+    specs           list the codec presets with their exact bits per value, or check one spec
+    bench codecs    codec encode/decode throughput on this machine vs torch.clone
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_tpcomp.spec import describe_grammar
+
+PRESETS = (
+    "fp8",
+    "fp8-e5m2:b128",
+    "int8:g32",
+    "int4:g32",
+    "int4:g32:asym",
+    "int4:g32+had",
+    "int4:g32+outliers:k9",
+    "mxfp4",
+    "nvfp4",
+    "fp5:b32",
+    "fp6:b32",
+)
+
+
+def _cmd_specs(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tpcomp specs",
+        description="List codec presets, or validate SPEC and print its canonical form. " + describe_grammar(),
+    )
+    parser.add_argument("spec", nargs="?", help="a codec spec to check, e.g. int4:g32+had")
+    parser.add_argument("--hidden", type=int, default=576, help="hidden size used for bits/value (default 576)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens used for bits/value (default 512)")
+    args = parser.parse_args(argv)
+
+    from megatron_tpcomp.codecs import CodecError, make_codec
+
+    shape = (args.tokens, args.hidden)
+    specs = [args.spec] if args.spec else list(PRESETS)
+    print(f"{'spec':<24} {'canonical':<36} {'bits/value':>10}  (message of {args.tokens} x {args.hidden})")
+    for spec in specs:
+        try:
+            codec = make_codec(spec)
+        except CodecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{spec:<24} {codec.spec:<36} {codec.bits_per_value(shape):>10.4f}")
+    return 0
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tpcomp bench", description="Benchmarks that print numbers and write JSON.")
+    parser.add_argument("what", choices=["codecs"], help="codecs: encode/decode throughput vs torch.clone")
+    args, rest = parser.parse_known_args(argv)
+    from megatron_tpcomp.bench import codecs as bench_codecs
+
+    return bench_codecs.main(rest)
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from megatron_tpcomp import demo
+
+    return demo.main(argv)
+
+
+COMMANDS = {"demo": _cmd_demo, "specs": _cmd_specs, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nRun `tpcomp SUBCOMMAND --help` for the options of each.")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"tpcomp: unknown subcommand {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
