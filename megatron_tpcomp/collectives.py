@@ -152,9 +152,7 @@ def _ring_allreduce_bytes(nbytes: int, n: int) -> int:
     return 2 * (n - 1) * nbytes // n
 
 
-def _decode_sum(
-    codec: Codec, payloads: torch.Tensor, nbytes: int, shape: Sequence[int], count: int
-) -> torch.Tensor:
+def _decode_sum(codec: Codec, payloads: torch.Tensor, nbytes: int, shape: Sequence[int], count: int) -> torch.Tensor:
     """fp32 sum, in rank order, of ``count`` payloads of ``nbytes`` each laid end to end in ``payloads``."""
     acc = codec.decode(payloads[:nbytes], shape, torch.float32)
     for r in range(1, count):
@@ -189,9 +187,7 @@ def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tu
     return flat.view(n, per), (per,)
 
 
-def _two_shot(
-    x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int
-) -> tuple[torch.Tensor, int]:
+def _two_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int) -> tuple[torch.Tensor, int]:
     chunks, chunk_shape = _chunk_view(x, codec, n)
     p = codec.payload_nbytes(chunk_shape)
     send = torch.empty(n * p, dtype=torch.uint8, device=x.device)
@@ -335,9 +331,7 @@ def reduce_scatter(
     dim = dim % max(x.dim(), 1)
     if x.dim() == 0 or x.shape[dim] % n:
         size = x.shape[dim] if x.dim() else "a 0-d tensor"
-        raise CollectiveError(
-            f"reduce_scatter: size {size} along dim {dim} is not divisible by the world size {n}"
-        )
+        raise CollectiveError(f"reduce_scatter: size {size} along dim {dim} is not divisible by the world size {n}")
     nbytes = x.numel() * x.element_size()
     if check_finite:
         _check_finite(x, "reduce_scatter", group)

@@ -116,7 +116,9 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
     if text == "mxfp4":
         return CodecSpec(kind="minifloat", bits=4, exp_bits=2, man_bits=1, block=32, scale="e8m0")
     if text == "nvfp4":
-        return CodecSpec(kind="minifloat", bits=4, exp_bits=2, man_bits=1, tensor_scale=True, **FAMILY_DEFAULTS["nvfp4"])
+        return CodecSpec(
+            kind="minifloat", bits=4, exp_bits=2, man_bits=1, tensor_scale=True, **FAMILY_DEFAULTS["nvfp4"]
+        )
     m = re.fullmatch(r"int(\d+)", text)
     if m:
         bits = int(m.group(1))
@@ -194,7 +196,9 @@ def _validate(cs: CodecSpec, spec: str) -> None:
     if cs.kind == "none":
         return
     if (cs.block * cs.bits) % 8:
-        raise _err(spec, f"block size {cs.block} times {cs.bits} bits is not a whole number of bytes", "an even block size")
+        raise _err(
+            spec, f"block size {cs.block} times {cs.bits} bits is not a whole number of bytes", "an even block size"
+        )
     if cs.kind == "int" and cs.scale in ("e8m0", "e4m3") and cs.asym:
         raise _err(spec, f"asymmetric integers need an fp16/bf16/fp32 offset, not s{cs.scale}", "sfp16, sbf16 or sfp32")
     if cs.hadamard_block and cs.kind == "none":

@@ -36,7 +36,9 @@ from megatron_tpcomp.codecs.base import Codec, CodecError, PayloadLayout, check_
 def _validate_channels(channels: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
     if isinstance(channels, torch.Tensor):
         if channels.dtype.is_floating_point or channels.dtype == torch.bool or channels.dim() > 1:
-            raise CodecError(f"outlier channels must be a 1-D integer tensor, got {channels.dtype} {tuple(channels.shape)}")
+            raise CodecError(
+                f"outlier channels must be a 1-D integer tensor, got {channels.dtype} {tuple(channels.shape)}"
+            )
         values = [int(c) for c in channels.tolist()]
     else:
         values = []

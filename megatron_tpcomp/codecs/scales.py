@@ -92,7 +92,9 @@ def decode_scales(stored: torch.Tensor, fmt: str) -> torch.Tensor:
     raise AssertionError("unreachable")
 
 
-def quantize_scales(ideal: torch.Tensor, fmt: str, bad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_scales(
+    ideal: torch.Tensor, fmt: str, bad: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ideal scales for the wire and return ``(stored, decoded_fp32)``: quantizers use the decoded value."""
     stored = encode_scales(ideal, fmt, bad)
     return stored, decode_scales(stored, fmt)
