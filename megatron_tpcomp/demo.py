@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         args.reps,
     )
     t0 = time.perf_counter()
-    results = run_distributed(
-        _rank_main, args.world_size, specs, shape, args.algo, args.reps, args.seed, timeout_s=600
-    )
+    results = run_distributed(_rank_main, args.world_size, specs, shape, args.algo, args.reps, args.seed, timeout_s=600)
     rows = results[0]
     identical = all(r["digest"] == r0["digest"] for res in results for r, r0 in zip(res, rows, strict=True))
     header = (

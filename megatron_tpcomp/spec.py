@@ -58,7 +58,7 @@ FAMILY_DEFAULTS = {
 VALID_FAMILIES = (
     "none, fp8, fp8-e4m3, fp8-e5m2, int2..int8, mxfp4, nvfp4, fp3, fp4, fp5, fp6 (optionally -eXmY, e.g. fp6-e3m2)"
 )
-VALID_OPTIONS = "b<N>/g<N> (block size), asym (int only), s<fmt> with fmt in " + "|".join(SCALE_FORMATS)
+VALID_OPTIONS = "b<N>/g<N> (block size), asym (int only), scale format " + "|".join("s" + f for f in SCALE_FORMATS)
 VALID_MODIFIERS = "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels)"
 MAX_BLOCK = 4096
 

@@ -88,12 +88,14 @@ class OutlierCodec(Codec):
     def _rows_h(self, shape: Sequence[int]) -> tuple[int, int]:
         n = numel_of(shape)
         h = int(shape[-1]) if len(shape) else 1
-        if h < self.k or (h == self.k and n > 0):
+        if n == 0:
+            return 0, h
+        if h <= self.k:
             raise CodecError(
                 f"tensor of shape {tuple(shape)} has {h} channels in its last dimension; '+outliers' with "
                 f"{self.k} outlier channels needs more than {self.k}"
             )
-        if self._channels is not None and n > 0 and int(self._channels[-1]) >= h:
+        if self._channels is not None and int(self._channels[-1]) >= h:
             raise CodecError(
                 f"outlier channel {int(self._channels[-1])} is out of range for hidden size {h} "
                 f"(tensor of shape {tuple(shape)})"
@@ -106,7 +108,7 @@ class OutlierCodec(Codec):
         if not self.static:
             sections.append(("indices", torch.int16, self.k))
         sections.append(("outliers", torch.bfloat16, rows * self.k))
-        sections.append(("inner", torch.uint8, self.inner.payload_nbytes((rows, h - self.k))))
+        sections.append(("inner", torch.uint8, self.inner.payload_nbytes((rows, max(h - self.k, 0)))))
         return PayloadLayout(sections)
 
     def payload_nbytes(self, shape: Sequence[int]) -> int:
@@ -133,6 +135,8 @@ class OutlierCodec(Codec):
         layout = self.layout(x.shape)
         rows, h = self._rows_h(x.shape)
         payload = layout.allocate(x.device)
+        if rows == 0:
+            return payload
         x2d = x.reshape(rows, h)
         chosen = self._select(x2d)
         rest = self._complement(h, chosen)

@@ -1,0 +1,21 @@
+"""Shared fixtures: seeded generators and a realistic row-parallel partial activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def heavy_tailed(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Row-parallel partial like SmolLM2's down_proj ones: N(0,1) plus a few channels 100-3000x larger."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    h = shape[-1]
+    for ch, mult in ((1, 3000.0), (h // 3, 300.0), (h - 2, 100.0)):
+        x[..., ch % h] *= mult
+    return x.to(dtype)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
