@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -54,7 +55,9 @@ def _worker(
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, value))
+        # Plain pickle to bytes: torch's queue would share tensor storage through file descriptors that die
+        # with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, including KeyboardInterrupt in a child
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -148,4 +151,4 @@ def run_distributed(
             f"distributed run of {getattr(fn, '__name__', fn)} failed on ranks {sorted(failures)} "
             f"(world size {world_size}):\n" + "\n".join(parts)
         )
-    return [values[r] for r in range(world_size)]
+    return [pickle.loads(values[r]) for r in range(world_size)]
