@@ -120,7 +120,6 @@ def simulate(spec: str, op: str, inputs: list[torch.Tensor], n: int) -> tuple[li
     """Single-process replay of the algorithm: (expected outputs per rank, elementwise error bound)."""
     codec = make_codec(spec)
     x0 = inputs[0]
-    exact = torch.stack([x.float() for x in inputs]).sum(0)
     abs_sum = torch.stack([x.float().abs() for x in inputs]).sum(0)
 
     def rt(t: torch.Tensor) -> torch.Tensor:
