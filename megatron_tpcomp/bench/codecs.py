@@ -96,7 +96,8 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         lines.append(
             f"{r['spec']:<22} {r['bytes'] / 1024:>7.0f}Ki {r['bits_per_value']:>6.3f} {r['encode_gbps']:>9.3f} "
-            f"{r['decode_gbps']:>9.3f} {r['clone_gbps']:>10.2f} {r['encode_vs_clone']:>8.1f}x {r['decode_vs_clone']:>8.1f}x"
+            f"{r['decode_gbps']:>9.3f} {r['clone_gbps']:>10.2f} "
+            f"{r['encode_vs_clone']:>8.1f}x {r['decode_vs_clone']:>8.1f}x"
         )
     return "\n".join(lines)
 
