@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_tpcomp.codecs import make_codec
 
@@ -89,3 +91,22 @@ def test_symmetric_codes_never_use_the_most_negative_code() -> None:
     x = torch.randn(64, 32)
     codes = codec.encode(x)[: 64 * 16]
     assert not bool(((codes & 0xF) == 0).any()) and not bool(((codes >> 4) == 0).any())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    group=st.sampled_from([8, 16, 32, 64]),
+    groups=st.integers(1, 6),
+    exponent=st.integers(-12, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_property_grid_values_round_trip_exactly(bits: int, group: int, groups: int, exponent: int, seed: int) -> None:
+    # Values q * 2^e with |q| <= qmax and the group's amax = qmax * 2^e: the fp16 scale 2^e is exact, so every
+    # value is on the grid and must come back bit for bit.
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.randint(-qmax, qmax + 1, (groups, group), generator=torch.Generator().manual_seed(seed)).float()
+    q[:, 0] = qmax
+    x = q * 2.0**exponent
+    codec = make_codec(f"int{bits}:g{group}")
+    assert torch.equal(codec.decode(codec.encode(x), x.shape, torch.float32), x)
