@@ -21,22 +21,24 @@ fi
 
 echo "[setup] creating $venv (torch $torch_version CPU, megatron-core $mcore)" >&2
 "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip_cmd=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# This machine's pip config lists local index folders that may be absent; drop those warnings, keep the rest.
+pip() { "${pip_cmd[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 # torch first and pinned, so that nothing later can pull a CUDA build.
-"${pip[@]}" install "torch==$torch_version"
-"${pip[@]}" install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff
+pip install "torch==$torch_version"
+pip install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff
 case "$mcore" in
   0.16.*|0.15.*)
-    "${pip[@]}" install "megatron-core==$mcore" ;;
+    pip install "megatron-core==$mcore" ;;
   *)
     # megatron.core imports triton (moe/ops); it does not pull torch.
-    "${pip[@]}" install "triton==3.9.0"
+    pip install "triton==3.9.0"
     tmp=$(mktemp -d)
-    "${pip[@]}" download --no-deps --ignore-requires-python -d "$tmp" "megatron-core==$mcore"
-    "${pip[@]}" install --no-deps --ignore-requires-python "$tmp"/megatron_core-*.whl
+    pip download --no-deps --ignore-requires-python -d "$tmp" "megatron-core==$mcore"
+    pip install --no-deps --ignore-requires-python "$tmp"/megatron_core-*.whl
     rm -rf "$tmp" ;;
 esac
 # --no-deps: every dependency is installed above; --no-build-isolation: setup.py sees this torch.
-"${pip[@]}" install --no-deps --no-build-isolation -e "$root"
+pip install --no-deps --no-build-isolation -e "$root"
 "$venv/bin/python" -c "import torch, megatron.core, megatron_tpcomp; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__ if hasattr(megatron.core, '__version__') else '?')" >&2
 echo "$stamp_inputs" > "$venv/.tpcomp-stamp"
