@@ -33,6 +33,7 @@ fpN         32      e8m0        N in 3..6
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -61,6 +62,8 @@ VALID_FAMILIES = (
 VALID_OPTIONS = "b<N>/g<N> (block size), asym (int only), scale format " + "|".join("s" + f for f in SCALE_FORMATS)
 VALID_MODIFIERS = "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels)"
 MAX_BLOCK = 4096
+#: Outlier channel indices travel as int16 (codecs/outliers.py), so K cannot exceed this.
+MAX_OUTLIERS = 32767
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,15 @@ def _err(spec: str, problem: str, expected: str) -> CodecError:
     return CodecError(f"invalid codec spec {spec!r}: {problem}; expected {expected}")
 
 
+def _small_int(digits: str) -> int:
+    """``int(digits)`` for an ASCII digit string; longer than 9 digits gives 10**9 (out of every range), since
+    ``int()`` refuses strings over 4300 digits with a ValueError that is not a CodecError."""
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
 def _parse_family(text: str, spec: str) -> CodecSpec:
+    if text == "none":
+        raise _err(spec, "'none' takes no options or modifiers", "'none' alone")
     if text in ("fp8", "fp8-e4m3"):
         return CodecSpec(kind="fp8", bits=8, exp_bits=4, man_bits=3, **FAMILY_DEFAULTS["fp8"])
     if text == "fp8-e5m2":
@@ -121,13 +132,13 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
         )
     m = re.fullmatch(r"int(\d+)", text)
     if m:
-        bits = int(m.group(1))
+        bits = _small_int(m.group(1))
         if not 2 <= bits <= 8:
             raise _err(spec, f"integer width {bits} out of range", "int2 .. int8")
         return CodecSpec(kind="int", bits=bits, **FAMILY_DEFAULTS["int"])
     m = re.fullmatch(r"fp(\d+)(?:-e(\d+)m(\d+))?", text)
     if m:
-        bits = int(m.group(1))
+        bits = _small_int(m.group(1))
         if bits == 8:
             raise _err(spec, f"unknown fp8 variant {text!r}", "fp8, fp8-e4m3 or fp8-e5m2")
         if bits not in MINIFLOAT_FORMATS:
@@ -136,7 +147,7 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
         if m.group(2) is None:
             e, mm = allowed[0]
         else:
-            e, mm = int(m.group(2)), int(m.group(3))
+            e, mm = _small_int(m.group(2)), _small_int(m.group(3))
             if (e, mm) not in allowed:
                 names = ", ".join(f"fp{bits}-e{a}m{b}" for a, b in allowed)
                 raise _err(spec, f"fp{bits} has no element format e{e}m{mm}", names)
@@ -147,7 +158,7 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
 def _parse_size(value: str, what: str, spec: str) -> int:
     if not value.isdigit():
         raise _err(spec, f"{what} {value!r} is not a positive integer", f"{what} like 32")
-    n = int(value)
+    n = _small_int(value)
     if not 1 <= n <= MAX_BLOCK:
         raise _err(spec, f"{what} {n} out of range", f"1 <= {what} <= {MAX_BLOCK}")
     return n
@@ -184,10 +195,14 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
             raise _err(spec, "modifier 'outliers' given twice", VALID_MODIFIERS)
         k = 0
         for opt in opts:
-            if opt.startswith("k") and opt[1:].isdigit() and int(opt[1:]) >= 1:
-                k = int(opt[1:])
+            if opt.startswith("k") and opt[1:].isdigit() and 1 <= _small_int(opt[1:]) <= MAX_OUTLIERS:
+                k = _small_int(opt[1:])
             else:
-                raise _err(spec, f"unknown outliers option {opt!r}", "+outliers or +outliers:k<K> with K >= 1")
+                raise _err(
+                    spec,
+                    f"unknown outliers option {opt!r}",
+                    f"+outliers or +outliers:k<K> with 1 <= K <= {MAX_OUTLIERS}",
+                )
         return replace(cs, outliers=True, outliers_k=k)
     raise _err(spec, f"unknown modifier {name!r}", VALID_MODIFIERS)
 
@@ -196,8 +211,11 @@ def _validate(cs: CodecSpec, spec: str) -> None:
     if cs.kind == "none":
         return
     if (cs.block * cs.bits) % 8:
+        multiple = 8 // math.gcd(cs.bits, 8)
         raise _err(
-            spec, f"block size {cs.block} times {cs.bits} bits is not a whole number of bytes", "an even block size"
+            spec,
+            f"block size {cs.block} times {cs.bits} bits is not a whole number of bytes",
+            f"a block size that is a multiple of {multiple}",
         )
     if cs.kind == "int" and cs.scale in ("e8m0", "e4m3") and cs.asym:
         raise _err(spec, f"asymmetric integers need an fp16/bf16/fp32 offset, not s{cs.scale}", "sfp16, sbf16 or sfp32")
@@ -215,7 +233,10 @@ def parse_spec(spec: str | CodecSpec) -> CodecSpec:
         return spec
     if not isinstance(spec, str):
         raise CodecError(f"codec spec must be a string, got {type(spec).__name__}")
-    text = spec.strip().lower()
+    text = spec.strip()
+    if not text.isascii():  # before lower(): it maps e.g. the Kelvin sign to 'k'; \d also matches non-ASCII digits
+        raise _err(spec, "non-ASCII character", "ASCII letters, digits, ':', '+' and '-'")
+    text = text.lower()
     if not text:
         raise _err(spec, "empty spec", VALID_FAMILIES)
     if re.search(r"\s", text):

@@ -6,12 +6,15 @@ Formats (``s<fmt>`` in a spec):
 fmt     stored as       rounding of the ideal scale ``s = amax / qmax``
 ======  ==============  =====================================================================
 fp32    float32         exact
-fp16    float16         round to nearest even; clamped to [0, 65504]
-bf16    bfloat16        round to nearest even
+fp16    float16         round to nearest even; clamped to [-65504, 65504]
+bf16    bfloat16        round to nearest even; clamped to the largest finite bf16
 e8m0    uint8           power of two ``2**ceil(log2 s)`` (rounded UP, so no element clips);
                         byte = exponent + 127, exponent clamped to [-127, 127]; 0xFF = NaN (OCP MX)
-e4m3    uint8           float8 e4m3fn bits, round to nearest even, clamped to [0, 448]; 0x7F = NaN
+e4m3    uint8           float8 e4m3fn bits, round to nearest even, clamped to [-448, 448]; 0x7F = NaN
 ======  ==============  =====================================================================
+
+The clamps are symmetric because the same formats also store the (possibly negative) per-group minimum of
+asymmetric integer codecs: an unclamped fp16 cast would turn a minimum below -65504 into -inf.
 
 A NaN scale marks a block whose input held NaN/Inf: the whole block decodes to NaN.
 Quantizers compute ``x * inv`` with ``inv = 1 / decoded_scale`` (0 where the decoded scale is 0), in fp32:
@@ -33,6 +36,7 @@ _STORAGE = {
 }
 FP16_MAX = 65504.0
 E4M3_MAX = 448.0
+BF16_MAX = torch.finfo(torch.bfloat16).max
 
 
 def storage_dtype(fmt: str) -> torch.dtype:
@@ -58,9 +62,9 @@ def encode_scales(scale: torch.Tensor, fmt: str, bad: torch.Tensor | None = None
     if fmt == "fp32":
         out = scale.clone()
     elif fmt == "fp16":
-        out = scale.clamp(max=FP16_MAX).to(torch.float16)
+        out = scale.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     elif fmt == "bf16":
-        out = scale.to(torch.bfloat16)
+        out = scale.clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16)
     elif fmt == "e8m0":
         # frexp: s = m * 2**e with m in [0.5, 1); ceil(log2 s) = e - 1 when m == 0.5 exactly, else e.
         mant, exp = torch.frexp(scale)
@@ -68,7 +72,7 @@ def encode_scales(scale: torch.Tensor, fmt: str, bad: torch.Tensor | None = None
         e = torch.where(scale > 0, e, torch.full_like(e, -127)).clamp(-127, 127)
         out = (e + 127).to(torch.uint8)
     elif fmt == "e4m3":
-        out = scale.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        out = scale.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
         storage_dtype(fmt)  # raises with the list of valid formats
         raise AssertionError("unreachable")

@@ -1,0 +1,217 @@
+"""Compression config: which codec each layer's collectives use. One spec for all, or a per-layer file.
+
+Schema (JSON or YAML; version 1)::
+
+    {
+      "version": 1,
+      "default": "int4:g32+had",          # spec for every transformer-layer collective not listed below
+      "embedding": "none",                # vocab-parallel embedding all-reduce (SP: reduce-scatter)
+      "logits": "none",                   # LM-head: gather of logits / SP all-gather of its input
+      "min_bytes": 0,                     # messages smaller than this go uncompressed
+      "algo": "auto",                     # all-reduce algorithm: auto | one-shot | two-shot
+      "layers": {                         # 0-based layer index -> per-block settings
+        "0":  {"attention": "fp8", "mlp": "int8:g32"},
+        "11": {"mlp": {"spec": "int4:g32+outliers", "outlier_channels": [5, 9, 300]}},
+        "29": {"mlp": "none"}
+      },
+      "model": {"num_layers": 30, "hidden_size": 576, "tp_size": 3}   # optional: checked against the model
+    }
+
+"attention" covers the collectives of a layer's self-attention block (sequence-parallel all-gather of its input,
+all-reduce or reduce-scatter of the output projection); "mlp" the same for the MLP block (down projection).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_tpcomp.codecs import Codec, CodecError, make_codec
+from megatron_tpcomp.collectives import ALGOS
+from megatron_tpcomp.spec import canonical, parse_spec
+
+BLOCKS = ("attention", "mlp")
+SITES = BLOCKS + ("embedding", "logits")
+TOP_LEVEL_KEYS = {"version", "default", "embedding", "logits", "min_bytes", "algo", "layers", "model", "meta"}
+
+
+class ConfigError(ValueError):
+    """A compression config that cannot be used; the message names the bad key or value."""
+
+
+@dataclass(frozen=True)
+class SiteSetting:
+    """Codec for one collective site: a spec and, for ``+outliers``, the static channel table."""
+
+    spec: str
+    outlier_channels: tuple[int, ...] | None = None
+
+    def codec(self) -> Codec:
+        return make_codec(self.spec, outlier_channels=list(self.outlier_channels) if self.outlier_channels else None)
+
+
+@dataclass
+class CompressionConfig:
+    """Validated compression settings for a model. Build with :meth:`from_spec` or :meth:`load`."""
+
+    default: SiteSetting = field(default_factory=lambda: SiteSetting("none"))
+    embedding: SiteSetting = field(default_factory=lambda: SiteSetting("none"))
+    logits: SiteSetting = field(default_factory=lambda: SiteSetting("none"))
+    layers: dict[int, dict[str, SiteSetting]] = field(default_factory=dict)
+    min_bytes: int = 0
+    algo: str = "auto"
+    model: dict[str, Any] = field(default_factory=dict)
+    _codecs: dict[SiteSetting, Codec] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_spec(cls, spec: str, *, min_bytes: int = 0, algo: str = "auto") -> CompressionConfig:
+        """One spec for every transformer-layer collective; embedding and logits stay uncompressed."""
+        setting = _setting(spec, "spec")
+        if algo not in ALGOS:
+            raise ConfigError(f"algo {algo!r} is not one of {', '.join(ALGOS)}")
+        if min_bytes < 0:
+            raise ConfigError(f"min_bytes must be >= 0, got {min_bytes}")
+        return cls(default=setting, min_bytes=min_bytes, algo=algo)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> CompressionConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - TOP_LEVEL_KEYS
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; expected {sorted(TOP_LEVEL_KEYS)}")
+        version = data.get("version", 1)
+        if version != 1:
+            raise ConfigError(f"{source}: version {version!r} is not supported; expected 1")
+        algo = data.get("algo", "auto")
+        if algo not in ALGOS:
+            raise ConfigError(f"{source}: algo {algo!r} is not one of {', '.join(ALGOS)}")
+        min_bytes = data.get("min_bytes", 0)
+        if not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 0:
+            raise ConfigError(f"{source}: min_bytes must be an integer >= 0, got {min_bytes!r}")
+        layers: dict[int, dict[str, SiteSetting]] = {}
+        raw_layers = data.get("layers", {})
+        if not isinstance(raw_layers, Mapping):
+            raise ConfigError(f"{source}: 'layers' must be a mapping of layer index to settings")
+        for key, blocks in raw_layers.items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: layer key {key!r} is not an integer index") from None
+            if index < 0:
+                raise ConfigError(f"{source}: layer index {index} is negative")
+            if not isinstance(blocks, Mapping):
+                raise ConfigError(f"{source}: layer {index} must map 'attention'/'mlp' to settings")
+            bad = set(blocks) - set(BLOCKS)
+            if bad:
+                raise ConfigError(f"{source}: layer {index} has unknown block(s) {sorted(bad)}; expected {BLOCKS}")
+            layers[index] = {b: _setting(v, f"{source}: layer {index} {b}") for b, v in blocks.items()}
+        model = data.get("model", {})
+        if not isinstance(model, Mapping):
+            raise ConfigError(f"{source}: 'model' must be a mapping")
+        return cls(
+            default=_setting(data.get("default", "none"), f"{source}: default"),
+            embedding=_setting(data.get("embedding", "none"), f"{source}: embedding"),
+            logits=_setting(data.get("logits", "none"), f"{source}: logits"),
+            layers=layers,
+            min_bytes=min_bytes,
+            algo=algo,
+            model=dict(model),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionConfig:
+        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read compression config {path}: {exc.strerror}") from exc
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+            raise ConfigError(
+                f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            ) from exc
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        def out(s: SiteSetting) -> Any:
+            if s.outlier_channels:
+                return {"spec": s.spec, "outlier_channels": list(s.outlier_channels)}
+            return s.spec
+
+        return {
+            "version": 1,
+            "default": out(self.default),
+            "embedding": out(self.embedding),
+            "logits": out(self.logits),
+            "min_bytes": self.min_bytes,
+            "algo": self.algo,
+            "layers": {str(i): {b: out(s) for b, s in blocks.items()} for i, blocks in sorted(self.layers.items())},
+            "model": dict(self.model),
+        }
+
+    def setting_for(self, site: str, layer: int | None) -> SiteSetting:
+        """The setting of collective site ``site`` (attention | mlp | embedding | logits) in ``layer``."""
+        if site == "embedding":
+            return self.embedding
+        if site == "logits":
+            return self.logits
+        return self.layers.get(layer, {}).get(site, self.default) if layer is not None else self.default
+
+    def codec_for(self, site: str, layer: int | None) -> Codec | None:
+        """The codec to use, or None for the stock (uncompressed) collective."""
+        setting = self.setting_for(site, layer)
+        if setting.spec == "none":
+            return None
+        codec = self._codecs.get(setting)
+        if codec is None:
+            codec = self._codecs[setting] = setting.codec()
+        return codec
+
+    def check_model(self, num_layers: int, hidden_size: int, tp_size: int) -> None:
+        """Raise ConfigError if this config was made for another model or TP size."""
+        expected = {"num_layers": num_layers, "hidden_size": hidden_size, "tp_size": tp_size}
+        for key, value in expected.items():
+            if key in self.model and self.model[key] != value:
+                raise ConfigError(f"compression config is for {key}={self.model[key]}, but the model has {value}")
+        for index, blocks in self.layers.items():
+            if index >= num_layers:
+                raise ConfigError(f"compression config sets layer {index}, but the model has {num_layers} layers")
+            for block, setting in blocks.items():
+                if setting.outlier_channels and max(setting.outlier_channels) >= hidden_size:
+                    raise ConfigError(
+                        f"layer {index} {block}: outlier channel {max(setting.outlier_channels)} is out of range "
+                        f"for hidden size {hidden_size}"
+                    )
+
+    def describe(self) -> str:
+        """Stable one-line summary (also used to check that ranks agree)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _setting(value: Any, where: str) -> SiteSetting:
+    if isinstance(value, str):
+        spec, channels = value, None
+    elif isinstance(value, Mapping):
+        bad = set(value) - {"spec", "outlier_channels"}
+        if bad or "spec" not in value:
+            raise ConfigError(f"{where}: expected {{'spec': ..., 'outlier_channels': [...]}}, got keys {sorted(value)}")
+        spec, channels = value["spec"], value.get("outlier_channels")
+    else:
+        raise ConfigError(f"{where}: expected a spec string or a mapping, got {type(value).__name__}")
+    try:
+        cs = parse_spec(spec)
+        make_codec(cs, outlier_channels=channels)  # validates the channel table against the spec
+    except CodecError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return SiteSetting(canonical(cs), tuple(int(c) for c in channels) if channels is not None else None)

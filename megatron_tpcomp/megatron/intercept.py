@@ -1,0 +1,319 @@
+"""Route a Megatron-Core model's forward TP collectives through the compressed collectives, layer by layer.
+
+Install point (see ``compat.py``): the private primitives of ``tensor_parallel.mappings`` that Megatron's
+autograd Functions look up at call time, and ``tensor_parallel.layers.dist_all_gather_func``. Those primitives do
+not know which layer called them, so :func:`enable` also registers forward hooks that record the current *site*
+(layer index + ``attention`` | ``mlp`` | ``embedding`` | ``logits``) on a small stack. A primitive called with a
+site on the stack uses that site's codec; one called with no site (backward passes, other code) runs Megatron's
+own collective unchanged. Backward is therefore always Megatron's, uncompressed.
+
+Every intercepted call is counted per (op, site), so tests can prove that a megatron-core release still routes
+each collective through the install point.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_tpcomp import collectives
+from megatron_tpcomp.collectives import CommStats
+from megatron_tpcomp.config import CompressionConfig, ConfigError
+from megatron_tpcomp.megatron.compat import intercept_points
+
+logger = logging.getLogger("megatron_tpcomp")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a collective comes from: ``kind`` in attention | mlp | embedding | logits, 0-based ``layer``."""
+
+    kind: str
+    layer: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.layer is None else f"layer{self.layer}.{self.kind}"
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks of a tensor-parallel group were given different compression settings."""
+
+
+@dataclass
+class _ModelState:
+    config: CompressionConfig
+    handles: list[Any]
+    telemetry: bool
+
+
+_state: dict[int, _ModelState] = {}  # id(model) -> state
+_site_stack: list[tuple[Site, _ModelState]] = []
+_originals: dict[str, tuple[Any, Any]] = {}
+#: (op, site or "none") -> number of intercepted calls since the last reset_counts().
+call_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+#: (site, CommStats) of compressed calls, recorded only for models enabled with telemetry=True.
+telemetry_records: list[tuple[str, CommStats]] = []
+
+
+def reset_counts() -> None:
+    call_counts.clear()
+    telemetry_records.clear()
+
+
+def _current() -> tuple[Site, _ModelState] | None:
+    return _site_stack[-1] if _site_stack else None
+
+
+def _run(op: str, fallback: Any, compressed: Any) -> Any:
+    """Count the call; use ``compressed(codec, cfg, stats)`` when the current site has a codec."""
+    top = _current()
+    call_counts[(op, str(top[0]) if top else "none")] += 1
+    if top is None:
+        return fallback()
+    site, state = top
+    codec = state.config.codec_for(site.kind, site.layer)
+    if codec is None:
+        return fallback()
+    stats: list[CommStats] | None = [] if state.telemetry else None
+    out = compressed(codec, state.config, stats)
+    if stats:
+        telemetry_records.append((str(site), stats[0]))
+    return out
+
+
+def _wrap_reduce(original: Any) -> Any:
+    def _reduce(input_: torch.Tensor, group: Any) -> torch.Tensor:
+        if group is None or group.size() == 1:
+            return original(input_, group)
+        return _run(
+            "all_reduce",
+            lambda: original(input_, group),
+            lambda codec, cfg, stats: collectives.all_reduce(
+                input_, codec, group, algo=cfg.algo, min_bytes=cfg.min_bytes, stats=stats
+            ),
+        )
+
+    return _reduce
+
+
+def _wrap_gather_last(original: Any) -> Any:
+    def _gather_along_last_dim(input_: torch.Tensor, group: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if group is None or group.size() == 1 or args or kwargs:
+            return original(input_, group, *args, **kwargs)
+        return _run(
+            "all_gather_last",
+            lambda: original(input_, group),
+            lambda codec, cfg, stats: collectives.all_gather(
+                input_, codec, group, dim=-1, min_bytes=cfg.min_bytes, stats=stats
+            ),
+        )
+
+    return _gather_along_last_dim
+
+
+def _wrap_gather_first(original: Any) -> Any:
+    def _gather_along_first_dim(
+        input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> torch.Tensor:
+        def stock() -> torch.Tensor:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+
+        if group is None or group.size() == 1 or output_split_sizes is not None:
+            return stock()
+        return _run(
+            "all_gather_first",
+            stock,
+            lambda codec, cfg, stats: collectives.all_gather(
+                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats
+            ),
+        )
+
+    return _gather_along_first_dim
+
+
+def _wrap_reduce_scatter_first(original: Any) -> Any:
+    def _reduce_scatter_along_first_dim(
+        input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> torch.Tensor:
+        def stock() -> torch.Tensor:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+
+        if group is None or group.size() == 1 or input_split_sizes is not None:
+            return stock()
+        return _run(
+            "reduce_scatter",
+            stock,
+            lambda codec, cfg, stats: collectives.reduce_scatter(
+                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats
+            ),
+        )
+
+    return _reduce_scatter_along_first_dim
+
+
+class _DoneHandle:
+    """Stands in for an async work handle: the compressed all-gather completed synchronously."""
+
+    def wait(self) -> None:
+        return None
+
+
+def _wrap_dist_all_gather(original: Any) -> Any:
+    def dist_all_gather_func(output: torch.Tensor, input_: torch.Tensor, group: Any = None, async_op: bool = False):
+        def stock() -> Any:
+            return original(output, input_, group=group, async_op=async_op)
+
+        def compressed(codec: Any, cfg: CompressionConfig, stats: Any) -> Any:
+            output.copy_(collectives.all_gather(input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats))
+            return _DoneHandle() if async_op else None
+
+        if dist.get_world_size(group) == 1:
+            return stock()
+        return _run("all_gather_linear", stock, compressed)
+
+    return dist_all_gather_func
+
+
+_WRAPPERS = {
+    "_reduce": _wrap_reduce,
+    "_gather_along_last_dim": _wrap_gather_last,
+    "_gather_along_first_dim": _wrap_gather_first,
+    "_reduce_scatter_along_first_dim": _wrap_reduce_scatter_first,
+    "dist_all_gather_func": _wrap_dist_all_gather,
+}
+
+
+def _install() -> None:
+    if _originals:
+        return
+    for key, (module, point) in intercept_points().items():
+        original = getattr(module, point.attr)
+        _originals[key] = (module, original)
+        setattr(module, point.attr, _WRAPPERS[point.attr](original))
+
+
+def _uninstall() -> None:
+    for key, (module, original) in _originals.items():
+        setattr(module, key.rsplit(".", 1)[1], original)
+    _originals.clear()
+
+
+def installed() -> bool:
+    return bool(_originals)
+
+
+# ------------------------------------------------------------------------------------------------ model hooks
+
+
+def _push(site: Site, state: _ModelState) -> Any:
+    def pre_hook(module: torch.nn.Module, args: Any) -> None:
+        _site_stack.append((site, state))
+
+    return pre_hook
+
+
+def _pop(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if _site_stack:
+        _site_stack.pop()
+
+
+def _sites(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, Site]]:
+    """The modules that own TP collectives, with their sites."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        yield embedding, Site("embedding")
+    decoder = getattr(model, "decoder", None)
+    for layer in getattr(decoder, "layers", []):
+        index = int(layer.layer_number) - 1  # Megatron numbers layers from 1
+        yield layer.self_attention, Site("attention", index)
+        yield layer.mlp, Site("mlp", index)
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is not None:
+        yield output_layer, Site("logits")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _check_ranks_agree(config: CompressionConfig) -> None:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    mine = config.describe()
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, mine, group=group)
+    if len(set(everyone)) > 1:
+        ranks = dist.get_process_group_ranks(group)
+        detail = "; ".join(f"rank {r}: {d[:160]}" for r, d in zip(ranks, everyone, strict=True))
+        raise RankMismatchError(f"tensor-parallel ranks were given different compression settings: {detail}")
+
+
+def enable(
+    model: torch.nn.Module, spec_or_config: str | CompressionConfig, *, telemetry: bool = False
+) -> CompressionConfig:
+    """Compress the forward TP collectives of ``model`` (a megatron-core GPTModel) with a spec or a config.
+
+    Call on every rank of the tensor-parallel group (it checks that all ranks agree). Returns the config used.
+    """
+    from megatron.core import parallel_state
+
+    model = _unwrap(model)
+    config = CompressionConfig.from_spec(spec_or_config) if isinstance(spec_or_config, str) else spec_or_config
+    if not isinstance(config, CompressionConfig):
+        raise ConfigError(f"expected a spec string or CompressionConfig, got {type(spec_or_config).__name__}")
+    mc = model.config
+    config.check_model(mc.num_layers, mc.hidden_size, parallel_state.get_tensor_model_parallel_world_size())
+    _check_ranks_agree(config)
+    if id(model) in _state:
+        disable(model)
+    _install()
+    state = _ModelState(config, [], telemetry)
+    for module, site in _sites(model):
+        state.handles.append(module.register_forward_pre_hook(_push(site, state)))
+        state.handles.append(module.register_forward_hook(_pop))
+    # A forward that raised leaves sites on the stack: clear them when the next forward starts.
+    state.handles.append(model.register_forward_pre_hook(lambda m, a: _site_stack.clear()))
+    _state[id(model)] = state
+    logger.info(
+        "megatron-tpcomp: compression enabled: default %s, %d per-layer overrides",
+        config.default.spec,
+        sum(len(v) for v in config.layers.values()),
+    )
+    return config
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Remove the hooks from ``model``; restore Megatron's primitives once no model uses them."""
+    model = _unwrap(model)
+    state = _state.pop(id(model), None)
+    if state is not None:
+        for handle in state.handles:
+            handle.remove()
+    if not _state:
+        _uninstall()
+        _site_stack.clear()
+
+
+def telemetry_summary() -> dict[str, dict[str, float]]:
+    """Per site: calls, bytes sent, baseline bytes and their ratio, over the recorded compressed calls."""
+    out: dict[str, dict[str, float]] = {}
+    for site, s in telemetry_records:
+        row = out.setdefault(site, {"calls": 0, "wire_bytes": 0, "baseline_wire_bytes": 0})
+        row["calls"] += 1
+        row["wire_bytes"] += s.wire_bytes
+        row["baseline_wire_bytes"] += s.baseline_wire_bytes
+    for row in out.values():
+        row["compression"] = row["baseline_wire_bytes"] / max(row["wire_bytes"], 1)
+    return out
