@@ -7,7 +7,11 @@ import torch
 
 
 def heavy_tailed(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Row-parallel partial like SmolLM2's down_proj ones: N(0,1) plus a few channels 100-3000x larger."""
+    """Row-parallel partial like SmolLM2's down_proj ones: N(0,1) plus a few channels 100-3000x larger.
+
+    Massive activations sit in a handful of fixed channels of the last dimension, which is what makes
+    per-group scales, Hadamard rotations and outlier channels matter.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     h = shape[-1]
@@ -18,4 +22,11 @@ def heavy_tailed(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = tor
 
 @pytest.fixture
 def gen() -> torch.Generator:
+    """A freshly seeded CPU generator: every test that draws from it sees the same numbers on every run."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def activations() -> torch.Tensor:
+    """A bf16 ``[128, 576]`` heavy-tailed activation (128 tokens of SmolLM2-135M's hidden size)."""
+    return heavy_tailed((128, 576), seed=3)

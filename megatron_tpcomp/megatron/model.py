@@ -18,8 +18,8 @@ class ModelConfig:
 
     num_layers: int = 2
     hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
+    num_attention_heads: int = 8
+    num_query_groups: int = 4  # GQA, divisible by TP 1, 2 and 4
     ffn_hidden_size: int = 128
     vocab_size: int = 128
     max_sequence_length: int = 128

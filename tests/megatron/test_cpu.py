@@ -37,9 +37,10 @@ def tp1_logits() -> torch.Tensor:
     return run_distributed(_forward, 1, False, timeout_s=120)[0]
 
 
+@pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["no-sp", "sp"])
-def test_tp2_matches_tp1(tp1_logits: torch.Tensor, sequence_parallel: bool) -> None:
-    logits = run_distributed(_forward, 2, sequence_parallel, timeout_s=120)[0]
+def test_tp_matches_tp1(tp1_logits: torch.Tensor, tp: int, sequence_parallel: bool) -> None:
+    logits = run_distributed(_forward, tp, sequence_parallel, timeout_s=180)[0]
     assert logits.shape == tp1_logits.shape == (2, 16, 128)
     # fp32; TP only changes the order of the partial sums (split matmuls + all-reduce): ~1e-7 relative.
     assert torch.allclose(logits, tp1_logits, rtol=0, atol=1e-5), float((logits - tp1_logits).abs().max())
