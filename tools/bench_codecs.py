@@ -1,4 +1,9 @@
-"""Codec throughput benchmark (same as `tpcomp bench codecs`)."""
+"""Codec throughput benchmark: a thin wrapper, same options as ``tpcomp bench codecs``.
+
+    python tools/bench_codecs.py --reps 20 --json bench_codecs.json
+
+From Python: ``megatron_tpcomp.bench.codecs.run(specs, sizes, dtype, reps) -> list[dict]``.
+"""
 
 from megatron_tpcomp.bench.codecs import main
 

@@ -1,33 +1,45 @@
 """Codec throughput on this machine: encode and decode GB/s of input, beside ``torch.clone`` of the same tensor.
 
-Measurements alternate codec and clone calls in one run and report medians, so machine noise hits both alike.
-The ratio ``codec_time / clone_time`` says how many memory passes a codec costs: a fused one-pass codec would
-be near 1-2; the torch reference runs several ops per value.
+Throughput is input bytes (``numel * element size`` of the input dtype) over the median time of one call.
+Each repetition times a clone, an encode and a decode back to back, so machine noise (other processes, turbo
+clocks) hits codec and baseline alike; medians over ``reps`` repetitions after a warm-up. The ratio
+``codec_time / clone_time`` says how many memory passes a codec costs: a fused one-pass codec would be near
+1-2; the torch reference codecs run several ops per value.
+
+Messages are ``[tokens, 576]`` (SmolLM2-135M's hidden size), N(0, 1) with one channel 300x larger, like the
+row-parallel partials the codecs compress. ``torch.get_num_threads()`` is left at torch's default and reported.
+
+Use ``tpcomp bench codecs`` or ``python tools/bench_codecs.py``; from Python, :func:`run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_tpcomp.codecs import CodecError, make_codec
+from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 
+# One spec per family and mode: fp8 (both element formats), integers (8/4/3 bits, symmetric and asymmetric),
+# block minifloats (MXFP4, NVFP4, FP3/FP5/FP6), and both modifiers.
 DEFAULT_SPECS = (
-    "fp8,fp8-e5m2:b128,int8:g32,int4:g32,int4:g32:asym,int4:g32+had,int4:g32+outliers:k9,mxfp4,nvfp4,fp5:b32"
+    "fp8,fp8-e5m2:b128,int8:g32,int4:g32,int4:g32:asym,int3:g64:asym,mxfp4,nvfp4,fp3,fp5:b32,fp6-e3m2:b32,"
+    "int4:g32+had,int4:g32+outliers:k9"
 )
-DEFAULT_SIZES = "16KiB,8MiB"
+DEFAULT_SIZES = "8MiB,16KiB"  # a prefill-like message and a decode-like one
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HIDDEN = 576  # SmolLM2-135M's hidden size: messages are [tokens, 576]
+WARMUP = 3
 
 
 def parse_size(text: str) -> int:
-    """Bytes from '16KiB', '8MiB', '1GiB' or a plain integer."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "b": 1}
+    """Bytes from '16KiB', '8MiB', '1GiB', '64KB' or a plain integer."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}
     low = text.strip().lower()
     for suffix, mult in units.items():
         if low.endswith(suffix) and low[: -len(suffix)].strip().replace(".", "", 1).isdigit():
@@ -37,33 +49,72 @@ def parse_size(text: str) -> int:
     raise ValueError(f"bad size {text!r}; expected e.g. 16KiB, 8MiB or a byte count")
 
 
+def message(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[tokens, 576]`` activation of about ``nbytes`` bytes (at least one token), seeded."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokens = max(1, nbytes // (elem * HIDDEN))
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(0))
+    x[:, 7] *= 300.0  # one massive-activation channel, as in real row-parallel partials
+    return x.to(dtype)
+
+
 def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
+def try_make_codec(spec: str) -> Codec | None:
+    """The codec for ``spec``, or None (with a printed note) when its family's module is not installed yet.
+
+    A malformed spec still raises CodecError: that is the caller's mistake, not a missing module.
+    """
+    try:
+        return make_codec(spec)
+    except ImportError as exc:
+        print(f"note: skipping {spec!r}: its codec module is not available ({exc})")
+        return None
+
+
+def measure(codec: Codec, x: torch.Tensor, reps: int) -> dict:
+    """Median encode, decode and clone times (seconds) of ``x``, alternating the three in every repetition."""
+    payload = codec.encode(x)
+    for _ in range(WARMUP):
+        codec.decode(codec.encode(x), x.shape, x.dtype)
+        x.clone()
+    enc, dec, clone = [], [], []
+    for _ in range(reps):
+        clone.append(_time(x.clone))
+        enc.append(_time(lambda: codec.encode(x)))
+        dec.append(_time(lambda: codec.decode(payload, x.shape, x.dtype)))
+    return {"encode": statistics.median(enc), "decode": statistics.median(dec), "clone": statistics.median(clone)}
+
+
 def run(specs: Sequence[str], sizes: Sequence[int], dtype: torch.dtype = torch.bfloat16, reps: int = 20) -> list[dict]:
-    """Measure every spec at every size; returns one record per (spec, size)."""
+    """Measure every spec at every size.
+
+    Args:
+        specs: codec specs; one whose module is missing is skipped with a printed note.
+        sizes: approximate message sizes in bytes of ``dtype`` input.
+        dtype: the input (and decode) dtype.
+        reps: timed repetitions per measurement (medians are reported).
+
+    Returns:
+        One record per (size, spec) with keys ``spec, canonical, dtype, bytes, shape, bits_per_value,
+        encode_ms, decode_ms, clone_ms, encode_gbps, decode_gbps, clone_gbps, encode_vs_clone,
+        decode_vs_clone, reps, threads``. GB/s are of input bytes (10^9 bytes per second).
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    codecs = {spec: try_make_codec(spec) for spec in specs}
     records = []
-    elem = torch.empty((), dtype=dtype).element_size()
     for nbytes in sizes:
-        tokens = max(1, nbytes // (elem * HIDDEN))
-        x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(0)).to(dtype)
-        x[:, 7] *= 300.0
-        in_bytes = x.numel() * elem
-        for spec in specs:
-            codec = make_codec(spec)
-            payload = codec.encode(x)
-            for _ in range(2):  # warm-up
-                codec.decode(codec.encode(x), x.shape, dtype)
-                x.clone()
-            enc, dec, clone = [], [], []
-            for _ in range(reps):
-                clone.append(_time(x.clone))
-                enc.append(_time(lambda: codec.encode(x)))  # noqa: B023 - called immediately
-                dec.append(_time(lambda: codec.decode(payload, x.shape, dtype)))  # noqa: B023
-            m_enc, m_dec, m_clone = (statistics.median(v) for v in (enc, dec, clone))
+        x = message(nbytes, dtype)
+        in_bytes = x.numel() * x.element_size()
+        for spec, codec in codecs.items():
+            if codec is None:
+                continue
+            t = measure(codec, x, reps)
             records.append(
                 dict(
                     spec=spec,
@@ -72,14 +123,14 @@ def run(specs: Sequence[str], sizes: Sequence[int], dtype: torch.dtype = torch.b
                     bytes=in_bytes,
                     shape=list(x.shape),
                     bits_per_value=codec.bits_per_value(x.shape),
-                    encode_ms=m_enc * 1e3,
-                    decode_ms=m_dec * 1e3,
-                    clone_ms=m_clone * 1e3,
-                    encode_gbps=in_bytes / m_enc / 1e9,
-                    decode_gbps=in_bytes / m_dec / 1e9,
-                    clone_gbps=in_bytes / m_clone / 1e9,
-                    encode_vs_clone=m_enc / m_clone,
-                    decode_vs_clone=m_dec / m_clone,
+                    encode_ms=t["encode"] * 1e3,
+                    decode_ms=t["decode"] * 1e3,
+                    clone_ms=t["clone"] * 1e3,
+                    encode_gbps=in_bytes / t["encode"] / 1e9,
+                    decode_gbps=in_bytes / t["decode"] / 1e9,
+                    clone_gbps=in_bytes / t["clone"] / 1e9,
+                    encode_vs_clone=t["encode"] / t["clone"],
+                    decode_vs_clone=t["decode"] / t["clone"],
                     reps=reps,
                     threads=torch.get_num_threads(),
                 )
@@ -87,19 +138,34 @@ def run(specs: Sequence[str], sizes: Sequence[int], dtype: torch.dtype = torch.b
     return records
 
 
+def _size_label(nbytes: int) -> str:
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f}Mi"
+    return f"{nbytes / 1024:.1f}Ki"
+
+
 def format_table(records: list[dict]) -> str:
+    """A fixed-width text table of :func:`run`'s records."""
     head = (
-        f"{'spec':<22} {'size':>9} {'bits':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'clone GB/s':>10} "
+        f"{'spec':<22} {'size':>7} {'bits':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'clone GB/s':>10} "
         f"{'enc/clone':>9} {'dec/clone':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(
-            f"{r['spec']:<22} {r['bytes'] / 1024:>7.0f}Ki {r['bits_per_value']:>6.3f} {r['encode_gbps']:>9.3f} "
+            f"{r['spec']:<22} {_size_label(r['bytes']):>7} {r['bits_per_value']:>6.3f} {r['encode_gbps']:>9.3f} "
             f"{r['decode_gbps']:>9.3f} {r['clone_gbps']:>10.2f} "
             f"{r['encode_vs_clone']:>8.1f}x {r['decode_vs_clone']:>8.1f}x"
         )
     return "\n".join(lines)
+
+
+def write_json(records: list[dict], path: str) -> None:
+    """Write ``records`` as a JSON list, atomically (never a half-written file under the final name)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,25 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list to FILE")
     args = parser.parse_args(argv)
+    specs = [s for s in args.specs.split(",") if s]
     try:
-        specs = [s for s in args.specs.split(",") if s]
         for s in specs:
-            make_codec(s)
+            try:
+                make_codec(s)  # fail fast on a typo, before minutes of timing
+            except ImportError:
+                pass  # a family whose module is missing: run() skips it with a note
         sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     except (CodecError, ValueError) as exc:
         parser.error(str(exc))
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
+    print(
+        f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()} (default), "
+        f"{args.dtype} input, medians of {args.reps} after {WARMUP} warm-up calls"
+    )
     records = run(specs, sizes, DTYPES[args.dtype], args.reps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps}")
     print(format_table(records))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        import os
-
-        os.replace(tmp, args.json)  # never leave a half-written file under the final name
+        write_json(records, args.json)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

@@ -123,6 +123,43 @@ def enable_cpu() -> None:
     )
 
 
+class _CpuEvent:
+    """Stand-in for torch.cuda.Event on CPU: records wall time so the engine's timing code still works."""
+
+    def __init__(self, enable_timing: bool = False, **kwargs: Any):
+        self.t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def elapsed_time(self, end: _CpuEvent) -> float:
+        return ((end.t or 0.0) - (self.t or 0.0)) * 1e3
+
+
+def _tensor_cuda_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+def enable_cpu_inference() -> None:
+    """enable_cpu() plus the static inference engine's CUDA calls: ``Tensor.cuda()`` in the text generation
+    controller (returns the tensor itself) and ``torch.cuda.Event`` timing (a wall-clock stand-in)."""
+    enable_cpu()
+    if (torch.Tensor, "cuda") not in _originals:
+        _patch(torch.Tensor, "cuda", _tensor_cuda_on_cpu)
+        _patch(torch.cuda, "Event", _CpuEvent)
+
+
 def disable_cpu() -> None:
     """Restore every attribute that enable_cpu() (and enable_cpu_inference()) replaced."""
     for (owner, name), value in reversed(list(_originals.items())):
