@@ -84,9 +84,17 @@ def transformer_config(
 
 
 def build_gpt_model(
-    cfg: ModelConfig, tp_size: int, sequence_parallel: bool = False, dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    tp_size: int,
+    sequence_parallel: bool = False,
+    dtype: torch.dtype = torch.float32,
+    parallel_output: bool = True,
 ) -> torch.nn.Module:
-    """A megatron-core GPTModel with the local layer spec, on CPU (parallel state must be initialised)."""
+    """A megatron-core GPTModel with the local layer spec, on CPU (parallel state must be initialised).
+
+    ``parallel_output=False`` gathers the vocab-parallel logits on every rank ([b, s, vocab] instead of
+    [b, s, vocab/TP]): one more TP collective per forward.
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -99,5 +107,6 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(cfg.rotary_base),
         share_embeddings_and_output_weights=cfg.tie_embeddings,
+        parallel_output=parallel_output,
     )
     return model.to(dtype).eval()

@@ -203,3 +203,41 @@ def test_ranks_that_disagree_fail_fast_with_names() -> None:
 
 def test_launcher_error_type_is_importable() -> None:
     assert issubclass(DistributedRunError, RuntimeError)
+
+
+def _logits_gather(rank: int, world_size: int) -> dict:
+    from megatron_tpcomp.config import CompressionConfig
+    from megatron_tpcomp.megatron import cpu, intercept
+    from megatron_tpcomp.megatron import model as M
+
+    cpu.enable_cpu()
+    M.init_parallel(world_size)
+    cfg = M.ModelConfig()
+    torch.manual_seed(0)
+    gpt = M.build_gpt_model(cfg, world_size, parallel_output=False)
+    tokens = torch.randint(0, cfg.vocab_size, TOKENS, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(TOKENS[1]).unsqueeze(0).expand(TOKENS[0], -1)
+    out = {}
+    with torch.no_grad():
+        out["stock"] = gpt(tokens, positions, attention_mask=None)
+        for name, cfg_dict in (("default", {"default": "none"}), ("logits", {"logits": "int8:g32"})):
+            intercept.enable(gpt, CompressionConfig.from_dict(cfg_dict), telemetry=True)
+            intercept.reset_counts()
+            out[name] = gpt(tokens, positions, attention_mask=None)
+            out[f"{name}/counts"] = dict(intercept.call_counts)
+            out[f"{name}/sites"] = sorted({site for site, _ in intercept.telemetry_records})
+    intercept.disable(gpt)
+    return out
+
+
+def test_logits_gather_is_intercepted_and_off_by_default() -> None:
+    results = run_distributed(_logits_gather, 2, timeout_s=120)
+    res = results[0]
+    assert res["stock"].shape == (2, 16, 128)  # gathered: full vocabulary on every rank
+    expected = {**expected_counts(False), ("all_gather_last", "logits"): 1}
+    assert res["default/counts"] == expected == res["logits/counts"]
+    assert torch.equal(res["default"], res["stock"]) and res["default/sites"] == []  # logits uncompressed by default
+    assert res["logits/sites"] == ["logits"]
+    rel = float((res["logits"] - res["stock"]).norm() / res["stock"].norm())
+    assert 0 < rel < 0.01, rel  # int8 g32 on the logits alone: ~0.5% relative (one quantization)
+    assert torch.equal(results[1]["logits"], res["logits"])
