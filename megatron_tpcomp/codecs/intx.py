@@ -72,6 +72,13 @@ class IntCodec(Codec):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return self.layout(shape).nbytes
 
+    def _asym_ideal_scale(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """``(hi - lo) / levels``, capped at half of ``fp32 max / levels``: past that ``hi - lo`` (or ``code * s``
+        at decode) overflows to inf and a finite group would decode to inf/NaN; the cap clips it instead (the
+        clip is part of :meth:`max_abs_error_bound`). The factor 2 leaves room for the scale's rounding."""
+        levels = (1 << self.bits) - 1
+        return ((hi - lo) / levels).clamp(max=torch.finfo(torch.float32).max / levels / 2)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
@@ -85,7 +92,7 @@ class IntCodec(Codec):
             lo = blocks.amin(dim=1)
             hi = blocks.amax(dim=1)
             levels = (1 << self.bits) - 1
-            stored_s, s = quantize_scales((hi - lo) / levels, self.scale_fmt, bad)
+            stored_s, s = quantize_scales(self._asym_ideal_scale(lo, hi), self.scale_fmt, bad)
             stored_m, m = quantize_scales(lo, self.scale_fmt)
             inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0))
             codes = torch.clamp(torch.round((blocks - m.unsqueeze(1)) * inv.unsqueeze(1)), 0, levels)
@@ -122,7 +129,7 @@ class IntCodec(Codec):
         blocks = to_blocks(x, self.group)
         if self.asym:
             lo, hi = blocks.amin(1), blocks.amax(1)
-            _, s = quantize_scales((hi - lo) / ((1 << self.bits) - 1), self.scale_fmt)
+            _, s = quantize_scales(self._asym_ideal_scale(lo, hi), self.scale_fmt)
             _, m = quantize_scales(lo, self.scale_fmt)
             top = m + s * ((1 << self.bits) - 1)
             clip = torch.maximum(hi - top, m - lo).clamp(min=0)

@@ -196,6 +196,11 @@ def _install() -> None:
         original = getattr(module, point.attr)
         _originals[key] = (module, original)
         setattr(module, point.attr, _WRAPPERS[point.attr](original))
+    # Transformer Engine layer specs communicate inside TE: wrap its collectives too where TE is installed.
+    from megatron_tpcomp.megatron import te
+
+    if te.install(_run, _originals):
+        logger.info("megatron-tpcomp: Transformer Engine collectives intercepted as well")
 
 
 def _uninstall() -> None:
