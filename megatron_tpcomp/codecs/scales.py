@@ -5,7 +5,7 @@ Formats (``s<fmt>`` in a spec):
 ======  ==============  =====================================================================
 fmt     stored as       rounding of the ideal scale ``s = amax / qmax``
 ======  ==============  =====================================================================
-fp32    float32         exact
+fp32    float32         exact (but see "tiny scales" below)
 fp16    float16         round to nearest even; clamped to [-65504, 65504]
 bf16    bfloat16        round to nearest even; clamped to the largest finite bf16
 e8m0    uint8           power of two ``2**ceil(log2 s)`` (rounded UP, so no element clips);
@@ -15,6 +15,10 @@ e4m3    uint8           float8 e4m3fn bits, round to nearest even, clamped to [-
 
 The clamps are symmetric because the same formats also store the (possibly negative) per-group minimum of
 asymmetric integer codecs: an unclamped fp16 cast would turn a minimum below -65504 into -inf.
+
+Tiny scales: fp32 and bf16 can hold positive scales below 2**-126 whose reciprocal overflows to inf (and
+``0 * inf`` turns a block's zeros into NaN), so such scales are raised to 2**-126, the smallest normal; the
+other formats cannot go that low.
 
 A NaN scale marks a block whose input held NaN/Inf: the whole block decodes to NaN.
 Quantizers compute ``x * inv`` with ``inv = 1 / decoded_scale`` (0 where the decoded scale is 0), in fp32:
@@ -37,6 +41,7 @@ _STORAGE = {
 FP16_MAX = 65504.0
 E4M3_MAX = 448.0
 BF16_MAX = torch.finfo(torch.bfloat16).max
+MIN_NORMAL = torch.finfo(torch.float32).tiny  # 2**-126: 1 / MIN_NORMAL = 2**126 is still finite
 
 
 def storage_dtype(fmt: str) -> torch.dtype:
@@ -59,6 +64,8 @@ def encode_scales(scale: torch.Tensor, fmt: str, bad: torch.Tensor | None = None
         ``[nblocks]`` tensor of ``storage_dtype(fmt)``.
     """
     scale = scale.to(torch.float32)
+    if fmt in ("fp32", "bf16"):  # see "Tiny scales" in the module docstring
+        scale = torch.where(scale > 0, scale.clamp(min=MIN_NORMAL), scale)
     if fmt == "fp32":
         out = scale.clone()
     elif fmt == "fp16":

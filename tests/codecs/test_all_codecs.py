@@ -160,6 +160,21 @@ def test_all_zero_input_decodes_to_exact_zeros(spec: str, dtype: torch.dtype) ->
             assert torch.equal(y, torch.zeros_like(y)), "zero scales must give zeros, not 0 * inf = NaN"
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_tiny_input_stays_finite(spec: str, gen: torch.Generator) -> None:
+    # Scales of fp32 subnormal blocks used to have an infinite reciprocal (0 * inf = NaN codes): finite in,
+    # finite out, at every magnitude down to the smallest subnormal.
+    codec = codec_for(spec)
+    for magnitude in (1e-20, 1e-30, 1e-39, 1e-44):
+        x = torch.randn(4, 96, generator=gen) * magnitude
+        x[:, ::7] = 0.0  # zeros times an infinite reciprocal were the NaNs
+        y = roundtrip(codec, x)
+        assert torch.isfinite(y).all(), f"non-finite output for |x| ~ {magnitude}"
+        assert float((y - x).norm()) <= float(x.norm())  # and no worse than sending zeros
+    x = torch.randn(4, 96, generator=gen) * 1e-20
+    assert bool(((roundtrip(codec, x) - x).abs() <= codec.max_abs_error_bound(x)).all())
+
+
 # --- non-finite input -----------------------------------------------------------------------------------------
 
 

@@ -237,6 +237,17 @@ def test_asymmetric_minimum_below_the_scale_range_stays_finite(scale: str) -> No
     assert bool(((y - x).abs() <= codec.max_abs_error_bound(x)).all())
 
 
+@pytest.mark.parametrize("spec", ["int4:g4:asym:sfp32", "int2:g4:asym:sbf16", "int8:g4:asym:sfp32"])
+def test_asymmetric_range_beyond_fp32_stays_finite(spec: str) -> None:
+    # Regression: max - min = 6.8e38 overflowed fp32, the scale became inf and the group decoded to NaN/inf.
+    # Finite input must decode finite (the range clips, which the bound accounts for).
+    codec = make_codec(spec)
+    x = torch.tensor([-3.4e38, 0.0, 1.0, 3.4e38])
+    y = codec.decode(codec.encode(x), x.shape, torch.float32)
+    assert torch.isfinite(y).all()
+    assert bool(((y - x).abs() <= codec.max_abs_error_bound(x)).all())
+
+
 def test_constant_group_is_exact_in_asym_mode() -> None:
     # max == min: scale 0, every code 0, value = the stored minimum (exact in fp16 for 2.5).
     codec = make_codec("int4:g8:asym")

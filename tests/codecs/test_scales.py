@@ -25,9 +25,19 @@ def test_storage_dtypes() -> None:
 
 
 def test_fp32_is_exact() -> None:
-    s = torch.tensor([0.0, 1e-40, 3.3e-7, 1.0, 7e37])
+    s = torch.tensor([0.0, 2.0**-126, 3.3e-7, 1.0, 7e37])
     stored, dec = quantize_scales(s, "fp32")
     assert stored.dtype == torch.float32 and torch.equal(dec, s)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_tiny_scales_rise_to_the_smallest_normal(fmt: str) -> None:
+    # 1 / 1e-40 overflows fp32 to inf, and a quantizer's 0 * inf is NaN: positive scales below 2^-126 become
+    # 2^-126 (reciprocal 2^126, finite); zero stays zero (all-zero blocks).
+    s = torch.tensor([1e-40, 1e-45, 0.0, 2.0**-125])
+    _, dec = quantize_scales(s, fmt)
+    assert dec.tolist() == [2.0**-126, 2.0**-126, 0.0, 2.0**-125]
+    assert torch.isfinite(safe_reciprocal(dec)).all()
 
 
 def test_fp16_rounds_to_nearest_even_and_clamps() -> None:
