@@ -1,108 +1,161 @@
-"""Outlier channels in BF16, the rest through a low-bit codec (``int4:g32+outliers``, ``+outliers:k9``).
+"""Outlier channels in BF16, the rest through another codec (``int4:g32+outliers``, ``int4:g32+outliers:k9``).
 
 Dong et al.: the features TP ranks exchange have consistent outlier channels; sending the top ~hidden/64 of
-them in BF16 and the rest in INT4 keeps ~98-99.5% of task quality at ~4.2 bits per value.
+them in BF16 and the rest in INT4 keeps ~98-99.5% of task quality at ~4.2 bits per value. In SmolLM2-135M the
+down_proj partials carry channels up to ~59,000x the median (FACTS.md); in a group of 32 such a value sets
+the scale and the other 31 values round to zero.
 
-Channels are indices into the LAST dimension. The input is viewed as ``[rows, h]`` (``rows = numel / h``; a
-1-D tensor is one row). Two modes:
+Channels are indices into the LAST dimension (hidden). The input is viewed as ``[rows, h]`` with
+``h = shape[-1]`` and ``rows = numel / h``; a 1-D tensor is one row, a 0-d tensor one row of one value. Modes:
 
-- static: a calibrated channel table (sorted, unique) is given to the codec; nothing about it is sent;
+- static: a calibrated channel table is given to the codec (``make_codec(spec, outlier_channels=...)``); it is
+  stored sorted ascending and nothing about it is sent, so every rank must use the same table;
 - dynamic: ``+outliers:k<K>`` without a table picks, per message, the K channels with the largest ``max |x|``
-  over rows (ties to the lower index; NaN counts as largest) and sends their indices.
+  over all rows (ties to the lower index; NaN counts as largest) and sends their indices.
 
-Wire layout (sections at 16-byte offsets):
+Wire layout for ``[rows, h]`` and K outlier channels (sections at 16-byte offsets, zero padding between):
 
 =========  ======================  ==============================================================
 section    type, count             content
 =========  ======================  ==============================================================
-indices    int16, K                dynamic mode only: the chosen channels, ascending
-outliers   bfloat16, rows*K        the outlier channels, row-major ``[rows, K]``
-inner      uint8, inner bytes      inner codec payload of the other channels ``[rows, h-K]``,
-                                   channels in ascending order
+indices    int16, K                dynamic mode only: the chosen channels, ascending (so h <= 32768)
+outliers   bfloat16, rows*K        the outlier channels, row-major ``[rows, K]``, channels ascending
+inner      uint8, inner bytes      inner codec payload for the other channels, an input of shape
+                                   ``(rows, h - K)`` with the channels in ascending order
 =========  ======================  ==============================================================
 
-NaN/Inf in an outlier channel travels as-is in BF16; elsewhere the inner codec's rule applies.
+Exact bits per value: ``(16 * rows * K + 8 * inner_bytes (+ 16 * K dynamic) + alignment) / numel``; for a large
+``[rows, 1024]`` int4:g32 message with K = 9, ``(9 * 16 + 1015 * 4.5) / 1024 = 4.60``.
+
+Non-finite input: NaN/+-Inf in an outlier channel travels as is in BF16 (it stays alone: NaN stays NaN, Inf
+keeps its sign); elsewhere the inner codec's rule applies (its block decodes to NaN). Dynamic selection ranks
+NaN/Inf channels first, so a non-finite value only reaches the inner codec when more than K channels hold one.
+Finite fp32 values beyond the BF16 range are clamped to +-BF16 max (error below ``|x| * 2^-8``), not turned to Inf.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 
 from megatron_tpcomp.codecs.base import Codec, CodecError, PayloadLayout, check_input, check_payload, numel_of
 
+#: Indices travel as int16: dynamic mode needs every channel index to fit.
+MAX_DYNAMIC_HIDDEN = 32768
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
 
 def _validate_channels(channels: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
+    """Check a static table (integers, non-negative, unique, K matches) and return it sorted, int64 CPU ``[K]``."""
     if isinstance(channels, torch.Tensor):
-        if channels.dtype.is_floating_point or channels.dtype == torch.bool or channels.dim() > 1:
+        if channels.dtype.is_floating_point or channels.dtype.is_complex or channels.dtype == torch.bool:
+            raise CodecError(f"outlier channels must be integers, got a tensor of dtype {channels.dtype}")
+        if channels.dim() != 1:
             raise CodecError(
-                f"outlier channels must be a 1-D integer tensor, got {channels.dtype} {tuple(channels.shape)}"
+                f"outlier channels must be a 1-D tensor of channel indices, got shape {tuple(channels.shape)}"
             )
         values = [int(c) for c in channels.tolist()]
+    elif isinstance(channels, (str, bytes)):
+        raise CodecError(f"outlier channels must be a sequence of integers, got {channels!r}")
     else:
         values = []
         for c in channels:
-            if isinstance(c, bool) or not isinstance(c, int):
-                raise CodecError(f"outlier channel {c!r} is not an integer")
-            values.append(int(c))
+            try:
+                if isinstance(c, bool):
+                    raise TypeError
+                values.append(operator.index(c))  # int, numpy integers, 0-d integer tensors
+            except TypeError:
+                raise CodecError(f"outlier channel {c!r} is not an integer; expected channel indices") from None
     if not values:
-        raise CodecError("the outlier channel table is empty; give at least one channel or drop '+outliers'")
-    negative = [c for c in values if c < 0]
-    if negative:
-        raise CodecError(f"outlier channel {negative[0]} is negative; expected indices in [0, hidden)")
+        raise CodecError("the outlier channel table is empty; expected at least one channel (or drop '+outliers')")
+    for c in values:
+        if c < 0:
+            raise CodecError(f"outlier channel {c} is negative; expected indices in [0, hidden size)")
     seen: set[int] = set()
     for c in values:
         if c in seen:
-            raise CodecError(f"outlier channel {c} appears twice in the table")
+            raise CodecError(f"outlier channel {c} appears twice in the table; expected unique channels")
         seen.add(c)
     if k and k != len(values):
-        raise CodecError(f"spec asks for k={k} outlier channels but the table has {len(values)}")
+        raise CodecError(
+            f"spec asks for k={k} outlier channels but the table has {len(values)}; expected equal counts "
+            "(or '+outliers' without ':k' to take the count from the table)"
+        )
     return torch.tensor(sorted(values), dtype=torch.int64)
 
 
+def _complement(h: int, chosen: torch.Tensor) -> torch.Tensor:
+    """The ``h - K`` channels not in ``chosen``, ascending (int64, on ``chosen.device``).
+
+    A stable sort of the keep-mask instead of ``nonzero()``: the count is known, so no host sync on a GPU.
+    """
+    keep = torch.ones(h, dtype=torch.uint8, device=chosen.device)
+    keep[chosen] = 0
+    return torch.sort(keep, descending=True, stable=True).indices[: h - chosen.numel()]
+
+
 class OutlierCodec(Codec):
-    """Send ``channels`` (static) or the top-``k`` channels (dynamic) in BF16 and the rest with ``inner``."""
+    """Send K channels of the last dimension in BF16 and the remaining ones with ``inner``.
+
+    Args:
+        inner: codec for the non-outlier channels (it sees a ``[rows, h - K]`` tensor); not row-structured.
+        channels: static table of channel indices (any order; stored ascending), or None for dynamic mode.
+        k: 0 to take K from the table; otherwise K (must equal ``len(channels)`` with a table).
+    """
 
     row_structured = True
 
     def __init__(self, inner: Codec, channels: Sequence[int] | torch.Tensor | None = None, k: int = 0):
+        if not isinstance(inner, Codec):
+            raise CodecError(f"OutlierCodec wraps a Codec, got {type(inner).__name__}")
         if inner.row_structured:
-            raise CodecError("'+outliers' cannot be applied twice")
-        if channels is None and k <= 0:
+            raise CodecError(f"'+outliers' cannot wrap the row-structured codec {inner.spec!r} (given twice?)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise CodecError(f"outlier count k={k!r} is invalid; expected an integer >= 0")
+        if channels is None and k == 0:
             raise CodecError(
-                "'+outliers' needs a static channel table (outlier_channels=..., from calibration) "
-                "or a count for per-message selection, e.g. '+outliers:k9'"
+                "'+outliers' needs a static channel table (make_codec(..., outlier_channels=[...]), from "
+                "calibration) or +outliers:k<K> to pick the K largest channels of each message, e.g. '+outliers:k9'"
             )
         self.inner = inner
         self.static = channels is not None
         self._channels = _validate_channels(channels, k) if channels is not None else None
-        self.k = int(self._channels.numel()) if self._channels is not None else int(k)
+        self.k = int(self._channels.numel()) if self._channels is not None else k
         self.spec = f"{inner.spec}+outliers" + ("" if self.static else f":k{self.k}")
+        self._index_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def channels(self) -> torch.Tensor | None:
-        """The static channel table (int64, ascending), or None in dynamic mode."""
-        return self._channels
+        """The static channel table (int64 CPU ``[K]``, ascending; a copy), or None in dynamic mode."""
+        return None if self._channels is None else self._channels.clone()
 
     def _rows_h(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(rows, h)`` of the ``[rows, h]`` view; validates ``h`` against K and the static table."""
         n = numel_of(shape)
         h = int(shape[-1]) if len(shape) else 1
         if n == 0:
             return 0, h
-        if h <= self.k:
+        if h < self.k:
             raise CodecError(
                 f"tensor of shape {tuple(shape)} has {h} channels in its last dimension; '+outliers' with "
-                f"{self.k} outlier channels needs more than {self.k}"
+                f"{self.k} outlier channels expects at least {self.k}"
             )
         if self._channels is not None and int(self._channels[-1]) >= h:
             raise CodecError(
                 f"outlier channel {int(self._channels[-1])} is out of range for hidden size {h} "
-                f"(tensor of shape {tuple(shape)})"
+                f"(tensor of shape {tuple(shape)}); expected channels in [0, {h})"
             )
-        return (n // h if h else 0), h
+        if not self.static and h > MAX_DYNAMIC_HIDDEN:
+            raise CodecError(
+                f"hidden size {h} (tensor of shape {tuple(shape)}) is too large for '+outliers:k{self.k}': its "
+                f"indices travel as int16; expected at most {MAX_DYNAMIC_HIDDEN} (or use a static table)"
+            )
+        return n // h, h
 
     def layout(self, shape: Sequence[int]) -> PayloadLayout:
+        """Sections for an input of ``shape`` (see the module docstring)."""
         rows, h = self._rows_h(shape)
         sections: list[tuple[str, torch.dtype, int]] = []
         if not self.static:
@@ -114,21 +167,27 @@ class OutlierCodec(Codec):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return self.layout(shape).nbytes
 
-    def _select(self, x2d: torch.Tensor) -> torch.Tensor:
-        """Channels to send in BF16 for this message: the static table or the top-k by max |x|."""
-        if self._channels is not None:
-            return self._channels.to(x2d.device)
-        score = x2d.abs().amax(dim=0) if x2d.shape[0] else x2d.new_zeros(x2d.shape[1])
-        score = torch.nan_to_num(score.float(), nan=float("inf"))
-        # Stable descending sort: equal scores keep ascending channel order (ties to the lower index).
-        order = torch.sort(score, descending=True, stable=True).indices[: self.k]
-        return order.sort().values
+    def _static_indices(self, h: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rest) for the static table on ``device``, cached: no host-to-device copy per message."""
+        key = (str(device), h)
+        if key not in self._index_cache:
+            chosen = self._channels.to(device)
+            self._index_cache[key] = (chosen, _complement(h, chosen))
+        return self._index_cache[key]
 
-    @staticmethod
-    def _complement(h: int, chosen: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones(h, dtype=torch.bool, device=chosen.device)
-        keep[chosen] = False
-        return keep.nonzero().squeeze(1)
+    def _select(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rest) int64 channel indices, both ascending: the static table or the top-K by ``max |x|``."""
+        h = x2d.shape[1]
+        if self._channels is not None:
+            return self._static_indices(h, x2d.device)
+        # max |x| per channel in one pass without an |x| temporary; NaN propagates through the max.
+        score = torch.linalg.vector_norm(x2d, ord=float("inf"), dim=0).float()  # [h]
+        # Stable descending sorts keep ascending channel order among equals (ties to the lower index); the
+        # second one, on "is NaN", moves NaN channels ahead of everything (even +Inf) keeping that order.
+        order = torch.sort(torch.nan_to_num(score, nan=0.0), descending=True, stable=True).indices
+        order = order[torch.sort(torch.isnan(score[order]).to(torch.uint8), descending=True, stable=True).indices]
+        chosen = order[: self.k].sort().values
+        return chosen, _complement(h, chosen)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
@@ -137,13 +196,16 @@ class OutlierCodec(Codec):
         payload = layout.allocate(x.device)
         if rows == 0:
             return payload
-        x2d = x.reshape(rows, h)
-        chosen = self._select(x2d)
-        rest = self._complement(h, chosen)
+        x2d = x.reshape(rows, h)  # a view when x is contiguous
+        chosen, rest = self._select(x2d)
         if not self.static:
             layout.view(payload, "indices").copy_(chosen.to(torch.int16))
-        layout.view(payload, "outliers").copy_(x2d[:, chosen].to(torch.bfloat16).reshape(-1))
-        layout.view(payload, "inner").copy_(self.inner.encode(x2d[:, rest]))
+        outl = x2d[:, chosen]  # [rows, K] gather
+        if outl.dtype == torch.float32:
+            # fp32 beyond the bf16 range would round to Inf; clamp finite values (error < |x| * 2^-8).
+            outl = torch.where(torch.isinf(outl), outl, outl.clamp(-_BF16_MAX, _BF16_MAX))
+        layout.view(payload, "outliers").copy_(outl.to(torch.bfloat16).reshape(-1))
+        layout.view(payload, "inner").copy_(self.inner.encode(x2d[:, rest]))  # [rows, h - K] gather
         return payload
 
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -154,26 +216,49 @@ class OutlierCodec(Codec):
         if rows == 0:
             return out.reshape(tuple(shape))
         if self.static:
-            chosen = self._channels.to(payload.device)
+            chosen, rest = self._static_indices(h, payload.device)
         else:
             chosen = layout.view(payload, "indices").to(torch.int64)
-            if bool((chosen < 0).any()) or bool((chosen >= h).any()) or chosen.unique().numel() != self.k:
-                raise CodecError(f"{self.spec}: payload carries invalid outlier indices {chosen.tolist()[:8]}")
-        rest = self._complement(h, chosen)
+            # One host sync per decode: a corrupt index would otherwise scatter out of bounds.
+            ok = (chosen >= 0).all() & (chosen < h).all()
+            if self.k > 1:
+                ok &= (chosen[1:] > chosen[:-1]).all()  # ascending, hence unique
+            if not bool(ok):
+                raise CodecError(
+                    f"{self.spec}: payload carries invalid outlier indices {chosen.tolist()[:8]}; expected "
+                    f"{self.k} ascending channels in [0, {h})"
+                )
+            rest = _complement(h, chosen)
         out[:, chosen] = layout.view(payload, "outliers").view(rows, self.k).to(dtype)
         out[:, rest] = self.inner.decode(layout.view(payload, "inner"), (rows, h - self.k), dtype)
         return out.reshape(tuple(shape))
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Outlier channels: BF16 rounding, ``|x| * 2**-8``; other channels: the inner codec's bound."""
+        """Elementwise bound (fp32, shape of ``x``): ``|x| * 2^-8`` in the outlier channels (BF16 round to
+        nearest keeps 8 significant bits; the clamp at BF16 max stays within it), the inner codec's bound on the
+        ``[rows, h - K]`` rest elsewhere. None when the inner codec states no bound."""
+        check_input(x)
         rows, h = self._rows_h(x.shape)
-        x2d = x.reshape(rows, h).to(torch.float32)
-        chosen = self._select(x2d)
-        rest = self._complement(h, chosen)
+        bound = torch.zeros((rows, h), dtype=torch.float32, device=x.device)
+        if rows == 0:
+            return bound.reshape(x.shape)
+        x2d = x.reshape(rows, h)
+        chosen, rest = self._select(x2d)  # same selection as encode (on the input dtype)
         inner = self.inner.max_abs_error_bound(x2d[:, rest])
         if inner is None:
             return None
-        bound = torch.empty_like(x2d)
-        bound[:, chosen] = x2d[:, chosen].abs() * 2.0**-8
+        bound[:, chosen] = x2d[:, chosen].float().abs() * 2.0**-8
         bound[:, rest] = inner
         return bound.reshape(x.shape)
+
+    def __eq__(self, other: object) -> bool:
+        # The static table is not in the spec string; neither is a Hadamard seed inside ``inner``.
+        if not isinstance(other, OutlierCodec) or other.spec != self.spec or other.inner != self.inner:
+            return False
+        if self._channels is None or other._channels is None:
+            return self._channels is None and other._channels is None
+        return torch.equal(self._channels, other._channels)
+
+    def __hash__(self) -> int:
+        table = None if self._channels is None else tuple(self._channels.tolist())
+        return hash((type(self).__name__, self.spec, hash(self.inner), table))
