@@ -1,22 +1,32 @@
-"""FP8 with a per-block scale (``fp8`` = ``fp8-e4m3:b128:sfp32``, ``fp8-e5m2:b128``).
+"""FP8 with one scale per block (``fp8`` = ``fp8-e4m3:b128:sfp32``, ``fp8-e5m2:b128``, ``fp8:b32:sfp16``, ...).
 
-Wire layout for ``n`` values, block size ``B``, ``nb = ceil(n / B)`` blocks (input flattened row-major and
-zero-padded to ``nb * B`` values; sections at 16-byte offsets):
+Wire layout for ``n`` values, block size ``B``, ``nb = ceil(n / B)`` blocks (the flattened row-major input is
+zero-padded to ``nb * B`` values; sections start at 16-byte offsets, see ``base.py``):
 
 =========  ===================  ===============================================================
 section    type, count          content
 =========  ===================  ===============================================================
-codes      uint8, nb*B          FP8 bit patterns: E4M3 "fn" (no inf, max 448) or E5M2 (max 57344)
-scales     scale fmt, nb        per-block scale ``s`` (default fp32)
+codes      uint8, nb*B          FP8 bit patterns, one byte per value: E4M3 "fn" (OCP E4M3:
+                                bias 7, no Inf, 0x7F/0xFF = NaN, max 448) or E5M2 (IEEE-like:
+                                bias 15, Inf/NaN encodings, max 57344)
+scales     scale fmt, nb        per-block scale ``s`` (default fp32; see ``scales.py``)
 =========  ===================  ===============================================================
 
-Encode: ideal ``s = amax / fmax``, stored per ``scales.py``; ``code = fp8(clamp(x * (1/s), -fmax, fmax))``
-with round to nearest even (the clamp matters: torch turns out-of-range values into NaN when casting to
-E4M3). Decode: ``x' = float(code) * s``. A block holding NaN/Inf gets a NaN scale and zero codes.
-Bits per value: ``8 + scale_bits / B`` (8.25 for the default).
+Encode (all fp32): ideal ``s = amax / fmax`` per block, stored with ``scales.quantize_scales`` (the quantizer
+uses the *decoded* scale); ``code = fp8(clamp(x * (1/s), -fmax, fmax))``, round to nearest, ties to even.
+The clamp makes the result independent of the cast's overflow behaviour (torch's E5M2 cast overflows to Inf,
+its E4M3 cast saturates in torch 2.13 but gave NaN in older versions) and of scale rounding (an fp16 scale may
+round below ``amax / fmax``). The ideal scale is capped at ``fp32_max / (2 * fmax)`` so that ``code * s`` never
+overflows to Inf at decode; only blocks with ``amax > fp32_max / 2`` clip because of it.
+Decode: ``x' = float(code) * s``.
 
-Backends produce the same layout: ``torch`` (this reference; CPU and GPU) and ``te`` (Transformer Engine's
-FP8 cast on CUDA, where installed). ``auto`` uses TE for CUDA tensors when it imports, torch otherwise.
+A block holding NaN/Inf gets a NaN scale and zero codes: it decodes to NaN. An all-zero block gets zero codes
+(and scale 0; e8m0, which has no zero, stores 2**-127) and decodes to exact zeros.
+Bits per value: ``8 + scale_bits / B`` (8.25 for the default ``fp8``).
+
+Backends produce the same wire layout, so any rank decodes any rank's payload with :meth:`Fp8Codec.decode`:
+``torch`` (this reference; CPU and GPU), ``te`` (Transformer Engine's FP8 cast kernel on CUDA tensors) and
+``auto`` (``te`` for CUDA tensors when Transformer Engine imports, ``torch`` otherwise).
 """
 
 from __future__ import annotations
@@ -36,44 +46,60 @@ from megatron_tpcomp.codecs.base import (
     numel_of,
     to_blocks,
 )
+from megatron_tpcomp.codecs.microscaling import FP32_MAX, FP32_TINY_SUB, half_ulp
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
 from megatron_tpcomp.spec import CodecSpec, canonical
 
-try:  # Transformer Engine is optional and GPU-only.
-    import transformer_engine.pytorch as _te  # noqa: F401
+try:  # Transformer Engine is optional and GPU-only; any failure to import means "not usable here".
+    import transformer_engine.pytorch  # noqa: F401
     import transformer_engine_torch as _tex
 
     HAVE_TE = True
-except ImportError:  # pragma: no cover - TE is not installable on CPU machines
+    TE_IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the installation
     _tex = None
     HAVE_TE = False
+    TE_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-FP8_FORMATS = {
-    (4, 3): (torch.float8_e4m3fn, 448.0),
-    (5, 2): (torch.float8_e5m2, 57344.0),
+#: (exponent bits, mantissa bits) -> (torch dtype, largest finite value, exponent of the smallest normal).
+FP8_FORMATS: dict[tuple[int, int], tuple[torch.dtype, float, int]] = {
+    (4, 3): (torch.float8_e4m3fn, 448.0, -6),
+    (5, 2): (torch.float8_e5m2, 57344.0, -14),
 }
 BACKENDS = ("auto", "torch", "te")
 
 
 class Fp8Codec(Codec):
-    """FP8 E4M3/E5M2 with one scale per block of ``cs.block`` values."""
+    """FP8 E4M3/E5M2 with one scale per block of ``cs.block`` values.
+
+    Args:
+        cs: a plain fp8 spec (``kind == "fp8"``, no modifiers).
+        backend: ``"auto"`` | ``"torch"`` | ``"te"`` (see the module docstring). The wire format and
+            :meth:`decode` are the same for every backend.
+    """
 
     def __init__(self, cs: CodecSpec, backend: str = "auto"):
         if cs.kind != "fp8" or cs.hadamard_block or cs.outliers:
-            raise ValueError(f"Fp8Codec needs a plain fp8 spec, got {canonical(cs)!r}")
+            raise CodecError(f"Fp8Codec needs a plain fp8 spec, got {canonical(cs)!r}")
+        if (cs.exp_bits, cs.man_bits) not in FP8_FORMATS:
+            raise CodecError(f"fp8 has no element format e{cs.exp_bits}m{cs.man_bits}; expected e4m3 or e5m2")
         if backend not in BACKENDS:
             raise CodecError(f"unknown fp8 backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "te" and not HAVE_TE:
             raise CodecError(
-                "fp8 backend 'te' needs Transformer Engine (pip install transformer-engine[pytorch], GPU only); "
-                "use backend 'torch' or 'auto'"
+                "fp8 backend 'te' needs NVIDIA Transformer Engine (package transformer_engine, "
+                "`pip install transformer_engine[pytorch]` on a CUDA machine), which does not import here "
+                f"({TE_IMPORT_ERROR}); use backend 'torch' or 'auto'"
             )
         self.cs = cs
         self.block = cs.block
         self.scale_fmt = cs.scale
         self.backend = backend
-        self.fp8_dtype, self.fmax = FP8_FORMATS[(cs.exp_bits, cs.man_bits)]
+        self.exp_bits, self.man_bits = cs.exp_bits, cs.man_bits
+        self.fp8_dtype, self.fmax, self.min_exp = FP8_FORMATS[(cs.exp_bits, cs.man_bits)]
         self.spec = canonical(cs)
+        # Cap of the ideal scale: fmax * s stays <= fp32_max / 2 even after e8m0 rounds s up (by < 2x).
+        self.scale_cap = FP32_MAX / (2.0 * self.fmax)
 
     def layout(self, shape: Sequence[int]) -> PayloadLayout:
         nblocks = -(-numel_of(shape) // self.block)
@@ -84,8 +110,14 @@ class Fp8Codec(Codec):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return self.layout(shape).nbytes
 
-    def _use_te(self, x: torch.Tensor) -> bool:
+    def uses_te(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`encode` casts ``x`` with Transformer Engine (else with torch)."""
         return self.backend == "te" or (self.backend == "auto" and HAVE_TE and x.is_cuda)
+
+    def _scales(self, blocks: torch.Tensor, bad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored scales ``[nb]`` in the scale format, decoded fp32 scales ``[nb]``) of fp32 ``[nb, B]`` blocks."""
+        ideal = (blocks.abs().amax(dim=1) / self.fmax).clamp(max=self.scale_cap)
+        return quantize_scales(ideal, self.scale_fmt, bad)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
@@ -96,12 +128,15 @@ class Fp8Codec(Codec):
         blocks = to_blocks(x, self.block)  # [nb, B] fp32
         bad = nonfinite_blocks(blocks)
         blocks = torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks)
-        stored, s = quantize_scales(blocks.abs().amax(dim=1) / self.fmax, self.scale_fmt, bad)
-        inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)
-        if self._use_te(x):
-            codes = _te_cast(blocks, inv, self.fp8_dtype)
+        stored, s = self._scales(blocks, bad)
+        inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
+        scaled = (blocks * inv).clamp(-self.fmax, self.fmax)
+        if self.uses_te(x):
+            if not x.is_cuda:
+                raise CodecError("fp8 backend 'te' needs a CUDA tensor; use backend 'torch' or 'auto' on CPU")
+            codes = _te_cast(scaled, self.fp8_dtype)
         else:
-            codes = (blocks * inv).clamp(-self.fmax, self.fmax).to(self.fp8_dtype).view(torch.uint8)
+            codes = scaled.to(self.fp8_dtype).view(torch.uint8)
         layout.view(payload, "codes").copy_(codes.reshape(-1))
         layout.view(payload, "scales").copy_(stored)
         return payload
@@ -116,39 +151,58 @@ class Fp8Codec(Codec):
         return from_blocks(codes * s, shape, dtype)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Per element: half an FP8 step at |x|/s (relative 2**-(m+1) for normals, absolute half the smallest
-        subnormal step below), times s, plus clipping where scale rounding made amax/s exceed fmax."""
+        """Elementwise bound on ``|decode(encode(x), fp32) - x|`` for finite ``x`` (fp32, shape of ``x``).
+
+        With ``s`` the decoded block scale and ``v = |x| * (1/s)`` (as the encoder computes it):
+
+        - rounding: round-to-nearest moves ``min(v, fmax)`` by at most half an FP8 ULP at that magnitude
+          (``2**(e-m-1)`` in binade ``e``, the subnormal half-spacing below the smallest normal), times ``s``;
+        - clipping: values with ``v > fmax`` lose ``|x| - fmax * s <= amax - fmax * s`` (only when the stored
+          scale rounded below ``amax / fmax``: fp16/bf16/e4m3 scales, the overflow cap, or a scale of 0);
+        - fp32 arithmetic: ``1/s``, ``x * (1/s)`` and ``code * s`` each round by ``<= 2**-24`` relative, in
+          total below ``2**-20 * amax``, plus two fp32 subnormal spacings where products underflow.
+        """
         blocks = to_blocks(x, self.block)
-        amax = blocks.abs().amax(dim=1, keepdim=True)
-        _, s = quantize_scales(amax.squeeze(1) / self.fmax, self.scale_fmt)
+        _, s = self._scales(blocks)
+        inv = safe_reciprocal(s).unsqueeze(1)
         s = s.unsqueeze(1)
-        man = 3 if self.fp8_dtype == torch.float8_e4m3fn else 2
-        min_normal = torch.finfo(self.fp8_dtype).smallest_normal
-        subnormal_step = min_normal * 2.0**-man
-        rel = blocks.abs() * 2.0 ** -(man + 1)
-        bound = torch.maximum(rel, torch.full_like(rel, 0.5 * subnormal_step) * s) + 0.5 * subnormal_step * s
+        amax = blocks.abs().amax(dim=1, keepdim=True)
+        mag = (blocks.abs() * inv).clamp(max=self.fmax)
+        rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
         clip = (amax - self.fmax * s).clamp(min=0)
-        bound = bound + clip + 1e-7 * amax
+        bound = rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
         return from_blocks(bound, x.shape, torch.float32)
 
 
-def _te_cast(blocks: torch.Tensor, inv: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
-    """FP8 codes through Transformer Engine's cast kernel (CUDA only), same scaling as the reference.
+def _te_cast(scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover - CUDA + TE only
+    """FP8 codes of already-scaled, already-clamped fp32 values through Transformer Engine's cast kernel.
 
-    TE quantizers apply one fp32 factor per tensor; the per-block factors are applied first (one multiply), then
-    TE performs the saturating round-to-nearest cast with factor 1. Uses ``Float8Quantizer`` (TE 2.x).
-    Returns uint8 ``[nb, B]``. Verified only where a GPU with TE is available (tests/gpu/test_fp8_te.py).
+    TE's ``Float8Quantizer`` applies one fp32 factor per *tensor*; our scales are per block, so the per-block
+    factor is applied first (the same fp32 multiply as the reference) and TE casts with factor 1. Its cast
+    rounds to nearest even and saturates, like torch's on clamped input, so the bytes are expected to equal the
+    reference's (checked on GPU by tests/gpu/test_fp8_te.py).
+
+    Args:
+        scaled: fp32 CUDA ``[nb, B]`` with ``|values| <= fmax``.
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+
+    Returns:
+        uint8 ``[nb, B]``: the FP8 bit patterns.
     """
     if _tex is None:
-        raise CodecError("Transformer Engine is not importable")
+        raise CodecError(f"Transformer Engine does not import here ({TE_IMPORT_ERROR})")
+    # The class lives in this module since TE 2.0; newer versions also export it from transformer_engine.pytorch.
     from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
 
     te_dtype = _tex.DType.kFloat8E4M3 if fp8_dtype == torch.float8_e4m3fn else _tex.DType.kFloat8E5M2
-    dev = blocks.device
+    dev = scaled.device
     quantizer = Float8Quantizer(
         scale=torch.ones(1, dtype=torch.float32, device=dev),
         amax=torch.zeros(1, dtype=torch.float32, device=dev),
         fp8_dtype=te_dtype,
+        rowwise=True,
+        columnwise=False,  # no transposed copy: we only need the row-major bytes
     )
-    fp8_tensor = quantizer((blocks * inv).contiguous())
-    return fp8_tensor._data.view(torch.uint8)
+    with torch.no_grad():
+        fp8_tensor = quantizer(scaled.contiguous())
+    return fp8_tensor._data.view(torch.uint8).view(scaled.shape)

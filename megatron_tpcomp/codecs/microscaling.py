@@ -1,28 +1,42 @@
-"""Block minifloats: OCP MXFP4, NVIDIA NVFP4 and the FP3-FP6 block formats (``mxfp4``, ``nvfp4``, ``fp5:b32``).
+"""Block minifloats: OCP MXFP4, NVIDIA NVFP4 and FP3-FP6 block formats (``mxfp4``, ``nvfp4``, ``fp5:b32``, ...).
 
-Element format EeMm (``bits = 1 + e + m``): the code's most significant bit is the sign, then ``e`` exponent bits,
-then ``m`` mantissa bits; exponent bias ``2**(e-1) - 1``; exponent field 0 is subnormal
-(``mant / 2**m * 2**(1 - bias)``), otherwise ``(1 + mant / 2**m) * 2**(field - bias)``. There is no Inf or NaN
-encoding: values saturate at the largest finite magnitude (the OCP MX element convention). E2M1 values:
-0, 0.5, 1, 1.5, 2, 3, 4, 6.
+Element format EeMm (``bits = 1 + e + m``): the code's most significant bit is the sign, then ``e`` exponent
+bits, then ``m`` mantissa bits. Exponent bias ``2**(e-1) - 1``; exponent field 0 is subnormal
+(``mant / 2**m * 2**(1 - bias)``), any other field ``f`` is ``(1 + mant / 2**m) * 2**(f - bias)``. There is
+no Inf or NaN encoding: every code is a finite value and encoding saturates at the largest one (the OCP MX
+element convention). Examples: E2M1 = 0, 0.5, 1, 1.5, 2, 3, 4, 6; E2M3 max 7.5; E3M2 max 28; E1M1 = 0, 1, 2, 3.
 
-Wire layout for ``n`` values, block size ``B``, ``nb = ceil(n / B)`` blocks (flattened row-major input,
-zero-padded; sections at 16-byte offsets):
+Wire layout for ``n`` values, block size ``B``, ``nb = ceil(n / B)`` blocks (the flattened row-major input is
+zero-padded to ``nb * B`` values; sections start at 16-byte offsets, see ``base.py``):
 
 ============  ===================  ============================================================
 section       type, count          content
 ============  ===================  ============================================================
-codes         uint8, nb*B*bits/8   element codes, bit-packed as in ``bitpack.py``
-scales        scale fmt, nb        per-block scale (mxfp4/fpN: e8m0; nvfp4: e4m3)
-tensor_scale  float32, 1           nvfp4 only: second-level scale ``t``
+codes         uint8, nb*B*bits/8   element codes, bit-packed as in ``bitpack.py`` (4 bits: two
+                                   per byte, even index in the low nibble)
+scales        scale fmt, nb        per-block scale (mxfp4 and fpN: e8m0; nvfp4: e4m3)
+tensor_scale  float32, 1           nvfp4 only: the second-level, per-tensor scale ``t``
 ============  ===================  ============================================================
 
-Encode: ideal block scale ``s = amax / emax`` (``emax`` = largest element value), rounded per ``scales.py``
-(e8m0 rounds up to a power of two, so no element clips); ``v = x * (1/s)`` is rounded to the nearest element
-value, ties to even mantissa. NVFP4 scales twice: ``t = amax_tensor / (6 * 448)`` (1 for an all-zero
-tensor), the block scale is stored as ``e4m3(amax_block / 6 / t)`` and decodes to ``e4m3 * t``.
-Decode: ``x' = value(code) * s``. A block holding NaN/Inf gets a NaN scale: it decodes to NaN.
-Bits per value: ``bits + scale_bits / B`` (mxfp4 4.25, nvfp4 4.5 + 32/n, fp5:b32 5.25, fp6:b32 6.25).
+Encode (all fp32), ``emax`` = largest element value (6 for E2M1):
+
+- one-level (mxfp4, fpN): ideal block scale ``s = amax_block / emax``, stored with ``scales.quantize_scales``
+  (e8m0 rounds up to a power of two, so no element clips); the quantizer uses the decoded ``s``.
+- nvfp4 (two-level): ``t = amax_tensor / (emax * 448)``, so the largest block scale is e4m3's maximum 448.
+  Block scale stored as ``e4m3(amax_block / emax / t)``; effective scale ``s = e4m3_value * t``. An all-zero
+  (or all non-finite) tensor has ``t = 1`` and block scales 0. ``t`` is kept >= ``2**-117`` so that every
+  nonzero ``s`` (>= ``2**-9 * t``, e4m3's smallest) is >= ``2**-126`` and has a finite fp32 reciprocal;
+  blocks of a tensor whose largest value is below about ``1.6e-32`` may then flush to zero.
+- ``v = x * (1/s)`` is rounded to the nearest element value, ties to the even multiple of the grid step
+  (= even code for ``m >= 1``; for ``m = 0`` a tie between ``2**k`` and ``2**(k+1)`` goes up), and saturates
+  at ``+-emax``. Negative values that round to 0 encode as +0.
+
+Ideal scales (and ``t``) are capped so that ``emax * s <= fp32_max / 2``: decode never overflows to Inf; only
+blocks with ``amax > fp32_max / 2`` clip because of it. Decode: ``x' = value(code) * s``.
+
+A block holding NaN/Inf gets a NaN scale (e8m0 0xFF, e4m3 0x7F) and zero codes: it decodes to NaN; it does not
+take part in nvfp4's ``amax_tensor``. Bits per value: ``bits + scale_bits / B``, plus 128 bits per message for
+nvfp4's tensor scale with its alignment (mxfp4 4.25, nvfp4 4.5 + 128/n, fp5:b32 5.25, fp6:b32 6.25).
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import torch
 from megatron_tpcomp.codecs import bitpack
 from megatron_tpcomp.codecs.base import (
     Codec,
+    CodecError,
     PayloadLayout,
     check_input,
     check_payload,
@@ -46,10 +61,29 @@ from megatron_tpcomp.codecs.base import (
 from megatron_tpcomp.codecs.scales import E4M3_MAX, decode_scales, quantize_scales, safe_reciprocal, storage_dtype
 from megatron_tpcomp.spec import CodecSpec, canonical
 
+FP32_MAX = torch.finfo(torch.float32).max
+#: Smallest fp32 subnormal: products that land in fp32's subnormal range round to a multiple of it.
+FP32_TINY_SUB = 2.0**-149
+
+
+def half_ulp(mag: torch.Tensor, min_exp: int, man_bits: int) -> torch.Tensor:
+    """Half the spacing of a float grid with ``man_bits`` mantissa bits at magnitude ``mag`` (fp32, >= 0).
+
+    The spacing in binade ``[2**e, 2**(e+1))`` is ``2**(e - man_bits)``; below the smallest normal ``2**min_exp``
+    (subnormals, and 0) it is the subnormal spacing ``2**(min_exp - man_bits)``.
+    """
+    _, exp = torch.frexp(mag)  # mag = f * 2**exp with f in [0.5, 1): floor(log2 mag) = exp - 1
+    e = torch.where(mag > 0, exp - 1, torch.full_like(exp, min_exp)).clamp(min=min_exp)
+    return torch.ldexp(torch.full_like(mag, 0.5), e - man_bits)
+
+
+#: Lower bound of nvfp4's tensor scale: e4m3's smallest positive value (2**-9) times it is fp32's smallest normal.
+MIN_TENSOR_SCALE = 2.0**-117
+
 
 @functools.lru_cache(maxsize=32)
 def element_values(exp_bits: int, man_bits: int) -> tuple[float, ...]:
-    """Non-negative values of EeMm indexed by magnitude code ``0 .. 2**(e+m) - 1`` (increasing)."""
+    """Non-negative values of EeMm indexed by magnitude code ``0 .. 2**(e+m) - 1`` (strictly increasing)."""
     bias = 2 ** (exp_bits - 1) - 1
     values = []
     for code in range(2 ** (exp_bits + man_bits)):
@@ -62,11 +96,17 @@ def element_values(exp_bits: int, man_bits: int) -> tuple[float, ...]:
 
 
 class MinifloatCodec(Codec):
-    """Block minifloat with one scale per ``cs.block`` values (and NVFP4's extra tensor scale)."""
+    """Block minifloat EeMm with one scale per ``cs.block`` values (and NVFP4's extra per-tensor scale).
+
+    Args:
+        cs: a plain minifloat spec (``kind == "minifloat"``, no modifiers).
+    """
 
     def __init__(self, cs: CodecSpec):
         if cs.kind != "minifloat" or cs.hadamard_block or cs.outliers:
-            raise ValueError(f"MinifloatCodec needs a plain minifloat spec, got {canonical(cs)!r}")
+            raise CodecError(f"MinifloatCodec needs a plain minifloat spec, got {canonical(cs)!r}")
+        if cs.exp_bits < 1 or cs.man_bits < 0 or 1 + cs.exp_bits + cs.man_bits != cs.bits or cs.bits > 8:
+            raise CodecError(f"bad minifloat element format e{cs.exp_bits}m{cs.man_bits} for {cs.bits} bits")
         self.cs = cs
         self.bits = cs.bits
         self.exp_bits, self.man_bits = cs.exp_bits, cs.man_bits
@@ -76,7 +116,11 @@ class MinifloatCodec(Codec):
         self.spec = canonical(cs)
         self.values = torch.tensor(element_values(cs.exp_bits, cs.man_bits), dtype=torch.float32)
         self.emax = float(self.values[-1])
-        self.min_exp = 1 - (2 ** (cs.exp_bits - 1) - 1)  # exponent of the smallest normal binade
+        self.min_exp = 2 - 2 ** (cs.exp_bits - 1)  # exponent of the smallest normal: 1 - bias
+        self.sign_bit = 1 << (cs.bits - 1)
+        # Caps of the ideal scales: emax * s <= fp32_max / 2, even after e8m0 rounds s up (by < 2x).
+        self.scale_cap = FP32_MAX / (2.0 * self.emax)
+        self.tensor_scale_cap = FP32_MAX / (2.0 * self.emax * E4M3_MAX)
 
     def layout(self, shape: Sequence[int]) -> PayloadLayout:
         nblocks = -(-numel_of(shape) // self.block)
@@ -91,49 +135,54 @@ class MinifloatCodec(Codec):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return self.layout(shape).nbytes
 
-    def _half_step(self, mag: torch.Tensor) -> torch.Tensor:
-        """Half the grid spacing of the binade holding ``mag`` (fp32, scaled domain)."""
-        _, exp = torch.frexp(mag)
-        binade = (exp - 1).clamp(min=self.min_exp)
-        return torch.ldexp(torch.full_like(mag, 0.5), binade - self.man_bits)
-
-    def _round_to_grid(self, v: torch.Tensor) -> torch.Tensor:
-        """Codes (uint8, sign in bit ``bits-1``) of the nearest element values, ties to even mantissa."""
-        mag = v.abs().clamp(max=self.emax)
-        step = 2.0 * self._half_step(mag)
-        rounded = (torch.round(mag / step) * step).clamp(max=self.emax)  # round() is half-to-even
-        values = self.values.to(v.device)
-        mag_code = torch.searchsorted(values, rounded.contiguous())
-        sign = ((v < 0) & (rounded > 0)).to(torch.int64) << (self.bits - 1)
-        return (mag_code | sign).to(torch.uint8)
-
     def _scales(
-        self, blocks: torch.Tensor, bad: torch.Tensor
+        self, blocks: torch.Tensor, bad: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(stored block scales, effective fp32 block scales, tensor scale or None)."""
+        """Scales of fp32 ``[nb, B]`` blocks (non-finite blocks already zeroed).
+
+        Returns:
+            stored block scales ``[nb]`` (scale format), effective fp32 block scales ``[nb]`` (NaN where
+            ``bad``), and the fp32 tensor scale ``[1]`` (nvfp4) or None.
+        """
         amax = blocks.abs().amax(dim=1)
         if not self.tensor_scale:
-            stored, s = quantize_scales(amax / self.emax, self.scale_fmt, bad)
+            stored, s = quantize_scales((amax / self.emax).clamp(max=self.scale_cap), self.scale_fmt, bad)
             return stored, s, None
-        tmax = amax.max() if amax.numel() else amax.new_zeros(())
-        t = torch.where(tmax > 0, tmax / (self.emax * E4M3_MAX), torch.ones_like(tmax)).reshape(1)
+        tmax = amax.amax()
+        t = (tmax / (self.emax * E4M3_MAX)).clamp(MIN_TENSOR_SCALE, self.tensor_scale_cap)
+        t = torch.where(tmax > 0, t, torch.ones_like(t)).reshape(1)
         stored, s = quantize_scales(amax / self.emax / t, self.scale_fmt, bad)
         return stored, s * t, t
+
+    def _codes(self, v: torch.Tensor) -> torch.Tensor:
+        """Element codes (uint8, sign in bit ``bits - 1``) of the element values nearest to fp32 ``v``.
+
+        In binade ``e`` (``e = min_exp`` for subnormals) the grid step is ``2**(e - m)`` and the magnitude code
+        is ``(e - min_exp) * 2**m + k`` with ``k = |v| / step``; rounding ``k`` (half to even) up to ``2**(m+1)``
+        gives exactly the code of the next binade's first value, so one formula covers every case.
+        """
+        mag = v.abs().clamp(max=self.emax)  # saturate: no element clips past the largest value
+        _, exp = torch.frexp(mag)
+        e = torch.where(mag > 0, exp - 1, torch.full_like(exp, self.min_exp)).clamp(min=self.min_exp)
+        k = torch.round(torch.ldexp(mag, self.man_bits - e))  # exact power-of-two scaling; round = half-to-even
+        code = ((e - self.min_exp) << self.man_bits) + k.to(torch.int32)
+        sign = ((v < 0) & (code > 0)).to(torch.int32) * self.sign_bit  # -0 encodes as +0
+        return (code | sign).to(torch.uint8)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
         payload = layout.allocate(x.device)
+        if self.tensor_scale:
+            layout.view(payload, "tensor_scale").fill_(1.0)  # the value for empty and all-zero tensors
         if x.numel() == 0:
-            if self.tensor_scale:
-                layout.view(payload, "tensor_scale").fill_(1.0)
             return payload
         blocks = to_blocks(x, self.block)  # [nb, B] fp32
         bad = nonfinite_blocks(blocks)
         blocks = torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks)
         stored, s, t = self._scales(blocks, bad)
-        inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)
-        codes = self._round_to_grid(blocks * inv)
+        inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
+        codes = self._codes(blocks * inv)
         layout.view(payload, "codes").copy_(bitpack.pack(codes.reshape(-1), self.bits))
         layout.view(payload, "scales").copy_(stored)
         if t is not None:
@@ -148,21 +197,32 @@ class MinifloatCodec(Codec):
             return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
         nblocks = -(-n // self.block)
         codes = bitpack.unpack(layout.view(payload, "codes"), nblocks * self.block, self.bits).to(torch.int64)
-        mag = self.values.to(payload.device)[codes & ((1 << (self.bits - 1)) - 1)]
-        vals = torch.where((codes >> (self.bits - 1)) == 1, -mag, mag).view(nblocks, self.block)
+        mag = self.values.to(payload.device)[codes & (self.sign_bit - 1)]
+        vals = torch.where(codes >= self.sign_bit, -mag, mag).view(nblocks, self.block)
         s = decode_scales(layout.view(payload, "scales"), self.scale_fmt)
         if self.tensor_scale:
-            s = s * layout.view(payload, "tensor_scale")
+            s = s * layout.view(payload, "tensor_scale")  # the same fp32 product as the encoder's
         return from_blocks(vals * s.unsqueeze(1), shape, dtype)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Per element: half the grid step at ``|x|/s`` times ``s``, plus clipping where the rounded scale made
-        ``amax/s`` exceed the largest element (fp16/e4m3 scales round to nearest), plus fp32 round-off."""
+        """Elementwise bound on ``|decode(encode(x), fp32) - x|`` for finite ``x`` (fp32, shape of ``x``).
+
+        With ``s`` the effective block scale and ``v = |x| * (1/s)`` (as the encoder computes it):
+
+        - rounding: half the element grid step at ``min(v, emax)`` (``2**(e-m-1)`` in binade ``e``, the
+          subnormal half-step below ``2**min_exp``), times ``s``;
+        - clipping: values with ``v > emax`` lose at most ``amax - emax * s`` (fp16/bf16/e4m3 scales rounding
+          down, e4m3's range limit without a tensor scale, the overflow caps, or a block scale of 0);
+        - fp32 arithmetic: ``1/s``, ``x * (1/s)`` and ``value * s`` each round by ``<= 2**-24`` relative, in
+          total below ``2**-20 * amax``, plus two fp32 subnormal spacings where products underflow.
+        """
         blocks = to_blocks(x, self.block)
-        bad = torch.zeros(blocks.shape[0], dtype=torch.bool, device=blocks.device)
-        _, s, _ = self._scales(blocks, bad)
+        _, s, _ = self._scales(blocks)
+        inv = safe_reciprocal(s).unsqueeze(1)
         s = s.unsqueeze(1)
         amax = blocks.abs().amax(dim=1, keepdim=True)
-        mag = (blocks.abs() * safe_reciprocal(s)).clamp(max=self.emax)
-        bound = self._half_step(mag) * s + (amax - self.emax * s).clamp(min=0) + 1e-6 * amax
+        mag = (blocks.abs() * inv).clamp(max=self.emax)
+        rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
+        clip = (amax - self.emax * s).clamp(min=0)
+        bound = rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
         return from_blocks(bound, x.shape, torch.float32)
