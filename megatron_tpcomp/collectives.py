@@ -1,30 +1,40 @@
 """Compressed collectives on ``torch.distributed``: all-reduce (one-shot, two-shot), all-gather, reduce-scatter.
 
-All functions are out-of-place, work on any backend (gloo on CPU, NCCL on GPU) and move only ``uint8``
-payloads (gloo rejects float8 dtypes and poisons the group). Each has the stock collective's semantics:
+All functions are out-of-place, work on any backend (gloo on CPU, NCCL on GPU) and put only contiguous
+``uint8`` payloads on the wire (gloo rejects float8 dtypes and poisons the group). Each keeps the stock
+collective's semantics (N = world size of ``group``):
 
-- ``all_reduce(x)``:          ``[*] -> [*]``, the sum over ranks.
-- ``all_gather(x, dim)``:     ``[s, ...] -> [N*s, ...]`` along ``dim`` (0: sequence parallel; -1: logits).
-- ``reduce_scatter(x, dim)``: ``[s, ...] -> [s/N, ...]`` along ``dim``, rank r keeps block r of the sum.
+- ``all_reduce(x)``:          ``[*] -> [*]``, the sum over ranks (row-parallel linear output ``[s, b, h]``).
+- ``all_gather(x, dim)``:     ``[s, b, h] -> [N*s, b, h]`` for dim 0 (sequence parallel),
+                              ``[s, b, v] -> [s, b, N*v]`` for dim -1 (logits gather).
+- ``reduce_scatter(x, dim)``: ``[s, b, h] -> [s/N, b, h]`` for dim 0; rank r keeps block r of the sum.
+
+Example, inside an initialised process group::
+
+    stats: list[CommStats] = []
+    y = all_reduce(x, "int4:g32", algo="auto", stats=stats)   # stats[0].wire_bytes, stats[0].algo, ...
 
 Guarantees:
 
-- Every rank ends with bit-identical results: a rank decodes its OWN payload like its peers' instead of using
-  its unquantized partial, and sums the decoded values in fp32 in rank order 0..N-1.
-- Partial sums are accumulated in fp32; each value is quantized once (one-shot, reduce-scatter, all-gather)
+- Every rank ends with bit-identical results: a rank decodes its OWN payload exactly like its peers do instead
+  of using its unquantized partial, and sums the decoded values in fp32 in rank order 0..N-1.
+- Partial sums are accumulated in fp32; each value is quantized once (one-shot, all-gather, reduce-scatter)
   or twice (two-shot: the reduced chunk is requantized once for the all-gather).
 - Below ``min_bytes`` or when the codec is not eligible (codec ``none``, dtype not fp32/bf16/fp16, group of
-  one), the stock collective runs instead; the reason is logged once.
+  one rank, empty tensor), the stock collective runs instead (same out-of-place result, exact); the reason is
+  logged once per reason on the ``megatron_tpcomp`` logger and reported in the stats.
+- Every rank must call with the same shape, dtype, codec and options (as for the stock collectives); errors
+  caused by the arguments (bad ``algo``, indivisible reduce-scatter size) are raised on every rank before any
+  communication, and ``check_finite`` agrees across ranks before raising, so nobody is left waiting.
 
-Algorithms for all-reduce (``algo``):
+Algorithms for all-reduce (``algo``), P = payload bytes of the whole tensor:
 
-- ``one-shot`` (Hansen-Palmus et al.): encode, all-gather the payloads, decode all N, sum. Each rank sends
-  its payload to N-1 peers: ``(N-1) * P`` bytes.
+- ``one-shot`` (Hansen-Palmus et al.): encode, all-gather the payloads, decode all N, sum. One round; each
+  rank sends ``(N-1) * P`` bytes.
 - ``two-shot`` (QuickReduce, Flash Communication): split into N chunks, encode each, all-to-all, decode and
-  sum my chunk, requantize it, all-gather the reduced chunks. About ``2 (N-1)/N * P`` bytes per rank, but the
-  second quantization roughly doubles the error (FACTS.md: int4 g32 +12% -> +33% perplexity).
-- ``auto``: one-shot for N <= 2 and for small messages (latency-bound: one round instead of two), two-shot
-  for N >= 4 and messages of at least ``TWO_SHOT_MIN_BYTES``; the adaptive policy will replace this rule.
+  sum my chunk, requantize it once, all-gather the reduced chunks. Two rounds, about ``2 (N-1)/N * P`` bytes
+  per rank, but the second quantization roughly doubles the error (FACTS.md: int4 g32 +12% -> +33% ppl).
+- ``auto``: :func:`choose_algo`, a table keyed by world size (see ``TWO_SHOT_MIN_BYTES``).
 """
 
 from __future__ import annotations
@@ -38,22 +48,33 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_tpcomp.codecs import Codec, make_codec
+from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.base import SUPPORTED_DTYPES, IdentityCodec
+from megatron_tpcomp.spec import parse_spec
 
 logger = logging.getLogger("megatron_tpcomp")
 
 ALGOS = ("auto", "one-shot", "two-shot")
+
 #: Default minimum message size (bytes of the uncompressed input) for compression. 0 = compress everything
-#: eligible; production callers set a threshold (decode-time messages of a few KB rarely pay).
+#: eligible. Production callers set a threshold: decode-time messages of a few KB are latency-bound and the
+#: codec only adds time (ANCHORS.md lesson 2); the benchmarks will write measured thresholds.
 DEFAULT_MIN_BYTES = 0
-#: ``auto`` uses two-shot from this message size on, and only for N >= 4 (ANCHORS.md lesson 1).
-TWO_SHOT_MIN_BYTES = 512 * 1024
-TWO_SHOT_MIN_WORLD = 4
-#: Two-shot chunks start at multiples of this many values, so that chunks split on block boundaries of every
-#: block size up to 256 (no extra padding inside the codec for aligned messages).
+
+#: ``auto`` all-reduce: world size -> smallest message (uncompressed bytes) for which two-shot is used; None =
+#: never; world sizes not listed use ``TWO_SHOT_DEFAULT_MIN_BYTES``. Why, per rank and payload P:
+#: one-shot sends (N-1)*P in one round; two-shot sends 2(N-1)/N*P in two rounds and quantizes twice.
+#:   N=2: both send P; two-shot only adds a round and a second quantization -> never.
+#:   N=3: 2P vs 1.33P; a third fewer bytes does not pay for doubling the error (FACTS.md) -> never.
+#:   N>=4: (N-1)P vs <2P: two-shot wins on bytes once the message is bandwidth-bound rather than
+#:   latency-bound (two rounds). 512 KiB is a placeholder until the benchmark writes measured thresholds.
+TWO_SHOT_MIN_BYTES: dict[int, int | None] = {1: None, 2: None, 3: None}
+TWO_SHOT_DEFAULT_MIN_BYTES = 512 * 1024
+
+#: Two-shot chunk alignment (values) for codecs whose spec does not tell their block size.
 CHUNK_ALIGN = 256
 
+# Flat collectives under their 2.13 names (the *_tensor names emit a FutureWarning there), older names before.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -64,15 +85,17 @@ class CollectiveError(RuntimeError):
 
 @dataclass
 class CommStats:
-    """What one collective call sent.
+    """What one collective call sent, per rank.
 
     Attributes:
         op: ``all_reduce`` | ``all_gather`` | ``reduce_scatter``.
         spec: canonical codec spec actually used (``none`` for a fallback).
-        algo: ``one-shot`` | ``two-shot`` | ``stock``.
+        algo: ``one-shot`` | ``two-shot`` (all-reduce), ``all-gather`` | ``all-to-all`` (all-gather and
+            reduce-scatter), ``stock`` (fallback).
         raw_bytes: bytes of this rank's uncompressed input.
         wire_bytes: bytes this rank sends with the path taken.
-        baseline_wire_bytes: bytes this rank would send with the stock collective (ring algorithms).
+        baseline_wire_bytes: bytes this rank sends with the stock collective (ring algorithms:
+            all-reduce 2(N-1)/N * raw, all-gather (N-1) * raw, reduce-scatter (N-1)/N * raw).
         fallback: why the stock collective ran, or None.
     """
 
@@ -90,14 +113,16 @@ class CommStats:
         return self.baseline_wire_bytes / self.wire_bytes if self.wire_bytes else 1.0
 
 
-_logged_reasons: set[str] = set()
+# ------------------------------------------------------------------------------------------------------ helpers
+
+_logged_reasons: set[tuple[str, str]] = set()
 
 
-def _log_fallback_once(op: str, reason: str) -> None:
-    key = f"{op}: {reason}"
-    if key not in _logged_reasons:
-        _logged_reasons.add(key)
-        logger.info("megatron-tpcomp: %s runs uncompressed: %s (logged once)", op, reason)
+def _log_fallback_once(op: str, category: str, detail: str) -> None:
+    """Log the first fallback of each (op, category); the detail of later ones goes to the stats only."""
+    if (op, category) not in _logged_reasons:
+        _logged_reasons.add((op, category))
+        logger.info("megatron-tpcomp: %s runs uncompressed: %s (logged once per reason)", op, detail)
 
 
 @functools.lru_cache(maxsize=256)
@@ -116,36 +141,58 @@ def resolve_codec(codec: Codec | str | None) -> Codec:
     raise CollectiveError(f"codec must be a Codec or a spec string, got {type(codec).__name__}")
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _ineligible(x: torch.Tensor, codec: Codec, world_size: int, min_bytes: int) -> str | None:
+def _ineligible(x: torch.Tensor, codec: Codec, world_size: int, min_bytes: int) -> tuple[str, str] | None:
+    """(category, detail) of the reason to run the stock collective, or None to compress."""
     if world_size == 1:
-        return "group of one rank"
+        return "world", "group of one rank"
     if isinstance(codec, IdentityCodec):
-        return "codec is 'none'"
+        return "none", "codec is 'none'"
     if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} is not one of fp32/bf16/fp16"
+        return "dtype", f"dtype {str(x.dtype).replace('torch.', '')} is not one of float32/bfloat16/float16"
+    if x.numel() == 0:
+        return "empty", "empty tensor"
     nbytes = x.numel() * x.element_size()
     if nbytes < min_bytes:
-        return f"message of {nbytes} bytes is below the {min_bytes}-byte minimum"
+        return "small", f"message of {nbytes} bytes is below the {min_bytes}-byte minimum (min_bytes)"
     return None
 
 
-def _check_finite(x: torch.Tensor, op: str, group: dist.ProcessGroup | None) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise CollectiveError(
-            f"{op}: input on rank {dist.get_rank(group)} holds {bad} NaN/Inf values (check_finite=True)"
-        )
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() == 1
+
+
+def _check_finite(x: torch.Tensor, op: str, group: dist.ProcessGroup | None, n: int, rank: int) -> None:
+    """Raise CollectiveError on EVERY rank if any rank's input holds NaN/Inf (one tiny all-gather of counts)."""
+    if x.is_floating_point():
+        values = x.float() if x.element_size() == 1 else x  # isfinite has no float8 kernel on CPU
+        count = int((~torch.isfinite(values)).sum())
+    else:
+        count = 0
+    counts = torch.tensor([count], dtype=torch.int32, device=x.device)
+    if n > 1:
+        gathered = torch.empty(n, dtype=torch.int32, device=x.device)
+        _all_gather_flat(gathered, counts, group=group)
+        counts = gathered
+    per_rank = [int(c) for c in counts.cpu()]
+    bad = [r for r, c in enumerate(per_rank) if c]
+    if bad:
+        where = ", ".join(f"rank {r} holds {per_rank[r]} NaN/Inf values" for r in bad)
+        raise CollectiveError(f"{op}: input is not finite (check_finite=True): {where}; raised on rank {rank}")
+
+
+def _norm_dim(x: torch.Tensor, dim: int, op: str) -> int:
+    if x.dim() == 0:
+        raise CollectiveError(f"{op}: needs a tensor with at least one dimension, got a 0-d tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise CollectiveError(f"{op}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    return dim % x.dim()
 
 
 def choose_algo(world_size: int, nbytes: int) -> str:
-    """The ``auto`` rule: ``two-shot`` for N >= 4 and messages >= TWO_SHOT_MIN_BYTES, else ``one-shot``."""
-    if world_size >= TWO_SHOT_MIN_WORLD and nbytes >= TWO_SHOT_MIN_BYTES:
-        return "two-shot"
-    return "one-shot"
+    """The ``auto`` rule: ``two-shot`` if the world size's entry in ``TWO_SHOT_MIN_BYTES`` allows it for a
+    message of ``nbytes`` (uncompressed), else ``one-shot``."""
+    threshold = TWO_SHOT_MIN_BYTES.get(world_size, TWO_SHOT_DEFAULT_MIN_BYTES)
+    return "two-shot" if threshold is not None and nbytes >= threshold else "one-shot"
 
 
 def _ring_allreduce_bytes(nbytes: int, n: int) -> int:
@@ -153,27 +200,57 @@ def _ring_allreduce_bytes(nbytes: int, n: int) -> int:
 
 
 def _decode_sum(codec: Codec, payloads: torch.Tensor, nbytes: int, shape: Sequence[int], count: int) -> torch.Tensor:
-    """fp32 sum, in rank order, of ``count`` payloads of ``nbytes`` each laid end to end in ``payloads``."""
+    """fp32 sum, in rank order, of ``count`` payloads of ``nbytes`` each laid end to end in ``payloads``.
+
+    Returns:
+        fp32 tensor of ``shape``.
+    """
     acc = codec.decode(payloads[:nbytes], shape, torch.float32)
     for r in range(1, count):
         acc += codec.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)
     return acc
 
 
-# ---------------------------------------------------------------------------------------------------- all-reduce
+def _encode_into(codec: Codec, parts: Sequence[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
+    """Encode each part into consecutive ``nbytes`` slots of one flat uint8 send buffer ``[len(parts) * nbytes]``."""
+    buf = torch.empty(len(parts) * nbytes, dtype=torch.uint8, device=device)
+    for r, part in enumerate(parts):
+        buf[r * nbytes : (r + 1) * nbytes] = codec.encode(part)
+    return buf
+
+
+# --------------------------------------------------------------------------------------------------- all-reduce
 
 
 def _one_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int) -> tuple[torch.Tensor, int]:
-    payload = codec.encode(x)
+    payload = codec.encode(x)  # [P] uint8
     p = payload.numel()
-    gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)
+    gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)  # [N*P]
     _all_gather_flat(gathered, payload, group=group)
-    out = _decode_sum(codec, gathered, p, x.shape, n).to(x.dtype)
-    return out, (n - 1) * p
+    # The own payload is decoded too: using the unquantized partial here would make this rank differ.
+    return _decode_sum(codec, gathered, p, x.shape, n).to(x.dtype), (n - 1) * p
+
+
+def chunk_alignment(codec: Codec) -> int:
+    """Values per two-shot chunk boundary: the codec's block size (lcm with its Hadamard block), so that
+    chunks split on block boundaries and the codec pads nothing inside a chunk."""
+    try:
+        cs = parse_spec(codec.spec)
+    except CodecError:
+        return CHUNK_ALIGN
+    return math.lcm(max(cs.block, 1), max(cs.hadamard_block, 1))
 
 
 def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Zero-padded ``[n, *chunk_shape]`` view of ``x`` for two-shot; row-structured codecs split along rows."""
+    """Split ``x`` into N zero-padded chunks for two-shot.
+
+    Flat codecs: ``[numel] -> [N, c]`` with ``c = ceil(numel / N)`` rounded up to :func:`chunk_alignment`.
+    Row-structured codecs (outlier channels in the last dim): ``[rows, h] -> [N, ceil(rows / N), h]``, never
+    splitting a row.
+
+    Returns:
+        (chunks ``[N, *chunk_shape]`` in ``x.dtype``, chunk_shape)
+    """
     if codec.row_structured and x.dim() >= 2:
         h = x.shape[-1]
         rows = x.reshape(-1, h)
@@ -181,32 +258,35 @@ def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tu
         rows = torch.nn.functional.pad(rows, (0, 0, 0, per * n - rows.shape[0]))
         return rows.view(n, per, h), (per, h)
     flat = x.reshape(-1)
+    align = chunk_alignment(codec)
     per = -(-flat.numel() // n)
-    per = -(-per // CHUNK_ALIGN) * CHUNK_ALIGN if per > CHUNK_ALIGN else per
+    per = -(-per // align) * align
     flat = torch.nn.functional.pad(flat, (0, per * n - flat.numel()))
     return flat.view(n, per), (per,)
 
 
+def _unchunk(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_chunk_view` (drop the zero padding): ``[N, *chunk_shape] -> shape``, contiguous."""
+    numel = math.prod(shape)
+    if full.dim() == 2:  # flat chunks
+        return full.reshape(-1)[:numel].reshape(shape)
+    h = full.shape[-1]
+    return full.reshape(-1, h)[: numel // h].reshape(shape)
+
+
 def _two_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int) -> tuple[torch.Tensor, int]:
-    chunks, chunk_shape = _chunk_view(x, codec, n)
+    chunks, chunk_shape = _chunk_view(x, codec, n)  # [N, *c]
     p = codec.payload_nbytes(chunk_shape)
-    send = torch.empty(n * p, dtype=torch.uint8, device=x.device)
-    for r in range(n):
-        send[r * p : (r + 1) * p] = codec.encode(chunks[r])
-    recv = torch.empty_like(send)
+    send = _encode_into(codec, list(chunks.unbind(0)), p, x.device)  # [N*p]: chunk r goes to rank r
+    recv = torch.empty_like(send)  # [N*p]: my chunk from every rank, in rank order
     dist.all_to_all_single(recv, send, group=group)
-    reduced = _decode_sum(codec, recv, p, chunk_shape, n)  # my chunk, fp32
-    mine = codec.encode(reduced)
-    gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)
-    _all_gather_flat(gathered, mine, group=group)
+    reduced = _decode_sum(codec, recv, p, chunk_shape, n)  # my chunk of the sum, fp32
+    mine = codec.encode(reduced)  # requantized once, from fp32
+    _all_gather_flat(send, mine, group=group)  # the send buffer is free again: reuse it
     full = torch.empty((n, *chunk_shape), dtype=x.dtype, device=x.device)
     for r in range(n):  # my own chunk too: every rank must hold the same requantized values
-        full[r] = codec.decode(gathered[r * p : (r + 1) * p], chunk_shape, x.dtype)
-    if len(chunk_shape) == 1:
-        out = full.reshape(-1)[: x.numel()]
-    else:  # drop the zero rows that padded the row count to a multiple of N
-        out = full.reshape(-1, chunk_shape[-1])[: x.numel() // chunk_shape[-1]]
-    return out.reshape(x.shape).contiguous(), 2 * (n - 1) * p
+        full[r] = codec.decode(send[r * p : (r + 1) * p], chunk_shape, x.dtype)
+    return _unchunk(full, x.shape), 2 * (n - 1) * p
 
 
 def all_reduce(
@@ -219,38 +299,43 @@ def all_reduce(
     check_finite: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
-    """Sum ``x`` over the ranks of ``group``, sending compressed payloads. Out of place.
+    """Sum ``x`` over the ranks of ``group``, sending compressed payloads: ``[*] -> [*]``. Out of place.
 
     Args:
-        x: fp32/bf16/fp16 tensor, any shape, same shape on every rank (e.g. a row-parallel partial [s, b, h]).
-        codec: a Codec or a spec string (``"int4:g32"``); ``none``/None runs the stock all-reduce.
+        x: fp32/bf16/fp16 tensor, any shape and strides, same shape on every rank (e.g. a row-parallel
+            partial ``[s, b, h]``). Other dtypes run the stock all-reduce (float8 is refused: gloo cannot).
+        codec: a Codec or a spec string (``"int4:g32"``); ``"none"``/None runs the stock all-reduce.
         group: process group (default: the world).
-        algo: ``auto`` | ``one-shot`` | ``two-shot``.
+        algo: ``auto`` | ``one-shot`` | ``two-shot`` (see the module docstring).
         min_bytes: messages smaller than this (uncompressed bytes) use the stock all-reduce.
-        check_finite: raise CollectiveError if ``x`` holds NaN/Inf (otherwise they decode to NaN blocks).
-        stats: if a list is given, a CommStats record of this call is appended.
+        check_finite: raise CollectiveError on every rank if any rank's ``x`` holds NaN/Inf (one extra tiny
+            all-gather). Without it a non-finite value decodes as NaN for its whole block on every rank.
+        stats: if a list is given, a :class:`CommStats` record of this call is appended.
 
     Returns:
-        A new tensor of ``x.shape`` and ``x.dtype``, bit-identical on every rank.
+        A new contiguous tensor of ``x.shape`` and ``x.dtype``, bit-identical on every rank.
+
+    Raises:
+        CollectiveError: unknown ``algo``, float8 input, or (``check_finite``) NaN/Inf on some rank.
     """
     if algo not in ALGOS:
-        raise CollectiveError(f"unknown all-reduce algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
+        raise CollectiveError(f"all_reduce: unknown algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
     codec = resolve_codec(codec)
-    n, _ = _world(group)
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
     nbytes = x.numel() * x.element_size()
+    if _is_float8(x.dtype):
+        raise CollectiveError(f"all_reduce: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16 first")
     if check_finite:
-        _check_finite(x, "all_reduce", group)
+        _check_finite(x, "all_reduce", group, n, rank)
     reason = _ineligible(x, codec, n, min_bytes)
-    if reason is None and x.numel() == 0:
-        reason = "empty tensor"
     if reason is not None:
-        _log_fallback_once("all_reduce", reason)
+        _log_fallback_once("all_reduce", *reason)
         out = x.clone(memory_format=torch.contiguous_format)
-        if n > 1:
+        if n > 1 and x.numel():
             dist.all_reduce(out, group=group)
         if stats is not None:
             base = _ring_allreduce_bytes(nbytes, n)
-            stats.append(CommStats("all_reduce", "none", "stock", nbytes, base, base, reason))
+            stats.append(CommStats("all_reduce", "none", "stock", nbytes, base, base, reason[1]))
         return out
     chosen = choose_algo(n, nbytes) if algo == "auto" else algo
     if chosen == "one-shot":
@@ -275,36 +360,49 @@ def all_gather(
     check_finite: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along ``dim``: ``[s, ...] -> [N*s, ...]`` (for dim 0).
+    """Concatenate ``x`` from every rank along ``dim``, sending compressed payloads. Out of place.
 
-    Every rank decodes its own payload too, so all ranks hold identical values. ``x`` must have the same shape
-    on every rank. Row-structured codecs (outlier channels) use the last dimension as channels.
+    ``[s, b, h] -> [N*s, b, h]`` for ``dim=0`` (sequence parallel), ``[s, b, v] -> [s, b, N*v]`` for
+    ``dim=-1`` (logits). Every rank decodes its own payload too, so all ranks hold identical values.
+
+    Args:
+        x: tensor with at least one dimension, same shape and dtype on every rank. fp32/bf16/fp16 are
+            compressed; other dtypes (float8 included, sent as raw bytes) run the stock all-gather.
+        codec, group, min_bytes, check_finite, stats: as for :func:`all_reduce`.
+        dim: dimension to concatenate along (negative counts from the end).
+
+    Returns:
+        A new contiguous tensor, ``x.shape`` with ``dim`` multiplied by N, dtype ``x.dtype``.
     """
     codec = resolve_codec(codec)
-    n, _ = _world(group)
-    dim = dim % max(x.dim(), 1)
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    dim = _norm_dim(x, dim, "all_gather")
     nbytes = x.numel() * x.element_size()
     if check_finite:
-        _check_finite(x, "all_gather", group)
-    reason = _ineligible(x, codec, n, min_bytes) or ("empty tensor" if x.numel() == 0 else None)
+        _check_finite(x, "all_gather", group, n, rank)
+    reason = _ineligible(x, codec, n, min_bytes)
     if reason is not None:
-        _log_fallback_once("all_gather", reason)
-        src = x.movedim(dim, 0).contiguous()
+        _log_fallback_once("all_gather", *reason)
+        src = x.movedim(dim, 0).contiguous()  # [x.shape[dim], ...]
         out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
-        if n > 1:
-            _all_gather_flat(out, src, group=group)
-        else:
+        if n > 1 and x.numel():
+            if _is_float8(x.dtype):  # gloo rejects float8 and poisons the group: move the bytes
+                _all_gather_flat(out.view(torch.uint8), src.view(torch.uint8), group=group)
+            else:
+                _all_gather_flat(out, src, group=group)
+        elif x.numel():
             out.copy_(src)
         if stats is not None:
-            stats.append(CommStats("all_gather", "none", "stock", nbytes, (n - 1) * nbytes, (n - 1) * nbytes, reason))
+            base = (n - 1) * nbytes
+            stats.append(CommStats("all_gather", "none", "stock", nbytes, base, base, reason[1]))
         return out.movedim(0, dim).contiguous()
-    payload = codec.encode(x)
+    payload = codec.encode(x)  # [P]
     p = payload.numel()
-    gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)
+    gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)  # [N*P]
     _all_gather_flat(gathered, payload, group=group)
     parts = [codec.decode(gathered[r * p : (r + 1) * p], x.shape, x.dtype) for r in range(n)]
     if stats is not None:
-        stats.append(CommStats("all_gather", codec.spec, "one-shot", nbytes, (n - 1) * p, (n - 1) * nbytes))
+        stats.append(CommStats("all_gather", codec.spec, "all-gather", nbytes, (n - 1) * p, (n - 1) * nbytes))
     return torch.cat(parts, dim=dim)
 
 
@@ -318,48 +416,60 @@ def reduce_scatter(
     check_finite: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
-    """Sum ``x`` over ranks and keep block ``rank`` along ``dim``: ``[s, ...] -> [s/N, ...]`` (for dim 0).
+    """Sum ``x`` over ranks and keep block ``rank`` along ``dim``: ``[s, b, h] -> [s/N, b, h]`` for ``dim=0``.
 
-    Each destination block is encoded separately and sent with one all-to-all; the receiver decodes the N
-    blocks and sums them in fp32 in rank order.
+    Each destination block ``x.tensor_split(N, dim)[r]`` is encoded separately (so row-structured codecs keep
+    whole rows) and sent to rank r with one all-to-all; the receiver decodes the N blocks and sums them in
+    fp32 in rank order.
+
+    Args:
+        x: tensor, same shape on every rank; ``x.shape[dim]`` must be divisible by N.
+        codec, group, min_bytes, check_finite, stats: as for :func:`all_reduce`.
+        dim: dimension to scatter along.
+
+    Returns:
+        A new contiguous tensor of ``x.shape`` with ``dim`` divided by N, dtype ``x.dtype``.
 
     Raises:
-        CollectiveError: if ``x.shape[dim]`` is not divisible by the world size.
+        CollectiveError: ``x.shape[dim]`` is not divisible by the world size (raised on every rank, before any
+            communication), float8 input, or (``check_finite``) NaN/Inf on some rank.
     """
     codec = resolve_codec(codec)
-    n, rank = _world(group)
-    dim = dim % max(x.dim(), 1)
-    if x.dim() == 0 or x.shape[dim] % n:
-        size = x.shape[dim] if x.dim() else "a 0-d tensor"
-        raise CollectiveError(f"reduce_scatter: size {size} along dim {dim} is not divisible by the world size {n}")
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    dim = _norm_dim(x, dim, "reduce_scatter")
+    if x.shape[dim] % n:
+        raise CollectiveError(
+            f"reduce_scatter: size {x.shape[dim]} along dim {dim} is not divisible by the world size {n} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    if _is_float8(x.dtype):
+        raise CollectiveError(f"reduce_scatter: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16")
     nbytes = x.numel() * x.element_size()
     if check_finite:
-        _check_finite(x, "reduce_scatter", group)
-    src = x.movedim(dim, 0)
-    blocks = src.reshape(n, src.shape[0] // n, *src.shape[1:])  # [N, s/N, ...]
-    block_shape = tuple(blocks.shape[1:])
+        _check_finite(x, "reduce_scatter", group, n, rank)
+    blocks = x.tensor_split(n, dim)  # N views, each x.shape with dim / N
+    block_shape = blocks[0].shape
     base = (n - 1) * nbytes // n
-    reason = _ineligible(x, codec, n, min_bytes) or ("empty tensor" if x.numel() == 0 else None)
+    reason = _ineligible(x, codec, n, min_bytes)
     if reason is not None:
-        _log_fallback_once("reduce_scatter", reason)
-        out = torch.empty(block_shape, dtype=x.dtype, device=x.device)
-        if n > 1:
-            _reduce_scatter_flat(out, blocks.contiguous(), group=group)
-        else:
-            out.copy_(blocks[0])
+        _log_fallback_once("reduce_scatter", *reason)
+        src = x.movedim(dim, 0).contiguous()  # [x.shape[dim], ...]: block r is rows r*s/N .. (r+1)*s/N
+        out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=x.dtype, device=x.device)
+        if n > 1 and x.numel():
+            _reduce_scatter_flat(out, src, group=group)
+        elif x.numel():
+            out.copy_(src[: out.shape[0]])
         if stats is not None:
-            stats.append(CommStats("reduce_scatter", "none", "stock", nbytes, base, base, reason))
+            stats.append(CommStats("reduce_scatter", "none", "stock", nbytes, base, base, reason[1]))
         return out.movedim(0, dim).contiguous()
     p = codec.payload_nbytes(block_shape)
-    send = torch.empty(n * p, dtype=torch.uint8, device=x.device)
-    for r in range(n):
-        send[r * p : (r + 1) * p] = codec.encode(blocks[r])
-    recv = torch.empty_like(send)
+    send = _encode_into(codec, blocks, p, x.device)  # [N*p]: block r goes to rank r
+    recv = torch.empty_like(send)  # [N*p]: my block from every rank, in rank order
     dist.all_to_all_single(recv, send, group=group)
     out = _decode_sum(codec, recv, p, block_shape, n).to(x.dtype)
     if stats is not None:
         stats.append(CommStats("reduce_scatter", codec.spec, "all-to-all", nbytes, (n - 1) * p, base))
-    return out.movedim(0, dim).contiguous()
+    return out
 
 
 def payload_ratio(codec: Codec | str, shape: Sequence[int], dtype: torch.dtype) -> float:

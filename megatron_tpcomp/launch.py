@@ -1,14 +1,34 @@
 """Run a function on N local processes joined in a real ``torch.distributed`` group, with a hang guard.
 
-Used by the tests, the demo and the benchmarks. Every rank runs ``fn(rank, world_size, *args, **kwargs)``
-inside an initialised process group (gloo by default) on loopback; results come back in rank order. If a rank
-raises, dies or the run exceeds ``timeout_s``, every rank is terminated and :class:`DistributedRunError` names
-the ranks and carries the failing rank's traceback: a stuck group never hangs the caller.
+Used by the tests, the demo and the benchmarks::
+
+    from megatron_tpcomp.launch import run_distributed
+
+    def work(rank: int, world_size: int, n: int) -> float:   # module level: it is pickled
+        t = torch.full((n,), float(rank))
+        dist.all_reduce(t)
+        return float(t[0])
+
+    run_distributed(work, 3, 8)  # -> [3.0, 3.0, 3.0], in rank order
+
+How it works:
+
+- Rendezvous: the parent binds a listening socket on ``127.0.0.1`` port 0 (the kernel picks a free port) and
+  hosts the ``TCPStore`` on it; the ranks connect to it. Nothing listens on another address and there is no
+  window in which another process could take the port. gloo's own connections use the loopback interface.
+- Processes are started with the ``forkserver`` method by default: like ``spawn``, every rank is a fresh
+  process that shares no state (threads, CUDA context, process groups) with the caller, but it is forked
+  from a server that imported torch once, so a launch costs ~0.1 s instead of a torch import per rank (~2 s
+  of CPU each on the 2-core CI machines). The caller's current environment is applied in each rank, and each
+  rank gets ``cpus // world_size`` torch threads so that N ranks do not oversubscribe a small machine.
+- Hang guard: if a rank raises, dies or the run exceeds ``timeout_s``, every rank is terminated (then
+  killed) and :class:`DistributedRunError` names the ranks and carries the failing ranks' tracebacks.
 """
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import pickle
 import queue
@@ -18,18 +38,40 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch.multiprocessing as mp
+#: How long the peers of a failed rank get to report their own errors before they are terminated: they are
+#: usually blocked in a collective that waits on the failed rank.
+FAILURE_GRACE_S = 3.0
 
 
 class DistributedRunError(RuntimeError):
-    """A rank failed, died or hung; the message names the ranks and includes the tracebacks."""
+    """A rank failed, died or hung; the message names the ranks and includes the tracebacks.
+
+    Attributes:
+        failures: rank -> traceback text or a one-line reason, for every rank that did not return.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+
+    :func:`run_distributed` does not need it (it keeps its socket open); for callers that must pass a port.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _loopback_ifname() -> str | None:
+    """Name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS), or None if unknown."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 def _worker(
@@ -38,31 +80,43 @@ def _worker(
     port: int,
     backend: str,
     pg_timeout_s: float,
+    threads: int,
+    environ: dict[str, str],
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
     results: Any,
 ) -> None:
+    # A forkserver child inherits the server's environment, which may be older than the caller's.
+    os.environ.clear()
+    os.environ.update(environ)
+    import torch
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     try:
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout_s),
-        )
+        # N ranks on a few cores: one intra-op thread each, or they fight over the cores (4 ranks x 2 threads on
+        # 2 cores made the collective tests 2x slower).
+        torch.set_num_threads(threads)
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         value = fn(rank, world_size, *args, **kwargs)
-        # Plain pickle to bytes: torch's queue would share tensor storage through file descriptors that die
+        # Plain pickle to bytes: a torch queue would share tensor storage through file descriptors that die
         # with this process before the parent reads them.
         results.put((rank, True, pickle.dumps(value)))
-    except BaseException:  # report everything, including KeyboardInterrupt in a child
+    except BaseException:  # report everything, KeyboardInterrupt and SystemExit in a rank included
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_picklable_function(fn: Callable[..., Any]) -> None:
+    qualname = getattr(fn, "__qualname__", "")
+    if not callable(fn) or "<locals>" in qualname or "<lambda>" in qualname:
+        raise TypeError(
+            f"run_distributed needs a module-level function (it is pickled by name into each rank), got {fn!r}"
+        )
 
 
 def run_distributed(
@@ -72,83 +126,168 @@ def run_distributed(
     timeout_s: float = 120.0,
     backend: str = "gloo",
     pg_timeout_s: float | None = None,
+    start_method: str | None = None,
+    threads_per_rank: int | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` local processes in one process group.
+
+    Each rank initialises ``torch.distributed`` (default group: all ranks) before calling ``fn`` and destroys
+    the group after it, also when ``fn`` raises.
 
     Args:
-        fn: a module-level (picklable) function.
+        fn: a module-level (picklable) function; its return value must be picklable (tensors are fine).
         world_size: number of processes (>= 1).
+        *args, **kwargs: passed to ``fn`` after ``rank, world_size`` (keyword names used by this function
+            itself, such as ``timeout_s``, cannot reach ``fn``).
         timeout_s: wall-clock limit for the whole run; past it every rank is killed.
-        backend: torch.distributed backend ("gloo" on CPU, "nccl" with one GPU per rank).
+        backend: torch.distributed backend (``"gloo"`` on CPU, ``"nccl"`` with one GPU per rank).
         pg_timeout_s: process-group timeout (a collective waiting on a dead peer fails after this);
             defaults to ``timeout_s``.
+        start_method: ``"forkserver"`` (default where available) or ``"spawn"``. Use ``"spawn"`` if the
+            ranks need environment variables that torch reads at import time and that were changed after the
+            first launch (the forkserver imported torch then).
+        threads_per_rank: torch intra-op threads per rank; default ``max(1, cpus // world_size)``.
 
     Returns:
-        The return values of ``fn``, in rank order (they must be picklable).
+        The return values of ``fn``, in rank order.
 
     Raises:
-        DistributedRunError: a rank raised, exited without a result, or the run timed out.
+        TypeError: ``fn`` is a lambda or a nested function.
+        ValueError: ``world_size < 1``.
+        DistributedRunError: a rank raised, exited without a result, or the run timed out. Raised only after
+            every rank process has been terminated.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    _check_picklable_function(fn)
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # Import torch once in the server (only takes effect when the server starts).
+        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    if threads_per_rank is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads_per_rank = max(1, cpus // world_size)
+    environ = dict(os.environ)
+    ifname = _loopback_ifname()
+    if backend == "gloo" and ifname and "GLOO_SOCKET_IFNAME" not in environ:
+        environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo's pair connections stay on loopback too
+
+    import torch.distributed as dist
+
+    pg_timeout = pg_timeout_s or timeout_s
+    # The parent hosts the store on a socket it bound itself: loopback only, and no window in which another
+    # test run on the same machine could take the port. The store owns (and closes) the socket.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = int(listener.getsockname()[1])
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size=None,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+            wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )
+        listener.detach()
     results = ctx.Queue()
-    port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, backend, pg_timeout_s or timeout_s, fn, args, kwargs, results),
+            args=(rank, world_size, port, backend, pg_timeout, threads_per_rank, environ, fn, args, kwargs, results),
             daemon=True,
+            name=f"rank{rank}",
         )
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    values: dict[int, Any] = {}
+    values: dict[int, bytes] = {}
     failures: dict[int, str] = {}
     try:
-        while len(values) + len(failures) < world_size:
-            try:
-                rank, ok, value = results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in values and r not in failures]
-                # A process may have exited right after putting its result: drain once more before judging.
-                if dead:
-                    time.sleep(0.5)
-                    while True:
-                        try:
-                            rank, ok, value = results.get_nowait()
-                        except queue.Empty:
-                            break
-                        (values if ok else failures)[rank] = value
-                    for r in dead:
-                        if r not in values and r not in failures:
-                            failures[r] = f"process exited with code {procs[r].exitcode} without a result"
-                if time.monotonic() > deadline:
-                    hung = [r for r in range(world_size) if r not in values and r not in failures]
-                    for r in hung:
-                        failures[r] = f"did not finish within {timeout_s:.0f} s (hung, or waiting on a failed peer)"
-                    break
-                continue
-            (values if ok else failures)[rank] = value
-            if failures:
-                # One rank failed: its peers are probably stuck in a collective; give them a moment, then stop.
-                deadline = min(deadline, time.monotonic() + 5.0)
+        for p in procs:
+            p.start()
+        _collect(procs, results, values, failures, timeout_s)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        _stop(procs)
+        results.close()
+        del store  # stops the store's server
     if failures:
-        parts = [f"rank {r}: {failures[r]}" for r in sorted(failures)]
+        parts = [f"rank {r}: {failures[r].rstrip()}" for r in sorted(failures)]
+        first = next(iter(failures))  # in the order the parent learned of them
         raise DistributedRunError(
-            f"distributed run of {getattr(fn, '__name__', fn)} failed on ranks {sorted(failures)} "
-            f"(world size {world_size}):\n" + "\n".join(parts)
+            f"distributed run of {getattr(fn, '__qualname__', fn)} failed on ranks {sorted(failures)} "
+            f"(world size {world_size}; first reported: rank {first}):\n" + "\n".join(parts),
+            failures,
         )
-    return [pickle.loads(values[r]) for r in range(world_size)]
+    out = []
+    for r in range(world_size):
+        try:
+            out.append(pickle.loads(values[r]))
+        except Exception as exc:  # e.g. float8 tensors, which torch 2.13 pickles but cannot unpickle
+            raise DistributedRunError(
+                f"the result of rank {r} could not be unpickled ({type(exc).__name__}: {exc}); return plain "
+                "Python values or tensors of other dtypes (view float8 tensors as uint8)",
+                {r: traceback.format_exc()},
+            ) from exc
+    return out
+
+
+def _collect(
+    procs: list[Any], results: Any, values: dict[int, bytes], failures: dict[int, str], timeout_s: float
+) -> None:
+    """Gather ``(rank, ok, payload)`` messages until every rank reported, one died, or time ran out."""
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout_s
+    dead_since: dict[int, float] = {}
+
+    def pending() -> list[int]:
+        return [r for r in range(world_size) if r not in values and r not in failures]
+
+    while pending():
+        now = time.monotonic()
+        if now > deadline:
+            failed = sorted(failures)
+            for r in pending():
+                if failed:
+                    failures[r] = (
+                        f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) {failed} failed "
+                        "(probably blocked in a collective with a failed peer)"
+                    )
+                else:
+                    failures[r] = f"did not finish within {timeout_s:g} s (hung)"
+            return
+        try:
+            rank, ok, payload = results.get(timeout=0.1)
+        except queue.Empty:
+            # A process may exit right after putting its result: wait a moment before calling it dead.
+            for r in pending():
+                if not procs[r].is_alive():
+                    since = dead_since.setdefault(r, now)
+                    if now - since > 1.0:
+                        failures[r] = f"process exited with code {procs[r].exitcode} without a result"
+            if failures:
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+            continue
+        if ok:
+            values[rank] = payload
+        else:
+            failures[rank] = payload
+            # Its peers are probably blocked in a collective: give them a moment to report, then stop.
+            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+
+
+def _stop(procs: list[Any]) -> None:
+    """Terminate (SIGTERM), then kill (SIGKILL) every rank process still alive, and reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        if p.pid is None:
+            continue  # never started
+        p.join(timeout=3)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=3)
