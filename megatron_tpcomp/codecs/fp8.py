@@ -41,6 +41,7 @@ from megatron_tpcomp.codecs.base import (
     PayloadLayout,
     check_input,
     check_payload,
+    divide,
     from_blocks,
     nonfinite_blocks,
     numel_of,
@@ -116,7 +117,7 @@ class Fp8Codec(Codec):
 
     def _scales(self, blocks: torch.Tensor, bad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored scales ``[nb]`` in the scale format, decoded fp32 scales ``[nb]``) of fp32 ``[nb, B]`` blocks."""
-        ideal = (blocks.abs().amax(dim=1) / self.fmax).clamp(max=self.scale_cap)
+        ideal = divide(blocks.abs().amax(dim=1), self.fmax).clamp(max=self.scale_cap)
         return quantize_scales(ideal, self.scale_fmt, bad)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

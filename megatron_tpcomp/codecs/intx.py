@@ -35,6 +35,7 @@ from megatron_tpcomp.codecs.base import (
     PayloadLayout,
     check_input,
     check_payload,
+    divide,
     from_blocks,
     nonfinite_blocks,
     numel_of,
@@ -77,7 +78,7 @@ class IntCodec(Codec):
         at decode) overflows to inf and a finite group would decode to inf/NaN; the cap clips it instead (the
         clip is part of :meth:`max_abs_error_bound`). The factor 2 leaves room for the scale's rounding."""
         levels = (1 << self.bits) - 1
-        return ((hi - lo) / levels).clamp(max=torch.finfo(torch.float32).max / levels / 2)
+        return divide(hi - lo, levels).clamp(max=torch.finfo(torch.float32).max / levels / 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
@@ -99,7 +100,7 @@ class IntCodec(Codec):
             layout.view(payload, "mins").copy_(stored_m)
         else:
             amax = blocks.abs().amax(dim=1)
-            stored_s, s = quantize_scales(amax / self.qmax, self.scale_fmt, bad)
+            stored_s, s = quantize_scales(divide(amax, self.qmax), self.scale_fmt, bad)
             inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0))
             q = torch.clamp(torch.round(blocks * inv.unsqueeze(1)), -self.qmax, self.qmax)
             codes = q + self.zero_code
@@ -135,7 +136,7 @@ class IntCodec(Codec):
             clip = torch.maximum(hi - top, m - lo).clamp(min=0)
         else:
             amax = blocks.abs().amax(1)
-            _, s = quantize_scales(amax / self.qmax, self.scale_fmt)
+            _, s = quantize_scales(divide(amax, self.qmax), self.scale_fmt)
             clip = (amax - s * self.qmax).clamp(min=0)
         bound = 0.5 * s + clip + 1e-6 * blocks.abs().amax(1)
         return from_blocks(bound.unsqueeze(1).expand_as(blocks), x.shape, torch.float32)

@@ -53,6 +53,7 @@ from megatron_tpcomp.codecs.base import (
     PayloadLayout,
     check_input,
     check_payload,
+    divide,
     from_blocks,
     nonfinite_blocks,
     numel_of,
@@ -146,12 +147,12 @@ class MinifloatCodec(Codec):
         """
         amax = blocks.abs().amax(dim=1)
         if not self.tensor_scale:
-            stored, s = quantize_scales((amax / self.emax).clamp(max=self.scale_cap), self.scale_fmt, bad)
+            stored, s = quantize_scales(divide(amax, self.emax).clamp(max=self.scale_cap), self.scale_fmt, bad)
             return stored, s, None
         tmax = amax.amax()
-        t = (tmax / (self.emax * E4M3_MAX)).clamp(MIN_TENSOR_SCALE, self.tensor_scale_cap)
+        t = divide(tmax, self.emax * E4M3_MAX).clamp(MIN_TENSOR_SCALE, self.tensor_scale_cap)
         t = torch.where(tmax > 0, t, torch.ones_like(t)).reshape(1)
-        stored, s = quantize_scales(amax / self.emax / t, self.scale_fmt, bad)
+        stored, s = quantize_scales(divide(amax, self.emax) / t, self.scale_fmt, bad)
         return stored, s * t, t
 
     def _codes(self, v: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,11 @@
 """Greedy generation through megatron-core's static inference engine (legacy path), CPU or GPU.
 
-Built against megatron-core 0.16's inference API (``InferenceWrapperConfig``, ``GPTInferenceWrapper``,
-``TextGenerationController``, ``StaticInferenceEngine(legacy=True)``). Later releases reorganised these modules;
-:func:`build_static_engine` says so clearly instead of failing deep inside.
+Works with megatron-core 0.16 (``InferenceWrapperConfig``) and 0.19 (sizes from the context) inference APIs.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -35,36 +33,41 @@ def build_static_engine(
     max_seq_len: int = 256,
     dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """A ``StaticInferenceEngine`` (legacy static batching) around a megatron-core GPTModel."""
+    """A ``StaticInferenceEngine`` (legacy static batching) around a megatron-core GPTModel.
+
+    Up to 0.16 the GPT inference wrapper takes an ``InferenceWrapperConfig``; later releases (0.19.2 checked)
+    dropped it and read the sizes from the model config and the inference context.
+    """
     try:
-        wrapper_config_mod = importlib.import_module(
-            "megatron.core.inference.model_inference_wrappers.inference_wrapper_config"
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+            TextGenerationController,
         )
-        gpt_wrapper_mod = importlib.import_module(
-            "megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper"
-        )
-        controller_mod = importlib.import_module(
-            "megatron.core.inference.text_generation_controllers.text_generation_controller"
-        )
-        engine_mod = importlib.import_module("megatron.core.inference.engines.static_engine")
-        contexts = importlib.import_module("megatron.core.inference.contexts")
     except ImportError as exc:
         raise MegatronCompatError(
-            f"megatron-core {megatron_version()}: the static inference engine API this module targets "
-            f"(megatron-core 0.16) is not available ({exc})"
+            f"megatron-core {megatron_version()}: the static inference engine is not importable ({exc})"
         ) from exc
-    config = wrapper_config_mod.InferenceWrapperConfig(
-        hidden_size=model.config.hidden_size,
-        params_dtype=dtype,
-        inference_batch_times_seqlen_threshold=-1,
-        padded_vocab_size=vocab_size,
-        inference_max_seq_length=max_seq_len,
-        inference_max_requests=max_batch,
-    )
-    context = contexts.StaticInferenceContext(max_batch, max_seq_len)
-    wrapped = gpt_wrapper_mod.GPTInferenceWrapper(model, config, context)
-    controller = controller_mod.TextGenerationController(wrapped, tokenizer)
-    return engine_mod.StaticInferenceEngine(controller, max_batch_size=max_batch, legacy=True)
+    context = StaticInferenceContext(max_batch, max_seq_len)
+    if "inference_wrapper_config" in inspect.signature(GPTInferenceWrapper.__init__).parameters:
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+
+        config = InferenceWrapperConfig(
+            hidden_size=model.config.hidden_size,
+            params_dtype=dtype,
+            inference_batch_times_seqlen_threshold=-1,  # never split the batch into micro-batches
+            padded_vocab_size=vocab_size,
+            inference_max_seq_length=max_seq_len,
+            inference_max_requests=max_batch,
+        )
+        wrapped = GPTInferenceWrapper(model, config, context)
+    else:
+        wrapped = GPTInferenceWrapper(model, context)
+    controller = TextGenerationController(wrapped, tokenizer)
+    return StaticInferenceEngine(controller, max_batch_size=max_batch, legacy=True)
 
 
 def greedy_generate(engine: Any, prompts: list[str], num_tokens: int) -> list[list[int]]:
