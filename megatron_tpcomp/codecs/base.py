@@ -132,6 +132,18 @@ def from_blocks(blocks: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) 
     return blocks.reshape(-1)[:n].reshape(tuple(shape)).to(dtype)
 
 
+def finite_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`to_blocks` with non-finite blocks zeroed, and the mask of those blocks.
+
+    Returns:
+        (fp32 ``[nblocks, block]`` with every block holding NaN/Inf set to 0, bool ``[nblocks]`` marking them):
+        codecs encode the zeroed blocks and store a NaN scale for the marked ones (the module's NaN rule).
+    """
+    blocks = to_blocks(x, block)
+    bad = nonfinite_blocks(blocks)
+    return torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks), bad
+
+
 def divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
     """``t / divisor``, correctly rounded on every device.
 

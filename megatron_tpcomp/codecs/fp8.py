@@ -42,8 +42,8 @@ from megatron_tpcomp.codecs.base import (
     check_input,
     check_payload,
     divide,
+    finite_blocks,
     from_blocks,
-    nonfinite_blocks,
     numel_of,
     to_blocks,
 )
@@ -126,9 +126,7 @@ class Fp8Codec(Codec):
         payload = layout.allocate(x.device)
         if x.numel() == 0:
             return payload
-        blocks = to_blocks(x, self.block)  # [nb, B] fp32
-        bad = nonfinite_blocks(blocks)
-        blocks = torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks)
+        blocks, bad = finite_blocks(x, self.block)  # fp32 [nblocks, block], NaN/Inf blocks zeroed
         stored, s = self._scales(blocks, bad)
         inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
         scaled = (blocks * inv).clamp(-self.fmax, self.fmax)

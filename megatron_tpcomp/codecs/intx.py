@@ -36,8 +36,8 @@ from megatron_tpcomp.codecs.base import (
     check_input,
     check_payload,
     divide,
+    finite_blocks,
     from_blocks,
-    nonfinite_blocks,
     numel_of,
     to_blocks,
 )
@@ -86,9 +86,7 @@ class IntCodec(Codec):
         payload = layout.allocate(x.device)
         if x.numel() == 0:
             return payload
-        blocks = to_blocks(x, self.group)  # [ng, G] fp32
-        bad = nonfinite_blocks(blocks)
-        blocks = torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks)
+        blocks, bad = finite_blocks(x, self.group)  # fp32 [nblocks, block], NaN/Inf blocks zeroed
         if self.asym:
             lo = blocks.amin(dim=1)
             hi = blocks.amax(dim=1)

@@ -54,8 +54,8 @@ from megatron_tpcomp.codecs.base import (
     check_input,
     check_payload,
     divide,
+    finite_blocks,
     from_blocks,
-    nonfinite_blocks,
     numel_of,
     to_blocks,
 )
@@ -178,9 +178,7 @@ class MinifloatCodec(Codec):
             layout.view(payload, "tensor_scale").fill_(1.0)  # the value for empty and all-zero tensors
         if x.numel() == 0:
             return payload
-        blocks = to_blocks(x, self.block)  # [nb, B] fp32
-        bad = nonfinite_blocks(blocks)
-        blocks = torch.where(bad.unsqueeze(1), torch.zeros_like(blocks), blocks)
+        blocks, bad = finite_blocks(x, self.block)  # fp32 [nblocks, block], NaN/Inf blocks zeroed
         stored, s, t = self._scales(blocks, bad)
         inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
         codes = self._codes(blocks * inv)
