@@ -24,6 +24,24 @@ class Tokenizer(Protocol):
     def detokenize(self, ids: list[int]) -> str: ...
 
 
+class ByteTokenizer:
+    """A tokenizer for random test models: bytes mapped into 1..127, EOD 0, no BOS (a prompt whose greedy
+    continuation reaches EOD stops early, identically at every TP size)."""
+
+    eod = 0
+    bos = None
+    vocab_size = 128
+
+    def tokenize(self, text: str) -> list[int]:
+        return [1 + b % 127 for b in text.encode()]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def offsets(self, ids: list[int], text: str) -> list[int]:
+        return list(range(len(ids)))
+
+
 def build_static_engine(
     model: torch.nn.Module,
     tokenizer: Tokenizer,

@@ -4,7 +4,6 @@ parallelism; the static inference engine generates the same greedy tokens at TP=
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from megatron_tpcomp.launch import run_distributed
+from megatron_tpcomp.megatron.generate import ByteTokenizer
 from megatron_tpcomp.megatron.model import ModelConfig, fuse_qkv, shard_state_dict, split_qkv
 
 pytestmark = [
@@ -42,24 +42,6 @@ NEW_TOKENS = 8
 ATOL = 1e-5
 
 
-class ByteTokenizer:
-    """What the text generation controller needs: bytes mapped into 1..127; EOD is 0 (a prompt whose greedy
-    continuation reaches it stops early, identically at every TP size)."""
-
-    eod = 0
-    bos = None
-    vocab_size = 128
-
-    def tokenize(self, text: str) -> list[int]:
-        return [1 + b % 127 for b in text.encode()]
-
-    def detokenize(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def offsets(self, ids: list[int], text: str) -> list[int]:
-        return list(range(len(ids)))
-
-
 # ------------------------------------------------------------------------------------------------ rank workers
 
 
@@ -82,38 +64,12 @@ def _full_logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _static_engine(model: torch.nn.Module, max_seq_len: int = 64) -> Any:
-    """megatron-core's ``StaticInferenceEngine(legacy=True)`` around ``model`` (static batching, greedy-capable).
+    """megatron-core's ``StaticInferenceEngine(legacy=True)`` around ``model`` (both inference APIs)."""
+    from megatron_tpcomp.megatron.generate import build_static_engine
 
-    Up to 0.16 the GPT inference wrapper takes an ``InferenceWrapperConfig``; later releases (0.19.2 checked)
-    dropped it and read the sizes from the model config.
-    """
-    from megatron.core.inference.contexts import StaticInferenceContext
-    from megatron.core.inference.engines.static_engine import StaticInferenceEngine
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
+    return build_static_engine(
+        model, ByteTokenizer(), vocab_size=CFG.vocab_size, max_batch=len(PROMPTS), max_seq_len=max_seq_len
     )
-
-    batch = len(PROMPTS)
-    context = StaticInferenceContext(batch, max_seq_len)
-    if "inference_wrapper_config" in inspect.signature(GPTInferenceWrapper.__init__).parameters:
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-            InferenceWrapperConfig,
-        )
-
-        config = InferenceWrapperConfig(
-            hidden_size=model.config.hidden_size,
-            params_dtype=torch.float32,
-            inference_batch_times_seqlen_threshold=-1,  # never split the batch into micro-batches
-            padded_vocab_size=CFG.vocab_size,
-            inference_max_seq_length=max_seq_len,
-            inference_max_requests=batch,
-        )
-        wrapped = GPTInferenceWrapper(model, config, context)
-    else:
-        wrapped = GPTInferenceWrapper(model, context)
-    controller = TextGenerationController(wrapped, ByteTokenizer())
-    return StaticInferenceEngine(controller, max_batch_size=batch, legacy=True)
 
 
 def _greedy_tokens(model: torch.nn.Module) -> list[list[int]]:

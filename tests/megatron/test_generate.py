@@ -6,25 +6,9 @@ import pytest
 import torch
 
 from megatron_tpcomp.launch import run_distributed
+from megatron_tpcomp.megatron.generate import ByteTokenizer
 
 pytestmark = pytest.mark.megatron
-
-
-class ByteTokenizer:
-    """Bytes modulo the vocabulary: enough for the controller (no BOS, EOD 0)."""
-
-    eod = 0
-    bos = None
-    vocab_size = 128
-
-    def tokenize(self, text: str) -> list[int]:
-        return [1 + b % 127 for b in text.encode()]
-
-    def detokenize(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def offsets(self, ids: list[int], text: str) -> list[int]:
-        return list(range(len(ids)))
 
 
 PROMPTS = ["The state of the union", "is strong", "tensor parallel"]
