@@ -246,7 +246,13 @@ def parse_spec(spec: str | CodecSpec) -> CodecSpec:
     head, *mods = text.split("+")
     family, *opts = head.split(":")
     cs = _parse_family(family, spec)
+    seen: dict[str, str] = {}
     for opt in opts:
+        # One setting per kind: "int4:g32:g64" is a typo, not "g64" (same rule as doubled modifiers).
+        kind = "block size" if opt[:1] in ("b", "g") else "scale format" if opt[:1] == "s" else opt
+        if kind in seen:
+            raise _err(spec, f"{kind} given twice ({seen[kind]!r} and {opt!r})", "each option at most once")
+        seen[kind] = opt
         cs = _apply_option(cs, opt, spec)
     for mod in mods:
         if not mod:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -303,3 +304,17 @@ def test_fuzz_arbitrary_unicode(text: str) -> None:
 def test_fuzz_token_soup(text: str) -> None:
     # Joined grammar tokens reach deeper than random characters (options, modifiers, validation).
     _parse_or_codec_error(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("int4:g32:g64", "block size given twice ('g32' and 'g64')"),
+        ("fp8:b64:g128", "block size given twice ('b64' and 'g128')"),
+        ("int4:sfp16:sbf16", "scale format given twice"),
+        ("int4:asym:asym", "asym given twice"),
+    ],
+)
+def test_repeated_options_are_rejected(spec: str, fragment: str) -> None:
+    with pytest.raises(CodecError, match=re.escape(fragment)):
+        parse_spec(spec)
