@@ -1,8 +1,8 @@
 """Build megatron-core GPT models (local layer spec) and load the same weights at any tensor-parallel size.
 
 Llama-style architecture with megatron-core's own layers: RMSNorm, SwiGLU, RoPE, grouped-query attention, no
-biases, tied or untied embeddings, every fusion off (CPU-safe, numerically plain). On a machine without CUDA
-call :func:`megatron_tpcomp.megatron.cpu.enable_cpu` first.
+biases (except optional query/key/value biases, as in Qwen2), tied or untied embeddings, every fusion off
+(CPU-safe, numerically plain). On a machine without CUDA call :func:`megatron_tpcomp.megatron.cpu.enable_cpu` first.
 
 Same weights at TP=1 and TP=N: build the TP=1 model (``seed=``), take its ``state_dict()`` and give every TP=N
 rank :func:`shard_state_dict` of it (:func:`load_full_state_dict` does both). Megatron's layouts, checked in the
@@ -47,6 +47,7 @@ class ModelConfig:
         rotary_base: RoPE theta.
         norm_epsilon: RMSNorm epsilon.
         tie_embeddings: output layer shares the input embedding.
+        qkv_bias: the query/key/value projections have biases (Qwen2); no other linear has one.
     """
 
     num_layers: int = 2
@@ -59,6 +60,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -172,6 +174,7 @@ def transformer_config(
         gated_linear_unit=True,  # SwiGLU = GLU with silu
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp_size,
@@ -333,3 +336,54 @@ def load_full_state_dict(model: torch.nn.Module, full_sd: Mapping[str, Any], cfg
         cfg,
     )
     model.load_state_dict(shard, strict=True)
+
+
+def merge_shards(shards: list[Mapping[str, Any]], cfg: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`shard_state_dict`: the TP=1 state dict from the state dicts of all ``len(shards)`` ranks.
+
+    Args:
+        shards: rank 0 .. TP-1 state dicts of one model (same keys).
+        cfg: the model config.
+
+    Returns:
+        The full state dict; replicated tensors (norms, row-parallel biases) are taken from rank 0 after checking
+        that every rank holds the same values (a mismatch means the shards are not of one model).
+
+    Raises:
+        ValueError: shards with different keys, an unknown key, or replicated tensors that differ.
+    """
+    cfg = as_model_config(cfg)
+    tp = len(shards)
+    if tp == 0:
+        raise ValueError("merge_shards: no shards given")
+    keys = list(shards[0])
+    for r, sd in enumerate(shards[1:], start=1):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))[:5]
+            raise ValueError(f"merge_shards: rank {r} has different keys than rank 0 (e.g. {diff})")
+    full: dict[str, Any] = {}
+    for key in keys:
+        parts = [sd[key] for sd in shards]
+        t = parts[0]
+        if key.endswith("_extra_state") or not isinstance(t, torch.Tensor):
+            full[key] = t
+            continue
+        *path, param = key.split(".")
+        module = path[-1] if path else ""
+        replicated = "norm" in module or param.startswith("layer_norm_")
+        replicated |= module in ("linear_proj", "linear_fc2") and param == "bias"
+        if replicated:
+            for r, p in enumerate(parts[1:], start=1):
+                if not torch.equal(p, t):
+                    raise ValueError(f"merge_shards: replicated tensor {key!r} differs between rank 0 and rank {r}")
+            full[key] = t.clone()
+        elif module in ("word_embeddings", "output_layer", "linear_qkv"):
+            full[key] = torch.cat(parts, dim=0)
+        elif module == "linear_fc1":
+            gates, ups = zip(*(p.chunk(2, dim=0) for p in parts), strict=True)
+            full[key] = torch.cat([*gates, *ups], dim=0)
+        elif module in ("linear_proj", "linear_fc2"):
+            full[key] = torch.cat(parts, dim=1)
+        else:
+            raise ValueError(f"merge_shards: no tensor-parallel rule for {key!r} (shape {tuple(t.shape)})")
+    return full

