@@ -1,6 +1,8 @@
 """``tpcomp``: the project's command line. A thin layer: each subcommand calls one function of the package.
 
 Subcommands:
+    convert         Hugging Face / GGUF / smollm2-135m -> TP-sharded Megatron-Core checkpoint; reshard; export to HF
+    eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
     demo            compressed all-reduce over several local processes (gloo), side by side with the stock one
     specs           list the codec presets with their exact bits per value, or check one spec
     bench codecs    codec encode/decode throughput on this machine vs torch.clone
@@ -68,7 +70,19 @@ def _cmd_demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
-COMMANDS = {"demo": _cmd_demo, "specs": _cmd_specs, "bench": _cmd_bench}
+def _cmd_convert(argv: list[str]) -> int:
+    from megatron_tpcomp.checkpoint import convert
+
+    return convert.main(argv)
+
+
+def _cmd_eval(argv: list[str]) -> int:
+    from megatron_tpcomp import evaluation
+
+    return evaluation.main(argv)
+
+
+COMMANDS = {"convert": _cmd_convert, "eval": _cmd_eval, "demo": _cmd_demo, "specs": _cmd_specs, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

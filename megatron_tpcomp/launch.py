@@ -28,10 +28,12 @@ How it works:
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -107,6 +109,9 @@ def _worker(
     except BaseException:  # report everything, KeyboardInterrupt and SystemExit in a rank included
         results.put((rank, False, traceback.format_exc()))
     finally:
+        # megatron.core.inference registers a stack dump on SIGTERM at import; a rank stopped in its teardown
+        # by the launcher should exit quietly.
+        faulthandler.unregister(signal.SIGTERM)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -279,8 +284,13 @@ def _collect(
             deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
 
 
-def _stop(procs: list[Any]) -> None:
-    """Terminate (SIGTERM), then kill (SIGKILL) every rank process still alive, and reap them all."""
+def _stop(procs: list[Any], grace_s: float = 2.0) -> None:
+    """Give the rank processes ``grace_s`` to exit by themselves (they may still be tearing down their process
+    group after reporting), then terminate (SIGTERM), then kill (SIGKILL) those still alive, and reap them all."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()

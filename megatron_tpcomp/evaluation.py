@@ -1,0 +1,386 @@
+"""Quality cost of compressed TP communication on real text: ``tpcomp eval`` and :func:`evaluate`.
+
+For one converted model at one TP size, over the same tokens, every variant (a codec spec or a per-layer config
+file, with an all-reduce algorithm) is compared with the uncompressed run of the same model:
+
+- perplexity over non-overlapping windows of ``context`` tokens (each window predicts ``context`` tokens from
+  the tokens before it in the window; the token count is windows x context), and its increase in percent;
+- mean KL divergence KL(uncompressed || compressed) of the next-token distributions, nats per token;
+- teacher-forced top-1 agreement: fraction of positions whose argmax matches the uncompressed run's;
+- greedy generation through megatron-core's static inference engine: mean number of leading generated tokens
+  identical to the uncompressed run's (reported, not targeted: one early flip changes everything after it);
+- bits per value of the transformer-layer collectives (the codec's exact payload for a ``[context, hidden]``
+  message, scales included; an uncompressed collective counts 16 bits, what a bf16 deployment sends).
+
+The model runs in fp32 on every rank (numerics of the uncompressed baseline are then Megatron's own at TP=1 up to
+summation order), over gloo on CPU. Windows are the outer loop, so the baseline's log-probabilities of one window
+are all that is held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("megatron_tpcomp")
+
+DEFAULT_PROMPTS = (
+    "The state of our union is",
+    "My fellow Americans, tonight I",
+    "The economy of the United States",
+    "In the coming year, Congress must",
+)
+#: Bits per value of an uncompressed collective in bits-per-value averages (bf16 on the wire).
+UNCOMPRESSED_BITS = 16.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compressed configuration to evaluate: ``name`` for tables, ``source`` a spec or a config file path."""
+
+    name: str
+    source: str
+    algo: str
+
+    def config(self) -> Any:
+        from megatron_tpcomp.config import CompressionConfig
+
+        if Path(self.source).suffix.lower() in (".json", ".yaml", ".yml"):
+            cfg = CompressionConfig.load(self.source)
+            cfg.algo = self.algo if self.algo != "config" else cfg.algo
+            return cfg
+        return CompressionConfig.from_spec(self.source, algo=self.algo)
+
+
+def variants(specs: list[str], configs: list[str], algos: list[str]) -> list[Variant]:
+    """The cross product of (specs + config files) x algos; names carry the algo when there are several."""
+    out = []
+    for source in [*specs, *configs]:
+        if source == "none":
+            continue  # the baseline is always run
+        for algo in algos:
+            name = Path(source).stem if source in configs else source
+            out.append(Variant(f"{name}@{algo}" if len(algos) > 1 else name, source, algo))
+    return out
+
+
+def bits_per_value(config: Any, num_layers: int, shape: tuple[int, int]) -> float:
+    """Mean payload bits per value over the 2 x ``num_layers`` transformer-layer collectives."""
+    bits = []
+    for layer in range(num_layers):
+        for site in ("attention", "mlp"):
+            codec = config.codec_for(site, layer)
+            bits.append(UNCOMPRESSED_BITS if codec is None else codec.bits_per_value(shape))
+    return sum(bits) / len(bits)
+
+
+def _window_metrics(base_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
+    """(sum of NLL, sum of KL(base || this), count of argmax matches) over the positions of one window.
+
+    Args:
+        base_lp, lp: ``[s, vocab]`` fp32 log-probabilities; targets: ``[s]`` int64 next tokens.
+    """
+    nll = -lp.gather(1, targets[:, None]).sum().item()
+    kl = (base_lp.exp() * (base_lp - lp)).sum().item()
+    top1 = int((base_lp.argmax(-1) == lp.argmax(-1)).sum())
+    return nll, kl, top1
+
+
+def _prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _eval_worker(
+    rank: int,
+    world_size: int,
+    ckpt: str,
+    token_ids: list[int],
+    context: int,
+    todo: list[Variant],
+    prompts: list[str],
+    gen_tokens: int,
+    progress: bool,
+) -> dict[str, Any] | None:
+    from tqdm import tqdm
+
+    from megatron_tpcomp.checkpoint import load_model
+    from megatron_tpcomp.megatron import cpu, intercept
+    from megatron_tpcomp.megatron import model as M
+    from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    # Megatron's engine draws a progress bar on every rank; ours pass disable= explicitly and are unaffected.
+    os.environ["TQDM_DISABLE"] = "1"
+    cpu.enable_cpu_inference()
+    M.init_parallel(world_size)
+    model, meta = load_model(ckpt, dtype=torch.float32)
+    configs = {v.name: v.config() for v in todo}
+    windows = (len(token_ids) - 1) // context
+    ids = torch.tensor(token_ids[: windows * context + 1], dtype=torch.long)
+    pos = torch.arange(context)[None]  # [1, s]
+    sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "time_s": 0.0} for name in ["none", *configs]}
+    lead = rank == 0
+    bar = tqdm(range(windows), desc=f"eval TP={world_size}", unit="window", disable=not (progress and lead))
+    with torch.no_grad():
+        for w in bar:
+            tokens = ids[w * context : (w + 1) * context][None]  # [1, s]
+            targets = ids[w * context + 1 : (w + 1) * context + 1]  # [s]
+            base_lp = None
+            for name in ["none", *configs]:
+                if name == "none":
+                    intercept.disable(model)
+                else:
+                    intercept.enable(model, configs[name])
+                t0 = time.perf_counter()
+                logits = model(tokens, pos, attention_mask=None, runtime_gather_output=True)  # [1, s, V]
+                sums[name]["time_s"] += time.perf_counter() - t0
+                if not lead:
+                    continue
+                lp = torch.log_softmax(logits[0].float(), dim=-1)  # [s, V]
+                if base_lp is None:
+                    base_lp = lp
+                nll, kl, top1 = _window_metrics(base_lp, lp, targets)
+                sums[name]["nll"] += nll
+                sums[name]["kl"] += kl
+                sums[name]["top1"] += top1
+            if lead:
+                bar.set_postfix(ppl=f"{math.exp(sums['none']['nll'] / ((w + 1) * context)):.2f}")
+        intercept.disable(model)
+        generated: dict[str, list[list[int]]] = {}
+        baseline_text: list[str] = []
+        if prompts and gen_tokens > 0:
+            tok = TextTokenizer.from_checkpoint(meta)
+            engine = build_static_engine(
+                model,
+                tok,
+                vocab_size=meta.model_config.vocab_size,
+                max_batch=len(prompts),
+                max_seq_len=max(len(tok.tokenize(p)) for p in prompts) + gen_tokens + 8,
+            )
+            for name in tqdm(["none", *configs], desc="greedy", disable=not (progress and lead)):
+                if name == "none":
+                    intercept.disable(model)
+                else:
+                    intercept.enable(model, configs[name])
+                generated[name] = greedy_generate(engine, list(prompts), gen_tokens)
+            intercept.disable(model)
+            baseline_text = [tok.detokenize(g) for g in generated["none"]]
+    M.destroy_parallel()
+    if not lead:
+        return None
+    n = windows * context
+    cfg = meta.model_config
+    base_ppl = math.exp(sums["none"]["nll"] / n)
+    records = []
+    for name in ["none", *configs]:
+        s = sums[name]
+        ppl = math.exp(s["nll"] / n)
+        rec = {
+            "spec": name,
+            "algo": "-" if name == "none" else next(v.algo for v in todo if v.name == name),
+            "bits_per_value": UNCOMPRESSED_BITS
+            if name == "none"
+            else bits_per_value(configs[name], cfg.num_layers, (context, cfg.hidden_size)),
+            "ppl": ppl,
+            "ppl_increase_pct": 100.0 * (ppl / base_ppl - 1.0),
+            "kld": s["kl"] / n,
+            "top1_agreement": s["top1"] / n,
+            "greedy_prefix_mean": None,
+            "forward_s": s["time_s"],
+        }
+        if generated:
+            rec["greedy_prefix_mean"] = sum(
+                _prefix_len(a, b) for a, b in zip(generated["none"], generated[name], strict=True)
+            ) / len(prompts)
+        records.append(rec)
+    return {
+        "model": meta.source.get("name") or str(meta.path),
+        "checkpoint": str(meta.path),
+        "tp": world_size,
+        "tokens": n,
+        "context": context,
+        "windows": windows,
+        "baseline_ppl": base_ppl,
+        "gen_tokens": gen_tokens if generated else 0,
+        "prompts": list(prompts),
+        "baseline_generations": baseline_text,
+        "records": records,
+    }
+
+
+def evaluate(
+    model: str = "smollm2-135m",
+    tp: int = 3,
+    specs: list[str] | None = None,
+    *,
+    configs: list[str] | None = None,
+    algos: list[str] | None = None,
+    tokens: int = 4096,
+    context: int = 512,
+    text: str | None = None,
+    prompts: list[str] | None = None,
+    gen_tokens: int = 32,
+    progress: bool = True,
+    timeout_s: float = 24 * 3600,
+) -> dict[str, Any]:
+    """Run the evaluation on ``tp`` local gloo processes and return the report (see the module docstring).
+
+    Args:
+        model: a checkpoint directory, or a known model name (converted into the cache at ``tp`` once).
+        specs: codec specs; ``configs``: per-layer config files; each run with every algo of ``algos``.
+        tokens: predicted tokens to evaluate (rounded down to whole windows of ``context``).
+        text: the text (default: the held-out State of the Union text, see :mod:`megatron_tpcomp.assets`).
+        prompts, gen_tokens: greedy generation comparison (``gen_tokens=0`` skips it).
+
+    Raises:
+        ValueError: too little text for one window, or bad sizes.
+    """
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.launch import run_distributed
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    if context < 2 or tokens < context:
+        raise ValueError(f"need tokens >= context >= 2, got tokens={tokens}, context={context}")
+    ckpt = assets.ensure_checkpoint(model, tp, progress=progress)
+    meta = read_metadata(ckpt)
+    if context > meta.model_config.max_sequence_length:
+        raise ValueError(f"context {context} exceeds the model's {meta.model_config.max_sequence_length} positions")
+    tok = TextTokenizer.from_checkpoint(meta)
+    text = assets.eval_text() if text is None else text
+    ids = tok.tokenize(text)
+    need = (tokens // context) * context + 1
+    if len(ids) < context + 1:
+        raise ValueError(f"the text has {len(ids)} tokens; one window needs {context + 1}")
+    if len(ids) < need:
+        logger.warning("megatron-tpcomp: text has %d tokens, evaluating %d instead of %d", len(ids), len(ids), need)
+    todo = variants(specs or ["none"], configs or [], algos or ["auto"])
+    for v in todo:
+        v.config()  # bad specs and config files fail here, before any process starts
+    return run_distributed(
+        _eval_worker,
+        tp,
+        str(ckpt),
+        ids[:need],
+        context,
+        todo,
+        list(DEFAULT_PROMPTS if prompts is None else prompts),
+        gen_tokens,
+        progress,
+        timeout_s=timeout_s,
+    )[0]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']}  TP={report['tp']}  {report['tokens']} tokens "
+        f"({report['windows']} windows x {report['context']})  baseline ppl {report['baseline_ppl']:.3f}",
+        f"{'spec':<28} {'algo':<9} {'bits/val':>8} {'ppl':>8} {'ppl +%':>7} {'KLD':>7} {'top-1':>7} "
+        f"{'greedy':>7} {'fwd s':>7}",
+    ]
+    for r in report["records"]:
+        greedy = "-" if r["greedy_prefix_mean"] is None else f"{r['greedy_prefix_mean']:.1f}"
+        lines.append(
+            f"{r['spec']:<28} {r['algo']:<9} {r['bits_per_value']:>8.3f} {r['ppl']:>8.3f} "
+            f"{r['ppl_increase_pct']:>+7.2f} {r['kld']:>7.4f} {100 * r['top1_agreement']:>6.1f}% {greedy:>7} "
+            f"{r['forward_s']:>7.1f}"
+        )
+    if report["gen_tokens"]:
+        lines.append(f"greedy = mean leading tokens identical to the uncompressed run, of {report['gen_tokens']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_tpcomp.collectives import ALGOS
+
+    p = argparse.ArgumentParser(
+        prog="tpcomp eval",
+        description=(
+            "Quality cost of compressed TP communication: perplexity, KL divergence and top-1 agreement against the "
+            "uncompressed run on the same tokens, and greedy-generation agreement. Runs TP local gloo processes."
+        ),
+    )
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
+    p.add_argument("--tp", type=int, default=3, help="tensor-parallel size (default 3)")
+    p.add_argument("--specs", default="none,fp8,int8:g32,int4:g32", help="comma-separated codec specs")
+    p.add_argument("--config", action="append", default=[], metavar="LAYERS.json", help="per-layer config (repeat)")
+    p.add_argument("--algo", default="auto", help=f"comma-separated all-reduce algorithms of {', '.join(ALGOS)}")
+    p.add_argument("--tokens", type=int, default=4096, help="predicted tokens to evaluate (default 4096)")
+    p.add_argument("--context", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
+    p.add_argument("--wikitext", action="store_true", help="WikiText-2 test split via `datasets` (needs the hub)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt (0: skip generation)")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _wikitext() -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--wikitext needs the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as exc:  # no hub access
+        raise ValueError(f"WikiText-2 is not reachable here ({exc}); use --text-file") from None
+    return "".join(ds["text"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_tpcomp.assets import AssetError
+    from megatron_tpcomp.checkpoint import CheckpointError
+    from megatron_tpcomp.collectives import ALGOS
+    from megatron_tpcomp.config import ConfigError
+
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad:
+        print(f"tpcomp eval: error: unknown algo {bad}; expected {', '.join(ALGOS)}", file=sys.stderr)
+        return 2
+    try:
+        text = None
+        if args.text_file:
+            try:
+                text = Path(args.text_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read --text-file {args.text_file}: {exc}") from None
+        elif args.wikitext:
+            text = _wikitext()
+        report = evaluate(
+            args.model,
+            args.tp,
+            [s.strip() for s in args.specs.split(",") if s.strip()],
+            configs=args.config,
+            algos=algos,
+            tokens=args.tokens,
+            context=args.context,
+            text=text,
+            gen_tokens=args.gen_tokens,
+            progress=not args.quiet,
+        )
+    except (ValueError, ConfigError, CheckpointError, AssetError) as exc:
+        print(f"tpcomp eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
