@@ -3,7 +3,9 @@
 Subcommands:
     convert         Hugging Face / GGUF / smollm2-135m -> TP-sharded Megatron-Core checkpoint; reshard; export to HF
     eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
-    demo            compressed all-reduce over several local processes (gloo), side by side with the stock one
+    demo            the main job: SmolLM2-135M at TP=3 over local gloo processes, generating with and without INT4
+    collectives-demo
+                    compressed all-reduce over several local processes (gloo), side by side with the stock one
     specs           list the codec presets with their exact bits per value, or check one spec
     bench codecs    codec encode/decode throughput on this machine vs torch.clone
 """
@@ -70,6 +72,12 @@ def _cmd_demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
+def _cmd_collectives_demo(argv: list[str]) -> int:
+    from megatron_tpcomp import collectives_demo
+
+    return collectives_demo.main(argv)
+
+
 def _cmd_convert(argv: list[str]) -> int:
     from megatron_tpcomp.checkpoint import convert
 
@@ -82,7 +90,14 @@ def _cmd_eval(argv: list[str]) -> int:
     return evaluation.main(argv)
 
 
-COMMANDS = {"convert": _cmd_convert, "eval": _cmd_eval, "demo": _cmd_demo, "specs": _cmd_specs, "bench": _cmd_bench}
+COMMANDS = {
+    "convert": _cmd_convert,
+    "eval": _cmd_eval,
+    "demo": _cmd_demo,
+    "collectives-demo": _cmd_collectives_demo,
+    "specs": _cmd_specs,
+    "bench": _cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -124,8 +123,6 @@ def _eval_worker(
     from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
     from megatron_tpcomp.tokenizer import TextTokenizer
 
-    # Megatron's engine draws a progress bar on every rank; ours pass disable= explicitly and are unaffected.
-    os.environ["TQDM_DISABLE"] = "1"
     cpu.enable_cpu_inference()
     M.init_parallel(world_size)
     model, meta = load_model(ckpt, dtype=torch.float32)
@@ -171,6 +168,7 @@ def _eval_worker(
                 vocab_size=meta.model_config.vocab_size,
                 max_batch=len(prompts),
                 max_seq_len=max(len(tok.tokenize(p)) for p in prompts) + gen_tokens + 8,
+                progress=False,
             )
             for name in tqdm(["none", *configs], desc="greedy", disable=not (progress and lead)):
                 if name == "none":
@@ -257,6 +255,9 @@ def evaluate(
 
     if context < 2 or tokens < context:
         raise ValueError(f"need tokens >= context >= 2, got tokens={tokens}, context={context}")
+    todo = variants(specs or ["none"], configs or [], algos or ["auto"])
+    for v in todo:
+        v.config()  # bad specs and config files fail here, before any conversion or process starts
     ckpt = assets.ensure_checkpoint(model, tp, progress=progress)
     meta = read_metadata(ckpt)
     if context > meta.model_config.max_sequence_length:
@@ -269,9 +270,6 @@ def evaluate(
         raise ValueError(f"the text has {len(ids)} tokens; one window needs {context + 1}")
     if len(ids) < need:
         logger.warning("megatron-tpcomp: text has %d tokens, evaluating %d instead of %d", len(ids), len(ids), need)
-    todo = variants(specs or ["none"], configs or [], algos or ["auto"])
-    for v in todo:
-        v.config()  # bad specs and config files fail here, before any process starts
     return run_distributed(
         _eval_worker,
         tp,

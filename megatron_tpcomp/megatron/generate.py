@@ -5,6 +5,7 @@ Works with megatron-core 0.16 (``InferenceWrapperConfig``) and 0.19 (sizes from 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Protocol
 
@@ -42,6 +43,16 @@ class ByteTokenizer:
         return list(range(len(ids)))
 
 
+def _set_engine_progress(enabled: bool) -> None:
+    from megatron.core.inference.engines import static_engine
+
+    original = getattr(static_engine, "_tpcomp_original_tqdm", None) or getattr(static_engine, "tqdm", None)
+    if original is None:
+        return  # a release without the bar
+    static_engine._tpcomp_original_tqdm = original
+    static_engine.tqdm = original if enabled else functools.partial(original, disable=True)
+
+
 def build_static_engine(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -50,8 +61,12 @@ def build_static_engine(
     max_batch: int = 4,
     max_seq_len: int = 256,
     dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> Any:
     """A ``StaticInferenceEngine`` (legacy static batching) around a megatron-core GPTModel.
+
+    ``progress=False`` silences the engine's per-rank "static requests" progress bar (it draws one on every TP
+    rank of this process).
 
     Up to 0.16 the GPT inference wrapper takes an ``InferenceWrapperConfig``; later releases (0.19.2 checked)
     dropped it and read the sizes from the model config and the inference context.
@@ -67,6 +82,7 @@ def build_static_engine(
         raise MegatronCompatError(
             f"megatron-core {megatron_version()}: the static inference engine is not importable ({exc})"
         ) from exc
+    _set_engine_progress(progress)
     context = StaticInferenceContext(max_batch, max_seq_len)
     if "inference_wrapper_config" in inspect.signature(GPTInferenceWrapper.__init__).parameters:
         from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
