@@ -238,6 +238,7 @@ class _Exploit:
         return (os.system, ("touch PWNED",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_pickled_code_is_never_executed(tmp_path: Path, hf_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil"
