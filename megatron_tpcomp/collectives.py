@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -161,23 +162,62 @@ def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() == 1
 
 
-def _check_finite(x: torch.Tensor, op: str, group: dist.ProcessGroup | None, n: int, rank: int) -> None:
-    """Raise CollectiveError on EVERY rank if any rank's input holds NaN/Inf (one tiny all-gather of counts)."""
-    if x.is_floating_point():
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_MAX_DIMS = 8
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    op: str,
+    group: dist.ProcessGroup | None,
+    n: int,
+    rank: int,
+    *,
+    finite: bool,
+    agree: bool,
+    spec: str,
+    option: int,
+) -> None:
+    """One tiny all-gather of per-rank facts; raise CollectiveError on EVERY rank if
+
+    - ``finite``: any rank's input holds NaN/Inf;
+    - ``agree``: the ranks disagree on shape, dtype, codec spec or ``option`` (algorithm or dim), which would
+      otherwise hang or silently mix payloads of different layouts.
+
+    Every rank takes the same decision from the same gathered data, so nobody is left waiting.
+    """
+    count = 0
+    if finite and x.is_floating_point():
         values = x.float() if x.element_size() == 1 else x  # isfinite has no float8 kernel on CPU
         count = int((~torch.isfinite(values)).sum())
-    else:
-        count = 0
-    counts = torch.tensor([count], dtype=torch.int32, device=x.device)
+    dims = list(x.shape)[:_MAX_DIMS] + [-1] * (_MAX_DIMS - min(x.dim(), _MAX_DIMS))
+    spec_id = zlib.crc32(spec.encode()) & 0x7FFFFFFF
+    facts = [count, x.dim(), *dims, _DTYPE_CODES.get(x.dtype, 0), spec_id, option]
+    mine = torch.tensor(facts, dtype=torch.int64, device=x.device)
+    rows = mine[None]
     if n > 1:
-        gathered = torch.empty(n, dtype=torch.int32, device=x.device)
-        _all_gather_flat(gathered, counts, group=group)
-        counts = gathered
-    per_rank = [int(c) for c in counts.cpu()]
-    bad = [r for r, c in enumerate(per_rank) if c]
+        gathered = torch.empty(n * mine.numel(), dtype=torch.int64, device=x.device)
+        _all_gather_flat(gathered, mine, group=group)
+        rows = gathered.view(n, -1)
+    table = [[int(v) for v in row] for row in rows.cpu()]
+    bad = [r for r, row in enumerate(table) if row[0]]
     if bad:
-        where = ", ".join(f"rank {r} holds {per_rank[r]} NaN/Inf values" for r in bad)
+        where = ", ".join(f"rank {r} holds {table[r][0]} NaN/Inf values" for r in bad)
         raise CollectiveError(f"{op}: input is not finite (check_finite=True): {where}; raised on rank {rank}")
+    if agree and any(row[1:] != table[0][1:] for row in table):
+
+        def describe(row: list[int]) -> str:
+            shape = tuple(row[2 : 2 + min(row[1], _MAX_DIMS)])
+            dtype = next(
+                (str(d).removeprefix("torch.") for d, c in _DTYPE_CODES.items() if c == row[2 + _MAX_DIMS]), "?"
+            )
+            return f"shape {shape} {dtype} codec#{row[3 + _MAX_DIMS]:08x} option {row[4 + _MAX_DIMS]}"
+
+        detail = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(table))
+        raise CollectiveError(
+            f"{op}: ranks disagree on the message (every rank must pass the same shape, dtype, codec and options; "
+            f"this rank uses codec {spec!r}): {detail}; raised on rank {rank}"
+        )
 
 
 def _norm_dim(x: torch.Tensor, dim: int, op: str) -> int:
@@ -297,6 +337,7 @@ def all_reduce(
     algo: str = "auto",
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
+    check_ranks: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group``, sending compressed payloads: ``[*] -> [*]``. Out of place.
@@ -308,6 +349,8 @@ def all_reduce(
         group: process group (default: the world).
         algo: ``auto`` | ``one-shot`` | ``two-shot`` (see the module docstring).
         min_bytes: messages smaller than this (uncompressed bytes) use the stock all-reduce.
+        check_ranks: raise CollectiveError on every rank, naming each rank's shape, dtype and codec, if the ranks
+            disagree on them (shares the tiny all-gather with ``check_finite``).
         check_finite: raise CollectiveError on every rank if any rank's ``x`` holds NaN/Inf (one extra tiny
             all-gather). Without it a non-finite value decodes as NaN for its whole block on every rank.
         stats: if a list is given, a :class:`CommStats` record of this call is appended.
@@ -325,8 +368,11 @@ def all_reduce(
     nbytes = x.numel() * x.element_size()
     if _is_float8(x.dtype):
         raise CollectiveError(f"all_reduce: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16 first")
-    if check_finite:
-        _check_finite(x, "all_reduce", group, n, rank)
+    if check_finite or check_ranks:
+        opt = ALGOS.index(algo)
+        _check_inputs(
+            x, "all_reduce", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=opt
+        )
     reason = _ineligible(x, codec, n, min_bytes)
     if reason is not None:
         _log_fallback_once("all_reduce", *reason)
@@ -358,6 +404,7 @@ def all_gather(
     dim: int = 0,
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
+    check_ranks: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Concatenate ``x`` from every rank along ``dim``, sending compressed payloads. Out of place.
@@ -368,7 +415,7 @@ def all_gather(
     Args:
         x: tensor with at least one dimension, same shape and dtype on every rank. fp32/bf16/fp16 are
             compressed; other dtypes (float8 included, sent as raw bytes) run the stock all-gather.
-        codec, group, min_bytes, check_finite, stats: as for :func:`all_reduce`.
+        codec, group, min_bytes, check_finite, check_ranks, stats: as for :func:`all_reduce`.
         dim: dimension to concatenate along (negative counts from the end).
 
     Returns:
@@ -378,8 +425,10 @@ def all_gather(
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     dim = _norm_dim(x, dim, "all_gather")
     nbytes = x.numel() * x.element_size()
-    if check_finite:
-        _check_finite(x, "all_gather", group, n, rank)
+    if check_finite or check_ranks:
+        _check_inputs(
+            x, "all_gather", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=dim
+        )
     reason = _ineligible(x, codec, n, min_bytes)
     if reason is not None:
         _log_fallback_once("all_gather", *reason)
@@ -414,6 +463,7 @@ def reduce_scatter(
     dim: int = 0,
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
+    check_ranks: bool = False,
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Sum ``x`` over ranks and keep block ``rank`` along ``dim``: ``[s, b, h] -> [s/N, b, h]`` for ``dim=0``.
@@ -424,7 +474,7 @@ def reduce_scatter(
 
     Args:
         x: tensor, same shape on every rank; ``x.shape[dim]`` must be divisible by N.
-        codec, group, min_bytes, check_finite, stats: as for :func:`all_reduce`.
+        codec, group, min_bytes, check_finite, check_ranks, stats: as for :func:`all_reduce`.
         dim: dimension to scatter along.
 
     Returns:
@@ -445,8 +495,10 @@ def reduce_scatter(
     if _is_float8(x.dtype):
         raise CollectiveError(f"reduce_scatter: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16")
     nbytes = x.numel() * x.element_size()
-    if check_finite:
-        _check_finite(x, "reduce_scatter", group, n, rank)
+    if check_finite or check_ranks:
+        _check_inputs(
+            x, "reduce_scatter", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=dim
+        )
     blocks = x.tensor_split(n, dim)  # N views, each x.shape with dim / N
     block_shape = blocks[0].shape
     base = (n - 1) * nbytes // n

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +51,20 @@ class _ModelState:
     config: CompressionConfig
     handles: list[Any]
     telemetry: bool
+    checked: set[tuple[str, str]] = field(default_factory=set)  # (op, site) already verified across ranks
+
+
+#: Environment variable choosing when compressed collectives verify that all ranks agree on shape, dtype and
+#: codec (one extra all-gather of a few integers): ``first`` (default: the first call of each op and site after
+#: enable(), which catches a rank that was set up differently), ``always`` (every call), ``off``.
+CHECK_RANKS_ENV = "TPCOMP_CHECK_RANKS"
+
+
+def check_ranks_mode() -> str:
+    mode = os.environ.get(CHECK_RANKS_ENV, "first").strip().lower()
+    if mode not in ("first", "always", "off"):
+        raise ConfigError(f"{CHECK_RANKS_ENV}={mode!r}: expected first, always or off")
+    return mode
 
 
 _state: dict[int, _ModelState] = {}  # id(model) -> state
@@ -71,7 +86,10 @@ def _current() -> tuple[Site, _ModelState] | None:
 
 
 def _run(op: str, fallback: Any, compressed: Any) -> Any:
-    """Count the call; use ``compressed(codec, cfg, stats)`` when the current site has a codec."""
+    """Count the call; use ``compressed(codec, cfg, stats, check_ranks)`` when the current site has a codec.
+
+    ``check_ranks`` (see :data:`CHECK_RANKS`) makes the collective first verify that every rank passes the same
+    shape, dtype and codec, so a mismatch is an error naming the ranks instead of a hang or garbage."""
     top = _current()
     call_counts[(op, str(top[0]) if top else "none")] += 1
     if top is None:
@@ -81,7 +99,11 @@ def _run(op: str, fallback: Any, compressed: Any) -> Any:
     if codec is None:
         return fallback()
     stats: list[CommStats] | None = [] if state.telemetry else None
-    out = compressed(codec, state.config, stats)
+    mode = check_ranks_mode()
+    key = (op, str(site))
+    check = mode == "always" or (mode == "first" and key not in state.checked)
+    state.checked.add(key)
+    out = compressed(codec, state.config, stats, check)
     if stats:
         telemetry_records.append((str(site), stats[0]))
     return out
@@ -94,8 +116,8 @@ def _wrap_reduce(original: Any) -> Any:
         return _run(
             "all_reduce",
             lambda: original(input_, group),
-            lambda codec, cfg, stats: collectives.all_reduce(
-                input_, codec, group, algo=cfg.algo, min_bytes=cfg.min_bytes, stats=stats
+            lambda codec, cfg, stats, check: collectives.all_reduce(
+                input_, codec, group, algo=cfg.algo, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
         )
 
@@ -109,8 +131,8 @@ def _wrap_gather_last(original: Any) -> Any:
         return _run(
             "all_gather_last",
             lambda: original(input_, group),
-            lambda codec, cfg, stats: collectives.all_gather(
-                input_, codec, group, dim=-1, min_bytes=cfg.min_bytes, stats=stats
+            lambda codec, cfg, stats, check: collectives.all_gather(
+                input_, codec, group, dim=-1, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
         )
 
@@ -129,8 +151,8 @@ def _wrap_gather_first(original: Any) -> Any:
         return _run(
             "all_gather_first",
             stock,
-            lambda codec, cfg, stats: collectives.all_gather(
-                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats
+            lambda codec, cfg, stats, check: collectives.all_gather(
+                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
         )
 
@@ -149,8 +171,8 @@ def _wrap_reduce_scatter_first(original: Any) -> Any:
         return _run(
             "reduce_scatter",
             stock,
-            lambda codec, cfg, stats: collectives.reduce_scatter(
-                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats
+            lambda codec, cfg, stats, check: collectives.reduce_scatter(
+                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
         )
 
@@ -169,8 +191,11 @@ def _wrap_dist_all_gather(original: Any) -> Any:
         def stock() -> Any:
             return original(output, input_, group=group, async_op=async_op)
 
-        def compressed(codec: Any, cfg: CompressionConfig, stats: Any) -> Any:
-            output.copy_(collectives.all_gather(input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats))
+        def compressed(codec: Any, cfg: CompressionConfig, stats: Any, check: bool) -> Any:
+            out = collectives.all_gather(
+                input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
+            )
+            output.copy_(out)
             return _DoneHandle() if async_op else None
 
         if dist.get_world_size(group) == 1:

@@ -56,13 +56,14 @@ def wrap_te_collective(name: str, original: Callable[..., Any], run: Callable[..
         if group is None or group.size() == 1 or extra:
             return stock()
 
-        def compressed(codec: Any, cfg: Any, stats: Any) -> Any:
+        def compressed(codec: Any, cfg: Any, stats: Any, check: bool) -> Any:
+            kw = {"min_bytes": cfg.min_bytes, "stats": stats, "check_ranks": check}
             if name == "allreduce":
-                out = collectives.all_reduce(inp, codec, group, algo=cfg.algo, min_bytes=cfg.min_bytes, stats=stats)
+                out = collectives.all_reduce(inp, codec, group, algo=cfg.algo, **kw)
             elif name == "reduce_scatter_along_first_dim":
-                out = collectives.reduce_scatter(inp, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats)
+                out = collectives.reduce_scatter(inp, codec, group, dim=0, **kw)
             else:
-                out = collectives.all_gather(inp, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats)
+                out = collectives.all_gather(inp, codec, group, dim=0, **kw)
             return out, None  # completed synchronously: no handle to wait on
 
         return run(op, stock, compressed)

@@ -292,3 +292,13 @@ def test_loading_at_the_wrong_tp_size_says_how_to_reshard(hf_dirs: dict[str, Pat
 def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(hf_dirs: dict[str, Path], tmp_path: Path):
+    convert(hf_dirs["llama-untied"], tmp_path / "ck", 1, progress=False)
+    meta_file = tmp_path / "ck" / "tpcomp_checkpoint.json"
+    data = json.loads(meta_file.read_text())
+    data["model_config"]["ffn_hidden_size"] = 96  # the weights were saved with 192
+    meta_file.write_text(json.dumps(data))
+    msg = run_distributed(_load_at, 1, str(tmp_path / "ck"), timeout_s=120)[0]
+    assert "does not match the model" in msg and "linear_fc1.weight: (384, 96) vs model (192, 96)" in msg, msg
