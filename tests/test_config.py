@@ -123,3 +123,16 @@ def test_fuzz_returns_a_config_or_raises_config_error(data: object) -> None:
     except ConfigError:
         return
     assert isinstance(cfg, CompressionConfig)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200), st.sampled_from([".json", ".yaml"]))
+def test_fuzz_malformed_files_raise_config_error_only(tmp_path_factory: pytest.TempPathFactory, text: str, suffix: str):
+    path = tmp_path_factory.mktemp("fuzz") / f"layers{suffix}"
+    path.write_text(text, encoding="utf-8")
+    try:
+        cfg = CompressionConfig.load(path)
+    except ConfigError as exc:
+        assert str(path) in str(exc)  # the message names the file
+        return
+    assert isinstance(cfg, CompressionConfig)
