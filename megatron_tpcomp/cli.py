@@ -2,6 +2,7 @@
 
 Subcommands:
     convert         Hugging Face / GGUF / smollm2-135m -> TP-sharded Megatron-Core checkpoint; reshard; export to HF
+    calibrate       per-layer statistics of the TP collectives, outlier channels, a per-layer config
     eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
     demo            the main job: SmolLM2-135M at TP=3 over local gloo processes, generating with and without INT4
     collectives-demo
@@ -84,6 +85,12 @@ def _cmd_convert(argv: list[str]) -> int:
     return convert.main(argv)
 
 
+def _cmd_calibrate(argv: list[str]) -> int:
+    from megatron_tpcomp import calibration
+
+    return calibration.main(argv)
+
+
 def _cmd_eval(argv: list[str]) -> int:
     from megatron_tpcomp import evaluation
 
@@ -93,6 +100,7 @@ def _cmd_eval(argv: list[str]) -> int:
 COMMANDS = {
     "convert": _cmd_convert,
     "eval": _cmd_eval,
+    "calibrate": _cmd_calibrate,
     "demo": _cmd_demo,
     "collectives-demo": _cmd_collectives_demo,
     "specs": _cmd_specs,

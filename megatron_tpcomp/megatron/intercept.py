@@ -14,9 +14,10 @@ each collective through the install point.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,26 @@ def _current() -> tuple[Site, _ModelState] | None:
     return _site_stack[-1] if _site_stack else None
 
 
-def _run(op: str, fallback: Any, compressed: Any) -> Any:
+#: Called as ``observer(op, site, tensor)`` for every intercepted call made inside a site, before it is sent
+#: (calibration records the statistics of what each collective communicates). None: no observer, no cost.
+_observer: Callable[[str, Site, torch.Tensor], None] | None = None
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[str, Site, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, call ``callback(op, site, tensor)`` with this rank's input of every intercepted
+    collective of an enabled model (``tensor``: the partial sum ``[s, b, h]`` of an all-reduce or
+    reduce-scatter, the local shard of an all-gather). Enable the model with spec ``none`` to observe Megatron's
+    own, uncompressed communication."""
+    global _observer
+    previous, _observer = _observer, callback
+    try:
+        yield
+    finally:
+        _observer = previous
+
+
+def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = None) -> Any:
     """Count the call; use ``compressed(codec, cfg, stats, check_ranks)`` when the current site has a codec.
 
     ``check_ranks`` (see :data:`CHECK_RANKS`) makes the collective first verify that every rank passes the same
@@ -95,6 +115,8 @@ def _run(op: str, fallback: Any, compressed: Any) -> Any:
     if top is None:
         return fallback()
     site, state = top
+    if _observer is not None and tensor is not None:
+        _observer(op, site, tensor)
     codec = state.config.codec_for(site.kind, site.layer)
     if codec is None:
         return fallback()
@@ -119,6 +141,7 @@ def _wrap_reduce(original: Any) -> Any:
             lambda codec, cfg, stats, check: collectives.all_reduce(
                 input_, codec, group, algo=cfg.algo, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
+            input_,
         )
 
     return _reduce
@@ -134,6 +157,7 @@ def _wrap_gather_last(original: Any) -> Any:
             lambda codec, cfg, stats, check: collectives.all_gather(
                 input_, codec, group, dim=-1, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
+            input_,
         )
 
     return _gather_along_last_dim
@@ -154,6 +178,7 @@ def _wrap_gather_first(original: Any) -> Any:
             lambda codec, cfg, stats, check: collectives.all_gather(
                 input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
+            input_,
         )
 
     return _gather_along_first_dim
@@ -174,6 +199,7 @@ def _wrap_reduce_scatter_first(original: Any) -> Any:
             lambda codec, cfg, stats, check: collectives.reduce_scatter(
                 input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             ),
+            input_,
         )
 
     return _reduce_scatter_along_first_dim
@@ -200,7 +226,7 @@ def _wrap_dist_all_gather(original: Any) -> Any:
 
         if dist.get_world_size(group) == 1:
             return stock()
-        return _run("all_gather_linear", stock, compressed)
+        return _run("all_gather_linear", stock, compressed, input_)
 
     return dist_all_gather_func
 

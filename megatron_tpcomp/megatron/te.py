@@ -66,7 +66,7 @@ def wrap_te_collective(name: str, original: Callable[..., Any], run: Callable[..
                 out = collectives.all_gather(inp, codec, group, dim=0, **kw)
             return out, None  # completed synchronously: no handle to wait on
 
-        return run(op, stock, compressed)
+        return run(op, stock, compressed, inp)
 
     wrapper.__wrapped__ = original  # type: ignore[attr-defined]
     return wrapper
