@@ -231,6 +231,61 @@ def to_config(result: dict[str, Any], spec: str, *, algo: str = "auto") -> dict[
     return data
 
 
+def search_config(
+    result: dict[str, Any],
+    candidates: list[str],
+    budget: float,
+    *,
+    tokens: int = 512,
+    context: int = 512,
+    text: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Per-layer format search (:mod:`megatron_tpcomp.search`) on calibration text, using the calibrated
+    outlier channels for ``+outliers`` candidates.
+
+    Returns:
+        (per-layer config dict with the prediction in ``meta``, site -> candidate -> KL)
+    """
+    from megatron_tpcomp import assets, search
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.codecs import make_codec
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    meta = read_metadata(result["checkpoint"])
+    hidden = result["hidden"]
+    outliers = {key: s["outlier_channels"] for key, s in result["sites"].items()}
+    bits = {}
+    for c in candidates:
+        channels = list(range(result["k"])) if "+outliers" in c else None  # the table size, not its values
+        bits[c] = make_codec(c, outlier_channels=channels).bits_per_value((context, hidden))
+    ids = TextTokenizer.from_checkpoint(meta).tokenize(assets.calibration_text() if text is None else text)
+    count = min(max(tokens // context, 1), len(ids) // context)
+    if count < 1:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; one window needs {context}")
+    windows = [ids[i * context : (i + 1) * context] for i in range(count)]
+    sens = search.measure_sensitivity(
+        result["checkpoint"], result["tp"], windows, candidates, outliers, progress=progress
+    )
+    assignment, kl, mean_bits = search.choose(sens, bits, budget)
+    config = search.assignment_to_config(
+        assignment,
+        outliers,
+        {"num_layers": result["num_layers"], "hidden_size": hidden, "tp_size": result["tp"]},
+        {
+            "calibrated_by": "tpcomp calibrate --search",
+            "model": result["model"],
+            "kl_budget": budget,
+            "predicted_kl": kl,
+            "predicted_bits_per_value": mean_bits,
+            "candidates": {c: bits[c] for c in candidates},
+            "search_tokens": count * context,
+            **result["calibration"],
+        },
+    )
+    return config, sens
+
+
 def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']}  TP={result['tp']}  k={result['k']}  calibration {result['calibration']['tokens']} tokens, "
@@ -272,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="per-layer config to write (JSON)")
     p.add_argument("--stats-json", help="also write the full statistics (per-channel absmax and rms) as JSON")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="choose a codec per layer and block (from --candidates or none) minimising bits under --kl-budget",
+    )
+    p.add_argument("--kl-budget", type=float, default=0.01, help="summed KL allowed by --search (nats/token)")
+    p.add_argument(
+        "--candidates",
+        default="int4:g32+had,int4:g32+outliers,fp5:b32,int8:g32",
+        help="comma-separated specs for --search (+outliers uses the calibrated channels)",
+    )
+    p.add_argument("--search-tokens", type=int, default=512, help="calibration tokens for the sensitivity runs")
     return p
 
 
@@ -287,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.force:
             raise ValueError(f"{out} already exists; pass --force to replace it")
         make_codec(args.spec)  # a bad spec fails before the model runs
+        if args.search:
+            for c in args.candidates.split(","):
+                make_codec(c.strip(), outlier_channels=[0] if "+outliers" in c else None)
         text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else None
         result = calibrate(
             args.model,
@@ -297,11 +367,24 @@ def main(argv: list[str] | None = None) -> int:
             context=args.context,
             text=text,
         )
-        config = to_config(result, args.spec)
+        if args.search:
+            candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+            config, sens = search_config(
+                result, candidates, args.kl_budget, tokens=args.search_tokens, context=args.context, text=text
+            )
+            result["sensitivity"] = sens
+        else:
+            config = to_config(result, args.spec)
     except (ValueError, OSError, CheckpointError, AssetError) as exc:
         print(f"tpcomp calibrate: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(result))
+    if args.search:
+        m = config["meta"]
+        print(
+            f"search: predicted KL {m['predicted_kl']:.4f} (budget {m['kl_budget']}), "
+            f"{m['predicted_bits_per_value']:.3f} bits/value; verify with tpcomp eval --config {out}"
+        )
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out)  # atomic: an interrupted run never leaves a truncated config
