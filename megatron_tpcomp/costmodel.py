@@ -1,0 +1,242 @@
+"""Cost model: predicted time of each collective path from message size, world size, link and codec speed.
+
+Terms (per rank; N = world size, B = uncompressed message bytes, P = payload bytes of the whole message):
+
+- link: a message step of ``m`` bytes costs ``alpha + m / beta`` (latency ``alpha`` s, bandwidth ``beta``
+  bytes/s, per direction);
+- codec: encoding or decoding ``b`` input bytes costs ``lat + b / bw`` (a per-call latency plus a throughput);
+
+Paths (the stock ones are gloo/NCCL ring algorithms):
+
+- stock all-reduce (ring): ``2(N-1) alpha + 2(N-1)/N * B / beta``
+- one-shot compressed:      ``enc(B) + (N-1) alpha + (N-1) P / beta + N dec(B)``
+- two-shot compressed:      ``enc(B) + 2(N-1) alpha + 2(N-1)/N * P / beta + N dec(B/N) + enc(B/N) + N dec(B/N)``
+- stock all-gather (ring):  ``(N-1) alpha + (N-1) B / beta``;  compressed: ``enc(B) + (N-1) alpha + (N-1) P / beta
+  + N dec(B)``
+- stock reduce-scatter:     ``(N-1) alpha + (N-1)/N * B / beta``; compressed (all-to-all of N chunk payloads):
+  ``enc(B) + (N-1) alpha + (N-1)/N * P / beta + N dec(B/N)``
+
+Parameters come from a performance table (JSON, written by :func:`fit` from the benchmark outputs of
+``tpcomp bench codecs`` and ``tpcomp bench collectives``), keyed by device, dtype and world size. Without a
+table the model uses :data:`DEFAULTS`, published figures, and says so in ``source``. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TABLE_VERSION = 1
+
+#: Published defaults, used only when no measured table exists. Link: PCIe Gen4 x16 peer-to-peer, ~25 GB/s per
+#: direction and ~10 us per message step (NCCL over PCIe); codec: a fused one-pass GPU kernel at ~70% of an
+#: H100's 3.35 TB/s HBM bandwidth (the kernel benchmark's target) with ~5 us launch latency.
+DEFAULTS: dict[str, Any] = {
+    "link": {"alpha_s": 10e-6, "beta_bytes_per_s": 25e9, "source": "default: PCIe Gen4 x16 (published)"},
+    "codec": {"lat_s": 5e-6, "bw_bytes_per_s": 2.3e12, "source": "default: fused GPU kernel at 70% of H100 HBM"},
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    alpha_s: float
+    beta_bytes_per_s: float
+    source: str = "default"
+
+    def step(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.beta_bytes_per_s
+
+
+@dataclass(frozen=True)
+class CodecSpeed:
+    enc_lat_s: float
+    enc_bw: float
+    dec_lat_s: float
+    dec_bw: float
+    source: str = "default"
+
+    def enc(self, nbytes: float) -> float:
+        return self.enc_lat_s + nbytes / self.enc_bw
+
+    def dec(self, nbytes: float) -> float:
+        return self.dec_lat_s + nbytes / self.dec_bw
+
+
+@dataclass
+class CostModel:
+    """Predicts collective times; see the module docstring for the formulas.
+
+    Attributes:
+        links: world size -> :class:`Link` (``0`` is the fallback for world sizes not measured).
+        codecs: canonical codec spec -> :class:`CodecSpeed` (``"*"`` is the fallback).
+        device, dtype: what the table was measured on.
+    """
+
+    links: dict[int, Link] = field(default_factory=dict)
+    codecs: dict[str, CodecSpeed] = field(default_factory=dict)
+    device: str = "unknown"
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def default(cls) -> CostModel:
+        d = DEFAULTS
+        link = Link(d["link"]["alpha_s"], d["link"]["beta_bytes_per_s"], d["link"]["source"])
+        c = d["codec"]
+        codec = CodecSpeed(c["lat_s"], c["bw_bytes_per_s"], c["lat_s"], c["bw_bytes_per_s"], c["source"])
+        return cls(links={0: link}, codecs={"*": codec})
+
+    def link(self, world_size: int) -> Link:
+        return self.links.get(world_size) or self.links.get(0) or CostModel.default().links[0]
+
+    def codec(self, spec: str) -> CodecSpeed:
+        return self.codecs.get(spec) or self.codecs.get("*") or CostModel.default().codecs["*"]
+
+    # ------------------------------------------------------------------------------------------- predictions
+
+    def stock(self, op: str, nbytes: int, n: int) -> float:
+        """Seconds of the stock ring collective (``op`` in all_reduce | all_gather | reduce_scatter)."""
+        if n <= 1:
+            return 0.0
+        link = self.link(n)
+        if op == "all_reduce":
+            return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * nbytes / link.beta_bytes_per_s
+        if op == "all_gather":
+            return (n - 1) * link.step(nbytes)
+        if op == "reduce_scatter":
+            return (n - 1) * link.alpha_s + (n - 1) / n * nbytes / link.beta_bytes_per_s
+        raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
+
+    def compressed(self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot") -> float:
+        """Seconds of the compressed path: ``payload`` = bytes of the whole message's payload."""
+        if n <= 1:
+            return 0.0
+        link, c = self.link(n), self.codec(spec)
+        if op == "all_reduce" and algo == "two-shot":
+            wire = 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * payload / link.beta_bytes_per_s
+            chunk = nbytes / n
+            return c.enc(nbytes) + wire + n * c.dec(chunk) + c.enc(chunk) + n * c.dec(chunk)
+        if op in ("all_reduce", "all_gather"):
+            return c.enc(nbytes) + (n - 1) * link.step(payload) + n * c.dec(nbytes)
+        if op == "reduce_scatter":
+            wire = (n - 1) * link.alpha_s + (n - 1) / n * payload / link.beta_bytes_per_s
+            return c.enc(nbytes) + wire + n * c.dec(nbytes / n)
+        raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
+
+    def choose(
+        self, op: str, nbytes: int, n: int, options: Iterable[tuple[str, int]], algos: Iterable[str] = ("one-shot",)
+    ) -> tuple[str, str, float]:
+        """The fastest path: ``("none", "stock", t)`` or ``(spec, algo, t)`` among ``options`` = (spec, payload
+        bytes) pairs the layer's quality config allows; two-shot is considered for all-reduce only."""
+        best = ("none", "stock", self.stock(op, nbytes, n))
+        for spec, payload in options:
+            for algo in algos if op == "all_reduce" else ("one-shot",):
+                t = self.compressed(op, nbytes, n, spec, payload, algo)
+                if t < best[2]:
+                    best = (spec, algo, t)
+        return best
+
+    # ---------------------------------------------------------------------------------------------------- I/O
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": TABLE_VERSION,
+            "device": self.device,
+            "dtype": self.dtype,
+            "links": {str(n): vars(link) for n, link in self.links.items()},
+            "codecs": {spec: vars(c) for spec, c in self.codecs.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "table") -> CostModel:
+        if not isinstance(data, Mapping) or data.get("version") != TABLE_VERSION:
+            raise ValueError(f"{source}: not a version-{TABLE_VERSION} performance table")
+        try:
+            links = {int(n): Link(**v) for n, v in data["links"].items()}
+            codecs = {spec: CodecSpeed(**v) for spec, v in data["codecs"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: malformed performance table: {exc}") from None
+        if any(link.beta_bytes_per_s <= 0 or link.alpha_s < 0 for link in links.values()):
+            raise ValueError(f"{source}: link bandwidths must be > 0 and latencies >= 0")
+        if any(c.enc_bw <= 0 or c.dec_bw <= 0 or c.enc_lat_s < 0 or c.dec_lat_s < 0 for c in codecs.values()):
+            raise ValueError(f"{source}: codec throughputs must be > 0 and latencies >= 0")
+        return cls(links, codecs, str(data.get("device", "unknown")), str(data.get("dtype", "bfloat16")))
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> CostModel:
+        """The table at ``path``; None or a missing file gives :meth:`default`."""
+        if path is None or not Path(path).is_file():
+            return cls.default()
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read performance table: {exc}") from None
+        return cls.from_json(data, str(path))
+
+
+# ------------------------------------------------------------------------------------------------------ fitting
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x`` with a >= 0 (a negative intercept is clamped and the slope refitted)."""
+    if len(points) == 1:
+        x, y = points[0]
+        return 0.0, y / x if x else 0.0
+    mx = statistics.fmean(p[0] for p in points)
+    my = statistics.fmean(p[1] for p in points)
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    b = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else 0.0
+    a = my - b * mx
+    if a < 0:
+        a, b = 0.0, sum(p[0] * p[1] for p in points) / sum(p[0] ** 2 for p in points)
+    return a, b
+
+
+def fit_codecs(records: Iterable[Mapping[str, Any]]) -> dict[str, CodecSpeed]:
+    """Per canonical spec, encode/decode latency and throughput from ``tpcomp bench codecs`` records
+    (``canonical``, ``bytes``, ``encode_ms``, ``decode_ms``) at two or more sizes."""
+    by_spec: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_spec.setdefault(r["canonical"], []).append(r)
+    out = {}
+    for spec, rows in by_spec.items():
+        enc = _line([(r["bytes"], r["encode_ms"] / 1e3) for r in rows])
+        dec = _line([(r["bytes"], r["decode_ms"] / 1e3) for r in rows])
+        out[spec] = CodecSpeed(enc[0], 1 / max(enc[1], 1e-18), dec[0], 1 / max(dec[1], 1e-18), "measured")
+    return out
+
+
+def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
+    """Per world size, link latency and bandwidth from the stock all-reduce timings of ``tpcomp bench
+    collectives`` records (``op``, ``world_size``, ``bytes``, ``baseline_median_ms``): the ring formula is linear
+    in (steps, bytes on the wire per rank)."""
+    by_n: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("op") != "all_reduce":
+            continue
+        n = int(r["world_size"])
+        wire = 2 * (n - 1) / n * r["bytes"]
+        by_n.setdefault(n, []).append((wire, r["baseline_median_ms"] / 1e3))
+    out = {}
+    for n, points in by_n.items():
+        a, b = _line(sorted(set(points)))
+        out[n] = Link(a / (2 * (n - 1)), 1 / max(b, 1e-18), "measured")
+    return out
+
+
+def fit(
+    codec_records: Iterable[Mapping[str, Any]],
+    collective_records: Iterable[Mapping[str, Any]] = (),
+    *,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+) -> CostModel:
+    """A model from benchmark records; link entries not measured fall back to :data:`DEFAULTS`."""
+    model = CostModel.default()
+    model.codecs.update(fit_codecs(codec_records))
+    model.links.update(fit_links(collective_records))
+    model.device, model.dtype = device, dtype
+    return model

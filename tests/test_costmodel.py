@@ -1,0 +1,82 @@
+"""Cost model: fits recover known parameters; choices follow the link and the message size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_tpcomp.costmodel import CostModel, Link, fit, fit_codecs, fit_links
+
+MiB = 1 << 20
+
+
+def test_codec_fit_recovers_latency_and_throughput() -> None:
+    lat, bw = 40e-6, 0.3e9  # like the torch reference INT4 encoder on 2 CPU cores
+    records = [
+        {"canonical": "int4:g32:sfp16", "bytes": b, "encode_ms": (lat + b / bw) * 1e3, "decode_ms": (b / 1.2e9) * 1e3}
+        for b in (16 * 1024, MiB, 8 * MiB)
+    ]
+    speed = fit_codecs(records)["int4:g32:sfp16"]
+    assert speed.enc_lat_s == pytest.approx(lat, rel=1e-6) and speed.enc_bw == pytest.approx(bw, rel=1e-6)
+    assert speed.dec_lat_s == pytest.approx(0.0, abs=1e-12) and speed.dec_bw == pytest.approx(1.2e9, rel=1e-6)
+
+
+def test_link_fit_recovers_the_ring_parameters() -> None:
+    alpha, beta, n = 50e-6, 125e6, 3  # 1 Gbit/s
+    records = [
+        {"op": "all_reduce", "world_size": n, "bytes": b, "baseline_median_ms": 1e3 * model_time(alpha, beta, n, b)}
+        for b in (16 * 1024, MiB, 8 * MiB)
+    ]
+    link = fit_links(records)[n]
+    assert link.alpha_s == pytest.approx(alpha, rel=1e-6) and link.beta_bytes_per_s == pytest.approx(beta, rel=1e-6)
+
+
+def model_time(alpha: float, beta: float, n: int, b: int) -> float:
+    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * b / beta
+
+
+def test_choices_follow_link_speed_and_message_size() -> None:
+    model = CostModel.default()
+    model.links[2] = Link(50e-6, 125e6)  # 1 Gbit/s, 50 us per step
+    payload = lambda b: int(b * 4.5 / 16)  # noqa: E731  int4 g32 of bf16
+    big, small = 8 * MiB, 4 * 1024
+    spec, algo, _ = model.choose("all_reduce", big, 2, [("int4", payload(big))])
+    assert (spec, algo) == ("int4", "one-shot")
+    # A decode-sized message on the same link: latency-bound, the codec's fixed cost is not repaid.
+    slow_codec = fit_codecs(
+        [{"canonical": "int4", "bytes": b, "encode_ms": 0.2 + b / 3e5, "decode_ms": 0.2 + b / 1e6} for b in (1024, MiB)]
+    )
+    model.codecs.update(slow_codec)
+    assert model.choose("all_reduce", small, 2, [("int4", payload(small))])[0] == "none"
+    # NVLink-class link: never worth it with a CPU-speed codec.
+    model.links[2] = Link(5e-6, 300e9)
+    assert model.choose("all_reduce", big, 2, [("int4", payload(big))])[0] == "none"
+
+
+def test_two_shot_is_chosen_only_where_it_sends_fewer_bytes() -> None:
+    model = CostModel.default()
+    model.links[8] = Link(10e-6, 1e9)
+    b = 64 * MiB
+    spec, algo, _ = model.choose("all_reduce", b, 8, [("int4", b // 4)], algos=("one-shot", "two-shot"))
+    assert (spec, algo) == ("int4", "two-shot")  # 7 P vs 1.75 P on the wire
+
+
+def test_table_round_trip_and_errors(tmp_path: Path) -> None:
+    model = fit([], [], device="cpu-test")
+    path = tmp_path / "perf.json"
+    path.write_text(json.dumps(model.to_json()))
+    again = CostModel.load(path)
+    assert again.to_json() == model.to_json()
+    assert CostModel.load(tmp_path / "missing.json").link(2).source.startswith("default")
+    bad = model.to_json()
+    bad["links"]["0"]["beta_bytes_per_s"] = 0
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="bandwidths must be > 0"):
+        CostModel.load(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="cannot read performance table"):
+        CostModel.load(path)
+    with pytest.raises(ValueError, match="unknown op"):
+        model.stock("broadcast", 10, 2)
