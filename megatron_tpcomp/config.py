@@ -9,6 +9,9 @@ Schema (JSON or YAML; version 1)::
       "logits": "none",                   # LM-head: gather of logits / SP all-gather of its input
       "min_bytes": 0,                     # messages smaller than this go uncompressed
       "algo": "auto",                     # all-reduce algorithm: auto | one-shot | two-shot
+      "policy": "fixed",                  # fixed: always the layer's codec; auto: per message, the fastest of
+                                          #   the layer's codec (one-/two-shot) and uncompressed (cost model)
+      "perf_table": "perf.json",          # policy auto: measured performance table (costmodel.py); optional
       "layers": {                         # 0-based layer index -> per-block settings
         "0":  {"attention": "fp8", "mlp": "int8:g32"},
         "11": {"mlp": {"spec": "int4:g32+outliers", "outlier_channels": [5, 9, 300]}},
@@ -35,7 +38,22 @@ from megatron_tpcomp.spec import canonical, parse_spec
 
 BLOCKS = ("attention", "mlp")
 SITES = BLOCKS + ("embedding", "logits")
-TOP_LEVEL_KEYS = {"version", "default", "embedding", "logits", "min_bytes", "algo", "layers", "model", "meta"}
+TOP_LEVEL_KEYS = {
+    "version",
+    "default",
+    "embedding",
+    "logits",
+    "min_bytes",
+    "algo",
+    "policy",
+    "perf_table",
+    "layers",
+    "model",
+    "meta",
+}
+POLICIES = ("fixed", "auto")
+#: The codec behind the bare spec ``auto``: the best 4.5-bit format in FACTS.md's SmolLM2 table.
+AUTO_DEFAULT_SPEC = "int4:g32+had"
 
 
 class ConfigError(ValueError):
@@ -64,11 +82,20 @@ class CompressionConfig:
     min_bytes: int = 0
     algo: str = "auto"
     model: dict[str, Any] = field(default_factory=dict)
+    policy: str = "fixed"
+    perf_table: str | None = None
     _codecs: dict[SiteSetting, Codec] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: str, *, min_bytes: int = 0, algo: str = "auto") -> CompressionConfig:
-        """One spec for every transformer-layer collective; embedding and logits stay uncompressed."""
+        """One spec for every transformer-layer collective; embedding and logits stay uncompressed.
+
+        ``auto`` = :data:`AUTO_DEFAULT_SPEC` with policy ``auto`` (per message: that codec or uncompressed,
+        whichever the cost model predicts faster)."""
+        if spec.strip().lower() == "auto":
+            cfg = cls.from_spec(AUTO_DEFAULT_SPEC, min_bytes=min_bytes, algo=algo)
+            cfg.policy = "auto"
+            return cfg
         setting = _setting(spec, "spec")
         if algo not in ALGOS:
             raise ConfigError(f"algo {algo!r} is not one of {', '.join(ALGOS)}")
@@ -112,6 +139,12 @@ class CompressionConfig:
         model = data.get("model", {})
         if not isinstance(model, Mapping):
             raise ConfigError(f"{source}: 'model' must be a mapping")
+        policy = data.get("policy", "fixed")
+        if policy not in POLICIES:
+            raise ConfigError(f"{source}: policy {policy!r} is not one of {', '.join(POLICIES)}")
+        perf_table = data.get("perf_table")
+        if perf_table is not None and not isinstance(perf_table, str):
+            raise ConfigError(f"{source}: perf_table must be a file path, got {perf_table!r}")
         return cls(
             default=_setting(data.get("default", "none"), f"{source}: default"),
             embedding=_setting(data.get("embedding", "none"), f"{source}: embedding"),
@@ -120,6 +153,8 @@ class CompressionConfig:
             min_bytes=min_bytes,
             algo=algo,
             model=dict(model),
+            policy=policy,
+            perf_table=perf_table,
         )
 
     @classmethod
@@ -156,6 +191,8 @@ class CompressionConfig:
             "logits": out(self.logits),
             "min_bytes": self.min_bytes,
             "algo": self.algo,
+            "policy": self.policy,
+            "perf_table": self.perf_table,
             "layers": {str(i): {b: out(s) for b, s in blocks.items()} for i, blocks in sorted(self.layers.items())},
             "model": dict(self.model),
         }

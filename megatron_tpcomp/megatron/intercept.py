@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -53,6 +54,9 @@ class _ModelState:
     handles: list[Any]
     telemetry: bool
     checked: set[tuple[str, str]] = field(default_factory=set)  # (op, site) already verified across ranks
+    cost: Any = None  # CostModel when the config's policy is "auto"
+    tp_size: int = 1
+    by_algo: dict[str, CompressionConfig] = field(default_factory=dict)
 
 
 #: Environment variable choosing when compressed collectives verify that all ranks agree on shape, dtype and
@@ -73,6 +77,8 @@ _site_stack: list[tuple[Site, _ModelState]] = []
 _originals: dict[str, tuple[Any, Any]] = {}
 #: (op, site or "none") -> number of intercepted calls since the last reset_counts().
 call_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+#: (op, site, choice) -> calls, for policy "auto": what the cost model picked ("none" or "SPEC@ALGO").
+auto_choices: collections.Counter[tuple[str, str, str]] = collections.Counter()
 #: (site, CommStats) of compressed calls, recorded only for models enabled with telemetry=True.
 telemetry_records: list[tuple[str, CommStats]] = []
 
@@ -80,6 +86,7 @@ telemetry_records: list[tuple[str, CommStats]] = []
 def reset_counts() -> None:
     call_counts.clear()
     telemetry_records.clear()
+    auto_choices.clear()
 
 
 def _current() -> tuple[Site, _ModelState] | None:
@@ -120,15 +127,44 @@ def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = 
     codec = state.config.codec_for(site.kind, site.layer)
     if codec is None:
         return fallback()
+    cfg = state.config
+    if state.cost is not None and tensor is not None:
+        cfg = _auto_config(op, site, tensor, codec, state)
+        if cfg is None:
+            return fallback()
     stats: list[CommStats] | None = [] if state.telemetry else None
     mode = check_ranks_mode()
     key = (op, str(site))
     check = mode == "always" or (mode == "first" and key not in state.checked)
     state.checked.add(key)
-    out = compressed(codec, state.config, stats, check)
+    out = compressed(codec, cfg, stats, check)
     if stats:
         telemetry_records.append((str(site), stats[0]))
     return out
+
+
+_COST_OPS = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter"}
+
+
+def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _ModelState) -> Any:
+    """Policy ``auto``: the config to compress this message with (its algorithm chosen), or None to send it
+    uncompressed, whichever the cost model predicts faster. Every rank sees the same shape, dtype, config and
+    table, so every rank takes the same decision."""
+    kind = _COST_OPS.get(op, "all_gather")
+    nbytes = tensor.numel() * tensor.element_size()
+    if kind == "reduce_scatter":
+        shape = (tensor.shape[0] // max(state.tp_size, 1), *tensor.shape[1:])
+        payload = state.tp_size * codec.payload_nbytes(shape)
+    else:
+        payload = codec.payload_nbytes(tensor.shape)
+    algos = ("one-shot", "two-shot") if state.config.algo == "auto" else (state.config.algo,)
+    spec, algo, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos)
+    auto_choices[(op, str(site), "none" if spec == "none" else f"{spec}@{algo}")] += 1
+    if spec == "none":
+        return None
+    if algo not in state.by_algo:
+        state.by_algo[algo] = dataclasses.replace(state.config, algo=algo)
+    return state.by_algo[algo]
 
 
 def _wrap_reduce(original: Any) -> Any:
@@ -336,6 +372,14 @@ def enable(
         disable(model)
     _install()
     state = _ModelState(config, [], telemetry)
+    state.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if config.policy == "auto":
+        from megatron_tpcomp.costmodel import CostModel
+
+        try:
+            state.cost = CostModel.load(config.perf_table)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     for module, site in _sites(model):
         state.handles.append(module.register_forward_pre_hook(_push(site, state)))
         state.handles.append(module.register_forward_hook(_pop))
