@@ -17,10 +17,11 @@ test: venv
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The other end of the supported megatron-core range, in its own environment.
+# The other end of the supported megatron-core range, in its own environment (the slow Slurm test runs once,
+# in `make test`).
 test-mcore-max:
 	@bash scripts/setup_venv.sh .venv-mcore-0.19.2 0.19.2
-	.venv-mcore-0.19.2/bin/python -m pytest -q -m megatron $(PYTEST_ARGS)
+	.venv-mcore-0.19.2/bin/python -m pytest -q -m "megatron and not slow" $(PYTEST_ARGS)
 
 cuda-check:
 	bash scripts/check_cuda.sh
