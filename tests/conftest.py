@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,3 +32,24 @@ def gen() -> torch.Generator:
 def activations() -> torch.Tensor:
     """A bf16 ``[128, 576]`` heavy-tailed activation (128 tokens of SmolLM2-135M's hidden size)."""
     return heavy_tailed((128, 576), seed=3)
+
+
+@pytest.fixture(scope="session")
+def real_assets() -> None:
+    """The embedded SmolLM2-135M and the State of the Union text; skips (with the reason) where they cannot be
+    had. CI installs both (scripts/setup_venv.sh, npm)."""
+    from megatron_tpcomp import assets
+
+    try:
+        assets.default_gguf_path()
+        assets.ensure_sotu()
+    except assets.AssetError as exc:
+        pytest.skip(f"real model or text unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def real_ckpt(real_assets: None) -> Path:
+    """SmolLM2-135M converted for TP=3 (once, into the cache)."""
+    from megatron_tpcomp import assets
+
+    return assets.ensure_checkpoint(assets.DEFAULT_MODEL, 3, progress=False)

@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpcomp import assets, calibration
+from megatron_tpcomp import calibration
 from megatron_tpcomp.config import CompressionConfig
 
 pytestmark = pytest.mark.megatron
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
-    try:
-        assets.default_gguf_path()
-        assets.ensure_sotu()
-    except assets.AssetError as exc:
-        pytest.skip(f"real model or text unavailable: {exc}")
+def result(real_assets: None) -> dict:
     return calibration.calibrate(tokens=512, heldout_tokens=256, context=256)
 
 

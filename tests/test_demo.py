@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_tpcomp import assets, demo
+from megatron_tpcomp import demo
 
 pytestmark = pytest.mark.megatron
 
 
-def test_demo_generates_with_and_without_int4_and_counts_bytes() -> None:
-    try:
-        assets.default_gguf_path()
-        assets.ensure_sotu()
-    except assets.AssetError as exc:
-        pytest.skip(f"real model or text unavailable: {exc}")
+def test_demo_generates_with_and_without_int4_and_counts_bytes(real_assets: None) -> None:
     result = demo.run(prompts=["The state of our union is"], gen_tokens=6, ppl_tokens=128)
     base, comp = result["none"], result["int4:g32+had"]
     assert len(base["tokens"][0]) == len(comp["tokens"][0]) == 6

@@ -17,16 +17,6 @@ from megatron_tpcomp.launch import run_distributed
 pytestmark = pytest.mark.megatron
 
 
-@pytest.fixture(scope="module")
-def real_ckpt() -> Path:
-    try:
-        assets.default_gguf_path()
-        assets.ensure_sotu()
-    except assets.AssetError as exc:
-        pytest.skip(f"real model or text unavailable: {exc}")
-    return assets.ensure_checkpoint(assets.DEFAULT_MODEL, 3, progress=False)
-
-
 def _logits(rank: int, world_size: int, ckpt: str, ids: list[int]) -> torch.Tensor:
     from megatron_tpcomp.checkpoint import load_model
     from megatron_tpcomp.megatron import cpu

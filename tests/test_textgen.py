@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpcomp import assets, textgen
+from megatron_tpcomp import textgen
 from megatron_tpcomp.launch import run_distributed
 
 pytestmark = pytest.mark.megatron
@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "examples" / "run_text_generation.py"
 PROMPTS = ["The state of our union is", "Tonight I"]
 TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def real_ckpt() -> Path:
-    try:
-        assets.default_gguf_path()
-    except assets.AssetError as exc:
-        pytest.skip(f"real model unavailable: {exc}")
-    return assets.ensure_checkpoint(assets.DEFAULT_MODEL, 3, progress=False)
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
