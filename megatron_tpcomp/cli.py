@@ -9,6 +9,8 @@ Subcommands:
                     compressed all-reduce over several local processes (gloo), side by side with the stock one
     specs           list the codec presets with their exact bits per value, or check one spec
     bench codecs    codec encode/decode throughput on this machine vs torch.clone
+    bench collectives
+                    compressed vs stock collectives, side by side, on a shaped link (network namespaces + tc)
 """
 
 from __future__ import annotations
@@ -60,8 +62,21 @@ def _cmd_specs(argv: list[str]) -> int:
 
 def _cmd_bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tpcomp bench", description="Benchmarks that print numbers and write JSON.")
-    parser.add_argument("what", choices=["codecs"], help="codecs: encode/decode throughput vs torch.clone")
-    args, rest = parser.parse_known_args(argv)
+    parser.add_argument(
+        "what",
+        choices=["codecs", "collectives"],
+        help="codecs: encode/decode throughput vs torch.clone; collectives: compressed vs stock collectives over "
+        "local ranks, on a tc-shaped link between network namespaces when root",
+    )
+    if argv and argv[0] in ("codecs", "collectives"):
+        what, rest = argv[0], argv[1:]  # `tpcomp bench collectives --help` reaches the benchmark's own help
+    else:
+        args, rest = parser.parse_known_args(argv)
+        what = args.what
+    if what == "collectives":
+        from megatron_tpcomp.bench import collectives as bench_collectives
+
+        return bench_collectives.main(rest)
     from megatron_tpcomp.bench import codecs as bench_codecs
 
     return bench_codecs.main(rest)

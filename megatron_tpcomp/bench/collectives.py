@@ -1,0 +1,459 @@
+"""Compressed vs stock collectives over a real (optionally shaped) link: ``tpcomp bench collectives``.
+
+For every world size, link rate, operation, message size, codec spec and all-reduce algorithm this measures, in
+the same run and alternately, the median time of the compressed collective (codec work included) and of the
+stock ``torch.distributed`` collective on the same bf16 message, their ratio (``speedup`` = stock / compressed),
+the bytes each rank puts on the wire (:class:`megatron_tpcomp.collectives.CommStats`), the codec work alone
+(``codec_ms``) and the ideal transfer time ``wire_bytes * 8 / rate`` of both.
+
+Ranks are separate processes (``python -m megatron_tpcomp.bench.collectives_worker``) in one gloo process group:
+
+- shaped link (``--link 1gbit``; needs root): each rank runs in its own network namespace (``ip netns exec``),
+  joined by a veth pair or a bridge and shaped with tc tbf by :class:`megatron_tpcomp.bench.link.ShapedLink`;
+  rendezvous on rank 0's namespace address.
+- ``--link none``: plain processes on 127.0.0.1 (loopback, no shaping).
+
+Without root a shaped link is impossible: the run says so and measures unshaped instead, and its records say
+``link: "none"`` with ``link_info.requested`` and ``link_info.reason``, never a rate it did not have.
+
+Messages are ``[tokens, 576]`` (SmolLM2-135M's hidden size, like ``tpcomp bench codecs``), N(0, 1) with one
+channel 300x larger, different on every rank; ``bytes`` is each rank's input. The time of one repetition is the
+slowest rank's (ranks start each timed call together after a barrier). Ideal times count payload bytes only:
+Ethernet/IP/TCP framing adds about 5% at MTU 1500, and tbf lets ``burst`` bytes through unshaped after idle
+time (both reported in ``link_info``; FACTS.md "A slow link on one machine").
+
+Target (a goal, not a test): 2 ranks at 1 Gbit/s, 8 MiB bf16 all-reduce: ``int4:g32`` >= 3.0x faster than
+the stock bf16 all-reduce including codec time (the byte ratio caps it at 3.56x), ``fp8`` >= 1.7x.
+
+From Python: :func:`run`; from the shell: ``tpcomp bench collectives`` or
+``python -m megatron_tpcomp.bench.collectives``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import megatron_tpcomp
+from megatron_tpcomp.bench import link as linkmod
+from megatron_tpcomp.bench.codecs import DTYPES, parse_size, write_json
+from megatron_tpcomp.bench.collectives_worker import OPS
+from megatron_tpcomp.collectives import ALGOS
+from megatron_tpcomp.launch import free_port
+
+DEFAULT_SIZES = "16KiB,1MiB,8MiB"  # a decode-sized message, a mid one, a prefill-sized one
+DEFAULT_SPECS = "int4:g32,fp8,int8:g32"
+DEFAULT_ALGOS = "one-shot"
+DEFAULT_OPS = "all_reduce"
+DEFAULT_REPS = 10
+DEFAULT_WARMUP = 2
+DEFAULT_TIMEOUT_S = 1800.0
+#: The algorithm name recorded for operations that have only one (what CommStats.algo says for them).
+FIXED_ALGO = {"all_gather": "all-gather", "reduce_scatter": "all-to-all"}
+#: Rendezvous port inside rank 0's namespace: the namespace is ours alone, so a fixed port cannot collide.
+NS_MASTER_PORT = 29500
+WORKER = "megatron_tpcomp.bench.collectives_worker"
+#: Record keys every record has (the issue's list, then the extras).
+REQUIRED_KEYS = (
+    "op",
+    "spec",
+    "algo",
+    "world_size",
+    "bytes",
+    "link",
+    "median_ms",
+    "baseline_median_ms",
+    "speedup",
+    "wire_bytes",
+)
+
+
+class BenchError(RuntimeError):
+    """A rank failed or the run timed out; the message says which rank and how."""
+
+
+def default_links() -> list[str]:
+    """``["none", "1gbit"]`` where a shaped link can be built (root, ip and tc present), else ``["none"]``."""
+    return ["none", "1gbit"] if linkmod.unavailable_reason() is None else ["none"]
+
+
+def plan_cases(ops: Sequence[str], sizes: Sequence[int], specs: Sequence[str], algos: Sequence[str]) -> list[dict]:
+    """Every (op, size, spec, algo) to time, in run order. ``algo`` only multiplies all-reduce cases; the other
+    operations have one algorithm each (:data:`FIXED_ALGO`)."""
+    cases = []
+    for op in ops:
+        for nbytes in sizes:
+            for spec in specs:
+                for algo in algos if op == "all_reduce" else [FIXED_ALGO[op]]:
+                    cases.append(dict(op=op, spec=spec, algo=algo, bytes=int(nbytes)))
+    return cases
+
+
+def _package_root() -> str:
+    # The rank processes must import this very package, also when it is not installed (a source checkout).
+    return str(Path(megatron_tpcomp.__file__).resolve().parents[1])
+
+
+def _threads_per_rank(world_size: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world_size)
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
+    """Terminate (then kill) every rank process still running and reap them all."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=grace_s)
+
+
+def _wait(procs: list[subprocess.Popen], timeout_s: float, label: str) -> None:
+    """Wait for every rank to exit 0. A failed rank's peers get a few seconds (they are usually blocked in a
+    collective with it), then :class:`BenchError` names the first failure."""
+    deadline = time.monotonic() + timeout_s
+    failed: tuple[int, int] | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return
+        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if bad and failed is None:
+            failed = bad[0]
+            deadline = min(deadline, time.monotonic() + 3.0)
+        if all(c is not None for c in codes) or time.monotonic() > deadline:
+            if failed is not None:
+                raise BenchError(f"[{label}] rank {failed[0]} exited with code {failed[1]} (its stderr is above)")
+            running = [r for r, c in enumerate(codes) if c is None]
+            raise BenchError(f"[{label}] ranks {running} did not finish within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def _launch(world_size: int, link: linkmod.ShapedLink | None, plan: dict, workdir: str, timeout_s: float) -> list[dict]:
+    """Start one worker per rank (in the link's namespaces, or on loopback), wait, return rank 0's records."""
+    cases_path = os.path.join(workdir, "cases.json")
+    out_path = os.path.join(workdir, "results.json")
+    with open(cases_path, "w") as f:
+        json.dump(plan, f)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)
+    if link is not None:
+        addr, port = link.master_addr, NS_MASTER_PORT
+        env["GLOO_SOCKET_IFNAME"] = link.ifname  # gloo's connections over the shaped veth, not the namespace lo
+    else:
+        addr, port = "127.0.0.1", free_port()
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, never the machine's other interfaces
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(world_size):
+            cmd = (link.prefix(rank) if link is not None else []) + [sys.executable, "-m", WORKER]
+            cmd += ["--rank", str(rank), "--world-size", str(world_size), "--master-addr", addr]
+            cmd += ["--master-port", str(port), "--cases", cases_path, "--out", out_path]
+            procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+        _wait(procs, timeout_s, plan["label"])
+    finally:
+        _stop(procs)  # also on Ctrl-C or an error: no rank outlives the run (or keeps a namespace alive)
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def _finish(rec: dict, link_label: str, link_info: dict, threads: int) -> dict:
+    """Add the link, the ratio and the ideal times to one worker record."""
+    bps = link_info.get("rate_bps") if link_info.get("shaped") else None
+    rec = dict(rec)
+    rec["link"] = link_label
+    rec["shaped"] = bool(link_info.get("shaped"))
+    rec["link_info"] = link_info
+    rec["speedup"] = rec["baseline_median_ms"] / rec["median_ms"] if rec["median_ms"] > 0 else float("inf")
+    rec["ideal_ms"] = rec["wire_bytes"] * 8 / bps * 1e3 if bps else None
+    rec["baseline_ideal_ms"] = rec["baseline_wire_bytes"] * 8 / bps * 1e3 if bps else None
+    rec["threads"] = threads
+    return rec
+
+
+def run(
+    world_sizes: Sequence[int] = (2,),
+    links: Sequence[str] | None = None,
+    sizes: Sequence[int] = (16 << 10, 1 << 20, 8 << 20),
+    specs: Sequence[str] = ("int4:g32", "fp8", "int8:g32"),
+    algos: Sequence[str] = ("one-shot",),
+    ops: Sequence[str] = ("all_reduce",),
+    *,
+    reps: int = DEFAULT_REPS,
+    warmup: int = DEFAULT_WARMUP,
+    dtype: str = "bf16",
+    burst: int | None = None,
+    limit: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Time every case on every (world size, link); one launch of ``world_size`` processes per pair.
+
+    Args:
+        world_sizes: ranks per run (each >= 2).
+        links: tc rates such as ``"1gbit"``, ``"500mbit"``, or ``"none"`` for loopback; default
+            :func:`default_links`. A rate that cannot be shaped here (not root, ...) is measured unshaped
+            instead, once per world size, and logged with the reason.
+        sizes: per-rank message sizes in bytes (rounded to whole ``[*, 576]`` rows of ``dtype``).
+        specs: codec specs of the compressed collectives.
+        algos: all-reduce algorithms (``one-shot``, ``two-shot``, ``auto``).
+        ops: ``all_reduce``, ``all_gather``, ``reduce_scatter``.
+        reps: timed repetitions per case (medians reported); ``warmup`` untimed ones before.
+        dtype: message dtype name (``bf16``, ``fp16``, ``fp32``).
+        burst: tbf burst in bytes (default: :func:`megatron_tpcomp.bench.link.default_burst`).
+        limit: tbf queue in bytes (default: :func:`megatron_tpcomp.bench.link.default_limit`).
+        timeout_s: wall-clock limit per launch (also the process-group timeout).
+        log: progress and link messages (the ranks print their per-case progress lines themselves).
+
+    Returns:
+        One record per case and link with the keys :data:`REQUIRED_KEYS` (``link`` is the rate actually used,
+        ``"none"`` when unshaped; ``bytes`` is the actual per-rank input, whole rows) plus ``requested_bytes,
+        algo_used, canonical, fallback, dtype, shape, codec_ms, baseline_wire_bytes, ideal_ms,
+        baseline_ideal_ms`` (None when unshaped), ``rel_err`` (compressed vs stock result), ``times_ms,
+        baseline_times_ms`` (per repetition, slowest rank), ``reps, warmup, threads, shaped, link_info`` (rate,
+        rate_bps, burst, limit, mtu, mode, shaped, and requested/reason when shaping was impossible).
+
+    Raises:
+        ValueError: bad arguments. BenchError: a rank failed or timed out.
+    """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps} and {warmup}")
+    if any(n < 2 for n in world_sizes):
+        raise ValueError(f"world sizes must be >= 2, got {list(world_sizes)}")
+    bad_ops = [op for op in ops if op not in OPS]
+    if bad_ops:
+        raise ValueError(f"unknown op(s) {bad_ops}; expected {', '.join(OPS)}")
+    bad_algos = [a for a in algos if a not in ALGOS]
+    if bad_algos:
+        raise ValueError(f"unknown algorithm(s) {bad_algos}; expected {', '.join(ALGOS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected {', '.join(sorted(DTYPES))}")
+    links = list(links) if links is not None else default_links()
+    rates = {lk: linkmod.parse_rate(lk) for lk in links}  # ValueError on a typo, before anything starts
+    cases = plan_cases(ops, sizes, specs, algos)
+    if linkmod.unavailable_reason() is None:
+        stale = linkmod.cleanup_stale()
+        if stale:
+            log(f"removed {len(stale)} namespace(s) left by killed earlier runs: {', '.join(stale)}")
+    records: list[dict] = []
+    for n in world_sizes:
+        threads = _threads_per_rank(n)
+        unshaped_done = False
+        for lk in links:
+            bps = rates[lk]
+            info: dict = {"rate": "none", "rate_bps": None, "shaped": False, "mode": "loopback"}
+            with contextlib.ExitStack() as stack:  # closes the link (deletes the namespaces) on any exit
+                shaped: linkmod.ShapedLink | None = None
+                if bps is not None:
+                    try:
+                        shaped = stack.enter_context(linkmod.ShapedLink(n, lk, burst=burst, limit=limit))
+                    except linkmod.LinkUnavailable as exc:
+                        info.update(requested=linkmod.format_rate(bps), reason=exc.reason)
+                        what = "unshaped already measured, skipped" if unshaped_done else "measuring UNSHAPED instead"
+                        log(f"link {lk}: cannot shape ({exc.reason}); {what}")
+                if shaped is not None:
+                    info = shaped.describe()
+                    label = shaped.rate
+                    log(
+                        f"[{n} ranks, {label}] tbf rate {label}, burst {info['burst']} B, limit {info['limit']} B, "
+                        f"{info['mode']}, namespaces {', '.join(info['namespaces'])}"
+                    )
+                else:
+                    if unshaped_done:
+                        continue  # "none" listed twice, or a fallback after "none" ran
+                    unshaped_done = True
+                    label = "none"
+                    log(f"[{n} ranks, none] unshaped, 127.0.0.1")
+                plan = dict(
+                    label=f"{n} ranks, {label}",
+                    reps=reps,
+                    warmup=warmup,
+                    threads=threads,
+                    dtype=dtype,
+                    timeout_s=timeout_s,
+                    cases=cases,
+                )
+                workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tpcomp-bench-"))
+                raw = _launch(n, shaped, plan, workdir, timeout_s)
+            records += [_finish(r, label, info, threads) for r in raw]
+    return records
+
+
+def _size_label(nbytes: int) -> str:
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f}Mi"
+    return f"{nbytes / 1024:.1f}Ki"
+
+
+def _algo_label(rec: dict) -> str:
+    # "auto>one-shot": what was asked and what ran, when they differ (auto, or a fallback to the stock one).
+    return rec["algo_used"] if rec["algo"] == rec["algo_used"] else f"{rec['algo']}>{rec['algo_used']}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(records: list[dict]) -> str:
+    """A fixed-width text table of :func:`run`'s records."""
+    head = (
+        f"{'N':>2} {'link':>7} {'op':<14} {'spec':<12} {'algo':<16} {'size':>7} {'ms':>8} {'stock ms':>8} "
+        f"{'speedup':>7} {'codec ms':>8} {'wire B':>9} {'ideal':>7} {'st.ideal':>8} {'rel err':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(
+            f"{r['world_size']:>2} {r['link']:>7} {r['op']:<14} {r['spec']:<12} {_algo_label(r):<16} "
+            f"{_size_label(r['bytes']):>7} {r['median_ms']:>8.2f} {r['baseline_median_ms']:>8.2f} "
+            f"{r['speedup']:>6.2f}x {r['codec_ms']:>8.2f} {r['wire_bytes']:>9} {_opt(r['ideal_ms'], '7.2f'):>7} "
+            f"{_opt(r['baseline_ideal_ms'], '8.2f'):>8} {_opt(r['rel_err'], '7.4f'):>7}"
+        )
+    return "\n".join(lines)
+
+
+TARGETS = {"int4:g32": 3.0, "fp8": 1.7}  # 2 ranks, 1 Gbit/s, 8 MiB bf16 all-reduce: stock / compressed
+
+
+def target_lines(records: list[dict]) -> list[str]:
+    """One line per measured target case (2 ranks, shaped 1 Gbit/s, 8 MiB bf16 all-reduce): speedup vs goal."""
+    lines = []
+    for r in records:
+        goal = TARGETS.get(r["spec"])
+        if (
+            goal is not None
+            and r["op"] == "all_reduce"
+            and r["world_size"] == 2
+            and r["link"] == "1gbit"
+            and r["requested_bytes"] == 8 << 20
+            and r["dtype"] == "bfloat16"
+        ):
+            verdict = "met" if r["speedup"] >= goal else "NOT met"
+            lines.append(f"target {r['spec']} {r['algo_used']}: {r['speedup']:.2f}x (goal >= {goal}x): {verdict}")
+    return lines
+
+
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tpcomp bench collectives``: parse options, :func:`run`, print the table, write ``--json``."""
+    parser = argparse.ArgumentParser(
+        prog="tpcomp bench collectives",
+        description="Compressed vs stock collectives (gloo, separate processes), measured alternately in the same "
+        "run, optionally over a tc-shaped link between network namespaces (needs root). Reports medians, "
+        "speedup = stock / compressed (codec included), bytes on the wire and the ideal time bytes/rate.",
+    )
+    parser.add_argument("--world-size", default="2", help="comma-separated world sizes, each >= 2 (default 2)")
+    parser.add_argument(
+        "--link",
+        default=None,
+        help="comma-separated link rates: tc rates like 1gbit, 500mbit, 5gbit, or none (loopback); default "
+        "none,1gbit as root, none otherwise",
+    )
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"per-rank message sizes (default {DEFAULT_SIZES})")
+    parser.add_argument("--specs", default=DEFAULT_SPECS, help=f"codec specs (default {DEFAULT_SPECS})")
+    parser.add_argument(
+        "--algo", default=DEFAULT_ALGOS, help=f"all-reduce algorithms: {', '.join(ALGOS)} (default {DEFAULT_ALGOS})"
+    )
+    parser.add_argument("--ops", default=DEFAULT_OPS, help=f"collectives: {', '.join(OPS)} (default {DEFAULT_OPS})")
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed repetitions (default {DEFAULT_REPS})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed (default {DEFAULT_WARMUP})")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="message dtype (default bf16)")
+    parser.add_argument("--burst", default=None, help="tbf burst, e.g. 125KB (default: 1 ms at the rate, >= 32KiB)")
+    parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 1800)")
+    parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
+    args = parser.parse_args(argv)
+
+    from megatron_tpcomp.codecs import CodecError, make_codec
+
+    try:
+        world_sizes = [int(s) for s in _split(args.world_size)]
+        if not world_sizes or any(n < 2 for n in world_sizes):
+            raise ValueError(f"--world-size needs sizes >= 2, got {args.world_size!r}")
+        links = _split(args.link) if args.link is not None else default_links()
+        if args.link is not None and not links:
+            links = ["none"]  # --link "" is "none"
+        for lk in links:
+            linkmod.parse_rate(lk)
+        sizes = [parse_size(s) for s in _split(args.sizes)]
+        if not sizes or any(s <= 0 for s in sizes):
+            raise ValueError(f"--sizes needs positive sizes, got {args.sizes!r}")
+        specs = _split(args.specs)
+        if not specs:
+            raise ValueError("--specs is empty")
+        for s in specs:
+            make_codec(s)  # fail fast on a typo, before minutes of timing
+        algos = _split(args.algo)
+        bad = [a for a in algos if a not in ALGOS]
+        if bad or not algos:
+            raise ValueError(f"--algo: unknown {bad or args.algo!r}; expected {', '.join(ALGOS)}")
+        ops = _split(args.ops)
+        bad = [o for o in ops if o not in OPS]
+        if bad or not ops:
+            raise ValueError(f"--ops: unknown {bad or args.ops!r}; expected {', '.join(OPS)}")
+        burst = parse_size(args.burst) if args.burst else None
+        limit = parse_size(args.limit) if args.limit else None
+        if burst is not None and limit is not None and limit < burst:
+            raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
+    except (CodecError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    reason = linkmod.unavailable_reason()
+    if reason is not None and any(linkmod.parse_rate(lk) is not None for lk in links):
+        print(f"note: shaped links are unavailable here ({reason}); those runs are unshaped, on loopback")
+    print(
+        f"world sizes {world_sizes}, links {links}, {args.dtype} [tokens, 576] messages, medians of {args.reps} "
+        f"alternating repetitions after {args.warmup} warm-up, slowest rank per repetition",
+        flush=True,
+    )
+    try:
+        records = run(
+            world_sizes,
+            links,
+            sizes,
+            specs,
+            algos,
+            ops,
+            reps=args.reps,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            burst=burst,
+            limit=limit,
+            timeout_s=args.timeout,
+            log=lambda msg: print(msg, flush=True),
+        )
+    except (BenchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rank processes stopped, namespaces removed", file=sys.stderr)
+        return 130
+    print(format_table(records))
+    for line in target_lines(records):
+        print(line)
+    if args.json:
+        write_json(records, args.json)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
