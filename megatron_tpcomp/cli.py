@@ -11,6 +11,8 @@ Subcommands:
     bench codecs    codec encode/decode throughput on this machine vs torch.clone
     bench collectives
                     compressed vs stock collectives, side by side, on a shaped link (network namespaces + tc)
+    bench perf-table
+                    fit the cost model (policy auto) to the benchmark outputs; predicted vs measured
 """
 
 from __future__ import annotations
@@ -64,15 +66,20 @@ def _cmd_bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tpcomp bench", description="Benchmarks that print numbers and write JSON.")
     parser.add_argument(
         "what",
-        choices=["codecs", "collectives"],
+        choices=["codecs", "collectives", "perf-table"],
         help="codecs: encode/decode throughput vs torch.clone; collectives: compressed vs stock collectives over "
-        "local ranks, on a tc-shaped link between network namespaces when root",
+        "local ranks, on a tc-shaped link between network namespaces when root; perf-table: fit the cost model's "
+        "table to their JSON outputs",
     )
-    if argv and argv[0] in ("codecs", "collectives"):
+    if argv and argv[0] in ("codecs", "collectives", "perf-table"):
         what, rest = argv[0], argv[1:]  # `tpcomp bench collectives --help` reaches the benchmark's own help
     else:
         args, rest = parser.parse_known_args(argv)
         what = args.what
+    if what == "perf-table":
+        from megatron_tpcomp.bench import perf_table
+
+        return perf_table.main(rest)
     if what == "collectives":
         from megatron_tpcomp.bench import collectives as bench_collectives
 

@@ -181,9 +181,11 @@ class CostModel:
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares ``y = a + b x`` with a >= 0 (a negative intercept is clamped and the slope refitted)."""
-    if len(points) == 1:
-        x, y = points[0]
+    """Least-squares ``y = a + b x`` with a >= 0 (a negative intercept is clamped and the slope refitted). With a
+    single distinct ``x`` the intercept cannot be told from the slope: the line goes through the origin."""
+    if len({p[0] for p in points}) == 1:
+        x = points[0][0]
+        y = statistics.fmean(p[1] for p in points)
         return 0.0, y / x if x else 0.0
     mx = statistics.fmean(p[0] for p in points)
     my = statistics.fmean(p[1] for p in points)
@@ -222,7 +224,7 @@ def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
         by_n.setdefault(n, []).append((wire, r["baseline_median_ms"] / 1e3))
     out = {}
     for n, points in by_n.items():
-        a, b = _line(sorted(set(points)))
+        a, b = _line(points)
         out[n] = Link(a / (2 * (n - 1)), 1 / max(b, 1e-18), "measured")
     return out
 
