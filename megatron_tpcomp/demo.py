@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_tpcomp.evaluation import DEFAULT_PROMPTS, _prefix_len
+from megatron_tpcomp.evaluation import DEFAULT_PROMPTS, prefix_len
 
 logger = logging.getLogger("megatron_tpcomp")
 
@@ -118,7 +118,7 @@ def report(result: dict[str, Any]) -> str:
     lines = [f"\n{m['model']}, TP={m['tp']}, row-parallel all-reduces compressed with {spec}\n"]
     agree = []
     for i, prompt in enumerate(m["prompts"]):
-        same = _prefix_len(base["tokens"][i], comp["tokens"][i])
+        same = prefix_len(base["tokens"][i], comp["tokens"][i])
         agree.append(same)
         lines.append(f"prompt: {prompt!r}")
         lines.append(f"  uncompressed: {base['text'][i]!r}")

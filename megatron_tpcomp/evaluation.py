@@ -83,6 +83,19 @@ def bits_per_value(config: Any, num_layers: int, shape: tuple[int, int]) -> floa
     return sum(bits) / len(bits)
 
 
+def next_token_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities ``[s, vocab]`` of a megatron-core GPTModel for one sequence ``ids`` ``[s]`` (int64),
+    logits gathered over the TP ranks (every rank gets the full vocabulary)."""
+    with torch.no_grad():
+        logits = model(ids[None], torch.arange(ids.numel())[None], attention_mask=None, runtime_gather_output=True)
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def kl_per_position(base_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """KL(base || this) per position, nats: ``[s, vocab]`` log-probabilities -> ``[s]``."""
+    return (base_lp.exp() * (base_lp - lp)).sum(dim=-1)
+
+
 def _window_metrics(base_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
     """(sum of NLL, sum of KL(base || this), count of argmax matches) over the positions of one window.
 
@@ -90,12 +103,12 @@ def _window_metrics(base_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tens
         base_lp, lp: ``[s, vocab]`` fp32 log-probabilities; targets: ``[s]`` int64 next tokens.
     """
     nll = -lp.gather(1, targets[:, None]).sum().item()
-    kl = (base_lp.exp() * (base_lp - lp)).sum().item()
+    kl = kl_per_position(base_lp, lp).sum().item()
     top1 = int((base_lp.argmax(-1) == lp.argmax(-1)).sum())
     return nll, kl, top1
 
 
-def _prefix_len(a: list[int], b: list[int]) -> int:
+def prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -203,7 +216,7 @@ def _eval_worker(
         }
         if generated:
             rec["greedy_prefix_mean"] = sum(
-                _prefix_len(a, b) for a, b in zip(generated["none"], generated[name], strict=True)
+                prefix_len(a, b) for a, b in zip(generated["none"], generated[name], strict=True)
             ) / len(prompts)
         records.append(rec)
     return {

@@ -47,6 +47,7 @@ def _sensitivity_worker(
 
     from megatron_tpcomp.checkpoint import load_model
     from megatron_tpcomp.config import CompressionConfig
+    from megatron_tpcomp.evaluation import kl_per_position, next_token_logprobs
     from megatron_tpcomp.megatron import cpu, intercept
     from megatron_tpcomp.megatron import model as M
 
@@ -55,15 +56,9 @@ def _sensitivity_worker(
     model, meta = load_model(ckpt)
     layers = meta.model_config.num_layers
 
-    def logprobs(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            out = model(
-                torch.tensor([ids]), torch.arange(len(ids))[None], attention_mask=None, runtime_gather_output=True
-            )
-        return torch.log_softmax(out[0].float(), dim=-1)  # [s, V]
-
+    seqs = [torch.tensor(w) for w in windows]
     intercept.disable(model)
-    base = [logprobs(w) for w in windows]
+    base = [next_token_logprobs(model, ids) for ids in seqs]  # [s, V] each
     result: dict[str, dict[str, float]] = {}
     jobs = [(layer, block, c) for layer in range(layers) for block in BLOCKS for c in candidates]
     for layer, block, cand in tqdm(jobs, desc="sensitivity", unit="case", disable=not (progress and rank == 0)):
@@ -71,9 +66,8 @@ def _sensitivity_worker(
         cfg = CompressionConfig(layers={layer: {block: _setting(cand, outliers.get(site))}})
         intercept.enable(model, cfg)
         kl = 0.0
-        for w, b in zip(windows, base, strict=True):
-            lp = logprobs(w)
-            kl += float((b.exp() * (b - lp)).sum(-1).mean())
+        for ids, b in zip(seqs, base, strict=True):
+            kl += float(kl_per_position(b, next_token_logprobs(model, ids)).mean())
         intercept.disable(model)
         result.setdefault(site, {})[cand] = kl / len(windows)
     M.destroy_parallel()

@@ -61,3 +61,18 @@ def test_cli_refuses_to_overwrite_and_rejects_bad_specs(tmp_path: Path, capsys: 
     assert "already exists; pass --force" in capsys.readouterr().err
     assert calibration.main(["--out", str(tmp_path / "d.json"), "--spec", "int4:gq"]) == 2
     assert "int4:gq" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
+
+
+def test_single_site_sensitivity_finds_the_sensitive_blocks(real_ckpt) -> None:
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.search import measure_sensitivity
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    ids = TextTokenizer.from_checkpoint(read_metadata(real_ckpt)).tokenize(assets.calibration_text())[:32]
+    sens = measure_sensitivity(str(real_ckpt), 3, [ids], ["int4:g32+had"], progress=False)
+    assert set(sens) == {f"layer{i}.{b}" for i in range(30) for b in ("attention", "mlp")}
+    kl = {site: v["int4:g32+had"] for site, v in sens.items()}
+    assert min(kl.values()) > -1e-6  # a KL divergence, up to fp32 rounding
+    # FACTS.md: the down projections of layers 29, 0 and 11 are by far the most sensitive collectives.
+    assert max(kl, key=kl.get) in {"layer29.mlp", "layer0.mlp", "layer11.mlp"}

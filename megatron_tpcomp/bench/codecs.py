@@ -49,11 +49,13 @@ def parse_size(text: str) -> int:
     raise ValueError(f"bad size {text!r}; expected e.g. 16KiB, 8MiB or a byte count")
 
 
-def message(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A ``[tokens, 576]`` activation of about ``nbytes`` bytes (at least one token), seeded."""
+def message(nbytes: int, dtype: torch.dtype, *, seed: int = 0, tokens_multiple: int = 1) -> torch.Tensor:
+    """A ``[tokens, 576]`` activation of about ``nbytes`` bytes, seeded; ``tokens`` is rounded down to a multiple
+    of ``tokens_multiple`` (at least one multiple)."""
     elem = torch.empty((), dtype=dtype).element_size()
     tokens = max(1, nbytes // (elem * HIDDEN))
-    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(0))
+    tokens = max(tokens_multiple, tokens - tokens % tokens_multiple)
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(seed))
     x[:, 7] *= 300.0  # one massive-activation channel, as in real row-parallel partials
     return x.to(dtype)
 
@@ -138,7 +140,8 @@ def run(specs: Sequence[str], sizes: Sequence[int], dtype: torch.dtype = torch.b
     return records
 
 
-def _size_label(nbytes: int) -> str:
+def size_label(nbytes: int) -> str:
+    """'8.0Mi' / '16.0Ki' for table columns."""
     if nbytes >= 1 << 20:
         return f"{nbytes / (1 << 20):.1f}Mi"
     return f"{nbytes / 1024:.1f}Ki"
@@ -153,7 +156,7 @@ def format_table(records: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(
-            f"{r['spec']:<22} {_size_label(r['bytes']):>7} {r['bits_per_value']:>6.3f} {r['encode_gbps']:>9.3f} "
+            f"{r['spec']:<22} {size_label(r['bytes']):>7} {r['bits_per_value']:>6.3f} {r['encode_gbps']:>9.3f} "
             f"{r['decode_gbps']:>9.3f} {r['clone_gbps']:>10.2f} "
             f"{r['encode_vs_clone']:>8.1f}x {r['decode_vs_clone']:>8.1f}x"
         )

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import DTYPES, parse_size, write_json
+from megatron_tpcomp.bench.codecs import DTYPES, parse_size, size_label, write_json
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.launch import free_port
@@ -292,12 +292,6 @@ def run(
     return records
 
 
-def _size_label(nbytes: int) -> str:
-    if nbytes >= 1 << 20:
-        return f"{nbytes / (1 << 20):.1f}Mi"
-    return f"{nbytes / 1024:.1f}Ki"
-
-
 def _algo_label(rec: dict) -> str:
     # "auto>one-shot": what was asked and what ran, when they differ (auto, or a fallback to the stock one).
     return rec["algo_used"] if rec["algo"] == rec["algo_used"] else f"{rec['algo']}>{rec['algo_used']}"
@@ -317,7 +311,7 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         lines.append(
             f"{r['world_size']:>2} {r['link']:>7} {r['op']:<14} {r['spec']:<12} {_algo_label(r):<16} "
-            f"{_size_label(r['bytes']):>7} {r['median_ms']:>8.2f} {r['baseline_median_ms']:>8.2f} "
+            f"{size_label(r['bytes']):>7} {r['median_ms']:>8.2f} {r['baseline_median_ms']:>8.2f} "
             f"{r['speedup']:>6.2f}x {r['codec_ms']:>8.2f} {r['wire_bytes']:>9} {_opt(r['ideal_ms'], '7.2f'):>7} "
             f"{_opt(r['baseline_ideal_ms'], '8.2f'):>8} {_opt(r['rel_err'], '7.4f'):>7}"
         )

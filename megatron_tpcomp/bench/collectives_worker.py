@@ -30,12 +30,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_tpcomp import collectives
-from megatron_tpcomp.bench.codecs import DTYPES, HIDDEN
+from megatron_tpcomp.bench.codecs import DTYPES, message
 from megatron_tpcomp.codecs import Codec
-
-# The flat collectives under their torch 2.13 names (the *_tensor names warn there), the older names before.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megatron_tpcomp.collectives import _all_gather_flat, _reduce_scatter_flat  # torch-version-proof flat collectives
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -47,13 +44,7 @@ def make_input(op: str, nbytes: int, world_size: int, rank: int, dtype: torch.dt
     every rank (real partial sums differ). For reduce-scatter ``tokens`` is rounded down to a multiple of the
     world size (at least one token per rank), for the others it is at least 1.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
-    tokens = max(1, nbytes // (elem * HIDDEN))
-    if op == "reduce_scatter":
-        tokens = max(world_size, tokens - tokens % world_size)
-    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(1000 + rank))
-    x[:, 7] *= 300.0
-    return x.to(dtype)
+    return message(nbytes, dtype, seed=1000 + rank, tokens_multiple=world_size if op == "reduce_scatter" else 1)
 
 
 def stock_fn(op: str, x: torch.Tensor, world_size: int) -> Callable[[], torch.Tensor]:
