@@ -72,9 +72,13 @@ TPC_HD float bits_as_float(uint32_t u) {
 
 // On the device the _rn intrinsics are never contracted or approximated (not even under --use_fast_math).
 // On the host a volatile result forces the rounding of each operation on its own, whatever -ffp-contract says.
+// TPC_PLAIN_HOST_OPS (the CPU codec library, kernels/cpu_codecs.cpp, always built with -ffp-contract=off) uses
+// plain operators instead, which round one by one under that flag and, unlike volatile, let loops vectorize.
 TPC_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
+#elif defined(TPC_PLAIN_HOST_OPS)
+  return a * b;
 #else
   volatile float r = a * b;
   return r;
@@ -84,6 +88,8 @@ TPC_HD float mul_rn(float a, float b) {
 TPC_HD float add_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);
+#elif defined(TPC_PLAIN_HOST_OPS)
+  return a + b;
 #else
   volatile float r = a + b;
   return r;
@@ -93,6 +99,8 @@ TPC_HD float add_rn(float a, float b) {
 TPC_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
+#elif defined(TPC_PLAIN_HOST_OPS)
+  return a / b;
 #else
   volatile float r = a / b;
   return r;

@@ -13,6 +13,9 @@ Subcommands:
                     compressed vs stock collectives, side by side, on a shaped link (network namespaces + tc)
     bench perf-table
                     fit the cost model (policy auto) to the benchmark outputs; predicted vs measured
+    bench e2e       SmolLM2-135M at TP=3 through the static engine on a shaped link: TTFT/TPOT per codec vs stock
+    bench kernels   GPU kernel bandwidth (INT4 CUDA, FP8 TE/torch) vs the device's memory bandwidth
+    bench plot      PNG plots from the collectives / e2e benchmark JSON
 """
 
 from __future__ import annotations
@@ -62,31 +65,34 @@ def _cmd_specs(argv: list[str]) -> int:
     return 0
 
 
+_BENCHES = {
+    "codecs": "codecs",
+    "collectives": "collectives",
+    "perf-table": "perf_table",
+    "e2e": "e2e",
+    "kernels": "kernels",
+    "plot": "plots",
+}
+
+
 def _cmd_bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tpcomp bench", description="Benchmarks that print numbers and write JSON.")
     parser.add_argument(
         "what",
-        choices=["codecs", "collectives", "perf-table"],
+        choices=list(_BENCHES),
         help="codecs: encode/decode throughput vs torch.clone; collectives: compressed vs stock collectives over "
         "local ranks, on a tc-shaped link between network namespaces when root; perf-table: fit the cost model's "
-        "table to their JSON outputs",
+        "table to their JSON outputs; e2e: TTFT/TPOT of SmolLM2 at TP=3 per codec on a shaped link; kernels: GPU "
+        "kernel GB/s vs memory bandwidth; plot: PNGs from the JSON outputs",
     )
-    if argv and argv[0] in ("codecs", "collectives", "perf-table"):
+    if argv and argv[0] in _BENCHES:
         what, rest = argv[0], argv[1:]  # `tpcomp bench collectives --help` reaches the benchmark's own help
     else:
         args, rest = parser.parse_known_args(argv)
         what = args.what
-    if what == "perf-table":
-        from megatron_tpcomp.bench import perf_table
+    import importlib
 
-        return perf_table.main(rest)
-    if what == "collectives":
-        from megatron_tpcomp.bench import collectives as bench_collectives
-
-        return bench_collectives.main(rest)
-    from megatron_tpcomp.bench import codecs as bench_codecs
-
-    return bench_codecs.main(rest)
+    return importlib.import_module(f"megatron_tpcomp.bench.{_BENCHES[what]}").main(rest)
 
 
 def _cmd_demo(argv: list[str]) -> int:

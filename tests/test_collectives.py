@@ -225,8 +225,10 @@ def replay(spec: str, op: str, inputs: list[torch.Tensor], n: int) -> tuple[list
     x0 = inputs[0]
     abs_sum = torch.stack([x.float().abs() for x in inputs]).sum(0)
 
-    def rt(t: torch.Tensor) -> torch.Tensor:
-        return codec.decode(codec.encode(t), t.shape, torch.float32)
+    def rt_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+        # The sum of the round trips as the codec defines it (decode_sum: fp32, in rank order; +had rotates the
+        # sum back once), computed here from separately encoded parts.
+        return codec.decode_sum(torch.cat([codec.encode(t) for t in parts]), len(parts), parts[0].shape, torch.float32)
 
     if op.startswith("gather"):
         dim = int(op[6:])
@@ -239,17 +241,12 @@ def replay(spec: str, op: str, inputs: list[torch.Tensor], n: int) -> tuple[list
         outs, bounds = [], []
         for r in range(n):
             blocks = [x.tensor_split(n, 0)[r] for x in inputs]
-            acc = rt(blocks[0])
-            for b in blocks[1:]:
-                acc += rt(b)
-            outs.append(acc.to(x0.dtype))
+            outs.append(rt_sum(blocks).to(x0.dtype))
             bounds.append(sum(codec.max_abs_error_bound(b) for b in blocks))
         return outs, _with_rounding(torch.cat(bounds), abs_sum, x0.dtype)
     algo = op if op != "auto" else collectives.choose_algo(n, x0.numel() * x0.element_size())
     if algo == "one-shot":
-        acc = rt(inputs[0])
-        for x in inputs[1:]:
-            acc += rt(x)
+        acc = rt_sum(inputs)
         first = sum(codec.max_abs_error_bound(x) for x in inputs)
         return [acc.to(x0.dtype)] * n, _with_rounding(first, abs_sum, x0.dtype)
     # Two-shot: the first quantization is per chunk (dynamic choices such as outlier channels are made per
@@ -257,9 +254,7 @@ def replay(spec: str, op: str, inputs: list[torch.Tensor], n: int) -> tuple[list
     chunked = [collectives._chunk_view(x, codec, n)[0] for x in inputs]
     full, bounds = [], []
     for r in range(n):
-        acc = rt(chunked[0][r])
-        for c in chunked[1:]:
-            acc += rt(c[r])
+        acc = rt_sum([c[r] for c in chunked])
         full.append(codec.decode(codec.encode(acc), acc.shape, x0.dtype))
         bounds.append(sum(codec.max_abs_error_bound(c[r]) for c in chunked) + codec.max_abs_error_bound(acc))
     out = collectives._unchunk(torch.stack(full), x0.shape)

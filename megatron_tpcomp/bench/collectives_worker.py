@@ -85,12 +85,9 @@ def compressed_fn(
     return lambda: collectives.reduce_scatter(x, spec, dim=0, stats=stats)
 
 
-def _decode_sum(codec: Codec, payloads: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """fp32 sum of decoded payloads (what the collectives do with the received ones): fp32 ``shape``."""
-    acc = codec.decode(payloads[0], shape, torch.float32)
-    for p in payloads[1:]:
-        acc += codec.decode(p, shape, torch.float32)
-    return acc
+def _decode_sum(codec: Codec, payloads: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Sum of decoded payloads as the collectives compute it (:meth:`Codec.decode_sum`): ``dtype`` ``shape``."""
+    return codec.decode_sum(torch.cat(payloads), len(payloads), shape, dtype)
 
 
 def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int) -> Callable[[], object]:
@@ -107,7 +104,7 @@ def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int
 
         def fn() -> object:
             p = codec.encode(x)
-            return _decode_sum(codec, [p] * n, tuple(x.shape)).to(x.dtype)
+            return _decode_sum(codec, [p] * n, tuple(x.shape), x.dtype)
 
     elif op == "all_reduce":  # two-shot
         if codec.row_structured:
@@ -123,7 +120,7 @@ def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int
 
         def fn() -> object:
             payloads = [codec.encode(c) for c in chunks]
-            mine = codec.encode(_decode_sum(codec, payloads, chunk_shape))
+            mine = codec.encode(_decode_sum(codec, payloads, chunk_shape, torch.float32))
             return [codec.decode(mine, chunk_shape, x.dtype) for _ in range(n)]
 
     elif op == "all_gather":
@@ -137,7 +134,7 @@ def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int
 
         def fn() -> object:
             payloads = [codec.encode(b) for b in blocks]
-            return _decode_sum(codec, payloads, tuple(blocks[0].shape)).to(x.dtype)
+            return _decode_sum(codec, payloads, tuple(blocks[0].shape), x.dtype)
 
     return fn
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp.cpu_codecs import NativeFormat
+
 SECTION_ALIGN = 16
 
 #: Input dtypes every codec accepts.
@@ -191,6 +194,31 @@ class Codec(ABC):
             contiguous tensor of ``shape`` and ``dtype`` on ``payload.device``.
         """
 
+    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Sum of the decodes of ``count`` payloads (the all-reduce's reduction), added in fp32 in order 0..count-1.
+
+        Args:
+            payloads: uint8 ``[count * payload_nbytes(shape)]``, contiguous: payload r at ``r * nbytes``.
+            count: number of payloads (>= 1).
+            shape: shape of each decoded tensor and of the result.
+            dtype: result dtype; the fp32 sum is rounded to it once.
+
+        Returns:
+            contiguous ``dtype`` tensor of ``shape`` on ``payloads.device``; ``decode_sum(p, 1, ...) ==
+            decode(p, ...)``. Every caller on every rank gets the same bits for the same payloads.
+        """
+        nbytes = self.payload_nbytes(shape)
+        check_payload(payloads, count * nbytes, self.spec)
+        acc = self.decode(payloads[:nbytes], shape, torch.float32)
+        for r in range(1, count):
+            acc += self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)
+        return acc.to(dtype)
+
+    def native_format(self) -> NativeFormat | None:
+        """What the fused CPU library (``megatron_tpcomp/cpu_codecs.py``) needs to run this codec, or None when
+        it does not implement it (then the torch code of the codec runs)."""
+        return None
+
     def bits_per_value(self, shape: Sequence[int]) -> float:
         """Exact bits on the wire per input value for ``shape``: data, scales, outliers and padding."""
         n = numel_of(shape)
@@ -214,6 +242,33 @@ class Codec(ABC):
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.spec))
+
+
+def native_encode(codec: Codec, x: torch.Tensor, layout: PayloadLayout) -> torch.Tensor | None:
+    """Encode ``x`` with the fused CPU library into a payload of ``layout`` (its ``scales`` section is where the
+    library writes the scales), or None when the library does not handle this codec / tensor here."""
+    fmt = codec.native_format()
+    if not cpu_codecs.usable(fmt, x.device, x.dtype):
+        return None
+    payload = layout.allocate(x.device)
+    if x.numel():
+        cpu_codecs.encode_into(fmt, x, payload, layout.sections["scales"].offset)
+    return payload
+
+
+def native_decode_sum(
+    codec: Codec, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype, layout: PayloadLayout
+) -> torch.Tensor | None:
+    """:meth:`Codec.decode_sum` through the fused CPU library (payloads already checked), or None when the
+    library does not handle it here. ``layout`` is the layout of one payload."""
+    fmt = codec.native_format()
+    if not cpu_codecs.usable(fmt, payloads.device, dtype):
+        return None
+    n = numel_of(shape)
+    if n == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    out = cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, layout.sections["scales"].offset, n, dtype)
+    return out.view(tuple(shape))
 
 
 class IdentityCodec(Codec):

@@ -44,11 +44,14 @@ from megatron_tpcomp.codecs.base import (
     divide,
     finite_blocks,
     from_blocks,
+    native_decode_sum,
+    native_encode,
     numel_of,
     to_blocks,
 )
 from megatron_tpcomp.codecs.microscaling import FP32_MAX, FP32_TINY_SUB, half_ulp
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
+from megatron_tpcomp.cpu_codecs import FORMAT_FP8_E4M3, NativeFormat
 from megatron_tpcomp.spec import CodecSpec, canonical
 
 try:  # Transformer Engine is optional and GPU-only; any failure to import means "not usable here".
@@ -120,9 +123,18 @@ class Fp8Codec(Codec):
         ideal = divide(blocks.abs().amax(dim=1), self.fmax).clamp(max=self.scale_cap)
         return quantize_scales(ideal, self.scale_fmt, bad)
 
+    def native_format(self) -> NativeFormat | None:
+        if self.fp8_dtype == torch.float8_e4m3fn and self.scale_fmt == "fp32":
+            cap = float(torch.tensor(self.scale_cap, dtype=torch.float32))  # what clamp(max=cap) compares with
+            return NativeFormat(FORMAT_FP8_E4M3, self.block, scale_cap=cap)
+        return None
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
+        native = native_encode(self, x, layout)
+        if native is not None:
+            return native
         payload = layout.allocate(x.device)
         if x.numel() == 0:
             return payload
@@ -140,9 +152,18 @@ class Fp8Codec(Codec):
         layout.view(payload, "scales").copy_(stored)
         return payload
 
+    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        layout = self.layout(shape)
+        check_payload(payloads, count * layout.nbytes, self.spec)
+        native = native_decode_sum(self, payloads, count, shape, dtype, layout)
+        return native if native is not None else super().decode_sum(payloads, count, shape, dtype)
+
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         layout = self.layout(shape)
         check_payload(payload, layout.nbytes, self.spec)
+        native = native_decode_sum(self, payload, 1, shape, dtype, layout)
+        if native is not None:
+            return native
         if numel_of(shape) == 0:
             return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
         codes = layout.view(payload, "codes").view(self.fp8_dtype).to(torch.float32).view(-1, self.block)

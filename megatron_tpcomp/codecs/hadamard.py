@@ -10,19 +10,27 @@ Transform: the input is flattened row-major, converted to fp32 and zero-padded t
     R = H / sqrt(block) @ diag(signs)
 
 ``H`` the Sylvester Hadamard matrix (``H_2n = [[H, H], [H, -H]]``) and ``signs`` in {-1, +1} drawn from
-``torch.Generator().manual_seed(seed)`` on the CPU, so every rank and device derives the same fp32 ``R``. ``R``
-is orthonormal, so decoding applies ``R^T``, drops the padding and casts to the requested dtype.
+``torch.Generator().manual_seed(seed)`` on the CPU, so every rank and device derives the same signs. ``R`` is
+orthonormal, so decoding applies ``R^T``, drops the padding and casts to the requested dtype.
+
+Arithmetic (part of the format: every backend computes exactly this, so payloads and decodes are bit-identical
+on every device and with the fused CPU library, ``kernels/cpu_codecs.cpp``): ``R v = fwht(v * signs) * c`` and
+``R^T w = fwht(w) * c * signs`` with ``c = fp32(1 / sqrt(block))`` and ``fwht`` the fast Walsh-Hadamard butterfly
+(stage ``h = 1, 2, 4, ..., block/2`` replaces each pair ``(v[j], v[j+h])`` of every ``2h`` chunk by ``(v[j] + v[j+h],
+v[j] - v[j+h])``), every operation an fp32 elementwise op rounded on its own. ``log2(block)`` additions per value
+instead of a ``block``-long dot product: no summation order is left to a BLAS (or to TF32).
+
+Sum of N payloads (:meth:`HadamardCodec.decode_sum`, the all-reduce): the inner codec's fp32 decode-sum, then
+``R^T`` once (``R^T`` is linear: one rotation instead of N).
 
 Wire layout: exactly the inner codec's payload for an fp32 input of shape ``(padded_numel,)`` holding the
 rotated blocks in order; nothing else. The rotation matrix is not sent: it is a function of ``(block, seed)``,
 and both are part of the codec's configuration (``block`` is in the spec string, ``seed`` must be equal on
 every rank, see ``make_codec(hadamard_seed=...)``).
 
-Memory passes (reference path, per direction): encode reads the input once into a padded fp32 copy (two passes
-when padding is needed), the matmul reads that and writes the rotated copy, then the inner codec makes its
-own passes. Decode: the inner codec writes fp32, the matmul writes the unrotated copy, the final slice + cast
-writes the output. A matmul with ``block <= 256`` does ``2 * block`` flops per value and stays memory-bound on a
-GPU; a fused kernel would rotate in registers and save the two extra fp32 round trips.
+Memory passes (torch reference, per direction): the padded fp32 copy, ``log2(block)`` butterfly stages and the
+scaling each make a pass, then the inner codec makes its own. On CPU tensors the fused library does it all in
+one pass per direction (``megatron_tpcomp/cpu_codecs.py``) for int4 and fp8-e4m3 inner codecs.
 
 Non-finite input: a NaN/Inf anywhere in a rotation block spreads to every rotated value of that block, the inner
 codec's rule turns each of its quantization blocks that holds one into NaN, and ``R^T`` spreads those back over
@@ -37,60 +45,92 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from megatron_tpcomp.codecs.base import (
     Codec,
     CodecError,
+    PayloadLayout,
     check_input,
     check_payload,
     from_blocks,
+    native_decode_sum,
+    native_encode,
     numel_of,
     to_blocks,
 )
+from megatron_tpcomp.cpu_codecs import NativeFormat
 
 _FP32_EPS = 2.0**-24  # unit round-off of fp32
-_TF32_EPS = 2.0**-11  # unit round-off of the inputs of a TF32 matmul (10 stored mantissa bits)
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise CodecError(f"Hadamard block {block!r} is not a power of two >= 2; expected 2, 4, 8, ..., 4096")
 
 
 @functools.lru_cache(maxsize=32)
-def _rotation_cpu(block: int, seed: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:  # Sylvester construction: H_2n = [[H, H], [H, -H]]
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+def rotation_signs(block: int, seed: int = 0) -> torch.Tensor:
+    """fp32 ``[block]`` of +-1: the random signs of the rotation (CPU; cached and shared: do not modify)."""
+    _check_block(block)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same signs on every rank and device
-    signs = torch.randint(0, 2, (block,), generator=gen).to(torch.float32) * 2 - 1
-    return (h / math.sqrt(block)) * signs  # H/sqrt(n) @ diag(signs): scales column j by signs[j]
+    return torch.randint(0, 2, (block,), generator=gen).to(torch.float32) * 2 - 1
+
+
+def rotation_scale(block: int) -> float:
+    """``c = fp32(1 / sqrt(block))``, as a Python float holding the fp32 value (what every backend multiplies by)."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
 
 
 @functools.lru_cache(maxsize=64)
-def _rotation_on(block: int, seed: int, device: str) -> torch.Tensor:
-    # Cached per device so a GPU encode does not copy R from the host on every call.
-    return _rotation_cpu(block, seed).to(device)
+def _constants_on(block: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device so a GPU encode does not copy the signs from the host on every call.
+    signs = rotation_signs(block, seed).to(device)
+    return signs, torch.tensor(rotation_scale(block), dtype=torch.float32, device=device)
+
+
+def fwht(blocks: torch.Tensor) -> torch.Tensor:
+    """Unnormalized fast Walsh-Hadamard transform of each row: fp32 ``[nb, block]`` -> new fp32 ``[nb, block]``.
+
+    Stage ``h`` (1, 2, 4, ...) maps each pair ``(a, b) = (v[j], v[j+h])`` of every ``2h`` chunk to ``(a + b, a - b)``;
+    ``kernels/cpu_codecs.cpp`` runs the same stages in the same order, so the bits agree.
+    """
+    nb, block = blocks.shape
+    v, h = blocks, 1
+    while h < block:
+        pairs = v.view(nb, block // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        v = torch.stack((a + b, a - b), dim=2).view(nb, block)
+        h *= 2
+    return v
+
+
+def rotate(blocks: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``R v`` for each row of fp32 ``[nb, block]``: ``fwht(v * signs) * c`` (see the module docstring)."""
+    signs, c = _constants_on(blocks.shape[1], seed, str(blocks.device))
+    return fwht(blocks * signs) * c
+
+
+def unrotate(blocks: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``R^T w`` for each row of fp32 ``[nb, block]``: ``fwht(w) * c * signs``."""
+    signs, c = _constants_on(blocks.shape[1], seed, str(blocks.device))
+    return fwht(blocks) * c * signs
 
 
 def rotation_matrix(block: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The orthonormal rotation ``R = H_block / sqrt(block) @ diag(signs)``.
-
-    Args:
-        block: rotation block size, a power of two >= 2.
-        seed: seed of the random signs.
-        device: where the (cached, shared: do not modify it) copy lives.
+    """The orthonormal rotation ``R = H_block / sqrt(block) @ diag(signs)`` as a matrix (for tests and analysis;
+    the codec applies it with :func:`rotate`, which agrees with ``R @ v`` up to fp32 rounding).
 
     Returns:
         fp32 ``[block, block]``; a rotated block is ``R @ v`` (for row-stacked blocks ``V @ R.T``).
     """
-    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
-        raise CodecError(f"Hadamard block {block!r} is not a power of two >= 2; expected 2, 4, 8, ..., 4096")
-    return _rotation_on(block, seed, str(torch.device(device)))
-
-
-def _matmul_input_eps(device: torch.device) -> float:
-    """Relative rounding of the matmul inputs: 0 for true fp32, 2^-11 where CUDA may use TF32."""
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return _TF32_EPS
-    return 0.0
+    _check_block(block)
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:  # Sylvester construction: H_2n = [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return ((h / math.sqrt(block)) * rotation_signs(block, seed)).to(device)
 
 
 def _scaled_l2(rows: torch.Tensor) -> torch.Tensor:
@@ -108,7 +148,7 @@ class HadamardCodec(Codec):
     Args:
         inner: the codec that encodes the rotated fp32 values; must not be row-structured (put ``+outliers``
             outside the rotation: ``int4:g32+had+outliers:k4``).
-        block: rotation block size, a power of two >= 2 (a matmul: cheap for <= 256).
+        block: rotation block size, a power of two >= 2.
         seed: seed of the random signs; equal on every rank (it is not sent).
     """
 
@@ -124,7 +164,7 @@ class HadamardCodec(Codec):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise CodecError(f"Hadamard seed {seed!r} is not an integer; expected an int equal on every rank")
-        rotation_matrix(block, seed)  # validates block (and warms the CPU cache)
+        rotation_signs(block, seed)  # validates block (and warms the cache)
         self.inner = inner
         self.block = block
         self.seed = seed
@@ -137,19 +177,45 @@ class HadamardCodec(Codec):
         return self.inner.payload_nbytes(self._padded(shape))
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 ``[padded_numel / block, block]``: the zero-padded blocks of ``x`` times ``R^T`` (row-wise ``R v``)."""
-        blocks = to_blocks(x, self.block)  # [nb, block] fp32, zero padded
-        return blocks @ rotation_matrix(self.block, self.seed, x.device).T
+        """fp32 ``[padded_numel / block, block]``: the zero-padded blocks of ``x``, each rotated (``R v``)."""
+        return rotate(to_blocks(x, self.block), self.seed)
+
+    def native_format(self) -> NativeFormat | None:
+        inner = self.inner.native_format()
+        if inner is None:
+            return None
+        return replace(
+            inner,
+            rot_block=self.block,
+            signs=rotation_signs(self.block, self.seed),
+            rot_scale=rotation_scale(self.block),
+        )
+
+    def _inner_layout(self, shape: Sequence[int]) -> PayloadLayout | None:
+        layout = getattr(self.inner, "layout", None)
+        return layout(self._padded(shape)) if layout is not None else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
+        layout = self._inner_layout(x.shape)
+        if layout is not None:
+            payload = native_encode(self, x, layout)
+            if payload is not None:
+                return payload
         return self.inner.encode(self._rotate(x).reshape(-1))
 
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        check_payload(payload, self.payload_nbytes(shape), self.spec)
-        flat = self.inner.decode(payload, self._padded(shape), torch.float32)  # [padded_numel] fp32
-        rot = rotation_matrix(self.block, self.seed, payload.device)
-        return from_blocks(flat.view(-1, self.block) @ rot, shape, dtype)  # row-wise R^T w, padding dropped
+        return self.decode_sum(payload, 1, shape, dtype)
+
+    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        check_payload(payloads, count * self.payload_nbytes(shape), self.spec)
+        layout = self._inner_layout(shape)
+        if layout is not None:
+            out = native_decode_sum(self, payloads, count, shape, dtype, layout)
+            if out is not None:
+                return out
+        flat = self.inner.decode_sum(payloads, count, self._padded(shape), torch.float32)  # [padded_numel] fp32
+        return from_blocks(unrotate(flat.view(-1, self.block), self.seed), shape, dtype)  # padding dropped
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """Elementwise bound on ``|decode(encode(x), fp32) - x|`` (fp32, shape of ``x``), constant per rotation block.
@@ -157,11 +223,11 @@ class HadamardCodec(Codec):
         Let ``b`` be the inner codec's elementwise bound on the rotated block ``r = fl(R v)``, so the inner
         error ``e`` has ``|e_j| <= b_j``. Exactly, ``R^T (r + e) - v = R^T e``, and every row of ``R^T`` has unit
         L2 norm, so by Cauchy-Schwarz ``|(R^T e)_i| <= |e|_2 <= |b|_2``: the rotation cannot concentrate the
-        error. Round-off of the two fp32 matmuls (any summation order, FMA or not) adds at most
-        ``gamma * |v|_1`` each, ``gamma = 1.1 * block * 2^-24`` (the classic dot-product bound ``n u / (1 - n u)``
-        with headroom), plus ``2^-23 |v|_1`` for ``1/sqrt(block)`` not being exact in fp32 and ``gamma |b|_2`` for
-        the rounding of the error itself. Where CUDA may run the matmul in TF32, the inputs are rounded to
-        ``2^-11`` first, which adds ``2.1 * 2^-11`` to ``gamma``. Per block:
+        error. Round-off of the two fp32 rotations adds at most ``gamma * |v|_1`` each, ``gamma = 1.1 * block * 2^-24``
+        (the classic dot-product bound ``n u / (1 - n u)`` for any summation order, with headroom: the butterflies
+        add along a tree of depth ``log2(block)`` and the scaling by ``c`` rounds once more), plus ``2^-23 |v|_1``
+        for ``1/sqrt(block)`` not being exact in fp32 and ``gamma |b|_2`` for the rounding of the error itself.
+        Per block:
 
             bound = (1 + gamma + 2^-23) |b|_2 + (2 gamma + 3 * 2^-24) |v|_1
 
@@ -173,7 +239,7 @@ class HadamardCodec(Codec):
         if inner is None:
             return None
         u = _FP32_EPS
-        gamma = 1.1 * self.block * u + 2.1 * _matmul_input_eps(x.device)
+        gamma = 1.1 * self.block * u
         blocks = to_blocks(x, self.block)
         l2_inner = _scaled_l2(inner.view(-1, self.block))  # [nb, 1]
         l1_input = blocks.abs().sum(dim=1, keepdim=True)  # [nb, 1]

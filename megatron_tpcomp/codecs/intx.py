@@ -38,10 +38,13 @@ from megatron_tpcomp.codecs.base import (
     divide,
     finite_blocks,
     from_blocks,
+    native_decode_sum,
+    native_encode,
     numel_of,
     to_blocks,
 )
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
+from megatron_tpcomp.cpu_codecs import FORMAT_INT4, NativeFormat
 from megatron_tpcomp.spec import CodecSpec, canonical
 
 
@@ -80,9 +83,17 @@ class IntCodec(Codec):
         levels = (1 << self.bits) - 1
         return divide(hi - lo, levels).clamp(max=torch.finfo(torch.float32).max / levels / 2)
 
+    def native_format(self) -> NativeFormat | None:
+        if self.bits == 4 and not self.asym and self.scale_fmt == "fp16" and self.group % 2 == 0:
+            return NativeFormat(FORMAT_INT4, self.group)
+        return None
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
+        native = native_encode(self, x, layout)
+        if native is not None:
+            return native
         payload = layout.allocate(x.device)
         if x.numel() == 0:
             return payload
@@ -106,9 +117,18 @@ class IntCodec(Codec):
         layout.view(payload, "scales").copy_(stored_s)
         return payload
 
+    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        layout = self.layout(shape)
+        check_payload(payloads, count * layout.nbytes, self.spec)
+        native = native_decode_sum(self, payloads, count, shape, dtype, layout)
+        return native if native is not None else super().decode_sum(payloads, count, shape, dtype)
+
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         layout = self.layout(shape)
         check_payload(payload, layout.nbytes, self.spec)
+        native = native_decode_sum(self, payload, 1, shape, dtype, layout)
+        if native is not None:
+            return native
         n = numel_of(shape)
         if n == 0:
             return torch.empty(tuple(shape), dtype=dtype, device=payload.device)

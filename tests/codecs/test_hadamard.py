@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.base import check_payload, numel_of
-from megatron_tpcomp.codecs.hadamard import HadamardCodec, _rotation_cpu, rotation_matrix
+from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotate, rotation_matrix, rotation_signs, unrotate
 from megatron_tpcomp.spec import parse_spec
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -54,11 +54,26 @@ def test_rotation_is_orthonormal_signed_hadamard(block: int) -> None:
 @pytest.mark.parametrize("block", [16, 32, 256])
 def test_rotation_is_a_function_of_block_and_seed(block: int) -> None:
     a = rotation_matrix(block, seed=0)
-    # A fresh computation (not the cache) gives the same bits: every rank derives the same R.
-    assert torch.equal(_rotation_cpu.__wrapped__(block, 0), a)
+    # A fresh computation (not the cache) gives the same bits: every rank derives the same signs and R.
+    assert torch.equal(rotation_signs.__wrapped__(block, 0), rotation_signs(block, 0))
     assert torch.equal(rotation_matrix(block, seed=0, device=torch.device("cpu")), a)
     assert not torch.equal(rotation_matrix(block, seed=1), a)
-    assert not torch.equal(_rotation_cpu.__wrapped__(block, 12345), a)
+    assert not torch.equal(rotation_signs.__wrapped__(block, 12345), rotation_signs(block, 0))
+
+
+@pytest.mark.parametrize("block", [2, 32, 256])
+def test_butterfly_rotation_is_the_matrix_product(block: int) -> None:
+    # The codec rotates with fwht(v * signs) * c (exact op order, see the module docstring); it must equal
+    # R @ v up to fp32 round-off: <= (log2(block) + 2) * 2^-24 * |v|_1 per value (one rounding per stage,
+    # plus c's and the scaling's); 4x headroom.
+    v = torch.randn(64, block, generator=torch.Generator().manual_seed(block), dtype=torch.float64)
+    r = rotation_matrix(block).double()
+    exact = v @ r.T
+    got = rotate(v.float()).double()
+    tol = 4 * (block.bit_length() + 1) * 2.0**-24 * v.abs().sum(dim=1, keepdim=True)
+    assert bool(((got - exact).abs() <= tol).all())
+    back = unrotate(got.float()).double()  # R^T R = I: the inverse brings v back within twice the round-off
+    assert bool(((back - v).abs() <= 2 * tol + 2.0**-23 * v.abs()).all())
 
 
 def test_same_seed_same_payload_other_seed_cannot_decode() -> None:
@@ -111,7 +126,7 @@ def test_payload_is_the_inner_payload_of_the_padded_rotation() -> None:
     inner = make_codec("int4:g32")
     assert had.payload_nbytes(x.shape) == inner.payload_nbytes((160,))
     padded = torch.nn.functional.pad(x.reshape(-1), (0, 10)).view(-1, 32)
-    rotated = (padded @ rotation_matrix(32).T).reshape(-1)
+    rotated = rotate(padded).reshape(-1)
     assert torch.equal(had.encode(x), inner.encode(rotated))
 
 

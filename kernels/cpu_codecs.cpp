@@ -1,0 +1,331 @@
+// Fused CPU codecs: one pass over memory per direction, byte-identical to the torch reference codecs.
+//
+// Formats (wire layouts are defined in Python, megatron_tpcomp/codecs/*.py; the caller passes the offset of the
+// scales section so that the layout lives in one place):
+//   int4:g<G>             symmetric INT4, fp16 scale per group of G values (arithmetic: int4_core.h)
+//   fp8-e4m3:b<B>:sfp32   E4M3 "fn" codes, fp32 scale per block of B values (codecs/fp8.py)
+//   either one +had:b<H>  randomized Hadamard rotation of blocks of H values before quantization
+//                         (codecs/hadamard.py: v -> fwht(v * signs) * c, c = fp32(1/sqrt(H)); inverse
+//                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
+//
+// Encode reads a tile of lcm(G, H) input values (fp32/bf16/fp16) into a float buffer, rotates it in place,
+// quantizes its groups and writes codes and scales: the input is read once and the payload written once.
+// Decode-sum reads the tile's codes from each of N payloads, adds the decoded values in fp32 in payload order
+// (the one-shot all-reduce, every rank the same bits), rotates back once (the rotation is linear, so the sum of
+// the rotated-back decodes is the rotated-back sum: the reference defines it this way too) and writes the output
+// dtype, rounding once. Tiles are split over `nthreads` OpenMP threads.
+//
+// Built by megatron_tpcomp/cpu_codecs.py with g++ -O3 -ffp-contract=off (never -ffast-math): every multiply and
+// add is rounded on its own, exactly as torch's elementwise kernels do, so the bytes match the reference.
+#define TPC_PLAIN_HOST_OPS 1
+#include <stdint.h>
+#include <string.h>
+
+#include "int4_core.h"
+
+namespace {
+
+using tpcomp::bf16_bits_to_float;
+using tpcomp::float_as_bits;
+using tpcomp::float_to_bf16_bits;
+using tpcomp::float_to_half_bits;
+using tpcomp::half_bits_to_float;
+
+constexpr int kMaxTile = 4096;
+constexpr float kE4m3Max = 448.0f;
+constexpr uint32_t kF32NaNBits = 0x7FC00000u;  // what torch's masked_fill(nan) writes into an fp32 scale
+constexpr float kMinNormal = 1.17549435e-38f;  // 2^-126: smallest fp32 scale whose reciprocal is finite
+
+enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum Format { kInt4 = 0, kFp8E4m3 = 1 };
+
+// ---------------------------------------------------------------------------------------------- element I/O
+
+inline float load(const void* p, int dt, int64_t i) {
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t b = static_cast<const uint16_t*>(p)[i];
+  return dt == kBF16 ? bf16_bits_to_float(b) : half_bits_to_float(b);
+}
+
+// Load values [start, start + n) of `x` into buf[0, n); the rest of buf[0, len) is zero (codec padding).
+void load_tile(const void* x, int dt, int64_t start, int64_t n, float* buf, int len) {
+  if (dt == kF32) {
+    const float* p = static_cast<const float*>(x) + start;
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  } else if (dt == kBF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x) + start;
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_bits_to_float(p[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = load(x, dt, start + i);
+  }
+  for (int64_t i = n; i < len; ++i) buf[i] = 0.0f;
+}
+
+void store_tile(const float* buf, int64_t n, int dt, int64_t start, void* out) {
+  if (dt == kF32) {
+    memcpy(static_cast<float*>(out) + start, buf, static_cast<size_t>(n) * sizeof(float));
+  } else if (dt == kBF16) {
+    uint16_t* p = static_cast<uint16_t*>(out) + start;
+    for (int64_t i = 0; i < n; ++i) p[i] = float_to_bf16_bits(buf[i]);
+  } else {
+    uint16_t* p = static_cast<uint16_t*>(out) + start;
+    for (int64_t i = 0; i < n; ++i) p[i] = float_to_half_bits(buf[i]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ rotation
+
+struct Rotation {
+  int block;           // 0: none
+  const float* signs;  // [block], +-1
+  float scale;         // fp32(1 / sqrt(block))
+};
+
+// In-place fast Walsh-Hadamard transform of v[0, n), n a power of two: stage h pairs v[j] and v[j + h].
+inline void fwht(float* v, int n) {
+  for (int h = 1; h < n; h <<= 1)
+    for (int i = 0; i < n; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+}
+
+void rotate_forward(float* buf, int len, const Rotation& r) {
+  for (int o = 0; o < len; o += r.block) {
+    float* v = buf + o;
+    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.signs[i];
+    fwht(v, r.block);
+    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale;
+  }
+}
+
+void rotate_backward(float* buf, int len, const Rotation& r) {
+  for (int o = 0; o < len; o += r.block) {
+    float* v = buf + o;
+    fwht(v, r.block);
+    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale;
+    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.signs[i];
+  }
+}
+
+// --------------------------------------------------------------------------------------------------- FP8 E4M3
+
+// fp32 -> E4M3 "fn" bits, round to nearest even, for finite |f| <= 448 (the encoder clamps first). The sign of
+// zero is kept, as torch's cast does.
+inline uint8_t float_to_e4m3_bits(float f) {
+  const uint32_t x = float_as_bits(f);
+  const uint32_t sign = (x >> 24) & 0x80u;
+  const uint32_t mag = x & 0x7FFFFFFFu;
+  if (mag >= 0x3C800000u) {  // >= 2^-6: normal; keep 3 of 23 mantissa bits, ties to even, rebias 127 -> 7
+    const uint32_t r = (mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20;
+    return static_cast<uint8_t>(sign | (r - (120u << 3)));
+  }
+  // Subnormal: m * 2^-9, m = rint(|f| * 2^9) in 0..8 (8 is the smallest normal, whose bits are 0x08).
+  const float a = tpcomp::bits_as_float(mag);
+  return static_cast<uint8_t>(sign | static_cast<uint32_t>(rintf(a * 512.0f)));
+}
+
+inline float e4m3_bits_to_float(uint8_t b) {
+  const uint32_t e = (b >> 3) & 0xFu, m = b & 7u;
+  float v;
+  if (e == 15 && m == 7) {
+    v = tpcomp::bits_as_float(kF32NaNBits);
+  } else if (e == 0) {
+    v = static_cast<float>(m) * 0.001953125f;  // m * 2^-9, exact
+  } else {
+    v = tpcomp::bits_as_float(((e + 120u) << 23) | (m << 20));
+  }
+  return (b & 0x80u) ? -v : v;
+}
+
+struct E4m3Table {
+  float v[256];
+  E4m3Table() {
+    for (int i = 0; i < 256; ++i) v[i] = e4m3_bits_to_float(static_cast<uint8_t>(i));
+  }
+};
+const E4m3Table kE4m3;
+
+// ------------------------------------------------------------------------------------------- group quantizers
+
+struct Codec {
+  int format;           // Format
+  int block;            // values per scale (G or B)
+  float scale_cap;      // fp8: cap of the ideal scale (fp32 max / (2 * 448), rounded to fp32)
+  int64_t scales_offset;  // byte offset of the scales section in a payload
+  Rotation rot;
+
+  int code_bytes(int nvalues) const { return format == kInt4 ? nvalues / 2 : nvalues; }
+  int scale_bytes() const { return format == kInt4 ? 2 : 4; }
+};
+
+// Quantize block `v` (c.block values) into codes and one scale (written to `scale`, little-endian).
+inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
+  if (c.format == kInt4) {
+    const uint16_t s = tpcomp::int4_quantize_group(v, c.block, codes);
+    memcpy(scale, &s, 2);
+    return;
+  }
+  float amax = 0.0f;
+  bool finite = true;
+  for (int i = 0; i < c.block; ++i) {
+    finite &= tpcomp::is_finite(v[i]);
+    amax = tpcomp::amax_update(amax, v[i]);
+  }
+  uint32_t stored_bits;
+  float inv = 0.0f;
+  if (!finite) {
+    stored_bits = kF32NaNBits;
+  } else {
+    float s = amax / kE4m3Max;  // true division, as codecs.base.divide
+    if (s > c.scale_cap) s = c.scale_cap;
+    if (s > 0.0f && s < kMinNormal) s = kMinNormal;  // scales.py "tiny scales"
+    stored_bits = float_as_bits(s);
+    inv = s == 0.0f ? 0.0f : 1.0f / s;
+  }
+  memcpy(scale, &stored_bits, 4);
+  if (!finite) {
+    memset(codes, 0, static_cast<size_t>(c.block));
+    return;
+  }
+  for (int i = 0; i < c.block; ++i) {
+    float q = v[i] * inv;
+    q = q < -kE4m3Max ? -kE4m3Max : (q > kE4m3Max ? kE4m3Max : q);
+    codes[i] = float_to_e4m3_bits(q);
+  }
+}
+
+// acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
+inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, bool first, float* acc) {
+  if (c.format == kInt4) {
+    uint16_t s;
+    memcpy(&s, scale, 2);
+    tpcomp::int4_accumulate_group(codes, s, c.block, first, acc);
+    return;
+  }
+  float s;
+  memcpy(&s, scale, 4);
+  if (first) {
+    for (int i = 0; i < c.block; ++i) acc[i] = kE4m3.v[codes[i]] * s;
+  } else {
+    for (int i = 0; i < c.block; ++i) acc[i] = acc[i] + kE4m3.v[codes[i]] * s;
+  }
+}
+
+int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+int tile_values(const Codec& c) {
+  return c.rot.block ? c.block / gcd(c.block, c.rot.block) * c.rot.block : (c.block < 256 ? 256 / c.block * c.block : c.block);
+}
+
+// Values the quantizer sees: the input, zero-padded to the rotation block when there is one.
+int64_t inner_numel(const Codec& c, int64_t numel) {
+  return c.rot.block ? (numel + c.rot.block - 1) / c.rot.block * c.rot.block : numel;
+}
+
+int threads_for(int64_t numel, int nthreads) {
+  // Below ~64K values a parallel region costs more than it saves.
+  return numel < (1 << 16) || nthreads < 1 ? 1 : nthreads;
+}
+
+void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
+  const int64_t inner = inner_numel(c, numel);
+  const int64_t nblocks = (inner + c.block - 1) / c.block;
+  const int tile = tile_values(c);
+  const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
+  uint8_t* scales = payload + c.scales_offset;
+#pragma omp parallel for schedule(static) num_threads(threads_for(numel, nthreads))
+  for (int64_t t = 0; t < ntiles; ++t) {
+    float buf[kMaxTile];
+    const int64_t start = t * tile;
+    const int64_t avail = numel - start < tile ? (numel - start > 0 ? numel - start : 0) : tile;
+    load_tile(x, dt, start, avail, buf, tile);
+    if (c.rot.block) {
+      rotate_forward(buf, tile, c.rot);
+      // Values past the rotated input are the inner codec's zero padding (+0: fp8 keeps the sign of a zero).
+      for (int64_t i = inner - start > 0 ? inner - start : 0; i < tile; ++i) buf[i] = 0.0f;
+    }
+    for (int o = 0; o < tile; o += c.block) {
+      const int64_t b = (start + o) / c.block;
+      if (b >= nblocks) break;
+      quantize_block(c, buf + o, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
+    }
+  }
+}
+
+void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbytes, int64_t numel, void* out, int dt,
+                int nthreads) {
+  const int64_t inner = inner_numel(c, numel);
+  const int64_t nblocks = (inner + c.block - 1) / c.block;
+  const int tile = tile_values(c);
+  const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
+#pragma omp parallel for schedule(static) num_threads(threads_for(numel * count, nthreads))
+  for (int64_t t = 0; t < ntiles; ++t) {
+    float acc[kMaxTile];
+    const int64_t start = t * tile;
+    int len = 0;
+    for (int o = 0; o < tile; o += c.block) {
+      const int64_t b = (start + o) / c.block;
+      if (b >= nblocks) break;
+      for (int r = 0; r < count; ++r) {
+        const uint8_t* p = payloads + r * nbytes;
+        accumulate_block(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), r == 0,
+                         acc + o);
+      }
+      len = o + c.block;
+    }
+    if (c.rot.block) {
+      for (int i = len; i < tile; ++i) acc[i] = 0.0f;  // blocks past the payload: dropped below anyway
+      rotate_backward(acc, tile, c.rot);
+    }
+    const int64_t n = numel - start < tile ? numel - start : tile;
+    if (n > 0) store_tile(acc, n, dt, start, out);
+  }
+}
+
+bool valid(const Codec& c, int dt) {
+  if (dt != kF32 && dt != kBF16 && dt != kF16) return false;
+  if (c.format == kInt4 && (c.block < 2 || (c.block & 1))) return false;
+  if (c.format != kInt4 && c.format != kFp8E4m3) return false;
+  if (c.block < 1 || c.block > kMaxTile) return false;
+  if (c.rot.block && (c.rot.block & (c.rot.block - 1))) return false;
+  return tile_values(c) <= kMaxTile;
+}
+
+Codec make(int format, int block, float scale_cap, int64_t scales_offset, int rot_block, const float* signs,
+           float rot_scale) {
+  return Codec{format, block, scale_cap, scales_offset, Rotation{rot_block, signs, rot_scale}};
+}
+
+}  // namespace
+
+extern "C" {
+
+// Largest tile (values) the library handles: lcm(block, rotation block) must not exceed it.
+int tpc_cpu_max_tile() { return kMaxTile; }
+
+// Encode `numel` values of dtype `dt` (0 fp32, 1 bf16, 2 fp16) at `x` into `payload` (all of the payload's
+// code and scale bytes are written; the caller zeroes it so that alignment padding is zero). Returns 0, or -1
+// for an unsupported configuration.
+int tpc_cpu_encode(int format, int block, float scale_cap, int64_t scales_offset, int rot_block, const float* signs,
+                   float rot_scale, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
+  const Codec c = make(format, block, scale_cap, scales_offset, rot_block, signs, rot_scale);
+  if (!valid(c, dt)) return -1;
+  encode(c, x, dt, numel, payload, nthreads);
+  return 0;
+}
+
+// Decode `count` payloads of `nbytes` each (laid end to end) of a `numel`-value tensor, add them in fp32 in
+// order 0..count-1, rotate back once, write dtype `dt` to `out`. Returns 0, or -1 for an unsupported configuration.
+int tpc_cpu_decode_sum(int format, int block, float scale_cap, int64_t scales_offset, int rot_block,
+                       const float* signs, float rot_scale, const uint8_t* payloads, int count, int64_t nbytes,
+                       int64_t numel, void* out, int dt, int nthreads) {
+  const Codec c = make(format, block, scale_cap, scales_offset, rot_block, signs, rot_scale);
+  if (!valid(c, dt) || count < 1) return -1;
+  decode_sum(c, payloads, count, nbytes, numel, out, dt, nthreads);
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,412 @@
+"""PNG plots of the benchmark JSON: ``tpcomp bench plot``.
+
+    tpcomp bench collectives --link none,1gbit --sizes 64KiB,1MiB,8MiB --json coll.json
+    tpcomp bench e2e ... --json e2e.json
+    tpcomp bench plot --collectives coll.json --e2e e2e.json --out-dir docs/img
+
+Writes, in ``--out-dir`` (default ``docs/img``):
+
+- ``collectives_speedup.png`` (from ``--collectives``): speedup = stock / compressed (codec time included) vs the
+  per-rank message size (log axis), one panel per (link, operation, world size), one line per codec spec (and
+  all-reduce algorithm when the file has several), a dashed line at 1.0 (no gain).
+- ``e2e_ttft.png`` (from ``--e2e``): time to first token vs prompt length, one panel per (link, world size), one
+  line per spec (spec ``none``, the uncompressed run, black dashed; without such records the ``baseline_ttft_ms`` they
+  carry), and below it the TTFT speedup (``speedup``, or ``baseline_ttft_ms / ttft_ms``) where the records have it.
+
+Inputs are the files ``--json`` writes: a JSON list of records, or an object whose ``records`` is that list.
+Records without the keys a plot needs are left out; a file that cannot be read, is not JSON or has no usable
+record is an error (exit 2) and nothing is written. Each PNG is written under a temporary name in the output
+folder and renamed, so a failed run never leaves a half-written PNG under the final name.
+
+Figures are ``PANEL_SIZE_IN`` inches per panel at ``DPI`` dots per inch (see :func:`figure_pixels`), drawn with
+matplotlib's Agg canvas (no display needed). From Python: :func:`plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT_DIR = os.path.join("docs", "img")
+COLLECTIVES_PNG = "collectives_speedup.png"
+E2E_PNG = "e2e_ttft.png"
+#: Width and height of one panel in inches, and the resolution: a panel is 500 x 375 pixels.
+PANEL_SIZE_IN = (5.0, 3.75)
+DPI = 100
+MAX_COLUMNS = 3
+#: Keys a record needs to be plotted (others are optional).
+COLLECTIVES_KEYS = ("op", "spec", "world_size", "bytes", "link", "speedup")
+E2E_KEYS = ("spec", "prompt_len", "ttft_ms")
+OP_ORDER = ("all_reduce", "all_gather", "reduce_scatter")
+#: The spec of the uncompressed run in e2e records (drawn dashed, "(stock)"; its speedup is the line at 1.0).
+E2E_BASELINE_SPEC = "none"
+MATPLOTLIB_HINT = "pip install matplotlib==3.11.2 (scripts/setup_venv.sh installs it)"
+
+
+class PlotError(ValueError):
+    """Unusable input (missing file, not JSON, no records of the expected kind) or matplotlib missing."""
+
+
+# ------------------------------------------------------------------------------------------------------ input
+
+
+def load_records(path: str | os.PathLike, kind: str, required: Sequence[str], producer: str) -> list[dict[str, Any]]:
+    """The records of ``path`` that have every key of ``required`` (with a finite number for numeric ones).
+
+    Args:
+        path: a JSON list of records, or an object whose ``records`` is that list.
+        kind: what the records are (for messages), e.g. ``"collectives"``.
+        required: keys each record needs.
+        producer: the command that writes such a file (for messages).
+
+    Raises:
+        PlotError: the file is missing or unreadable, is not JSON, or has no such record.
+    """
+    expected = f"expected the JSON of `{producer} --json` (a list of {kind} records with keys {', '.join(required)})"
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise PlotError(f"{path}: no such file; {expected}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlotError(f"{path}: cannot read it ({exc}); {expected}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlotError(f"{path}: not JSON ({exc}); {expected}") from None
+    if isinstance(data, dict) and "records" in data:
+        data = data["records"]
+    if not isinstance(data, list):
+        raise PlotError(f"{path}: a JSON {type(data).__name__}, not a list of records; {expected}")
+    records = [r for r in data if isinstance(r, dict) and _usable(r, required)]
+    if not records:
+        raise PlotError(f"{path}: no {kind} records among its {len(data)} entries; {expected}")
+    return records
+
+
+def _usable(rec: Mapping[str, Any], required: Sequence[str]) -> bool:
+    for key in required:
+        value = rec.get(key)
+        if value is None:
+            return False
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, int | float) and not math.isfinite(value):
+            return False
+    return True
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def size_text(nbytes: float) -> str:
+    """'64 KiB', '8 MiB', '1.5 MiB', '15.8 KiB', '512 B': tick labels of message sizes."""
+    for unit, mult in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= mult:
+            v = nbytes / mult
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def figure_pixels(ncols: int, nrows: int) -> tuple[int, int]:
+    """(width, height) in pixels of a figure of ``ncols x nrows`` panels."""
+    return round(ncols * PANEL_SIZE_IN[0] * DPI), round(nrows * PANEL_SIZE_IN[1] * DPI)
+
+
+def _matplotlib() -> tuple[Any, Any, Any]:
+    """(Figure class, Agg canvas class, matplotlib) imported on first use, or PlotError naming the package."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise PlotError(
+            f"tpcomp bench plot needs the package matplotlib, which does not import ({exc}); {MATPLOTLIB_HINT}"
+        ) from None
+    return Figure, FigureCanvasAgg, matplotlib
+
+
+def _new_figure(ncols: int, nrows: int, title: str) -> tuple[Any, list[list[Any]]]:
+    """An Agg figure of ``nrows x ncols`` panels (constrained layout: the pixel size is exactly
+    :func:`figure_pixels`), and its axes as rows of columns."""
+    figure_cls, canvas_cls, _ = _matplotlib()
+    fig = figure_cls(figsize=(ncols * PANEL_SIZE_IN[0], nrows * PANEL_SIZE_IN[1]), dpi=DPI, layout="constrained")
+    canvas_cls(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    # wrapped to the figure's width (about 10 characters per inch at 10 pt), never cut off at the edges
+    fig.suptitle(textwrap.fill(title, width=int(ncols * PANEL_SIZE_IN[0] * 10)), fontsize=10)
+    return fig, [list(row) for row in axes]
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    """One color per label, the same in every panel."""
+    _, _, mpl = _matplotlib()
+    cmap = mpl.colormaps["tab10"]
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def _log2_x(ax: Any, xs: Sequence[float], fmt: Callable[[float], str]) -> None:
+    """Log-2 x axis with one labelled tick per measured x, no minor ticks."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(xs))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticklabels([fmt(t) for t in ticks], fontsize=8, rotation=30 if len(ticks) > 4 else 0)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
+
+
+def _median_by_x(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Points sorted by x, repeated x values merged to the median y."""
+    by_x: dict[float, list[float]] = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    return xs, [statistics.median(by_x[x]) for x in xs]
+
+
+def _link_text(link: Any, info: Mapping[str, Any] | None = None) -> str:
+    if link is None:
+        return "link ?"
+    if str(link) == "none":
+        requested = (info or {}).get("requested")
+        return f"link none (loopback, unshaped{f'; {requested} not possible' if requested else ''})"
+    return f"link {link}"
+
+
+def _save(fig: Any, path: str) -> str:
+    """Write ``fig`` as PNG under a temporary name next to ``path``, then rename it to ``path``."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _grid(n: int) -> tuple[int, int]:
+    ncols = min(n, MAX_COLUMNS)
+    return ncols, -(-n // ncols)
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+
+def _algo(rec: Mapping[str, Any]) -> str:
+    algo, used = rec.get("algo"), rec.get("algo_used")
+    if algo and used and used != algo:
+        return f"{algo}>{used}"
+    return str(algo or used or "")
+
+
+def plot_collectives(records: Sequence[Mapping[str, Any]], path: str) -> str:
+    """``collectives_speedup.png``: speedup vs message size; see the module docstring. Returns ``path``."""
+    records = [r for r in records if _usable(r, COLLECTIVES_KEYS)]
+    if not records:
+        raise PlotError(f"no collectives records with keys {', '.join(COLLECTIVES_KEYS)} to plot")
+    several_algos = len({_algo(r) for r in records if r["op"] == "all_reduce"}) > 1
+
+    def label(r: Mapping[str, Any]) -> str:
+        return f"{r['spec']} {_algo(r)}" if several_algos and _algo(r) else str(r["spec"])
+
+    links = list(dict.fromkeys(str(r["link"]) for r in records))
+    ops = sorted({r["op"] for r in records}, key=lambda op: (OP_ORDER + (op,)).index(op))
+    worlds = sorted({int(r["world_size"]) for r in records})
+    panels = [
+        (lk, op, n)
+        for lk in links
+        for op in ops
+        for n in worlds
+        if any(str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n for r in records)
+    ]
+    labels = list(dict.fromkeys(label(r) for r in records))
+    colors = _colors(labels)
+    dtypes = sorted({str(r["dtype"]) for r in records if r.get("dtype")})
+    title = (
+        "Compressed vs stock collectives: speedup = stock / compressed time (codec work included); "
+        f"world size {', '.join(map(str, worlds))}; {', '.join(_link_text(lk) for lk in links)}"
+        + (f"; {', '.join(dtypes)} messages" if dtypes else "")
+    )
+    ncols, nrows = _grid(len(panels))
+    fig, axes = _new_figure(ncols, nrows, title)
+    for i, (lk, op, n) in enumerate(panels):
+        ax = axes[i // ncols][i % ncols]
+        recs = [r for r in records if str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n]
+        all_x = []
+        for lab in labels:
+            pts = [
+                (float(r.get("requested_bytes") or r["bytes"]), float(r["speedup"])) for r in recs if label(r) == lab
+            ]
+            if not pts:
+                continue
+            xs, ys = _median_by_x(pts)
+            all_x += xs
+            ax.plot(xs, ys, marker="o", color=colors[lab], label=lab)
+        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+        _log2_x(ax, all_x, size_text)
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.1))
+        ax.set_xlabel("message size per rank", fontsize=9)
+        ax.set_ylabel("speedup (stock / compressed)", fontsize=9)
+        info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
+        ax.set_title(f"{op}, world size {n}, {_link_text(lk, info)}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for j in range(len(panels), ncols * nrows):
+        axes[j // ncols][j % ncols].set_visible(False)
+    return _save(fig, path)
+
+
+def _e2e_speedup(r: Mapping[str, Any]) -> float | None:
+    s = _finite(r.get("speedup"))
+    if s is not None:
+        return s
+    base, ttft = _finite(r.get("baseline_ttft_ms")), _finite(r.get("ttft_ms"))
+    return base / ttft if base is not None and ttft else None
+
+
+def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
+    """``e2e_ttft.png``: TTFT (and speedup) vs prompt length; see the module docstring. Returns ``path``."""
+    records = [r for r in records if _usable(r, E2E_KEYS)]
+    if not records:
+        raise PlotError(f"no e2e records with keys {', '.join(E2E_KEYS)} to plot")
+    groups = list(dict.fromkeys((r.get("link"), r.get("world_size")) for r in records))
+    labels = list(dict.fromkeys(str(r["spec"]) for r in records))
+    colors = _colors([lab for lab in labels if lab != E2E_BASELINE_SPEC])
+
+    def name(spec: str) -> str:
+        return f"{spec} (stock)" if spec == E2E_BASELINE_SPEC else spec
+
+    with_speedup = any(_e2e_speedup(r) is not None for r in records if r["spec"] != E2E_BASELINE_SPEC)
+    worlds = sorted({str(n) for _, n in groups if n is not None}) or ["?"]
+    links = list(dict.fromkeys(_link_text(lk) for lk, _ in groups))
+    models = sorted({str(r["model"]) for r in records if r.get("model")})
+    title = (
+        f"End to end{f' ({models[0]})' if len(models) == 1 else ''}: time to first token vs prompt length; "
+        f"world size {', '.join(worlds)}; {', '.join(links)}"
+    )
+    ncols, nrows = len(groups), 2 if with_speedup else 1
+    fig, axes = _new_figure(ncols, nrows, title)
+    for col, (lk, n) in enumerate(groups):
+        recs = [r for r in records if (r.get("link"), r.get("world_size")) == (lk, n)]
+        info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
+        head = f"world size {n if n is not None else '?'}, {_link_text(lk, info)}"
+        ax = axes[0][col]
+        all_x = []
+        for lab in labels:
+            pts = [(float(r["prompt_len"]), float(r["ttft_ms"])) for r in recs if str(r["spec"]) == lab]
+            if pts:
+                xs, ys = _median_by_x(pts)
+                all_x += xs
+                if lab == E2E_BASELINE_SPEC:
+                    ax.plot(xs, ys, marker="s", linestyle="--", color="black", label=name(lab))
+                else:
+                    ax.plot(xs, ys, marker="o", color=colors[lab], label=name(lab))
+        base = [(float(r["prompt_len"]), b) for r in recs if (b := _finite(r.get("baseline_ttft_ms"))) is not None]
+        if base and not any(r["spec"] == E2E_BASELINE_SPEC for r in recs):
+            xs, ys = _median_by_x(base)
+            ax.plot(xs, ys, marker="s", color="black", linestyle="--", label="stock (baseline_ttft_ms)")
+        _log2_x(ax, all_x, lambda v: f"{v:.0f}")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("prompt length (tokens)", fontsize=9)
+        ax.set_ylabel("TTFT (ms)", fontsize=9)
+        ax.set_title(head, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        if not with_speedup:
+            continue
+        ax = axes[1][col]
+        for lab in labels:
+            if lab == E2E_BASELINE_SPEC:
+                continue  # the dashed line at 1.0
+            pts = [
+                (float(r["prompt_len"]), s)
+                for r in recs
+                if str(r["spec"]) == lab and (s := _e2e_speedup(r)) is not None
+            ]
+            if pts:
+                xs, ys = _median_by_x(pts)
+                ax.plot(xs, ys, marker="o", color=colors[lab], label=lab)
+        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+        _log2_x(ax, all_x, lambda v: f"{v:.0f}")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.1))
+        ax.set_xlabel("prompt length (tokens)", fontsize=9)
+        ax.set_ylabel("TTFT speedup (stock / compressed)", fontsize=9)
+        ax.set_title(f"TTFT speedup, {head}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot(
+    collectives: str | os.PathLike | None = None,
+    e2e: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
+) -> list[str]:
+    """Read the given benchmark files (all of them first: a bad one writes nothing), draw, and return the paths
+    of the PNGs written in ``out_dir`` (created if missing).
+
+    Raises:
+        PlotError: neither file given, an unusable file, or matplotlib missing.
+    """
+    if collectives is None and e2e is None:
+        raise PlotError("nothing to plot: give --collectives FILE and/or --e2e FILE")
+    coll = e2e_recs = None
+    if collectives is not None:
+        coll = load_records(collectives, "collectives", COLLECTIVES_KEYS, "tpcomp bench collectives")
+    if e2e is not None:
+        e2e_recs = load_records(e2e, "e2e", E2E_KEYS, "tpcomp bench e2e")
+    _matplotlib()  # fail before creating the output folder
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    if coll is not None:
+        written.append(plot_collectives(coll, os.path.join(out_dir, COLLECTIVES_PNG)))
+    if e2e_recs is not None:
+        written.append(plot_e2e(e2e_recs, os.path.join(out_dir, E2E_PNG)))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tpcomp bench plot``: PNGs from the benchmark JSON; prints the files written. Exit 2 on unusable input."""
+    parser = argparse.ArgumentParser(
+        prog="tpcomp bench plot",
+        description="PNG plots of the benchmark JSON: collectives speedup vs message size (--collectives, from "
+        "`tpcomp bench collectives --json`) and time to first token vs prompt length (--e2e, from "
+        "`tpcomp bench e2e --json`).",
+    )
+    parser.add_argument("--collectives", metavar="FILE", help=f"collectives records -> {COLLECTIVES_PNG}")
+    parser.add_argument("--e2e", metavar="FILE", help=f"end-to-end records -> {E2E_PNG}")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"output folder (default {DEFAULT_OUT_DIR})")
+    args = parser.parse_args(argv)
+    if args.collectives is None and args.e2e is None:
+        parser.error("give --collectives FILE and/or --e2e FILE")
+    try:
+        written = plot(args.collectives, args.e2e, args.out_dir)
+    except PlotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

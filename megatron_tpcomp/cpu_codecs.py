@@ -1,0 +1,241 @@
+"""Fused CPU codecs (``kernels/cpu_codecs.cpp``): one pass over memory per direction, bytes equal to the reference.
+
+On a CPU the codec's own speed decides whether compression pays (FACTS.md): the torch reference codecs make
+five to ten passes over memory per direction (blocks, amax, scale, round, clamp, pack, ...). This library does
+each direction in one: encode reads a tile of the input, rotates it (``+had``) and quantizes it in L1 cache;
+decode-sum reads the N payloads of an all-reduce tile by tile, adds the decoded values in fp32, rotates back
+once and writes the output dtype.
+
+Formats (everything else runs the torch reference):
+
+- ``int4:g<G>`` (symmetric, fp16 scales, G even) and ``int4:g<G>+had[:b<H>]``;
+- ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``) and its ``+had`` form.
+
+The wire layout stays defined in Python (``IntCodec.layout``, ``Fp8Codec.layout``): this module passes the
+scales offset to the library, and the tests check every byte against the reference codecs.
+
+Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 5 s)
+into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
+flags and the compiler, under a file lock so that concurrent ranks build it once. ``-march=native`` is right
+because the library is built on the machine that runs it (it falls back to the baseline ISA if the compiler
+refuses). No compiler, or a failed build: the reference codecs run and :func:`available` says why.
+
+Control: ``TPCOMP_CPU_KERNELS=auto`` (default: use the library when it builds), ``off`` (reference only) or
+``on`` (raise :class:`megatron_tpcomp.kernels.KernelUnavailableError` when it cannot be used). The payload
+bytes do not depend on the setting; decoded values match the reference bit for bit too, so ranks with
+different settings still agree.
+
+Threads: ``torch.get_num_threads()`` OpenMP threads per call (one below 64K values).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("megatron_tpcomp")
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+SOURCES = ("cpu_codecs.cpp", "int4_core.h")
+BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math")
+NATIVE_FLAGS = ("-march=native",)
+ENV = "TPCOMP_CPU_KERNELS"
+MODES = ("auto", "on", "off")
+
+FORMAT_INT4 = 0
+FORMAT_FP8_E4M3 = 1
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def mode() -> str:
+    """``TPCOMP_CPU_KERNELS``: ``auto`` (default), ``on`` or ``off``; anything else raises ValueError."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
+def _build_key(cxx: str, flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((KERNELS_DIR / name).read_bytes())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    h.update(" ".join((cxx, *flags, version, platform.machine())).encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> str | None:
+    """Compile into ``out`` atomically. Returns None, or the compiler's complaint."""
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *flags, "-I", str(KERNELS_DIR), str(KERNELS_DIR / "cpu_codecs.cpp"), "-o", tmp]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+        if result.returncode != 0:
+            return (result.stderr or result.stdout).strip()[-500:]
+        os.replace(tmp, out)  # a reader never sees a half-written library
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(cache: Path | None = None) -> Path:
+    """Compile the library if needed and return its path. Raises RuntimeError saying why it cannot be built."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ not on PATH and $CXX unset)")
+    if not (KERNELS_DIR / SOURCES[0]).exists():
+        raise RuntimeError(f"the kernel sources are not installed next to the package ({KERNELS_DIR} missing)")
+    if cache is None:
+        from megatron_tpcomp.assets import cache_dir
+
+        cache = cache_dir()
+    folder = cache / "native"
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+        lib = folder / f"libtpcomp_cpu-{_build_key(cxx, flags)}.so"
+        if lib.exists():
+            return lib
+        with open(folder / ".lock", "w") as lock:  # concurrent ranks: one compiles, the others wait and reuse
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if lib.exists():
+                return lib
+            logger.info("megatron-tpcomp: compiling the CPU codec library (%s)", " ".join(flags))
+            error = _compile(cxx, flags, lib)
+        if error is None:
+            return lib
+        errors.append(f"{' '.join(flags)}: {error}")
+    raise RuntimeError("g++ failed to build kernels/cpu_codecs.cpp: " + " | ".join(errors))
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        return None, str(exc)
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    codec_args = [i32, i32, f32, i64, i32, ptr, f32]
+    lib.tpc_cpu_encode.argtypes = [*codec_args, ptr, i32, i64, ptr, i32]
+    lib.tpc_cpu_decode_sum.argtypes = [*codec_args, ptr, i32, i64, i64, ptr, i32, i32]
+    return lib, ""
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` when the library is built and loadable here, else ``(False, reason)`` (``off`` included)."""
+    if mode() == "off":
+        return False, f"{ENV}=off"
+    lib, reason = _load()
+    return lib is not None, reason
+
+
+@dataclass(frozen=True)
+class NativeFormat:
+    """What the library needs to know about a codec: the element format, the block, the rotation.
+
+    Attributes:
+        format: ``FORMAT_INT4`` or ``FORMAT_FP8_E4M3``.
+        block: values per scale.
+        scale_cap: fp8 only: the cap of the ideal scale (``Fp8Codec.scale_cap`` rounded to fp32).
+        rot_block: Hadamard block (0 = no rotation).
+        signs: fp32 ``[rot_block]`` of +-1 (the rotation's random signs), or None.
+        rot_scale: fp32 ``1 / sqrt(rot_block)`` exactly as the reference multiplies by it.
+    """
+
+    format: int
+    block: int
+    scale_cap: float = 0.0
+    rot_block: int = 0
+    signs: torch.Tensor | None = None
+    rot_scale: float = 0.0
+
+    def args(self, scales_offset: int) -> tuple:
+        signs = self.signs.data_ptr() if self.signs is not None else None
+        return (self.format, self.block, self.scale_cap, scales_offset, self.rot_block, signs, self.rot_scale)
+
+    def tile(self) -> int:
+        return math.lcm(self.block, self.rot_block or 1)
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library when the mode allows it; raises for ``on`` when it cannot be used."""
+    m = mode()
+    if m == "off":
+        return None
+    lib, reason = _load()
+    if lib is None:
+        if m == "on":
+            from megatron_tpcomp.kernels import KernelUnavailableError
+
+            raise KernelUnavailableError(f"{ENV}=on but the CPU codec library is unavailable: {reason}")
+        return None
+    return lib
+
+
+def usable(fmt: NativeFormat | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the library handles this format for a CPU tensor of ``dtype`` (fp32/bf16/fp16) and is enabled."""
+    if fmt is None or device.type != "cpu" or dtype not in _DTYPES or fmt.tile() > 4096:
+        return False
+    return _library() is not None
+
+
+def encode_into(fmt: NativeFormat, x: torch.Tensor, payload: torch.Tensor, scales_offset: int) -> None:
+    """Write the codes and scales of ``x`` into ``payload`` (uint8, 1-D, contiguous, zeroed: padding stays 0).
+
+    Args:
+        x: CPU fp32/bf16/fp16 tensor, any shape (read row-major; non-contiguous input is copied first).
+    """
+    lib = _library()
+    xc = x.contiguous()
+    rc = lib.tpc_cpu_encode(
+        *fmt.args(scales_offset), xc.data_ptr(), _DTYPES[xc.dtype], xc.numel(), payload.data_ptr(), _threads()
+    )
+    if rc != 0:
+        raise ValueError(f"CPU codec library refused the format {fmt} for dtype {xc.dtype}")
+
+
+def decode_sum(
+    fmt: NativeFormat,
+    payloads: torch.Tensor,
+    count: int,
+    nbytes: int,
+    scales_offset: int,
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Sum in fp32, in order, of the decodes of ``count`` payloads (uint8 ``[count * nbytes]``, contiguous).
+
+    Returns:
+        ``dtype`` ``[numel]`` (fp32/bf16/fp16), rounded once from the fp32 sum.
+    """
+    lib = _library()
+    out = torch.empty(numel, dtype=dtype)
+    rc = lib.tpc_cpu_decode_sum(
+        *fmt.args(scales_offset), payloads.data_ptr(), count, nbytes, numel, out.data_ptr(), _DTYPES[dtype], _threads()
+    )
+    if rc != 0:
+        raise ValueError(f"CPU codec library refused the format {fmt} for dtype {dtype}")
+    return out
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())

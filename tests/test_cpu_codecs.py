@@ -1,0 +1,188 @@
+"""The fused CPU codec library (kernels/cpu_codecs.cpp) writes the reference codecs' bytes and decodes their bits.
+
+Every comparison runs the same codec object twice in one process: with ``TPCOMP_CPU_KERNELS=off`` (the torch
+reference, which defines the format) and ``=on`` (the library; the test fails if it cannot be built). Payloads
+must be equal byte for byte and decodes bit for bit (NaN compared as NaN: torch itself writes different NaN
+payload bits on different paths).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp.codecs import make_codec
+from megatron_tpcomp.kernels import KernelUnavailableError
+
+NATIVE_SPECS = [
+    "int4:g32",
+    "int4:g64",
+    "int4:g8",
+    "int4:g32+had",
+    "int4:g64+had",
+    "int4:g32+had:b128",
+    "int4:g128+had:b16",
+    "fp8",
+    "fp8:b32",
+    "fp8+had",
+    "fp8+had:b256",
+]
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
+
+
+def with_mode(monkeypatch: pytest.MonkeyPatch, mode: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    monkeypatch.setenv(cpu_codecs.ENV, mode)
+    return fn()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values with NaN == NaN and the sign of zero compared too."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    ia = a.view(torch.int32 if a.dtype == torch.float32 else torch.int16)
+    ib = b.view(torch.int32 if b.dtype == torch.float32 else torch.int16)
+    return bool(((ia == ib) | both_nan).all())
+
+
+def adversarial(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """N(0,1) scaled over six decades per channel, one 300x channel, a zero block, -0, a NaN and an Inf block,
+    values near the fp16 scale limit and tiny values whose scales are subnormal."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])
+    flat = x.view(-1)
+    n = flat.numel()
+    if n >= 512:
+        flat[7 :: shape[-1]] *= 300.0
+        flat[64:96] = 0.0
+        flat[96:100] = -0.0
+        flat[130] = float("nan")
+        flat[300] = float("inf")
+        flat[400:432] = torch.randn(32, generator=g) * 1e-6
+        flat[450:460] = 6e4 if dtype != torch.bfloat16 else 3e5
+    return x.to(dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> None:
+    ok, why = cpu_codecs.available()
+    assert ok, f"the CPU codec library must build here (g++ is part of the supported setup): {why}"
+
+
+@pytest.mark.parametrize("spec", NATIVE_SPECS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(200, 576), (3, 37), (5,), (1, 1), (0, 576)])
+def test_payload_and_decode_sum_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    codec = make_codec(spec)
+    assert codec.native_format() is not None
+    inputs = [adversarial(shape, dtype, seed) for seed in range(3)]
+    ref = [with_mode(monkeypatch, "off", lambda x=x: codec.encode(x)) for x in inputs]
+    got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in inputs]
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(r, g), f"{spec}: {int((r != g).sum())} of {r.numel()} payload bytes differ"
+    for count in (1, 3):
+        payloads = torch.cat(ref[:count])
+        for out_dtype in DTYPES:
+            args = (payloads, count, shape, out_dtype)
+            want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
+            have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
+            assert same_bits(want, have), f"{spec} decode_sum({count}) -> {out_dtype}"
+    want = with_mode(monkeypatch, "off", lambda: codec.decode(ref[0], shape, dtype))
+    have = with_mode(monkeypatch, "on", lambda: codec.decode(ref[0], shape, dtype))
+    assert same_bits(want, have)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.sampled_from(NATIVE_SPECS),
+    numel=st.integers(1, 3000),
+    log_scale=st.floats(-30, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_random_messages_match_the_reference(spec: str, numel: int, log_scale: float, seed: int) -> None:
+    codec = make_codec(spec)
+    x = (torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale).bfloat16()
+    os.environ[cpu_codecs.ENV] = "off"
+    try:
+        ref = codec.encode(x)
+        ref_sum = codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32)
+        os.environ[cpu_codecs.ENV] = "on"
+        got = codec.encode(x)
+        got_sum = codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32)
+    finally:
+        os.environ.pop(cpu_codecs.ENV, None)
+    assert torch.equal(ref, got)
+    assert same_bits(ref_sum, got_sum)
+
+
+def test_non_contiguous_input_is_read_row_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)).bfloat16().t()  # a transposed view
+    codec = make_codec("int4:g32+had")
+    ref = with_mode(monkeypatch, "off", lambda: codec.encode(x))
+    assert torch.equal(with_mode(monkeypatch, "on", lambda: codec.encode(x)), ref)
+
+
+def test_unsupported_formats_are_left_to_the_reference() -> None:
+    for spec in (
+        "int4:g32:asym",
+        "int8:g32",
+        "int4:g32:sbf16",
+        "fp8-e5m2",
+        "fp8:sfp16",
+        "nvfp4",
+        "int4:g32+outliers:k4",
+    ):
+        assert make_codec(spec).native_format() is None, spec
+
+
+def test_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(cpu_codecs.ENV, "sometimes")
+    with pytest.raises(ValueError, match="TPCOMP_CPU_KERNELS='sometimes' is not one of auto, on, off"):
+        cpu_codecs.mode()
+    monkeypatch.setenv(cpu_codecs.ENV, "off")
+    assert cpu_codecs.available() == (False, "TPCOMP_CPU_KERNELS=off")
+    # No compiler: `auto` quietly uses the reference, `on` raises and says why.
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TPCOMP_CACHE", str(tmp_path / "cache"))
+    cpu_codecs._load.cache_clear()
+    try:
+        x = torch.randn(256, 64).bfloat16()
+        codec = make_codec("int4:g32")
+        monkeypatch.setenv(cpu_codecs.ENV, "auto")
+        ok, why = cpu_codecs.available()
+        assert not ok and "no-such-compiler" in why
+        ref = codec.encode(x)  # the reference ran
+        monkeypatch.setenv(cpu_codecs.ENV, "on")
+        with pytest.raises(KernelUnavailableError, match="TPCOMP_CPU_KERNELS=on but the CPU codec library"):
+            codec.encode(x)
+    finally:
+        cpu_codecs._load.cache_clear()
+    monkeypatch.delenv("CXX")
+    monkeypatch.delenv("TPCOMP_CACHE")
+    assert torch.equal(codec.encode(x), ref)
+
+
+def test_concurrent_first_builds_agree(tmp_path: Path) -> None:
+    # Three processes (like three ranks) build into an empty cache at once: one compiles under the lock, all
+    # load the same library, and no temporary file is left behind.
+    code = "from megatron_tpcomp import cpu_codecs; print(cpu_codecs.build())"
+    env = {**os.environ, "TPCOMP_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1
+    files = sorted(f.name for f in (tmp_path / "native").iterdir() if f.name != ".lock")
+    assert files == [Path(paths.pop()).name]
