@@ -92,11 +92,70 @@ inline void fwht(float* v, int n) {
       }
 }
 
+// The same butterflies with the block size known at compile time: the compiler unrolls the short stages into
+// shuffles. Same operations in the same order, so the same bits as fwht().
+template <int N>
+inline void fwht_fixed(float* v) {
+  for (int h = 1; h < N; h <<= 1)
+    for (int i = 0; i < N; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The same butterflies on 8-float vectors (GCC vector extensions: AVX or two SSE registers, NEON on ARM).
+// Stages h = 1, 2, 4 pair lanes inside a vector: w = v with the pairs swapped, then lane j keeps v + w (= a + b)
+// where it holds the pair's first value and w - v (= a - b) where it holds the second. Stages h >= 8 pair whole
+// vectors. Every lane computes exactly a + b or a - b of the scalar version: the same bits.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+inline v8f lane_stage(v8f v, v8i swap, v8i pick) {
+  const v8f w = __builtin_shuffle(v, swap);
+  return __builtin_shuffle(v + w, w - v, pick);
+}
+
+inline void fwht_vec(float* p, int n) {
+  const int nv = n / 8;
+  v8f r[kMaxTile / 8];
+  memcpy(r, p, sizeof(float) * static_cast<size_t>(n));
+  const v8i swap1 = {1, 0, 3, 2, 5, 4, 7, 6}, pick1 = {0, 9, 2, 11, 4, 13, 6, 15};
+  const v8i swap2 = {2, 3, 0, 1, 6, 7, 4, 5}, pick2 = {0, 1, 10, 11, 4, 5, 14, 15};
+  const v8i swap4 = {4, 5, 6, 7, 0, 1, 2, 3}, pick4 = {0, 1, 2, 3, 12, 13, 14, 15};
+  for (int i = 0; i < nv; ++i) r[i] = lane_stage(lane_stage(lane_stage(r[i], swap1, pick1), swap2, pick2), swap4, pick4);
+  for (int h = 1; h < nv; h <<= 1)
+    for (int i = 0; i < nv; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const v8f a = r[j], b = r[j + h];
+        r[j] = a + b;
+        r[j + h] = a - b;
+      }
+  memcpy(p, r, sizeof(float) * static_cast<size_t>(n));
+}
+#endif
+
+inline void fwht_any(float* v, int n) {
+#if defined(__GNUC__) && !defined(__clang__)
+  if (n >= 8 && n <= kMaxTile) {
+    fwht_vec(v, n);
+    return;
+  }
+#endif
+  switch (n) {
+    case 16: fwht_fixed<16>(v); return;
+    case 32: fwht_fixed<32>(v); return;
+    default: fwht(v, n);
+  }
+}
+
 void rotate_forward(float* buf, int len, const Rotation& r) {
   for (int o = 0; o < len; o += r.block) {
     float* v = buf + o;
     for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.signs[i];
-    fwht(v, r.block);
+    fwht_any(v, r.block);
     for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale;
   }
 }
@@ -104,9 +163,8 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
 void rotate_backward(float* buf, int len, const Rotation& r) {
   for (int o = 0; o < len; o += r.block) {
     float* v = buf + o;
-    fwht(v, r.block);
-    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale;
-    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.signs[i];
+    fwht_any(v, r.block);
+    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale * r.signs[i];  // (v * c) * s: left to right
   }
 }
 
@@ -118,13 +176,11 @@ inline uint8_t float_to_e4m3_bits(float f) {
   const uint32_t x = float_as_bits(f);
   const uint32_t sign = (x >> 24) & 0x80u;
   const uint32_t mag = x & 0x7FFFFFFFu;
-  if (mag >= 0x3C800000u) {  // >= 2^-6: normal; keep 3 of 23 mantissa bits, ties to even, rebias 127 -> 7
-    const uint32_t r = (mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20;
-    return static_cast<uint8_t>(sign | (r - (120u << 3)));
-  }
+  // >= 2^-6: normal; keep 3 of 23 mantissa bits, ties to even, rebias 127 -> 7 (wraps for subnormals: unused).
+  const uint32_t normal = ((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (120u << 3);
   // Subnormal: m * 2^-9, m = rint(|f| * 2^9) in 0..8 (8 is the smallest normal, whose bits are 0x08).
-  const float a = tpcomp::bits_as_float(mag);
-  return static_cast<uint8_t>(sign | static_cast<uint32_t>(rintf(a * 512.0f)));
+  const uint32_t sub = static_cast<uint32_t>(static_cast<int>(rintf(tpcomp::bits_as_float(mag) * 512.0f)));
+  return static_cast<uint8_t>(sign | (mag >= 0x3C800000u ? normal : sub));
 }
 
 inline float e4m3_bits_to_float(uint8_t b) {
@@ -162,18 +218,64 @@ struct Codec {
 };
 
 // Quantize block `v` (c.block values) into codes and one scale (written to `scale`, little-endian).
-inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
-  if (c.format == kInt4) {
-    const uint16_t s = tpcomp::int4_quantize_group(v, c.block, codes);
-    memcpy(scale, &s, 2);
+// Largest |v[i]| and whether all are finite, in one integer max over the magnitude bits: for non-negative floats
+// the bit patterns order like the values, and Inf/NaN patterns are >= 0x7F800000. (A float max with a ternary does
+// not vectorize without -ffast-math.) Equal to the core's amax_update loop for finite groups.
+inline float abs_max(const float* v, int n, bool* finite) {
+  uint32_t m = 0;
+  for (int i = 0; i < n; ++i) {
+    const uint32_t b = float_as_bits(v[i]) & 0x7FFFFFFFu;
+    m = b > m ? b : m;
+  }
+  *finite = m < 0x7F800000u;
+  return tpcomp::bits_as_float(m);
+}
+
+// int4_core.h's int4_quantize_group, with the codes formed in one loop and packed in another (the core's pair
+// loop does not vectorize). Same operations, same bits.
+inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
+  bool finite;
+  const float amax = abs_max(v, g, &finite);
+  const uint16_t s = tpcomp::int4_scale_bits(amax, finite);
+  memcpy(scale, &s, 2);
+  if (!finite) {
+    memset(codes, tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4), static_cast<size_t>(g / 2));
     return;
   }
-  float amax = 0.0f;
-  bool finite = true;
-  for (int i = 0; i < c.block; ++i) {
-    finite &= tpcomp::is_finite(v[i]);
-    amax = tpcomp::amax_update(amax, v[i]);
+  const float inv = tpcomp::int4_inverse_scale(s);
+  uint8_t q[kMaxTile];
+  for (int i = 0; i < g; ++i) {
+    float r = rintf(v[i] * inv);
+    r = r < -7.0f ? -7.0f : (r > 7.0f ? 7.0f : r);
+    q[i] = static_cast<uint8_t>(static_cast<int>(r) + tpcomp::kInt4Zero);
   }
+  for (int i = 0; i < g / 2; ++i) codes[i] = static_cast<uint8_t>(q[2 * i] | (q[2 * i + 1] << 4));
+}
+
+// int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes.
+inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
+  uint16_t sb;
+  memcpy(&sb, scale, 2);
+  const float s = half_bits_to_float(sb);
+  int8_t q[kMaxTile];
+  for (int i = 0; i < g / 2; ++i) {
+    q[2 * i] = static_cast<int8_t>((codes[i] & 0xF) - tpcomp::kInt4Zero);
+    q[2 * i + 1] = static_cast<int8_t>((codes[i] >> 4) - tpcomp::kInt4Zero);
+  }
+  if (first) {
+    for (int i = 0; i < g; ++i) acc[i] = static_cast<float>(q[i]) * s;
+  } else {
+    for (int i = 0; i < g; ++i) acc[i] = acc[i] + static_cast<float>(q[i]) * s;
+  }
+}
+
+inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
+  if (c.format == kInt4) {
+    int4_quantize(v, c.block, codes, scale);
+    return;
+  }
+  bool finite;
+  const float amax = abs_max(v, c.block, &finite);
   uint32_t stored_bits;
   float inv = 0.0f;
   if (!finite) {
@@ -200,9 +302,7 @@ inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8
 // acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
 inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, bool first, float* acc) {
   if (c.format == kInt4) {
-    uint16_t s;
-    memcpy(&s, scale, 2);
-    tpcomp::int4_accumulate_group(codes, s, c.block, first, acc);
+    int4_accumulate(codes, scale, c.block, first, acc);
     return;
   }
   float s;

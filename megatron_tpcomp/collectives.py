@@ -75,6 +75,16 @@ TWO_SHOT_DEFAULT_MIN_BYTES = 512 * 1024
 #: Two-shot chunk alignment (values) for codecs whose spec does not tell their block size.
 CHUNK_ALIGN = 256
 
+#: Pipelined one-shot (CPU tensors, block-local codecs: ``Codec.block_local``): a message of at least
+#: ``PIPELINE_MIN_BYTES`` (uncompressed) is cut into chunks of about ``PIPELINE_CHUNK_BYTES`` (at most
+#: ``PIPELINE_MAX_CHUNKS``) on codec-block boundaries; chunk i+1 is encoded and chunk i-1 decoded while chunk i
+#: travels (an asynchronous all-gather), so the codec's time hides behind the link's instead of adding to it.
+#: On a CPU the codec costs about as much as the wire at 1 Gbit/s, so this is worth up to 2x. Results are
+#: bit-identical to the unpipelined path: every block is encoded, decoded and summed exactly as before.
+PIPELINE_MIN_BYTES = 1 << 20
+PIPELINE_CHUNK_BYTES = 1 << 20
+PIPELINE_MAX_CHUNKS = 16
+
 # Flat collectives under their 2.13 names (the *_tensor names emit a FutureWarning there), older names before.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -271,6 +281,46 @@ def _one_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n:
     return _decode_sum(codec, gathered, p, x.shape, n, x.dtype), (n - 1) * p
 
 
+def _pipeline_chunks(x: torch.Tensor, codec: Codec) -> int:
+    """Number of pipelined chunks for a one-shot all-reduce of ``x`` (1 = not pipelined)."""
+    nbytes = x.numel() * x.element_size()
+    if x.device.type != "cpu" or not codec.block_local or nbytes < max(PIPELINE_MIN_BYTES, 1):
+        return 1
+    return max(1, min(PIPELINE_MAX_CHUNKS, nbytes // max(PIPELINE_CHUNK_BYTES, 1)))
+
+
+def _one_shot_pipelined(
+    x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int, chunks: int
+) -> tuple[torch.Tensor, int]:
+    """One-shot all-reduce in ``chunks`` pieces with encode / transfer / decode overlapped (see
+    ``PIPELINE_MIN_BYTES``). Chunks end on multiples of :func:`chunk_alignment`, so every codec block (and
+    rotation block) is the same as in the whole-message path: the result has the same bits."""
+    flat = x.reshape(-1)
+    numel = flat.numel()
+    align = chunk_alignment(codec)
+    per = math.ceil(numel / chunks / align) * align  # values per chunk, rounded up to whole blocks
+    out = torch.empty(numel, dtype=x.dtype, device=x.device)
+    pending: list[tuple[dist.Work, torch.Tensor, int, int]] = []
+    sent = 0
+
+    def finish(item: tuple[dist.Work, torch.Tensor, int, int]) -> None:
+        work, gathered, a, b = item
+        work.wait()
+        out[a:b] = codec.decode_sum(gathered, n, (b - a,), x.dtype)
+
+    for a in range(0, numel, per):
+        b = min(a + per, numel)
+        payload = codec.encode(flat[a:b])  # [p] uint8
+        gathered = torch.empty(n * payload.numel(), dtype=torch.uint8, device=x.device)
+        pending.append((_all_gather_flat(gathered, payload, group=group, async_op=True), gathered, a, b))
+        sent += (n - 1) * payload.numel()
+        if len(pending) > 1:  # decode the previous chunk while this one travels
+            finish(pending.pop(0))
+    for item in pending:
+        finish(item)
+    return out.view(x.shape), sent
+
+
 def chunk_alignment(codec: Codec) -> int:
     """Values per two-shot chunk boundary: the codec's block size (lcm with its Hadamard block), so that
     chunks split on block boundaries and the codec pads nothing inside a chunk."""
@@ -385,7 +435,11 @@ def all_reduce(
         return out
     chosen = choose_algo(n, nbytes) if algo == "auto" else algo
     if chosen == "one-shot":
-        out, sent = _one_shot(x, codec, group, n)
+        chunks = _pipeline_chunks(x, codec)
+        if chunks > 1:
+            out, sent = _one_shot_pipelined(x, codec, group, n, chunks)
+        else:
+            out, sent = _one_shot(x, codec, group, n)
     else:
         out, sent = _two_shot(x, codec, group, n)
     if stats is not None:

@@ -112,6 +112,23 @@ def _run_all(rank: int, world_size: int) -> dict:
     named = collectives.all_reduce(big, "int4:g32", algo=collectives.choose_algo(world_size, big.numel() * 2))
     out["auto_big"] = (stats[0].algo, torch.equal(auto, named), _digest(auto))
 
+    # Pipelined one-shot (large CPU messages, here with small chunks): the same bits as the whole-message path.
+    piped = {}
+    saved = collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES
+    for spec in ("int4:g32+had", "fp8", "int8:g32", "nvfp4"):
+        m = make_input(rank, "pipe", (1000, 576))  # 1.1 MiB of bf16
+        try:
+            collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = 1 << 16, 1 << 16
+            chunks = collectives._pipeline_chunks(m, make_codec(spec))
+            st: list[collectives.CommStats] = []
+            pipelined = collectives.all_reduce(m, spec, algo="one-shot", stats=st)
+            collectives.PIPELINE_MIN_BYTES = 1 << 62
+            whole = collectives.all_reduce(m, spec, algo="one-shot")
+        finally:
+            collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = saved
+        piped[spec] = (chunks, torch.equal(pipelined, whole), pipelined.shape == m.shape, st[0].wire_bytes)
+    out["pipelined"] = piped
+
     handler = _ListHandler()
     logging.getLogger("megatron_tpcomp").addHandler(handler)
     logging.getLogger("megatron_tpcomp").setLevel(logging.INFO)
@@ -343,6 +360,18 @@ def test_fallback_reasons_are_logged_once_per_reason(world: tuple[int, list[dict
         assert len(small) == 1, res["log"]  # ar_small ran twice, logged once
         assert any("all_reduce runs uncompressed: codec is 'none'" in m for m in res["log"])
         assert any("dtype int32 is not one of" in m for m in res["log"])
+
+
+def test_pipelined_one_shot_equals_the_whole_message_path(world: tuple[int, list[dict]]) -> None:
+    n, results = world
+    for res in results:
+        for spec, (chunks, equal, same_shape, wire) in res["pipelined"].items():
+            # 1.1 MiB / 64 KiB chunks, capped at PIPELINE_MAX_CHUNKS; nvfp4 has a per-tensor scale: never cut.
+            assert chunks == (1 if spec == "nvfp4" else 16), spec
+            assert equal and same_shape, spec
+            # 16 payloads, each padded to 16 bytes at most: within 16 * 16 bytes per peer of one whole payload.
+            whole = (n - 1) * make_codec(spec).payload_nbytes((1000 * 576,))
+            assert whole <= wire <= whole + (n - 1) * 16 * 16 * 2, spec
 
 
 def test_codec_objects_and_strided_inputs(world: tuple[int, list[dict]]) -> None:

@@ -173,6 +173,10 @@ class Codec(ABC):
     #: True when the codec uses the last dimension as channels (outlier channels): such payloads are
     #: per-row structured and a collective must split the tensor along rows, never inside a row.
     row_structured: bool = False
+    #: True when every block of values is encoded on its own (no per-tensor state such as NVFP4's global scale):
+    #: then any split of a message on block boundaries encodes to the same blocks, and a collective may cut a
+    #: message into pieces (the pipelined one-shot all-reduce) without changing a bit.
+    block_local: bool = False
 
     @abstractmethod
     def payload_nbytes(self, shape: Sequence[int]) -> int:

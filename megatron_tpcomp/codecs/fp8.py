@@ -82,6 +82,8 @@ class Fp8Codec(Codec):
             :meth:`decode` are the same for every backend.
     """
 
+    block_local = True
+
     def __init__(self, cs: CodecSpec, backend: str = "auto"):
         if cs.kind != "fp8" or cs.hadamard_block or cs.outliers:
             raise CodecError(f"Fp8Codec needs a plain fp8 spec, got {canonical(cs)!r}")

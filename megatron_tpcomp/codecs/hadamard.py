@@ -166,6 +166,7 @@ class HadamardCodec(Codec):
             raise CodecError(f"Hadamard seed {seed!r} is not an integer; expected an int equal on every rank")
         rotation_signs(block, seed)  # validates block (and warms the cache)
         self.inner = inner
+        self.block_local = inner.block_local  # rotation blocks tile the inner codec's blocks (chunk_alignment)
         self.block = block
         self.seed = seed
         self.spec = f"{inner.spec}+had:b{block}"

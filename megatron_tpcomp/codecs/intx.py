@@ -51,6 +51,8 @@ from megatron_tpcomp.spec import CodecSpec, canonical
 class IntCodec(Codec):
     """Group-wise integer quantization with one scale (and, if asymmetric, one offset) per group."""
 
+    block_local = True
+
     def __init__(self, cs: CodecSpec):
         if cs.kind != "int" or cs.hadamard_block or cs.outliers:
             raise ValueError(f"IntCodec needs a plain integer spec, got {canonical(cs)!r}")
