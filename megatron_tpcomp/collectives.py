@@ -108,6 +108,7 @@ class CommStats:
         baseline_wire_bytes: bytes this rank sends with the stock collective (ring algorithms:
             all-reduce 2(N-1)/N * raw, all-gather (N-1) * raw, reduce-scatter (N-1)/N * raw).
         fallback: why the stock collective ran, or None.
+        chunks: pieces of a pipelined one-shot all-reduce (1: not pipelined).
     """
 
     op: str
@@ -117,6 +118,7 @@ class CommStats:
     wire_bytes: int
     baseline_wire_bytes: int
     fallback: str | None = None
+    chunks: int = 1
 
     @property
     def compression(self) -> float:
@@ -281,12 +283,17 @@ def _one_shot(x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n:
     return _decode_sum(codec, gathered, p, x.shape, n, x.dtype), (n - 1) * p
 
 
-def _pipeline_chunks(x: torch.Tensor, codec: Codec) -> int:
-    """Number of pipelined chunks for a one-shot all-reduce of ``x`` (1 = not pipelined)."""
-    nbytes = x.numel() * x.element_size()
-    if x.device.type != "cpu" or not codec.block_local or nbytes < max(PIPELINE_MIN_BYTES, 1):
+def pipeline_chunks(nbytes: int, device_type: str, block_local: bool) -> int:
+    """Number of chunks the one-shot all-reduce cuts a message of ``nbytes`` (uncompressed) into: 1 (not
+    pipelined) unless the tensor is on the CPU, the codec is block-local and the message is large enough (see
+    ``PIPELINE_MIN_BYTES``). The cost model uses the same rule."""
+    if device_type != "cpu" or not block_local or nbytes < max(PIPELINE_MIN_BYTES, 1):
         return 1
     return max(1, min(PIPELINE_MAX_CHUNKS, nbytes // max(PIPELINE_CHUNK_BYTES, 1)))
+
+
+def _pipeline_chunks(x: torch.Tensor, codec: Codec) -> int:
+    return pipeline_chunks(x.numel() * x.element_size(), x.device.type, codec.block_local)
 
 
 def _one_shot_pipelined(
@@ -434,8 +441,8 @@ def all_reduce(
             stats.append(CommStats("all_reduce", "none", "stock", nbytes, base, base, reason[1]))
         return out
     chosen = choose_algo(n, nbytes) if algo == "auto" else algo
+    chunks = _pipeline_chunks(x, codec) if chosen == "one-shot" else 1
     if chosen == "one-shot":
-        chunks = _pipeline_chunks(x, codec)
         if chunks > 1:
             out, sent = _one_shot_pipelined(x, codec, group, n, chunks)
         else:
@@ -443,7 +450,8 @@ def all_reduce(
     else:
         out, sent = _two_shot(x, codec, group, n)
     if stats is not None:
-        stats.append(CommStats("all_reduce", codec.spec, chosen, nbytes, sent, _ring_allreduce_bytes(nbytes, n)))
+        base = _ring_allreduce_bytes(nbytes, n)
+        stats.append(CommStats("all_reduce", codec.spec, chosen, nbytes, sent, base, chunks=chunks))
     return out
 
 

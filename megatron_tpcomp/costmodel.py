@@ -9,7 +9,10 @@ Terms (per rank; N = world size, B = uncompressed message bytes, P = payload byt
 Paths (the stock ones are gloo/NCCL ring algorithms):
 
 - stock all-reduce (ring): ``2(N-1) alpha + 2(N-1)/N * B / beta``
-- one-shot compressed:      ``enc(B) + (N-1) alpha + (N-1) P / beta + N dec(B)``
+- one-shot compressed:      ``enc(B) + (N-1) alpha + (N-1) P / beta + N dec(B)``; pipelined in K chunks (CPU
+  tensors, ``collectives.pipeline_chunks``), with ``e = enc(B/K)``, ``w = (N-1) (alpha + P/K / beta)``,
+  ``d = N dec(B/K)``: ``e + (K-1) max(e + d, w) + w + d`` (one core encodes chunk i+1 and decodes chunk i-1
+  while chunk i travels)
 - two-shot compressed:      ``enc(B) + 2(N-1) alpha + 2(N-1)/N * P / beta + N dec(B/N) + enc(B/N) + N dec(B/N)``
 - stock all-gather (ring):  ``(N-1) alpha + (N-1) B / beta``;  compressed: ``enc(B) + (N-1) alpha + (N-1) P / beta
   + N dec(B)``
@@ -110,11 +113,18 @@ class CostModel:
             return (n - 1) * link.alpha_s + (n - 1) / n * nbytes / link.beta_bytes_per_s
         raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
 
-    def compressed(self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot") -> float:
-        """Seconds of the compressed path: ``payload`` = bytes of the whole message's payload."""
+    def compressed(
+        self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot", chunks: int = 1
+    ) -> float:
+        """Seconds of the compressed path: ``payload`` = bytes of the whole message's payload; ``chunks`` = pieces
+        of a pipelined one-shot all-reduce (1: not pipelined)."""
         if n <= 1:
             return 0.0
         link, c = self.link(n), self.codec(spec)
+        if op == "all_reduce" and algo == "one-shot" and chunks > 1:
+            e, d = c.enc(nbytes / chunks), n * c.dec(nbytes / chunks)
+            w = (n - 1) * link.step(payload / chunks)
+            return e + (chunks - 1) * max(e + d, w) + w + d
         if op == "all_reduce" and algo == "two-shot":
             wire = 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * payload / link.beta_bytes_per_s
             chunk = nbytes / n
@@ -127,14 +137,21 @@ class CostModel:
         raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
 
     def choose(
-        self, op: str, nbytes: int, n: int, options: Iterable[tuple[str, int]], algos: Iterable[str] = ("one-shot",)
+        self,
+        op: str,
+        nbytes: int,
+        n: int,
+        options: Iterable[tuple[str, int]],
+        algos: Iterable[str] = ("one-shot",),
+        chunks: int = 1,
     ) -> tuple[str, str, float]:
         """The fastest path: ``("none", "stock", t)`` or ``(spec, algo, t)`` among ``options`` = (spec, payload
-        bytes) pairs the layer's quality config allows; two-shot is considered for all-reduce only."""
+        bytes) pairs the layer's quality config allows; two-shot is considered for all-reduce only; ``chunks``:
+        pieces the one-shot all-reduce would be pipelined in."""
         best = ("none", "stock", self.stock(op, nbytes, n))
         for spec, payload in options:
             for algo in algos if op == "all_reduce" else ("one-shot",):
-                t = self.compressed(op, nbytes, n, spec, payload, algo)
+                t = self.compressed(op, nbytes, n, spec, payload, algo, chunks)
                 if t < best[2]:
                     best = (spec, algo, t)
         return best

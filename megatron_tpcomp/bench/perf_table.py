@@ -43,7 +43,8 @@ def prediction_errors(model: CostModel, records: list[Mapping[str, Any]]) -> lis
         n, b = int(r["world_size"]), int(r["bytes"])
         algo = r.get("algo_used") or r.get("algo") or "one-shot"
         stock = 1e3 * model.stock(r["op"], b, n)
-        comp = 1e3 * model.compressed(r["op"], b, n, r.get("canonical", r["spec"]), payload_bytes(r), algo)
+        chunks = int(r.get("chunks") or 1)
+        comp = 1e3 * model.compressed(r["op"], b, n, r.get("canonical", r["spec"]), payload_bytes(r), algo, chunks)
         out.append(
             {
                 "op": r["op"],

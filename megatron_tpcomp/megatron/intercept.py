@@ -158,7 +158,8 @@ def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _
     else:
         payload = codec.payload_nbytes(tensor.shape)
     algos = ("one-shot", "two-shot") if state.config.algo == "auto" else (state.config.algo,)
-    spec, algo, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos)
+    chunks = collectives.pipeline_chunks(nbytes, tensor.device.type, codec.block_local) if kind == "all_reduce" else 1
+    spec, algo, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos, chunks)
     auto_choices[(op, str(site), "none" if spec == "none" else f"{spec}@{algo}")] += 1
     if spec == "none":
         return None
