@@ -178,9 +178,13 @@ inline uint8_t float_to_e4m3_bits(float f) {
   const uint32_t mag = x & 0x7FFFFFFFu;
   // >= 2^-6: normal; keep 3 of 23 mantissa bits, ties to even, rebias 127 -> 7 (wraps for subnormals: unused).
   const uint32_t normal = ((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (120u << 3);
-  // Subnormal: m * 2^-9, m = rint(|f| * 2^9) in 0..8 (8 is the smallest normal, whose bits are 0x08).
-  const uint32_t sub = static_cast<uint32_t>(static_cast<int>(rintf(tpcomp::bits_as_float(mag) * 512.0f)));
-  return static_cast<uint8_t>(sign | (mag >= 0x3C800000u ? normal : sub));
+  // Subnormal: m * 2^-9, m = rint(|f| * 2^9) in 0..8 (8 is the smallest normal, whose bits are 0x08). Adding
+  // 2^23 rounds a value in [0, 2^23) to an integer, half to even, and leaves it in the low mantissa bits: the
+  // same result as rintf, without a call the vectorizer would not inline.
+  const float shifted = tpcomp::bits_as_float(mag) * 512.0f + 8388608.0f;
+  const uint32_t sub = float_as_bits(shifted) - 0x4B000000u;
+  const uint32_t is_normal = 0u - static_cast<uint32_t>(mag >= 0x3C800000u);  // all ones or zero: a mask, not a branch
+  return static_cast<uint8_t>(sign | (normal & is_normal) | (sub & ~is_normal));
 }
 
 inline float e4m3_bits_to_float(uint8_t b) {
@@ -233,7 +237,9 @@ inline float abs_max(const float* v, int n, bool* finite) {
 
 // int4_core.h's int4_quantize_group, with the codes formed in one loop and packed in another (the core's pair
 // loop does not vectorize). Same operations, same bits.
-inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
+template <int G>  // G > 0: the group size known at compile time (loops unroll); 0: runtime `g`
+inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8_t* scale) {
+  const int g = G > 0 ? G : g_runtime;
   bool finite;
   const float amax = abs_max(v, g, &finite);
   const uint16_t s = tpcomp::int4_scale_bits(amax, finite);
@@ -253,7 +259,9 @@ inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale)
 }
 
 // int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes.
-inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
+template <int G>
+inline void int4_accumulate_g(const uint8_t* codes, const uint8_t* scale, int g_runtime, bool first, float* acc) {
+  const int g = G > 0 ? G : g_runtime;
   uint16_t sb;
   memcpy(&sb, scale, 2);
   const float s = half_bits_to_float(sb);
@@ -267,6 +275,19 @@ inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, b
   } else {
     for (int i = 0; i < g; ++i) acc[i] = acc[i] + static_cast<float>(q[i]) * s;
   }
+}
+
+inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
+  switch (g) {
+    case 32: int4_quantize_g<32>(v, g, codes, scale); return;
+    case 64: int4_quantize_g<64>(v, g, codes, scale); return;
+    case 128: int4_quantize_g<128>(v, g, codes, scale); return;
+    default: int4_quantize_g<0>(v, g, codes, scale);
+  }
+}
+
+inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
+  int4_accumulate_g<0>(codes, scale, g, first, acc);  // measured: unrolling by a fixed G makes decode slower
 }
 
 inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
@@ -292,11 +313,14 @@ inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8
     memset(codes, 0, static_cast<size_t>(c.block));
     return;
   }
+  float q[kMaxTile];  // two straight-line loops: the compiler vectorizes each (one fused loop it does not)
   for (int i = 0; i < c.block; ++i) {
-    float q = v[i] * inv;
-    q = q < -kE4m3Max ? -kE4m3Max : (q > kE4m3Max ? kE4m3Max : q);
-    codes[i] = float_to_e4m3_bits(q);
+    const float t = v[i] * inv;
+    const float lo = t < -kE4m3Max ? -kE4m3Max : t;
+    q[i] = lo > kE4m3Max ? kE4m3Max : lo;
   }
+  const int n = c.block;  // a local bound: stores through uint8_t* may alias `c`, which blocks vectorizing
+  for (int i = 0; i < n; ++i) codes[i] = float_to_e4m3_bits(q[i]);
 }
 
 // acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
