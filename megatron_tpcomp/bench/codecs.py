@@ -37,6 +37,11 @@ HIDDEN = 576  # SmolLM2-135M's hidden size: messages are [tokens, 576]
 WARMUP = 3
 
 
+def split_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (comma-separated command-line lists)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def parse_size(text: str) -> int:
     """Bytes from '16KiB', '8MiB', '1GiB', '64KB' or a plain integer."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import DTYPES, parse_size, size_label, write_json
+from megatron_tpcomp.bench.codecs import DTYPES, parse_size, size_label, split_list, write_json
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.launch import free_port
@@ -97,17 +97,17 @@ def plan_cases(ops: Sequence[str], sizes: Sequence[int], specs: Sequence[str], a
     return cases
 
 
-def _package_root() -> str:
+def package_root() -> str:
     # The rank processes must import this very package, also when it is not installed (a source checkout).
     return str(Path(megatron_tpcomp.__file__).resolve().parents[1])
 
 
-def _threads_per_rank(world_size: int) -> int:
+def threads_per_rank(world_size: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cpus // world_size)
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
+def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
     """Terminate (then kill) every rank process still running and reap them all."""
     for p in procs:
         if p.poll() is None:
@@ -121,7 +121,7 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
             p.wait(timeout=grace_s)
 
 
-def _wait(procs: list[subprocess.Popen], timeout_s: float, label: str) -> None:
+def wait_ranks(procs: list[subprocess.Popen], timeout_s: float, label: str) -> None:
     """Wait for every rank to exit 0. A failed rank's peers get a few seconds (they are usually blocked in a
     collective with it), then :class:`BenchError` names the first failure."""
     deadline = time.monotonic() + timeout_s
@@ -149,7 +149,7 @@ def _launch(world_size: int, link: linkmod.ShapedLink | None, plan: dict, workdi
     with open(cases_path, "w") as f:
         json.dump(plan, f)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH", "")) if p)
     if link is not None:
         addr, port = link.master_addr, NS_MASTER_PORT
         env["GLOO_SOCKET_IFNAME"] = link.ifname  # gloo's connections over the shaped veth, not the namespace lo
@@ -163,9 +163,9 @@ def _launch(world_size: int, link: linkmod.ShapedLink | None, plan: dict, workdi
             cmd += ["--rank", str(rank), "--world-size", str(world_size), "--master-addr", addr]
             cmd += ["--master-port", str(port), "--cases", cases_path, "--out", out_path]
             procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
-        _wait(procs, timeout_s, plan["label"])
+        wait_ranks(procs, timeout_s, plan["label"])
     finally:
-        _stop(procs)  # also on Ctrl-C or an error: no rank outlives the run (or keeps a namespace alive)
+        stop_ranks(procs)  # also on Ctrl-C or an error: no rank outlives the run (or keeps a namespace alive)
     with open(out_path) as f:
         return json.load(f)
 
@@ -250,7 +250,7 @@ def run(
             log(f"removed {len(stale)} namespace(s) left by killed earlier runs: {', '.join(stale)}")
     records: list[dict] = []
     for n in world_sizes:
-        threads = _threads_per_rank(n)
+        threads = threads_per_rank(n)
         unshaped_done = False
         for lk in links:
             bps = rates[lk]
@@ -339,10 +339,6 @@ def target_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def _split(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench collectives``: parse options, :func:`run`, print the table, write ``--json``."""
     parser = argparse.ArgumentParser(
@@ -376,27 +372,27 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_tpcomp.codecs import CodecError, make_codec
 
     try:
-        world_sizes = [int(s) for s in _split(args.world_size)]
+        world_sizes = [int(s) for s in split_list(args.world_size)]
         if not world_sizes or any(n < 2 for n in world_sizes):
             raise ValueError(f"--world-size needs sizes >= 2, got {args.world_size!r}")
-        links = _split(args.link) if args.link is not None else default_links()
+        links = split_list(args.link) if args.link is not None else default_links()
         if args.link is not None and not links:
             links = ["none"]  # --link "" is "none"
         for lk in links:
             linkmod.parse_rate(lk)
-        sizes = [parse_size(s) for s in _split(args.sizes)]
+        sizes = [parse_size(s) for s in split_list(args.sizes)]
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"--sizes needs positive sizes, got {args.sizes!r}")
-        specs = _split(args.specs)
+        specs = split_list(args.specs)
         if not specs:
             raise ValueError("--specs is empty")
         for s in specs:
             make_codec(s)  # fail fast on a typo, before minutes of timing
-        algos = _split(args.algo)
+        algos = split_list(args.algo)
         bad = [a for a in algos if a not in ALGOS]
         if bad or not algos:
             raise ValueError(f"--algo: unknown {bad or args.algo!r}; expected {', '.join(ALGOS)}")
-        ops = _split(args.ops)
+        ops = split_list(args.ops)
         bad = [o for o in ops if o not in OPS]
         if bad or not ops:
             raise ValueError(f"--ops: unknown {bad or args.ops!r}; expected {', '.join(OPS)}")

@@ -56,7 +56,7 @@ from functools import partial
 import torch
 
 from megatron_tpcomp import kernels as kern
-from megatron_tpcomp.bench.codecs import _time, message, parse_size, size_label, write_json
+from megatron_tpcomp.bench.codecs import _time, message, parse_size, size_label, split_list, write_json
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.spec import parse_spec
@@ -399,10 +399,6 @@ def target_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def _split(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench kernels``: parse options, :func:`run`, print the table and the targets, write ``--json``."""
     parser = argparse.ArgumentParser(
@@ -427,18 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list to FILE")
     args = parser.parse_args(argv)
     try:
-        sizes = [parse_size(s) for s in _split(args.sizes)]
+        sizes = [parse_size(s) for s in split_list(args.sizes)]
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"--sizes needs positive sizes, got {args.sizes!r}")
-        kernels = _split(args.kernels)
+        kernels = split_list(args.kernels)
         bad = [k for k in kernels if k not in KERNELS]
         if bad or not kernels:
             raise ValueError(f"--kernels: unknown {bad or args.kernels!r}; expected {', '.join(KERNELS)}")
-        backends = _split(args.backends)
+        backends = split_list(args.backends)
         bad = [b for b in backends if b not in BACKENDS]
         if bad or not backends:
             raise ValueError(f"--backends: unknown {bad or args.backends!r}; expected {', '.join(BACKENDS)}")
-        sums = [int(n) for n in _split(args.sum_payloads)]
+        sums = [int(n) for n in split_list(args.sum_payloads)]
         if any(n < 1 for n in sums):
             raise ValueError(f"--sum-payloads needs counts >= 1, got {args.sum_payloads!r}")
         if args.group not in kern.INT4_CUDA_GROUPS:

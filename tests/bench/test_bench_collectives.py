@@ -98,7 +98,7 @@ def test_run_shaped_end_to_end() -> None:
         assert rec["ideal_ms"] == pytest.approx(rec["wire_bytes"] * 8 / 1e9 * 1e3)
         assert rec["baseline_ideal_ms"] == pytest.approx(rec["baseline_wire_bytes"] * 8 / 1e9 * 1e3)
         assert not set(info["namespaces"]) & set(linkmod.list_namespaces())  # cleaned up
-    assert any("burst 125000 B" in line for line in logs)
+    assert any(f"burst {linkmod.default_burst(10**9)} B" in line for line in logs)
 
 
 def test_run_without_root_says_so_and_runs_unshaped(monkeypatch: pytest.MonkeyPatch) -> None:

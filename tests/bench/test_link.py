@@ -86,8 +86,8 @@ def test_parse_and_format_rate() -> None:
     for bad in ("1gbps", "fast", "0mbit", "-1gbit", "1 gigabit"):
         with pytest.raises(ValueError, match="rate"):
             parse_rate(bad)
-    assert linkmod.default_burst(10**9) == 125_000  # 1 ms at 1 Gbit/s
-    assert linkmod.default_burst(10**8) == linkmod.MIN_BURST
+    assert linkmod.default_burst(10**10) == 1_250_000  # 1 ms at 10 Gbit/s
+    assert linkmod.default_burst(10**9) == linkmod.MIN_BURST == 128 * 1024  # 125 kB < two 64 KiB GSO packets
 
 
 def test_bad_arguments() -> None:
