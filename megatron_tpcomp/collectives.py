@@ -313,7 +313,7 @@ def _one_shot_pipelined(
     def finish(item: tuple[dist.Work, torch.Tensor, int, int]) -> None:
         work, gathered, a, b = item
         work.wait()
-        out[a:b] = codec.decode_sum(gathered, n, (b - a,), x.dtype)
+        codec.decode_sum(gathered, n, (b - a,), x.dtype, out=out[a:b])
 
     for a in range(0, numel, per):
         b = min(a + per, numel)

@@ -221,14 +221,18 @@ def decode_sum(
     scales_offset: int,
     numel: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum in fp32, in order, of the decodes of ``count`` payloads (uint8 ``[count * nbytes]``, contiguous).
 
+    Args:
+        out: optional contiguous CPU ``dtype`` tensor of ``numel`` elements to write into (checked by the caller).
+
     Returns:
-        ``dtype`` ``[numel]`` (fp32/bf16/fp16), rounded once from the fp32 sum.
+        ``dtype`` ``[numel]`` (fp32/bf16/fp16), rounded once from the fp32 sum (``out`` flattened, if given).
     """
     lib = _library()
-    out = torch.empty(numel, dtype=dtype)
+    out = torch.empty(numel, dtype=dtype) if out is None else out.view(-1)
     rc = lib.tpc_cpu_decode_sum(
         *fmt.args(scales_offset), payloads.data_ptr(), count, nbytes, numel, out.data_ptr(), _DTYPES[dtype], _threads()
     )

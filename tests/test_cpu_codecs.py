@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_tpcomp import cpu_codecs
-from megatron_tpcomp.codecs import make_codec
+from megatron_tpcomp.codecs import CodecError, make_codec
 from megatron_tpcomp.kernels import KernelUnavailableError
 
 NATIVE_SPECS = [
@@ -186,3 +186,21 @@ def test_concurrent_first_builds_agree(tmp_path: Path) -> None:
     assert len(paths) == 1
     files = sorted(f.name for f in (tmp_path / "native").iterdir() if f.name != ".lock")
     assert files == [Path(paths.pop()).name]
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+@pytest.mark.parametrize("spec", ["int4:g32+had", "fp8", "int8:g32"])
+def test_decode_sum_writes_into_out(monkeypatch: pytest.MonkeyPatch, mode: str, spec: str) -> None:
+    monkeypatch.setenv(cpu_codecs.ENV, mode)
+    codec = make_codec(spec)
+    x = adversarial((40, 576), torch.bfloat16, seed=5)
+    payloads = torch.cat([codec.encode(x), codec.encode(x * 2)])
+    want = codec.decode_sum(payloads, 2, x.shape, torch.bfloat16)
+    buf = torch.full((2 * x.numel(),), 7.0, dtype=torch.bfloat16)
+    got = codec.decode_sum(payloads, 2, x.shape, torch.bfloat16, out=buf[x.numel() :])
+    assert got.shape == x.shape and got.data_ptr() == buf[x.numel() :].data_ptr()
+    assert same_bits(got, want)
+    assert bool((buf[: x.numel()] == 7.0).all())  # nothing outside `out` is touched
+    for bad in (torch.empty(x.numel(), dtype=torch.float32), torch.empty(x.numel() + 1, dtype=torch.bfloat16)):
+        with pytest.raises(CodecError, match="out must be a contiguous torch.bfloat16 tensor of 23040 elements"):
+            codec.decode_sum(payloads, 2, x.shape, torch.bfloat16, out=bad)

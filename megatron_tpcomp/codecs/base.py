@@ -88,6 +88,17 @@ class PayloadLayout:
         """A zeroed uint8 payload of ``nbytes`` (zero so that padding bytes are deterministic)."""
         return torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
 
+    def allocate_padding_zeroed(self, device: torch.device | str) -> torch.Tensor:
+        """A uint8 payload of ``nbytes`` whose alignment padding is zero and whose sections are NOT initialised:
+        for writers that fill every section byte (saves a pass over the payload)."""
+        payload = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        end = 0
+        for sec in sorted(self.sections.values(), key=lambda s: s.offset):
+            payload[end : sec.offset].zero_()
+            end = sec.offset + sec.nbytes
+        payload[end:].zero_()
+        return payload
+
 
 def check_input(x: torch.Tensor, what: str = "input") -> None:
     """Raise CodecError unless ``x`` is a floating tensor of a supported dtype."""
@@ -198,7 +209,14 @@ class Codec(ABC):
             contiguous tensor of ``shape`` and ``dtype`` on ``payload.device``.
         """
 
-    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def decode_sum(
+        self,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Sum of the decodes of ``count`` payloads (the all-reduce's reduction), added in fp32 in order 0..count-1.
 
         Args:
@@ -206,6 +224,8 @@ class Codec(ABC):
             count: number of payloads (>= 1).
             shape: shape of each decoded tensor and of the result.
             dtype: result dtype; the fp32 sum is rounded to it once.
+            out: optional contiguous ``dtype`` tensor with ``prod(shape)`` elements to write the result into
+                (returned, viewed as ``shape``).
 
         Returns:
             contiguous ``dtype`` tensor of ``shape`` on ``payloads.device``; ``decode_sum(p, 1, ...) ==
@@ -216,7 +236,7 @@ class Codec(ABC):
         acc = self.decode(payloads[:nbytes], shape, torch.float32)
         for r in range(1, count):
             acc += self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)
-        return acc.to(dtype)
+        return _into(acc.to(dtype), out, shape)
 
     def native_format(self) -> NativeFormat | None:
         """What the fused CPU library (``megatron_tpcomp/cpu_codecs.py``) needs to run this codec, or None when
@@ -254,25 +274,51 @@ def native_encode(codec: Codec, x: torch.Tensor, layout: PayloadLayout) -> torch
     fmt = codec.native_format()
     if not cpu_codecs.usable(fmt, x.device, x.dtype):
         return None
-    payload = layout.allocate(x.device)
+    payload = layout.allocate_padding_zeroed(x.device)  # the library writes every code and scale byte
     if x.numel():
         cpu_codecs.encode_into(fmt, x, payload, layout.sections["scales"].offset)
     return payload
 
 
+def _into(result: torch.Tensor, out: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
+    """``result`` viewed as ``shape``, or copied into ``out`` (checked) and ``out`` returned so viewed."""
+    if out is None:
+        return result.view(tuple(shape))
+    check_out(out, result.dtype, numel_of(shape))
+    out.view(-1).copy_(result.reshape(-1))
+    return out.view(tuple(shape))
+
+
+def check_out(out: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
+    """Raise CodecError unless ``out`` is a contiguous ``dtype`` tensor of ``numel`` elements."""
+    if out.dtype != dtype or out.numel() != numel or not out.is_contiguous():
+        raise CodecError(
+            f"out must be a contiguous {dtype} tensor of {numel} elements; got {out.dtype} "
+            f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+
+
 def native_decode_sum(
-    codec: Codec, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype, layout: PayloadLayout
+    codec: Codec,
+    payloads: torch.Tensor,
+    count: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    layout: PayloadLayout,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """:meth:`Codec.decode_sum` through the fused CPU library (payloads already checked), or None when the
-    library does not handle it here. ``layout`` is the layout of one payload."""
+    library does not handle it here. ``layout`` is the layout of one payload; ``out`` as for decode_sum."""
     fmt = codec.native_format()
-    if not cpu_codecs.usable(fmt, payloads.device, dtype):
+    if not cpu_codecs.usable(fmt, payloads.device, dtype) or (out is not None and out.device.type != "cpu"):
         return None
     n = numel_of(shape)
+    if out is not None:
+        check_out(out, dtype, n)
     if n == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    out = cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, layout.sections["scales"].offset, n, dtype)
-    return out.view(tuple(shape))
+        return out.view(tuple(shape)) if out is not None else torch.empty(tuple(shape), dtype=dtype)
+    scales = layout.sections["scales"].offset
+    return cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, scales, n, dtype, out=out).view(tuple(shape))
 
 
 class IdentityCodec(Codec):

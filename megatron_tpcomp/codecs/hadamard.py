@@ -53,6 +53,7 @@ from megatron_tpcomp.codecs.base import (
     Codec,
     CodecError,
     PayloadLayout,
+    _into,
     check_input,
     check_payload,
     from_blocks,
@@ -208,15 +209,23 @@ class HadamardCodec(Codec):
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return self.decode_sum(payload, 1, shape, dtype)
 
-    def decode_sum(self, payloads: torch.Tensor, count: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def decode_sum(
+        self,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_payload(payloads, count * self.payload_nbytes(shape), self.spec)
         layout = self._inner_layout(shape)
         if layout is not None:
-            out = native_decode_sum(self, payloads, count, shape, dtype, layout)
-            if out is not None:
-                return out
+            native = native_decode_sum(self, payloads, count, shape, dtype, layout, out)
+            if native is not None:
+                return native
         flat = self.inner.decode_sum(payloads, count, self._padded(shape), torch.float32)  # [padded_numel] fp32
-        return from_blocks(unrotate(flat.view(-1, self.block), self.seed), shape, dtype)  # padding dropped
+        result = from_blocks(unrotate(flat.view(-1, self.block), self.seed), shape, dtype)  # padding dropped
+        return _into(result, out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """Elementwise bound on ``|decode(encode(x), fp32) - x|`` (fp32, shape of ``x``), constant per rotation block.
