@@ -242,41 +242,14 @@ def run(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected {', '.join(sorted(DTYPES))}")
     links = list(links) if links is not None else default_links()
-    rates = {lk: linkmod.parse_rate(lk) for lk in links}  # ValueError on a typo, before anything starts
+    for lk in links:
+        linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
     cases = plan_cases(ops, sizes, specs, algos)
-    if linkmod.unavailable_reason() is None:
-        stale = linkmod.cleanup_stale()
-        if stale:
-            log(f"removed {len(stale)} namespace(s) left by killed earlier runs: {', '.join(stale)}")
     records: list[dict] = []
     for n in world_sizes:
         threads = threads_per_rank(n)
-        unshaped_done = False
-        for lk in links:
-            bps = rates[lk]
-            info: dict = {"rate": "none", "rate_bps": None, "shaped": False, "mode": "loopback"}
-            with contextlib.ExitStack() as stack:  # closes the link (deletes the namespaces) on any exit
-                shaped: linkmod.ShapedLink | None = None
-                if bps is not None:
-                    try:
-                        shaped = stack.enter_context(linkmod.ShapedLink(n, lk, burst=burst, limit=limit))
-                    except linkmod.LinkUnavailable as exc:
-                        info.update(requested=linkmod.format_rate(bps), reason=exc.reason)
-                        what = "unshaped already measured, skipped" if unshaped_done else "measuring UNSHAPED instead"
-                        log(f"link {lk}: cannot shape ({exc.reason}); {what}")
-                if shaped is not None:
-                    info = shaped.describe()
-                    label = shaped.rate
-                    log(
-                        f"[{n} ranks, {label}] tbf rate {label}, burst {info['burst']} B, limit {info['limit']} B, "
-                        f"{info['mode']}, namespaces {', '.join(info['namespaces'])}"
-                    )
-                else:
-                    if unshaped_done:
-                        continue  # "none" listed twice, or a fallback after "none" ran
-                    unshaped_done = True
-                    label = "none"
-                    log(f"[{n} ranks, none] unshaped, 127.0.0.1")
+        with contextlib.closing(linkmod.each_link(n, links, burst=burst, limit=limit, log=log)) as each:
+            for label, info, shaped in each:
                 plan = dict(
                     label=f"{n} ranks, {label}",
                     reps=reps,
@@ -286,9 +259,9 @@ def run(
                     timeout_s=timeout_s,
                     cases=cases,
                 )
-                workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tpcomp-bench-"))
-                raw = _launch(n, shaped, plan, workdir, timeout_s)
-            records += [_finish(r, label, info, threads) for r in raw]
+                with tempfile.TemporaryDirectory(prefix="tpcomp-bench-") as workdir:
+                    raw = _launch(n, shaped, plan, workdir, timeout_s)
+                records += [_finish(r, label, info, threads) for r in raw]
     return records
 
 

@@ -302,57 +302,31 @@ def run(
         raise ValueError(f"--perf-table {perf_table}: no such file")
     specs = check_specs(specs)
     links = list(links) if links is not None else default_links()
-    rates = {lk: linkmod.parse_rate(lk) for lk in links}  # ValueError on a typo, before anything starts
+    for lk in links:
+        linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
     ckpt = resolve_model(model, tp)
-    if linkmod.unavailable_reason() is None:
-        stale = linkmod.cleanup_stale()
-        if stale:
-            log(f"removed {len(stale)} namespace(s) left by killed earlier runs: {', '.join(stale)}")
     threads = threads_per_rank(tp)
     records: list[dict] = []
-    unshaped_done = False
-    for lk in links:
-        bps = rates[lk]
-        info: dict = {"rate": "none", "rate_bps": None, "shaped": False, "mode": "loopback"}
-        with contextlib.ExitStack() as stack:  # closes the link (deletes the namespaces) on any exit
-            shaped: linkmod.ShapedLink | None = None
-            if bps is not None:
-                try:
-                    shaped = stack.enter_context(linkmod.ShapedLink(tp, lk, burst=burst, limit=limit))
-                except linkmod.LinkUnavailable as exc:
-                    info.update(requested=linkmod.format_rate(bps), reason=exc.reason)
-                    what = "unshaped already measured, skipped" if unshaped_done else "measuring UNSHAPED instead"
-                    log(f"link {lk}: cannot shape ({exc.reason}); {what}")
-            if shaped is not None:
-                info = shaped.describe()
-                label = shaped.rate
-                log(
-                    f"[TP={tp}, {label}] tbf rate {label}, burst {info['burst']} B, limit {info['limit']} B, "
-                    f"{info['mode']}, namespaces {', '.join(info['namespaces'])}"
+    each = linkmod.each_link(tp, links, burst=burst, limit=limit, log=log, tag=f"TP={tp}")
+    with contextlib.closing(each):  # the link goes down even if a run fails
+        for label, info, shaped in each:
+            with tempfile.TemporaryDirectory(prefix="tpcomp-e2e-") as workdir:
+                plan = dict(
+                    label=f"TP={tp}, {label}",
+                    model=ckpt,
+                    dtype=dtype,
+                    threads=threads,
+                    timeout_s=timeout_s,
+                    prompt_lens=[int(L) for L in prompt_lens],
+                    gen_tokens=gen_tokens,
+                    specs=specs,
+                    reps=reps,
+                    warmup=warmup,
+                    perf_table=os.path.abspath(perf_table) if perf_table else None,
+                    workdir=workdir,
                 )
-            else:
-                if unshaped_done:
-                    continue  # "none" listed twice, or a fallback after "none" ran
-                unshaped_done = True
-                label = "none"
-                log(f"[TP={tp}, none] unshaped, 127.0.0.1")
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tpcomp-e2e-"))
-            plan = dict(
-                label=f"TP={tp}, {label}",
-                model=ckpt,
-                dtype=dtype,
-                threads=threads,
-                timeout_s=timeout_s,
-                prompt_lens=[int(L) for L in prompt_lens],
-                gen_tokens=gen_tokens,
-                specs=specs,
-                reps=reps,
-                warmup=warmup,
-                perf_table=os.path.abspath(perf_table) if perf_table else None,
-                workdir=workdir,
-            )
-            result = _launch(tp, shaped, plan, workdir, timeout_s)
-        records += aggregate(result, label, info, tp)
+                result = _launch(tp, shaped, plan, workdir, timeout_s)
+            records += aggregate(result, label, info, tp)
     return records
 
 

@@ -53,6 +53,7 @@ entering raises :class:`LinkUnavailable` with the reason, and callers run unshap
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import re
@@ -60,6 +61,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -423,3 +425,55 @@ class ShapedLink:
             # Default SIGTERM would end the process without running finally blocks (rank processes would be
             # left running): exit through the interpreter instead, with the shell's status for SIGTERM.
             raise SystemExit(128 + signum)
+
+
+def each_link(
+    world_size: int,
+    links: Sequence[str],
+    *,
+    burst: int | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+    tag: str = "",
+) -> Iterator[tuple[str, dict, ShapedLink | None]]:
+    """Set up each link of ``links`` in turn (``"none"`` or a rate such as ``"1gbit"``) for ``world_size`` ranks
+    and yield ``(label, info, shaped)``: the label for records (``"none"`` when unshaped), the link description
+    (:meth:`ShapedLink.describe`, or the loopback one with ``requested``/``reason`` when shaping was impossible)
+    and the :class:`ShapedLink` (None on loopback). The link is torn down before the next one is built, also when
+    the caller's loop body raises (use ``contextlib.closing`` around the generator for that). Unshaped runs happen
+    once: a second ``none``, or a fallback after one, is skipped. Leftover namespaces of killed runs are removed
+    first. Raises ValueError for a malformed rate before anything is set up.
+    """
+    rates = {lk: parse_rate(lk) for lk in links}
+    tag = tag or f"{world_size} ranks"
+    if unavailable_reason() is None:
+        stale = cleanup_stale()
+        if stale:
+            log(f"removed {len(stale)} namespace(s) left by killed earlier runs: {', '.join(stale)}")
+    unshaped_done = False
+    for lk in links:
+        bps = rates[lk]
+        info: dict = {"rate": "none", "rate_bps": None, "shaped": False, "mode": "loopback"}
+        with contextlib.ExitStack() as stack:  # closes the link (deletes the namespaces) on any exit
+            shaped: ShapedLink | None = None
+            if bps is not None:
+                try:
+                    shaped = stack.enter_context(ShapedLink(world_size, lk, burst=burst, limit=limit))
+                except LinkUnavailable as exc:
+                    info.update(requested=format_rate(bps), reason=exc.reason)
+                    what = "unshaped already measured, skipped" if unshaped_done else "measuring UNSHAPED instead"
+                    log(f"link {lk}: cannot shape ({exc.reason}); {what}")
+            if shaped is not None:
+                info = shaped.describe()
+                label = shaped.rate
+                log(
+                    f"[{tag}, {label}] tbf rate {label}, burst {info['burst']} B, limit {info['limit']} B, "
+                    f"{info['mode']}, namespaces {', '.join(info['namespaces'])}"
+                )
+            else:
+                if unshaped_done:
+                    continue  # "none" listed twice, or a fallback after "none" ran
+                unshaped_done = True
+                label = "none"
+                log(f"[{tag}, none] unshaped, 127.0.0.1")
+            yield label, info, shaped

@@ -233,6 +233,11 @@ class Codec(ABC):
         """
         nbytes = self.payload_nbytes(shape)
         check_payload(payloads, count * nbytes, self.spec)
+        layout = getattr(self, "layout", None)  # codecs with a PayloadLayout may run in the fused CPU library
+        if layout is not None:
+            native = native_decode_sum(self, payloads, count, shape, dtype, layout(shape), out)
+            if native is not None:
+                return native
         acc = self.decode(payloads[:nbytes], shape, torch.float32)
         for r in range(1, count):
             acc += self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)

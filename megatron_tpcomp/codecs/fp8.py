@@ -154,19 +154,6 @@ class Fp8Codec(Codec):
         layout.view(payload, "scales").copy_(stored)
         return payload
 
-    def decode_sum(
-        self,
-        payloads: torch.Tensor,
-        count: int,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        layout = self.layout(shape)
-        check_payload(payloads, count * layout.nbytes, self.spec)
-        native = native_decode_sum(self, payloads, count, shape, dtype, layout, out)
-        return native if native is not None else super().decode_sum(payloads, count, shape, dtype, out)
-
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         layout = self.layout(shape)
         check_payload(payload, layout.nbytes, self.spec)
