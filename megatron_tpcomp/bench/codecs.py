@@ -37,6 +37,17 @@ HIDDEN = 576  # SmolLM2-135M's hidden size: messages are [tokens, 576]
 WARMUP = 3
 
 
+def report(records: list[dict], table: str, targets: list[str], json_path: str | None) -> int:
+    """Print a benchmark's table and target lines, write its records to ``json_path`` (if given); exit code 0."""
+    print(table)
+    for line in targets:
+        print(line)
+    if json_path:
+        write_json(records, json_path)
+        print(f"wrote {len(records)} records to {json_path}")
+    return 0
+
+
 def split_list(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]`` (comma-separated command-line lists)."""
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -205,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.dtype} input, medians of {args.reps} after {WARMUP} warm-up calls"
     )
     records = run(specs, sizes, DTYPES[args.dtype], args.reps)
-    print(format_table(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {len(records)} records to {args.json}")
-    return 0
+    return report(records, format_table(records), [], args.json)
 
 
 if __name__ == "__main__":

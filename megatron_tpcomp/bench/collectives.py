@@ -44,7 +44,7 @@ from pathlib import Path
 
 import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import DTYPES, parse_size, size_label, split_list, write_json
+from megatron_tpcomp.bench.codecs import DTYPES, parse_size, report, size_label, split_list
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.launch import free_port
@@ -409,13 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rank processes stopped, namespaces removed", file=sys.stderr)
         return 130
-    print(format_table(records))
-    for line in target_lines(records):
-        print(line)
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {len(records)} records to {args.json}")
-    return 0
+    return report(records, format_table(records), target_lines(records), args.json)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import split_list, write_json
+from megatron_tpcomp.bench.codecs import report, split_list
 from megatron_tpcomp.bench.collectives import (
     NS_MASTER_PORT,
     BenchError,
@@ -523,13 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rank processes stopped, namespaces removed", file=sys.stderr)
         return 130
-    print(format_table(records))
-    for line in target_lines(records):
-        print(line)
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {len(records)} records to {args.json}")
-    return 0
+    return report(records, format_table(records), target_lines(records), args.json)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from functools import partial
 import torch
 
 from megatron_tpcomp import kernels as kern
-from megatron_tpcomp.bench.codecs import _time, message, parse_size, size_label, split_list, write_json
+from megatron_tpcomp.bench.codecs import _time, message, parse_size, report, size_label, split_list
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.spec import parse_spec
@@ -484,13 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         nominal_gbps=args.nominal_gbps,
         log=lambda msg: print(msg, flush=True),
     )
-    print(format_table(records))
-    for line in target_lines(records):
-        print(line)
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {len(records)} records to {args.json}")
-    return 0
+    return report(records, format_table(records), target_lines(records), args.json)
 
 
 if __name__ == "__main__":
