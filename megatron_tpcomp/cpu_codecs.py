@@ -61,8 +61,14 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def mode() -> str:
-    """``TPCOMP_CPU_KERNELS``: ``auto`` (default), ``on`` or ``off``; anything else raises ValueError."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    """``TPCOMP_CPU_KERNELS``: ``auto`` (default), ``on`` or ``off``; anything else raises ValueError.
+    Read on every call (tests and benchmarks switch it), parsed once per distinct value (it is on the hot path)."""
+    return _parse_mode(os.environ.get(ENV, "auto"))
+
+
+@lru_cache(maxsize=8)
+def _parse_mode(raw: str) -> str:
+    value = raw.strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r} is not one of {', '.join(MODES)}")
     return value

@@ -197,8 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch / codec threads (default: torch's default); match the collective benchmark's threads per rank "
+        "(1 for 2 ranks on 2 cores) when the output feeds `tpcomp bench perf-table`",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list to FILE")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     specs = [s for s in args.specs.split(",") if s]
     try:
         for s in specs:
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     print(
-        f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()} (default), "
+        f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
         f"{args.dtype} input, medians of {args.reps} after {WARMUP} warm-up calls"
     )
     records = run(specs, sizes, DTYPES[args.dtype], args.reps)
