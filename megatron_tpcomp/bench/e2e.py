@@ -163,7 +163,7 @@ def aggregate(result: dict, link_label: str, link_info: dict, world_size: int) -
                 tpot_times_ms=[r["tpot_ms"] for r in rs],
                 dtype=result["dtype"],
                 threads=result["threads"],
-                model=result["model"],
+                model=os.path.basename(os.path.normpath(str(result["model"]))),  # a name, not this machine's path
             )
             if s != BASELINE and rs[-1].get("auto_choices"):
                 rec["auto_choices"] = rs[-1]["auto_choices"]
