@@ -198,6 +198,7 @@ def run(
     burst: int | None = None,
     limit: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    perf_table: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Time every case on every (world size, link); one launch of ``world_size`` processes per pair.
@@ -208,7 +209,9 @@ def run(
             :func:`default_links`. A rate that cannot be shaped here (not root, ...) is measured unshaped
             instead, once per world size, and logged with the reason.
         sizes: per-rank message sizes in bytes (rounded to whole ``[*, 576]`` rows of ``dtype``).
-        specs: codec specs of the compressed collectives.
+        specs: codec specs of the compressed collectives; ``auto`` is the per-message policy of ``--tp-comm-compression
+            auto``: :data:`megatron_tpcomp.config.AUTO_DEFAULT_SPEC` or the stock collective, whichever the cost
+            model (``perf_table``) predicts faster for the case's message; the record says which (``auto_choice``).
         algos: all-reduce algorithms (``one-shot``, ``two-shot``, ``auto``).
         ops: ``all_reduce``, ``all_gather``, ``reduce_scatter``.
         reps: timed repetitions per case (medians reported); ``warmup`` untimed ones before.
@@ -216,6 +219,8 @@ def run(
         burst: tbf burst in bytes (default: :func:`megatron_tpcomp.bench.link.default_burst`).
         limit: tbf queue in bytes (default: :func:`megatron_tpcomp.bench.link.default_limit`).
         timeout_s: wall-clock limit per launch (also the process-group timeout).
+        perf_table: performance table of the cost model for ``auto`` (``tpcomp bench perf-table``); None: the
+            published defaults.
         log: progress and link messages (the ranks print their per-case progress lines themselves).
 
     Returns:
@@ -258,6 +263,7 @@ def run(
                     dtype=dtype,
                     timeout_s=timeout_s,
                     cases=cases,
+                    perf_table=os.path.abspath(perf_table) if perf_table else None,
                 )
                 with tempfile.TemporaryDirectory(prefix="tpcomp-bench-") as workdir:
                     raw = _launch(n, shaped, plan, workdir, timeout_s)
@@ -336,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed repetitions (default {DEFAULT_REPS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed (default {DEFAULT_WARMUP})")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="message dtype (default bf16)")
-    parser.add_argument("--burst", default=None, help="tbf burst, e.g. 125KB (default: 1 ms at the rate, >= 32KiB)")
+    parser.add_argument("--burst", default=None, help="tbf burst, e.g. 125KB (default: 1 ms at the rate, >= 128KiB)")
+    parser.add_argument(
+        "--perf-table",
+        default=None,
+        help="cost-model table (tpcomp bench perf-table) for spec 'auto', which sends each message compressed or "
+        "stock, whichever the table predicts faster (default: published defaults)",
+    )
     parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 1800)")
     parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
@@ -360,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         if not specs:
             raise ValueError("--specs is empty")
         for s in specs:
-            make_codec(s)  # fail fast on a typo, before minutes of timing
+            if s != "auto":
+                make_codec(s)  # fail fast on a typo, before minutes of timing
+        if args.perf_table and not os.path.isfile(args.perf_table):
+            raise ValueError(f"--perf-table {args.perf_table}: no such file")
         algos = split_list(args.algo)
         bad = [a for a in algos if a not in ALGOS]
         if bad or not algos:
@@ -398,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             reps=args.reps,
             warmup=args.warmup,
             dtype=args.dtype,
+            perf_table=args.perf_table,
             burst=burst,
             limit=limit,
             timeout_s=args.timeout,

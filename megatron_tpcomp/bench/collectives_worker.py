@@ -85,6 +85,24 @@ def compressed_fn(
     return lambda: collectives.reduce_scatter(x, spec, dim=0, stats=stats)
 
 
+def auto_choice(op: str, x: torch.Tensor, algo: str, n: int, perf_table: str | None) -> tuple[str, str]:
+    """Policy ``auto`` for one message, as the Megatron intercept decides it (``intercept._auto_config``):
+    ``(spec, algo)`` of the path the cost model predicts fastest, ``("none", "stock")`` for the stock collective."""
+    from megatron_tpcomp.config import AUTO_DEFAULT_SPEC
+    from megatron_tpcomp.costmodel import CostModel
+
+    codec = collectives.resolve_codec(AUTO_DEFAULT_SPEC)
+    nbytes = x.numel() * x.element_size()
+    if op == "reduce_scatter":
+        payload = n * codec.payload_nbytes((x.shape[0] // n, *x.shape[1:]))
+    else:
+        payload = codec.payload_nbytes(x.shape)
+    chunks = collectives.pipeline_chunks(nbytes, x.device.type, codec.block_local) if op == "all_reduce" else 1
+    algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
+    spec, chosen, _ = CostModel.load(perf_table).choose(op, nbytes, n, [(codec.spec, payload)], algos, chunks)
+    return spec, chosen
+
+
 def _decode_sum(codec: Codec, payloads: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Sum of decoded payloads as the collectives compute it (:meth:`Codec.decode_sum`): ``dtype`` ``shape``."""
     return codec.decode_sum(torch.cat(payloads), len(payloads), shape, dtype)
@@ -147,11 +165,17 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def run_case(case: dict, reps: int, warmup: int, dtype: torch.dtype, rank: int, n: int) -> dict:
+def run_case(
+    case: dict, reps: int, warmup: int, dtype: torch.dtype, rank: int, n: int, perf_table: str | None = None
+) -> dict:
     """Time one case on this rank; every rank must call it with the same case. Returns (on every rank) the record
     described in the module docstring; timings are the slowest rank's per repetition, medians in ms."""
     op, spec, algo = case["op"], case["spec"], case["algo"]
     x = make_input(op, case["bytes"], n, rank, dtype)
+    choice = None
+    if spec == "auto":  # decided once: every repetition sends the same message
+        choice = auto_choice(op, x, algo, n, perf_table)
+        spec, algo = choice if choice[0] != "none" else ("none", "one-shot")
     codec = collectives.resolve_codec(spec)
     stats: list[collectives.CommStats] = []
     stock, comp = stock_fn(op, x, n), compressed_fn(op, x, spec, algo, stats)
@@ -183,8 +207,8 @@ def run_case(case: dict, reps: int, warmup: int, dtype: torch.dtype, rank: int, 
     base_ms, comp_ms, codec_ms = (worst[k].tolist() for k in range(3))
     return dict(
         op=op,
-        spec=spec,
-        algo=algo,
+        spec=case["spec"],
+        algo=case["algo"],
         algo_used=last.algo,
         canonical=last.spec,
         fallback=last.fallback,
@@ -199,6 +223,7 @@ def run_case(case: dict, reps: int, warmup: int, dtype: torch.dtype, rank: int, 
         wire_bytes=last.wire_bytes,
         baseline_wire_bytes=last.baseline_wire_bytes,
         chunks=last.chunks,
+        auto_choice="/".join(choice) if choice else None,
         rel_err=rel_err,
         times_ms=comp_ms,
         baseline_times_ms=base_ms,
@@ -233,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         records = []
         dtype = DTYPES[plan["dtype"]]
         for k, case in enumerate(plan["cases"]):
-            rec = run_case(case, int(plan["reps"]), int(plan["warmup"]), dtype, rank, n)
+            rec = run_case(case, int(plan["reps"]), int(plan["warmup"]), dtype, rank, n, plan.get("perf_table"))
             records.append(rec)
             if rank == 0:
                 print(

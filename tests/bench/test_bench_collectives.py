@@ -208,3 +208,24 @@ def test_main_prints_table_and_writes_json(
     assert "auto>one-shot" in out and "2.50x" in out
     assert seen["args"][:5] == ([2], ["1gbit"], [8 << 20], ["int4:g32"], ["auto"])
     assert json.loads(out_file.read_text()) == [record]
+
+
+def test_auto_sends_small_messages_stock_and_large_ones_compressed(tmp_path: Path) -> None:
+    from megatron_tpcomp.config import AUTO_DEFAULT_SPEC
+    from megatron_tpcomp.costmodel import CodecSpeed, CostModel, Link
+
+    # A table for a slow, high-latency link (1 ms per step, 100 MB/s) and a codec with 0.5 ms per call:
+    # 16 KiB: stock 2.2 ms < compressed ~2.6 ms -> stock; 1 MiB: stock 12.5 ms > compressed ~8.6 ms -> codec.
+    spec = collectives.resolve_codec(AUTO_DEFAULT_SPEC).spec
+    model = CostModel(links={2: Link(1e-3, 1e8)}, codecs={spec: CodecSpeed(5e-4, 1e9, 5e-4, 1e9)})
+    table = tmp_path / "perf.json"
+    table.write_text(json.dumps(model.to_json()))
+    records = bench.run(
+        [2], ["none"], [16 << 10, 1 << 20], ["auto"], ["one-shot"], reps=1, warmup=0, perf_table=str(table)
+    )
+    small, large = sorted(records, key=lambda r: r["bytes"])
+    assert small["spec"] == large["spec"] == "auto"
+    assert small["auto_choice"] == "none/stock" and small["fallback"]
+    assert small["wire_bytes"] == small["baseline_wire_bytes"]
+    assert large["auto_choice"] == f"{spec}/one-shot" and large["canonical"] == spec and large["fallback"] is None
+    assert large["wire_bytes"] < large["baseline_wire_bytes"] / 3  # 4.5 bits vs 16, both ways
