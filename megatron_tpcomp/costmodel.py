@@ -198,19 +198,25 @@ class CostModel:
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares ``y = a + b x`` with a >= 0 (a negative intercept is clamped and the slope refitted). With a
-    single distinct ``x`` the intercept cannot be told from the slope: the line goes through the origin."""
+    """Least-squares ``y = a + b x`` with a >= 0, minimising the RELATIVE residuals ``(a + b x - y) / y`` (weights
+    ``1 / y^2``): sizes span three decades, and an absolute fit lets the largest message decide alone, which
+    drives the latency ``a`` to 0 and mispredicts every small message. A negative intercept is clamped and the
+    slope refitted. With a single distinct ``x`` the intercept cannot be told from the slope: the line goes
+    through the origin."""
     if len({p[0] for p in points}) == 1:
         x = points[0][0]
         y = statistics.fmean(p[1] for p in points)
         return 0.0, y / x if x else 0.0
-    mx = statistics.fmean(p[0] for p in points)
-    my = statistics.fmean(p[1] for p in points)
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    b = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else 0.0
+    w = [1.0 / max(p[1], 1e-30) ** 2 for p in points]
+    sw = sum(w)
+    mx = sum(wi * p[0] for wi, p in zip(w, points, strict=True)) / sw
+    my = sum(wi * p[1] for wi, p in zip(w, points, strict=True)) / sw
+    sxx = sum(wi * (p[0] - mx) ** 2 for wi, p in zip(w, points, strict=True))
+    b = sum(wi * (p[0] - mx) * (p[1] - my) for wi, p in zip(w, points, strict=True)) / sxx if sxx else 0.0
     a = my - b * mx
     if a < 0:
-        a, b = 0.0, sum(p[0] * p[1] for p in points) / sum(p[0] ** 2 for p in points)
+        num = sum(wi * p[0] * p[1] for wi, p in zip(w, points, strict=True))
+        a, b = 0.0, num / sum(wi * p[0] ** 2 for wi, p in zip(w, points, strict=True))
     return a, b
 
 
