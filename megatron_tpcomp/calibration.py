@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from megatron_tpcomp.codecs import CodecError
+
 logger = logging.getLogger("megatron_tpcomp")
 
 #: Collectives whose input is a row-parallel partial sum (the residual-stream channels that carry outliers).
@@ -239,49 +241,141 @@ def search_config(
     tokens: int = 512,
     context: int = 512,
     text: str | None = None,
+    objective: str = "bits",
+    ppl_budget: float | None = None,
+    verify_tokens: int = 4096,
+    steps: int = 6,
+    verify: bool = False,
+    sensitivity: dict[str, dict[str, float]] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Per-layer format search (:mod:`megatron_tpcomp.search`) on calibration text, using the calibrated
     outlier channels for ``+outliers`` candidates.
 
+    Args:
+        candidates: ``SPEC`` or ``SPEC@ALGO`` (one-shot | two-shot); budget: the KL budget (nats/token), or the
+            starting point of the bisection when ``ppl_budget`` is given.
+        tokens: calibration tokens for the sensitivities (whole windows of ``context`` from the start of the text).
+        objective: ``bits`` (payload bits per value) or ``wire`` (bytes on the wire, one-/two-shot aware).
+        ppl_budget: perplexity increase allowed (percent) on held-out calibration text: ``verify_tokens`` tokens
+            from the END of the calibration text (disjoint from the sensitivity and statistics windows), with at
+            most ``steps`` verified KL budgets (:func:`megatron_tpcomp.search.bisect_budget`).
+        verify: with a KL budget, also measure the chosen plan on those held-out tokens (recorded in ``meta``).
+        sensitivity: site -> candidate -> KL measured before (skips the sensitivity pass; must cover
+            ``candidates`` and every site).
+
     Returns:
-        (per-layer config dict with the prediction in ``meta``, site -> candidate -> KL)
+        (per-layer config dict with the prediction and any verification in ``meta``, site -> candidate -> KL)
     """
     from megatron_tpcomp import assets, search
     from megatron_tpcomp.checkpoint import read_metadata
-    from megatron_tpcomp.codecs import make_codec
     from megatron_tpcomp.tokenizer import TextTokenizer
 
+    if objective not in search.OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(search.OBJECTIVES)}")
+    if ppl_budget is not None and ppl_budget < 0:
+        raise ValueError(f"the perplexity budget must be >= 0 percent, got {ppl_budget}")
     meta = read_metadata(result["checkpoint"])
     hidden = result["hidden"]
     outliers = {key: s["outlier_channels"] for key, s in result["sites"].items()}
-    bits = {}
-    for c in candidates:
-        channels = list(range(result["k"])) if "+outliers" in c else None  # the table size, not its values
-        bits[c] = make_codec(c, outlier_channels=channels).bits_per_value((context, hidden))
+    bits = {c: search.candidate_bits(c, (context, hidden), result["k"]) for c in candidates}
     ids = TextTokenizer.from_checkpoint(meta).tokenize(assets.calibration_text() if text is None else text)
     count = min(max(tokens // context, 1), len(ids) // context)
     if count < 1:
         raise ValueError(f"the calibration text has {len(ids)} tokens; one window needs {context}")
     windows = [ids[i * context : (i + 1) * context] for i in range(count)]
-    sens = search.measure_sensitivity(
-        result["checkpoint"], result["tp"], windows, candidates, outliers, progress=progress
-    )
-    assignment, kl, mean_bits = search.choose(sens, bits, budget)
+    held: list[list[int]] = []
+    if ppl_budget is not None or verify:
+        n = verify_tokens // context
+        first = len(ids) - n * context - 1  # the held-out windows end at the end of the text
+        used = max(count * context, result["calibration"]["tokens"])
+        if n < 1 or first < used:
+            raise ValueError(
+                f"held-out verification needs {max(n, 1) * context + 1} tokens after the {used} calibration tokens; "
+                f"the calibration text has {len(ids)} (lower --verify-tokens or --tokens)"
+            )
+        held = [ids[first + i * context : first + (i + 1) * context + 1] for i in range(n)]
+    sites = [f"layer{i}.{b}" for i in range(result["num_layers"]) for b in search.BLOCKS]
+    if sensitivity is None:
+        sens = search.measure_sensitivity(
+            result["checkpoint"], result["tp"], windows, candidates, outliers, progress=progress
+        )
+    else:
+        missing = [f"{s}/{c}" for s in sites for c in candidates if c not in sensitivity.get(s, {})]
+        if missing:
+            raise ValueError(f"the given sensitivities lack {len(missing)} site/candidate pairs, e.g. {missing[:3]}")
+        sens = {s: {c: float(sensitivity[s][c]) for c in candidates} for s in sites}
+    model_dims = {"num_layers": result["num_layers"], "hidden_size": hidden, "tp_size": result["tp"]}
+    budget_meta: dict[str, Any]
+    if held:
+        checked = search.verify_plans(
+            result["checkpoint"],
+            result["tp"],
+            held,
+            sens,
+            bits,
+            outliers,
+            objective=objective,
+            ppl_budget_pct=ppl_budget,
+            start=budget,
+            steps=steps,
+            progress=progress,
+        )
+        verification = {
+            "text": "end of the calibration text" if text is not None else "State of the Union 1961-2000, end",
+            "tokens": checked["tokens"],
+            "first_token": first,
+            "context": context,
+            "baseline_ppl": checked["baseline_ppl"],
+        }
+        plan = checked["best"]
+        met = plan is not None
+        if plan is None:  # nothing verified within the perplexity budget: the least damaging plan tried
+            least = min(checked["steps"], key=lambda s: s["ppl_increase_pct"])
+            plan = search.choose_plan(sens, bits, least["kl_budget"], objective=objective, tp=result["tp"])
+            logger.warning(
+                "megatron-tpcomp: no verified KL budget kept the held-out perplexity increase within %s%%; "
+                "writing the least damaging plan tried (%+.3f%%)",
+                ppl_budget,
+                least["ppl_increase_pct"],
+            )
+        chosen = next(s for s in checked["steps"] if s["kl_budget"] == plan["kl_budget"])
+        budget_meta = {
+            "type": "ppl" if ppl_budget is not None else "kl",
+            "ppl_budget_pct": ppl_budget,
+            "met": met if ppl_budget is not None else None,
+            "kl_budget": plan["kl_budget"],
+            "verification": {
+                **verification,
+                "ppl_increase_pct": chosen["ppl_increase_pct"],
+                "kld": chosen["kld"],
+                "top1_agreement": chosen["top1_agreement"],
+            },
+            "steps": checked["steps"],
+        }
+    else:
+        plan = search.choose_plan(sens, bits, budget, objective=objective, tp=result["tp"])
+        budget_meta = {"type": "kl", "kl_budget": budget}
     config = search.assignment_to_config(
-        assignment,
+        plan["assignment"],
         outliers,
-        {"num_layers": result["num_layers"], "hidden_size": hidden, "tp_size": result["tp"]},
+        model_dims,
         {
             "calibrated_by": "tpcomp calibrate --search",
             "model": result["model"],
-            "kl_budget": budget,
-            "predicted_kl": kl,
-            "predicted_bits_per_value": mean_bits,
+            "budget": budget_meta,
+            "kl_budget": plan["kl_budget"],
+            "objective": objective,
+            "predicted_kl": plan["predicted_kl"],
+            "predicted_bits_per_value": plan["bits_per_value"],
+            "predicted_wire_bits_per_value": plan["wire_bits_per_value"],
+            "plans": plan["plans"],
             "candidates": {c: bits[c] for c in candidates},
             "search_tokens": count * context,
+            "sensitivity_reused": sensitivity is not None,
             **result["calibration"],
         },
+        algo=plan["algo"],
     )
     return config, sens
 
@@ -307,6 +401,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _default_candidates() -> tuple[str, ...]:
+    from megatron_tpcomp.search import DEFAULT_CANDIDATES
+
+    return DEFAULT_CANDIDATES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tpcomp calibrate",
@@ -330,15 +430,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--search",
         action="store_true",
-        help="choose a codec per layer and block (from --candidates or none) minimising bits under --kl-budget",
+        help="choose a codec per layer and block (from --candidates or none) minimising bits under --kl-budget "
+        "or --ppl-budget",
     )
     p.add_argument("--kl-budget", type=float, default=0.01, help="summed KL allowed by --search (nats/token)")
     p.add_argument(
+        "--ppl-budget",
+        type=float,
+        metavar="PCT",
+        help="instead of a KL budget: perplexity increase allowed (percent) on held-out calibration text; the KL "
+        "budget is searched from --kl-budget by verified bisection (--budget-steps)",
+    )
+    p.add_argument(
         "--candidates",
-        default="int4:g32+had,int4:g32+outliers,fp5:b32,int8:g32",
-        help="comma-separated specs for --search (+outliers uses the calibrated channels)",
+        default=None,
+        help="comma-separated SPEC or SPEC@ALGO (ALGO one-shot (default) or two-shot) for --search; +outliers uses "
+        "the calibrated channels (default: " + ",".join(_default_candidates()) + ")",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("bits", "wire"),
+        default="bits",
+        help="what --search minimises: payload bits per value (default) or bytes on the wire per rank (one-shot "
+        "sends N/2 times what two-shot sends)",
     )
     p.add_argument("--search-tokens", type=int, default=512, help="calibration tokens for the sensitivity runs")
+    p.add_argument("--verify", action="store_true", help="with --kl-budget: also verify on held-out calibration text")
+    p.add_argument(
+        "--verify-tokens", type=int, default=4096, help="held-out calibration tokens per verification (default 4096)"
+    )
+    p.add_argument("--budget-steps", type=int, default=6, help="verified KL budgets at most for --ppl-budget")
+    p.add_argument(
+        "--sensitivity-json",
+        help="reuse the sensitivities of an earlier --stats-json (skips the sensitivity pass; same model, TP, "
+        "candidates and search tokens)",
+    )
     return p
 
 
@@ -348,15 +474,29 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
     from megatron_tpcomp.codecs import make_codec
+    from megatron_tpcomp.search import candidate_bits
 
     out = Path(args.out)
+    candidates = (
+        [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else list(_default_candidates())
+    )
     try:
         if out.exists() and not args.force:
             raise ValueError(f"{out} already exists; pass --force to replace it")
         make_codec(args.spec)  # a bad spec fails before the model runs
         if args.search:
-            for c in args.candidates.split(","):
-                make_codec(c.strip(), outlier_channels=[0] if "+outliers" in c else None)
+            if not candidates:
+                raise ValueError("--candidates is empty")
+            for c in candidates:
+                candidate_bits(c, (args.context, 64), 1)
+            if args.ppl_budget is not None and args.ppl_budget < 0:
+                raise ValueError(f"--ppl-budget must be >= 0, got {args.ppl_budget}")
+            if args.kl_budget < 0 or (args.ppl_budget is not None and args.kl_budget <= 0):
+                raise ValueError(f"--kl-budget must be >= 0 (> 0 to start --ppl-budget), got {args.kl_budget}")
+        sensitivity = None
+        if args.sensitivity_json:
+            loaded = json.loads(Path(args.sensitivity_json).read_text())
+            sensitivity = loaded.get("sensitivity", loaded)
         text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else None
         result = calibrate(
             args.model,
@@ -368,23 +508,44 @@ def main(argv: list[str] | None = None) -> int:
             text=text,
         )
         if args.search:
-            candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
             config, sens = search_config(
-                result, candidates, args.kl_budget, tokens=args.search_tokens, context=args.context, text=text
+                result,
+                candidates,
+                args.kl_budget,
+                tokens=args.search_tokens,
+                context=args.context,
+                text=text,
+                objective=args.objective,
+                ppl_budget=args.ppl_budget,
+                verify_tokens=args.verify_tokens,
+                steps=args.budget_steps,
+                verify=args.verify,
+                sensitivity=sensitivity,
             )
             result["sensitivity"] = sens
         else:
             config = to_config(result, args.spec)
-    except (ValueError, OSError, CheckpointError, AssetError) as exc:
+    except (ValueError, OSError, CheckpointError, AssetError, CodecError) as exc:
         print(f"tpcomp calibrate: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.search:
         m = config["meta"]
-        print(
-            f"search: predicted KL {m['predicted_kl']:.4f} (budget {m['kl_budget']}), "
-            f"{m['predicted_bits_per_value']:.3f} bits/value; verify with tpcomp eval --config {out}"
+        b = m["budget"]
+        line = (
+            f"search: {config['algo']}, predicted KL {m['predicted_kl']:.4f} (KL budget {m['kl_budget']:.5f}), "
+            f"{m['predicted_bits_per_value']:.3f} bits/value"
         )
+        if "verification" in b:
+            v = b["verification"]
+            line += (
+                f"; held-out calibration text ({v['tokens']} tokens): ppl {v['ppl_increase_pct']:+.2f}%, "
+                f"KL {v['kld']:.4f}, top-1 {100 * v['top1_agreement']:.1f}%"
+            )
+            if b["type"] == "ppl":
+                line += f" (ppl budget {b['ppl_budget_pct']}%: {'met' if b['met'] else 'NOT met'})"
+        # tpcomp eval applies its --algo to a config; name the config's own.
+        print(f"{line}; verify with tpcomp eval --config {out} --algo {config['algo']}")
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out)  # atomic: an interrupted run never leaves a truncated config

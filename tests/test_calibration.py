@@ -76,3 +76,116 @@ def test_single_site_sensitivity_finds_the_sensitive_blocks(real_ckpt) -> None:
     assert min(kl.values()) > -1e-6  # a KL divergence, up to fp32 rounding
     # FACTS.md: the down projections of layers 29, 0 and 11 are by far the most sensitive collectives.
     assert max(kl, key=kl.get) in {"layer29.mlp", "layer0.mlp", "layer11.mlp"}
+
+
+def _metrics_worker(rank: int, world_size: int, ckpt: str, ids: list[int]) -> tuple:
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_tpcomp.checkpoint import load_model
+    from megatron_tpcomp.evaluation import _window_metrics
+    from megatron_tpcomp.megatron import cpu, intercept
+    from megatron_tpcomp.megatron import model as M
+    from megatron_tpcomp.search import sharded_logprobs, sharded_window_metrics
+
+    cpu.enable_cpu_inference()
+    M.init_parallel(world_size)
+    model, _ = load_model(ckpt, dtype=torch.float32)
+    group = parallel_state.get_tensor_model_parallel_group()
+    t = torch.tensor(ids)
+    pos = torch.arange(len(ids) - 1)[None]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            full = model(t[None, :-1], pos, attention_mask=None, runtime_gather_output=True)[0]
+            shard = model(t[None, :-1], pos, attention_mask=None, runtime_gather_output=False)[0]
+        return torch.log_softmax(full.float(), dim=-1), sharded_logprobs(shard, group)
+
+    base_full, base_shard = both()
+    intercept.enable(model, "int4:g32")  # every layer: a KL of ~0.1, some argmax flips
+    full, shard = both()
+    intercept.disable(model)
+    return _window_metrics(base_full, full, t[1:]), sharded_window_metrics(base_shard, shard, t[1:], group)
+
+
+def test_sharded_metrics_match_the_gathered_evaluation(real_ckpt) -> None:
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.launch import run_distributed
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    ids = TextTokenizer.from_checkpoint(read_metadata(real_ckpt)).tokenize(assets.calibration_text())[:97]
+    out = run_distributed(_metrics_worker, 3, str(real_ckpt), ids, timeout_s=600)
+    (nll, kl, top1), sharded = out[0]
+    assert all(o[1] == sharded for o in out)  # every rank takes the same decisions from the same numbers
+    # Same logits, log-sum-exp over shards instead of one row: fp32 rounding only (nll ~ 300 nats here).
+    assert sharded[0] == pytest.approx(nll, rel=1e-5) and sharded[1] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert sharded[2] == top1 and 0 < top1 < 96 and kl > 1.0  # int4 everywhere: real damage, measured alike
+
+
+def test_replayed_prefix_gives_the_same_sensitivity_and_two_shot_costs_more(real_ckpt) -> None:
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.search import measure_sensitivity
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    ids = TextTokenizer.from_checkpoint(read_metadata(real_ckpt)).tokenize(assets.calibration_text())[:48]
+    sites = ["layer0.attention", "layer14.mlp", "layer29.mlp"]
+    cands = ["int4:g32+had", "int4:g32+had@two-shot"]
+    fast = measure_sensitivity(str(real_ckpt), 3, [ids], cands, sites=sites, progress=False)
+    full = measure_sensitivity(str(real_ckpt), 3, [ids], cands, sites=sites, replay=False, progress=False)
+    assert set(fast) == set(sites)
+    for site in sites:
+        for c in cands:
+            # Replaying the unchanged layers is the same computation: equal up to fp32 reordering (none seen).
+            assert fast[site][c] == pytest.approx(full[site][c], rel=1e-6, abs=1e-9), (site, c)
+    # Two-shot requantizes the reduced chunk: FACTS.md measured about twice the damage (1.3x is the floor here).
+    assert fast["layer29.mlp"]["int4:g32+had@two-shot"] > 1.3 * fast["layer29.mlp"]["int4:g32+had"] > 0
+
+
+def test_ppl_budget_search_verifies_on_heldout_calibration_text(result: dict) -> None:
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    config, sens = calibration.search_config(
+        result,
+        ["int4:g32+had", "int8:g32"],
+        0.01,
+        tokens=32,
+        context=32,
+        ppl_budget=2.0,
+        verify_tokens=128,
+        steps=3,
+        progress=False,
+    )
+    assert set(sens) == {f"layer{i}.{b}" for i in range(30) for b in ("attention", "mlp")}
+    CompressionConfig.from_dict({k: v for k, v in config.items() if k != "meta"}).check_model(30, 576, 3)
+    meta, budget = config["meta"], config["meta"]["budget"]
+    assert budget["type"] == "ppl" and budget["ppl_budget_pct"] == 2.0 and config["algo"] == "one-shot"
+    steps = budget["steps"]
+    assert 1 <= sum(not s["reused"] for s in steps) <= 3 and steps[0]["kl_budget"] == 0.01
+    for s in steps:
+        assert s["within"] == (s["ppl_increase_pct"] <= 2.0) and 0.0 <= s["top1_agreement"] <= 1.0
+        assert s["kld"] > -1e-6 and s["predicted_kl"] <= s["kl_budget"] + 1e-12
+    v = budget["verification"]
+    ids = TextTokenizer.from_checkpoint(read_metadata(result["checkpoint"])).tokenize(assets.calibration_text())
+    # Held out: after every calibration token (statistics: 512, sensitivities: 32), ending at the text's end.
+    assert v["tokens"] == 128 and v["first_token"] >= 512 and v["first_token"] + 129 == len(ids)
+    assert v["baseline_ppl"] > 1.0
+    if budget["met"]:
+        assert v["ppl_increase_pct"] <= 2.0
+        assert meta["predicted_bits_per_value"] == min(s["bits_per_value"] for s in steps if s["within"])
+    assert meta["predicted_kl"] <= meta["kl_budget"] + 1e-12
+
+
+def test_cli_rejects_bad_search_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.json"
+    for extra, message in (
+        (["--candidates", "int4:g32@auto"], "algo 'auto'"),
+        (["--ppl-budget", "-1"], "--ppl-budget must be >= 0"),
+        (["--ppl-budget", "1", "--kl-budget", "0"], "> 0 to start --ppl-budget"),
+        (["--candidates", "int4:gq"], "int4:gq"),
+    ):
+        assert calibration.main(["--out", str(out), "--search", *extra]) == 2
+        assert message in capsys.readouterr().err and not out.exists()

@@ -64,3 +64,127 @@ def test_assignment_becomes_a_valid_config() -> None:
     )
     assert data["layers"]["0"]["mlp"] == {"spec": "int4:g32+outliers", "outlier_channels": [3, 7, 11]}
     assert data["layers"]["1"]["mlp"] == "int8:g32" and data["default"] == "none"
+
+
+# ------------------------------------------------------------------ candidates: algorithm, bits from the codec
+
+
+def test_candidates_name_their_algorithm_and_take_their_bits_from_the_codec() -> None:
+    from megatron_tpcomp.codecs import CodecError
+    from megatron_tpcomp.search import DEFAULT_CANDIDATES, candidate_bits, split_candidate
+
+    assert split_candidate("int4:g64+had") == ("int4:g64+had", "one-shot")
+    assert split_candidate("int4:g64+had@two-shot") == ("int4:g64+had", "two-shot")
+    with pytest.raises(ValueError, match="auto"):
+        split_candidate("int4:g32@auto")  # the search must know which algorithm it measured
+    with pytest.raises(ValueError, match="no spec"):
+        split_candidate("@one-shot")
+    shape = (512, 576)
+    # Exact payloads: 4 bits + one fp16 scale per group (or e4m3); the outlier table adds 9 bf16 channels.
+    assert candidate_bits("int4:g64+had", shape, 9) == 4.25
+    assert candidate_bits("int4:g128+had@two-shot", shape, 9) == 4.125
+    assert candidate_bits("int4:g64:se4m3+had", shape, 9) == 4.125
+    assert candidate_bits("int8:g32", shape, 9) == 8.5
+    assert candidate_bits("int4:g32+outliers", shape, 9) == pytest.approx(4.68, abs=0.01)
+    with pytest.raises(CodecError):
+        candidate_bits("int4:gq", shape, 9)
+    bits = [candidate_bits(c, shape, 9) for c in DEFAULT_CANDIDATES]
+    assert sum(b < 4.5 for b in bits) >= 2 and min(bits) <= 4.125 and max(bits) <= 8.5
+    assert all(split_candidate(c)[1] == "one-shot" for c in DEFAULT_CANDIDATES)
+
+
+def _algo_case() -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    # Two-shot: same payload, more KL (requantization); one-shot: N/2 times the bytes on the wire.
+    sens, bits = {}, {"int4": 4.0, "int8": 8.0, "int4@two-shot": 4.0, "int8@two-shot": 8.0}
+    for i in range(6):
+        scale = 0.001 * (i + 1)
+        sens[f"layer{i}.mlp"] = {
+            "int4": scale,
+            "int8": scale / 100,
+            "int4@two-shot": 2 * scale,
+            "int8@two-shot": 0.02 * scale,
+        }
+    return sens, bits
+
+
+def test_two_shot_never_wins_on_payload_bits_but_can_on_the_wire() -> None:
+    from megatron_tpcomp.search import choose_plan
+
+    sens, bits = _algo_case()
+    plan = choose_plan(sens, bits, 0.01, objective="bits", tp=3)
+    assert plan["algo"] == "one-shot" and set(plan["plans"]) == {"one-shot", "two-shot"}
+    assert all(c in ("none", "int4", "int8") for c in plan["assignment"].values())
+    assert plan["predicted_kl"] <= 0.01 and plan["bits_per_value"] == plan["cost"]
+    # Wire cost at TP=3: one-shot int8 = 12, int4 = 6 ring-equivalent bits; two-shot int8 = 8, int4 = 4.
+    wire = choose_plan(sens, bits, 0.01, objective="wire", tp=3)
+    assert wire["algo"] == "two-shot" and all(c.endswith("@two-shot") for c in wire["assignment"].values())
+    assert wire["cost"] == wire["wire_bits_per_value"] < wire["plans"]["one-shot"]["wire_bits_per_value"]
+    assert wire["predicted_kl"] <= 0.01
+    # At TP=2 both algorithms send the same bytes: the lower KL of one-shot wins again.
+    assert choose_plan(sens, bits, 0.01, objective="wire", tp=2)["algo"] == "one-shot"
+    with pytest.raises(ValueError, match="objective"):
+        choose_plan(sens, bits, 0.01, objective="speed")
+
+
+def test_config_carries_the_plan_algorithm() -> None:
+    data = assignment_to_config(
+        {"layer0.mlp": "int4:g64+had@two-shot", "layer0.attention": "none"},
+        {},
+        {"num_layers": 1, "hidden_size": 64, "tp_size": 2},
+        {},
+        algo="two-shot",
+    )
+    assert data["algo"] == "two-shot" and data["layers"]["0"] == {"mlp": "int4:g64+had", "attention": "none"}
+    with pytest.raises(ValueError, match="config's algo is one-shot"):
+        assignment_to_config({"layer0.mlp": "int4:g64+had@two-shot"}, {}, {}, {}, algo="one-shot")
+
+
+# ------------------------------------------------------------------------------ perplexity budget (bisection)
+
+
+def _ppl_case(seed: int = 3) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    rng = random.Random(seed)
+    return _random_case(rng, 40), BITS
+
+
+@pytest.mark.parametrize("slope", [60.0, 110.0, 300.0])
+def test_ppl_bisection_lands_within_the_budget_near_its_edge(slope: float) -> None:
+    from megatron_tpcomp.search import bisect_budget, choose_plan
+
+    sens, bits = _ppl_case()
+    calls = []
+
+    def plan_for(b: float) -> dict:
+        return choose_plan(sens, bits, b)
+
+    def verify(plan: dict) -> dict:  # a monotone stand-in for the held-out measurement
+        calls.append(plan["kl_budget"])
+        return {"ppl_increase_pct": slope * plan["predicted_kl"], "kld": plan["predicted_kl"], "top1_agreement": 0.9}
+
+    best, trail = bisect_budget(plan_for, verify, 1.0, start=0.01, steps=8)
+    assert best is not None and slope * best["predicted_kl"] <= 1.0
+    assert len(calls) <= 8 and len(trail) >= len(calls)
+    assert len(set(map(lambda s: (s["bits_per_value"], s["predicted_kl"]), trail))) == len(calls)  # no plan twice
+    assert [s["reused"] for s in trail].count(False) == len(calls)
+    # Near the edge: no worse than the plan of a KL budget 3% below the exact one (1 / slope).
+    assert best["bits_per_value"] <= plan_for(0.97 / slope)["bits_per_value"] + 1e-9
+    # The walk (monotone stand-in): within -> the next KL budget is larger, over -> smaller.
+    for a, b in zip(trail, trail[1:], strict=False):
+        assert (b["kl_budget"] > a["kl_budget"]) == a["within"], trail
+
+
+def test_ppl_bisection_reports_an_unreachable_budget() -> None:
+    from megatron_tpcomp.search import bisect_budget, choose_plan
+
+    sens, bits = _ppl_case()
+    best, trail = bisect_budget(
+        lambda b: choose_plan(sens, bits, b),
+        lambda plan: {"ppl_increase_pct": 2.0 + plan["predicted_kl"]},  # never within 1%
+        1.0,
+        start=0.01,
+        steps=4,
+    )
+    assert best is None and len(trail) == 4 and not any(s["within"] for s in trail)
+    assert [s["kl_budget"] for s in trail] == [0.01, 0.005, 0.0025, 0.00125]
+    with pytest.raises(ValueError, match="> 0"):
+        bisect_budget(lambda b: {}, lambda p: {}, 1.0, start=0.0)
