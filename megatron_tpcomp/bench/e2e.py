@@ -451,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--burst",
         default=None,
-        help="tbf burst, e.g. 256KiB (default: 1 ms at the rate, >= 32KiB; below ~600mbit pass 256KiB, see "
-        "COMM_BOUND_RATE in the source)",
+        help="tbf burst, e.g. 256KiB (default: 1 ms at the rate, >= 128KiB: smaller buckets stall on 64 KiB GSO "
+        "packets)",
     )
     parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 3600)")
