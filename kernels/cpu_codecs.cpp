@@ -92,19 +92,6 @@ inline void fwht(float* v, int n) {
       }
 }
 
-// The same butterflies with the block size known at compile time: the compiler unrolls the short stages into
-// shuffles. Same operations in the same order, so the same bits as fwht().
-template <int N>
-inline void fwht_fixed(float* v) {
-  for (int h = 1; h < N; h <<= 1)
-    for (int i = 0; i < N; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const float a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
-      }
-}
-
 #if defined(__GNUC__) && !defined(__clang__)
 // The same butterflies on 8-float vectors (GCC vector extensions: AVX or two SSE registers, NEON on ARM).
 // Stages h = 1, 2, 4 pair lanes inside a vector: w = v with the pairs swapped, then lane j keeps v + w (= a + b)
@@ -144,11 +131,7 @@ inline void fwht_any(float* v, int n) {
     return;
   }
 #endif
-  switch (n) {
-    case 16: fwht_fixed<16>(v); return;
-    case 32: fwht_fixed<32>(v); return;
-    default: fwht(v, n);
-  }
+  fwht(v, n);
 }
 
 void rotate_forward(float* buf, int len, const Rotation& r) {
@@ -258,10 +241,9 @@ inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8
   for (int i = 0; i < g / 2; ++i) codes[i] = static_cast<uint8_t>(q[2 * i] | (q[2 * i + 1] << 4));
 }
 
-// int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes.
-template <int G>
-inline void int4_accumulate_g(const uint8_t* codes, const uint8_t* scale, int g_runtime, bool first, float* acc) {
-  const int g = G > 0 ? G : g_runtime;
+// int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes. (Not unrolled by
+// a fixed G like int4_quantize: measured, that makes decode slower.)
+inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
   uint16_t sb;
   memcpy(&sb, scale, 2);
   const float s = half_bits_to_float(sb);
@@ -284,10 +266,6 @@ inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale)
     case 128: int4_quantize_g<128>(v, g, codes, scale); return;
     default: int4_quantize_g<0>(v, g, codes, scale);
   }
-}
-
-inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
-  int4_accumulate_g<0>(codes, scale, g, first, acc);  // measured: unrolling by a fixed G makes decode slower
 }
 
 inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
