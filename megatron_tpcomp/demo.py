@@ -137,7 +137,7 @@ def report(result: dict[str, Any]) -> str:
         f"{'greedy tokens agreeing':<26} {'':>14} {sum(agree) / len(agree):>14.1f}   (mean leading tokens)",
         "",
         "The model runs in fp32 here; the uncompressed column is Megatron's ring all-reduce of fp32 partials. Time",
-        "is loopback on a CPU, where the link is free and the torch reference codec is the cost; the bytes are",
+        "is loopback on a CPU, where the link is free and the codec is the cost; the bytes are",
         "what a slow link (PCIe, Ethernet) would carry. `tpcomp eval` measures quality on more text.",
     ]
     return "\n".join(lines)
