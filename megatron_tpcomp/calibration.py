@@ -375,9 +375,19 @@ def search_config(
             "sensitivity_reused": sensitivity is not None,
             **result["calibration"],
         },
-        algo=plan["algo"],
     )
     return config, sens
+
+
+def plan_algo_of(config: dict[str, Any]) -> str:
+    """``one-shot``, ``two-shot`` or ``per-site`` (then with the number of sites off the config's algo)."""
+    own = sum(
+        1
+        for blocks in config["layers"].values()
+        for v in blocks.values()
+        if (isinstance(v, str) and "@" in v) or (isinstance(v, dict) and "algo" in v)
+    )
+    return f"per-site ({config['algo']}, {own} sites otherwise)" if own else config["algo"]
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -533,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         m = config["meta"]
         b = m["budget"]
         line = (
-            f"search: {config['algo']}, predicted KL {m['predicted_kl']:.4f} (KL budget {m['kl_budget']:.5f}), "
+            f"search: {plan_algo_of(config)}, predicted KL {m['predicted_kl']:.4f} (KL budget {m['kl_budget']:.5f}), "
             f"{m['predicted_bits_per_value']:.3f} bits/value"
         )
         if "verification" in b:
@@ -544,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if b["type"] == "ppl":
                 line += f" (ppl budget {b['ppl_budget_pct']}%: {'met' if b['met'] else 'NOT met'})"
-        # tpcomp eval applies its --algo to a config; name the config's own.
-        print(f"{line}; verify with tpcomp eval --config {out} --algo {config['algo']}")
+        print(f"{line}; verify with tpcomp eval --config {out}")
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out)  # atomic: an interrupted run never leaves a truncated config

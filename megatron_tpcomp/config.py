@@ -15,6 +15,8 @@ Schema (JSON or YAML; version 1)::
       "layers": {                         # 0-based layer index -> per-block settings
         "0":  {"attention": "fp8", "mlp": "int8:g32"},
         "11": {"mlp": {"spec": "int4:g32+outliers", "outlier_channels": [5, 9, 300]}},
+        "20": {"attention": "int6:g128+had@two-shot",                     # SPEC@ALGO: this site's all-reduce
+               "mlp": {"spec": "int5:g64+had", "algo": "one-shot"}},     #   algorithm (overrides "algo")
         "29": {"mlp": "none"}
       },
       "model": {"num_layers": 30, "hidden_size": 576, "tp_size": 3}   # optional: checked against the model
@@ -22,10 +24,17 @@ Schema (JSON or YAML; version 1)::
 
 "attention" covers the collectives of a layer's self-attention block (sequence-parallel all-gather of its input,
 all-reduce or reduce-scatter of the output projection); "mlp" the same for the MLP block (down projection).
+
+A site's own algorithm (``SPEC@ALGO`` or the mapping's ``"algo"``) exists because the algorithm changes quality:
+two-shot requantizes the reduced chunk (about twice the KL of one-shot) for a third fewer bytes at TP=3, so the
+format search (:mod:`megatron_tpcomp.search`) chooses it per site. It applies to all-reduces only (gathers and
+reduce-scatters have one algorithm). Overriding the algorithm from outside (``--tp-comm-compression-algo``,
+``tpcomp eval --algo``) replaces every site's: :meth:`CompressionConfig.with_algo`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,10 +71,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SiteSetting:
-    """Codec for one collective site: a spec and, for ``+outliers``, the static channel table."""
+    """Codec for one collective site: a spec, for ``+outliers`` the static channel table, and optionally the
+    site's own all-reduce algorithm (None: the config's ``algo``)."""
 
     spec: str
     outlier_channels: tuple[int, ...] | None = None
+    algo: str | None = None
 
     def codec(self) -> Codec:
         return make_codec(self.spec, outlier_channels=list(self.outlier_channels) if self.outlier_channels else None)
@@ -181,8 +192,9 @@ class CompressionConfig:
     def to_dict(self) -> dict[str, Any]:
         def out(s: SiteSetting) -> Any:
             if s.outlier_channels:
-                return {"spec": s.spec, "outlier_channels": list(s.outlier_channels)}
-            return s.spec
+                value: dict[str, Any] = {"spec": s.spec, "outlier_channels": list(s.outlier_channels)}
+                return value | ({"algo": s.algo} if s.algo else {})
+            return f"{s.spec}@{s.algo}" if s.algo else s.spec
 
         return {
             "version": 1,
@@ -204,6 +216,29 @@ class CompressionConfig:
         if site == "logits":
             return self.logits
         return self.layers.get(layer, {}).get(site, self.default) if layer is not None else self.default
+
+    def algo_for(self, site: str, layer: int | None) -> str:
+        """The all-reduce algorithm of collective site ``site`` in ``layer``: its own, else the config's."""
+        return self.setting_for(site, layer).algo or self.algo
+
+    def with_algo(self, algo: str) -> CompressionConfig:
+        """A copy in which every site uses all-reduce algorithm ``algo`` (per-site choices dropped)."""
+        if algo not in ALGOS:
+            raise ConfigError(f"algo {algo!r} is not one of {', '.join(ALGOS)}")
+
+        def plain(s: SiteSetting) -> SiteSetting:
+            return dataclasses.replace(s, algo=None)
+
+        return dataclasses.replace(
+            self,
+            default=plain(self.default),
+            embedding=plain(self.embedding),
+            logits=plain(self.logits),
+            layers={i: {b: plain(s) for b, s in blocks.items()} for i, blocks in self.layers.items()},
+            algo=algo,
+            model=dict(self.model),
+            _codecs={},
+        )
 
     def codec_for(self, site: str, layer: int | None) -> Codec | None:
         """The codec to use, or None for the stock (uncompressed) collective."""
@@ -237,18 +272,30 @@ class CompressionConfig:
 
 
 def _setting(value: Any, where: str) -> SiteSetting:
+    """A site's value: ``"SPEC"``, ``"SPEC@ALGO"`` or ``{"spec": ..., "outlier_channels": [...], "algo": ...}``."""
+    algo: Any = None
     if isinstance(value, str):
         spec, channels = value, None
+        if "@" in value:
+            spec, _, algo = value.partition("@")
     elif isinstance(value, Mapping):
-        bad = set(value) - {"spec", "outlier_channels"}
+        bad = set(value) - {"spec", "outlier_channels", "algo"}
         if bad or "spec" not in value:
-            raise ConfigError(f"{where}: expected {{'spec': ..., 'outlier_channels': [...]}}, got keys {sorted(value)}")
-        spec, channels = value["spec"], value.get("outlier_channels")
+            raise ConfigError(
+                f"{where}: expected {{'spec': ..., 'outlier_channels': [...], 'algo': ...}}, got keys {sorted(value)}"
+            )
+        spec, channels, algo = value["spec"], value.get("outlier_channels"), value.get("algo")
+        if not isinstance(spec, str) or "@" in spec:
+            raise ConfigError(f"{where}: 'spec' must be a spec string without '@ALGO' (use 'algo'), got {spec!r}")
     else:
         raise ConfigError(f"{where}: expected a spec string or a mapping, got {type(value).__name__}")
+    if algo is not None and algo not in ALGOS:
+        raise ConfigError(f"{where}: algo {algo!r} is not one of {', '.join(ALGOS)}")
     try:
         cs = parse_spec(spec)
         make_codec(cs, outlier_channels=channels)  # validates the channel table against the spec
     except CodecError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    return SiteSetting(canonical(cs), tuple(int(c) for c in channels) if channels is not None else None)
+    if algo is not None and cs.kind == "none":
+        raise ConfigError(f"{where}: 'none' sends uncompressed; an algorithm ({algo!r}) only applies to a codec")
+    return SiteSetting(canonical(cs), tuple(int(c) for c in channels) if channels is not None else None, algo)

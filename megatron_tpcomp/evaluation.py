@@ -56,9 +56,8 @@ class Variant:
 
         if Path(self.source).suffix.lower() in (".json", ".yaml", ".yml"):
             cfg = CompressionConfig.load(self.source)
-            cfg.algo = self.algo if self.algo != "config" else cfg.algo
-            return cfg
-        return CompressionConfig.from_spec(self.source, algo=self.algo)
+            return cfg if self.algo == "config" else cfg.with_algo(self.algo)
+        return CompressionConfig.from_spec(self.source, algo="auto" if self.algo == "config" else self.algo)
 
 
 def variants(specs: list[str], configs: list[str], algos: list[str]) -> list[Variant]:
@@ -268,7 +267,7 @@ def evaluate(
 
     if context < 2 or tokens < context:
         raise ValueError(f"need tokens >= context >= 2, got tokens={tokens}, context={context}")
-    todo = variants(specs or ["none"], configs or [], algos or ["auto"])
+    todo = variants(specs or ["none"], configs or [], algos or ["config"])
     for v in todo:
         v.config()  # bad specs and config files fail here, before any conversion or process starts
     ckpt = assets.ensure_checkpoint(model, tp, progress=progress)
@@ -330,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=3, help="tensor-parallel size (default 3)")
     p.add_argument("--specs", default="none,fp8,int8:g32,int4:g32", help="comma-separated codec specs")
     p.add_argument("--config", action="append", default=[], metavar="LAYERS.json", help="per-layer config (repeat)")
-    p.add_argument("--algo", default="auto", help=f"comma-separated all-reduce algorithms of {', '.join(ALGOS)}")
+    p.add_argument(
+        "--algo",
+        default="config",
+        help=f"comma-separated all-reduce algorithms of {', '.join(ALGOS)}, or config (the default: each config "
+        "file's own, per-site ones included; auto for specs); an algorithm given here replaces every site's",
+    )
     p.add_argument("--tokens", type=int, default=4096, help="predicted tokens to evaluate (default 4096)")
     p.add_argument("--context", type=int, default=512, help="window length (default 512)")
     p.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
@@ -362,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_tpcomp.config import ConfigError
 
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    bad = [a for a in algos if a not in ALGOS]
+    bad = [a for a in algos if a not in (*ALGOS, "config")]
     if bad:
-        print(f"tpcomp eval: error: unknown algo {bad}; expected {', '.join(ALGOS)}", file=sys.stderr)
+        print(f"tpcomp eval: error: unknown algo {bad}; expected {', '.join(ALGOS)} or config", file=sys.stderr)
         return 2
     try:
         text = None

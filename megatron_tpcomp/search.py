@@ -41,10 +41,11 @@ Candidates are ``SPEC`` or ``SPEC@ALGO`` (ALGO: ``one-shot``, the default, or ``
   KL by 2.0 (int4:g32:se4m3+had 0.055 -> 0.112), 1.9 (int5:g64:se4m3+had), 1.9 (int6:g128+had:b128) and 1.3
   (int8:g32); under a KL budget of 0.01 the two-shot plan needs 5.74 payload bits against one-shot's 5.09, but puts
   5.74 instead of 7.63 ring-equivalent bits on the wire, so ``wire`` picks two-shot and ``bits`` one-shot.
-- A per-layer config (:mod:`megatron_tpcomp.config`) has ONE all-reduce algorithm for all its sites, so the
-  knapsack is solved once per algorithm over that algorithm's candidates and the plan with the lower objective
-  wins (all plans are recorded in the config's metadata). A wider format for the second two-shot stage is not
-  a candidate: the collectives requantize with the same codec.
+- The algorithm is chosen per site: one knapsack runs over every candidate, one-shot and two-shot alike, so
+  under ``wire`` a site takes two-shot where its KL is low and one-shot where requantizing costs too much (the
+  config records a site's own algorithm as ``SPEC@ALGO``). The single-algorithm plans are solved too and kept in
+  the config's metadata for comparison; the mixed plan is never costlier (it may use either). A wider format
+  for the second two-shot stage is not a candidate: the collectives requantize with the same codec.
 - Default candidates (:data:`DEFAULT_CANDIDATES`, 5 x 60 sensitivity cases): one-shot, from a measured study on
   SmolLM2-135M at TP=3 (18 candidates x 60 sites, 512 calibration tokens; summed single-site KLs in brackets).
   At equal bits, E4M3 group scales beat wider fp16-scaled groups at 58 of 60 sites: ``int4:g32:se4m3+had``
@@ -59,6 +60,7 @@ Candidates are ``SPEC`` or ``SPEC@ALGO`` (ALGO: ``one-shot``, the default, or ``
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -75,6 +77,8 @@ UNCOMPRESSED_BITS = 16.0
 #: Algorithms a candidate may name (``auto`` is not one: the search must know which one it measured).
 SEARCH_ALGOS = ("one-shot", "two-shot")
 DEFAULT_ALGO = "one-shot"
+#: What a plan's ``algo`` says when its sites use different algorithms.
+PER_SITE = "per-site"
 OBJECTIVES = ("bits", "wire")
 #: Default candidates for ``tpcomp calibrate --search`` (one-shot; see the module docstring).
 DEFAULT_CANDIDATES = (
@@ -399,17 +403,19 @@ def choose_plan(
     objective: str = "bits",
     tp: int = 1,
 ) -> dict[str, Any]:
-    """The cheapest plan under a KL ``budget``: one knapsack per all-reduce algorithm among the candidates (a
-    config has one algorithm), the lower ``objective`` wins (ties: one-shot).
+    """The cheapest plan under a KL ``budget``: one knapsack over all candidates (each site takes its own
+    all-reduce algorithm), compared with the knapsack restricted to each single algorithm; the lowest
+    ``objective`` wins (ties: one algorithm, one-shot first).
 
     Args:
         sensitivity: site -> candidate (``SPEC[@ALGO]``) -> KL; bits: candidate -> payload bits per value.
         objective: ``bits`` (payload bits per value) or ``wire`` (see :func:`candidate_cost`); tp: TP size.
 
     Returns:
-        ``{"assignment": site -> candidate or none, "algo", "kl_budget", "predicted_kl", "bits_per_value"
-        (payload, mean over sites), "wire_bits_per_value" (ring-equivalent), "cost" (the objective), "plans":
-        algo -> {"predicted_kl", "bits_per_value", "wire_bits_per_value"}}``
+        ``{"assignment": site -> candidate or none, "algo" (the one algorithm of the compressed sites, or
+        ``per-site``), "kl_budget", "predicted_kl", "bits_per_value" (payload, mean over sites),
+        "wire_bits_per_value" (ring-equivalent), "cost" (the objective), "plans": name (``one-shot``,
+        ``two-shot``, ``per-site``) -> {"predicted_kl", "bits_per_value", "wire_bits_per_value"}}``
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -419,9 +425,12 @@ def choose_plan(
         by_algo.setdefault(split_candidate(c)[1], []).append(c)
     if not by_algo:
         by_algo[DEFAULT_ALGO] = []
+    groups = {algo: by_algo[algo] for algo in sorted(by_algo, key=SEARCH_ALGOS.index)}
+    if len(groups) > 1:
+        groups[PER_SITE] = names
     plans: dict[str, dict[str, Any]] = {}
-    for algo in sorted(by_algo, key=SEARCH_ALGOS.index):
-        keep = set(by_algo[algo])
+    for name, group in groups.items():
+        keep = set(group)
         sens = {s: {c: kl for c, kl in v.items() if c in keep} for s, v in sensitivity.items()}
         costs = {c: candidate_cost(c, bits[c], objective, tp) for c in keep}
         assignment, kl, cost = choose(sens, costs, budget)
@@ -434,18 +443,18 @@ def choose_plan(
             )
             / n
         )
-        plans[algo] = {
+        plans[name] = {
             "assignment": assignment,
             "predicted_kl": kl,
             "bits_per_value": payload,
             "wire_bits_per_value": wire,
             "cost": cost,
         }
-    algo = min(plans, key=lambda a: (plans[a]["cost"], SEARCH_ALGOS.index(a)))
-    best = plans[algo]
+    order = (*SEARCH_ALGOS, PER_SITE)
+    best = plans[min(plans, key=lambda a: (plans[a]["cost"], order.index(a)))]
     return {
         "assignment": best["assignment"],
-        "algo": algo,
+        "algo": plan_algo(best["assignment"]),
         "kl_budget": budget,
         "predicted_kl": best["predicted_kl"],
         "bits_per_value": best["bits_per_value"],
@@ -458,27 +467,34 @@ def choose_plan(
     }
 
 
+def plan_algo(assignment: dict[str, str]) -> str:
+    """The all-reduce algorithm of an assignment's compressed sites, or :data:`PER_SITE` when they differ
+    (one-shot when nothing is compressed)."""
+    used = {split_candidate(c)[1] for c in assignment.values() if c != "none"}
+    return used.pop() if len(used) == 1 else PER_SITE if used else DEFAULT_ALGO
+
+
 def assignment_to_config(
-    assignment: dict[str, str],
-    outliers: dict[str, list[int]],
-    model: dict[str, int],
-    meta: dict[str, Any],
-    *,
-    algo: str = DEFAULT_ALGO,
+    assignment: dict[str, str], outliers: dict[str, list[int]], model: dict[str, int], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """A per-layer config (schema of :mod:`megatron_tpcomp.config`) for a site -> candidate assignment; every
-    candidate must use ``algo`` (the config's one all-reduce algorithm)."""
+    """A per-layer config (schema of :mod:`megatron_tpcomp.config`) for a site -> candidate assignment. The
+    config's ``algo`` is the algorithm most compressed sites use (ties: one-shot); the others are written as
+    ``SPEC@ALGO``."""
     from megatron_tpcomp.config import CompressionConfig
 
+    counts = collections.Counter(split_candidate(c)[1] for c in assignment.values() if c != "none")
+    algo = max(SEARCH_ALGOS, key=lambda a: (counts[a], a == DEFAULT_ALGO))
     layers: dict[str, dict[str, Any]] = {}
     for site, cand in sorted(assignment.items()):
         head, _, block = site.partition(".")
         spec, cand_algo = split_candidate(cand)
-        if spec != "none" and cand_algo != algo:
-            raise ValueError(f"{site}: candidate {cand!r} is for {cand_algo}, but the config's algo is {algo}")
         value: Any = spec
         if "+outliers" in spec:
             value = {"spec": spec, "outlier_channels": outliers[site]}
+            if spec != "none" and cand_algo != algo:
+                value["algo"] = cand_algo
+        elif spec != "none" and cand_algo != algo:
+            value = f"{spec}@{cand_algo}"
         layers.setdefault(str(int(head[5:])), {})[block] = value
     data = {
         "version": 1,
@@ -618,7 +634,7 @@ def _verify_worker(
         base_nll += sharded_window_metrics(b, b, ids[1:], group)[0]
 
     def verify(plan: dict[str, Any]) -> dict[str, float]:
-        data = assignment_to_config(plan["assignment"], outliers, dims, {}, algo=plan["algo"])
+        data = assignment_to_config(plan["assignment"], outliers, dims, {})
         data.pop("meta")
         intercept.enable(model, CompressionConfig.from_dict(data, source="plan"))
         nll = kl = 0.0

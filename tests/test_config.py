@@ -64,12 +64,43 @@ def test_files_round_trip(tmp_path: Path, suffix: str) -> None:
         ({"layers": {"3": {"mlp": {"spec": "int4+outliers", "outlier_channels": [1, 1]}}}}, "channel 1 appears twice"),
         ({"layers": {"3": {"mlp": {"spec": "int4"}, "attention": 5}}}, "expected a spec string or a mapping"),
         ({"layers": {"3": {"mlp": "int4+outliers"}}}, "static channel table"),
+        ({"layers": {"3": {"mlp": "int4@three-shot"}}}, "layer 3 mlp: algo 'three-shot' is not one of"),
+        ({"layers": {"3": {"mlp": "none@two-shot"}}}, "an algorithm ('two-shot') only applies to a codec"),
+        ({"layers": {"3": {"mlp": {"spec": "int4@two-shot"}}}}, "without '@ALGO' (use 'algo')"),
+        ({"layers": {"3": {"mlp": {"spec": "int4", "algo": "ring"}}}}, "algo 'ring' is not one of"),
     ],
 )
 def test_bad_configs_name_the_problem(patch: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         CompressionConfig.from_dict({**EXAMPLE, **patch}, source="cfg.json")
     assert message in str(info.value) and "cfg.json" in str(info.value)
+
+
+def test_per_site_algorithm() -> None:
+    layers = {
+        "1": {"attention": "int6:g128+had@two-shot", "mlp": {"spec": "int5:g64", "algo": "one-shot"}},
+        "2": {"mlp": {"spec": "int4+outliers", "outlier_channels": [3, 7], "algo": "two-shot"}},
+    }
+    cfg = CompressionConfig.from_dict({**EXAMPLE, "algo": "auto", "layers": layers})
+    assert cfg.algo_for("attention", 1) == "two-shot" and cfg.setting_for("attention", 1).spec.startswith("int6")
+    assert cfg.algo_for("mlp", 1) == "one-shot" and cfg.algo_for("mlp", 2) == "two-shot"
+    assert cfg.algo_for("attention", 2) == "auto" and cfg.algo_for("embedding", None) == "auto"  # the config's
+    assert cfg.codec_for("mlp", 2).channels.tolist() == [3, 7]
+    # Written back in the same forms, and read again to the same config.
+    out = cfg.to_dict()
+    assert out["layers"]["1"]["attention"] == "int6:g128:sfp16+had:b32@two-shot"
+    assert out["layers"]["2"]["mlp"] == {
+        "spec": "int4:g32:sfp16+outliers",
+        "outlier_channels": [3, 7],
+        "algo": "two-shot",
+    }
+    assert CompressionConfig.from_dict(out).to_dict() == out
+    # An explicit algorithm from outside replaces every site's.
+    forced = cfg.with_algo("one-shot")
+    assert {forced.algo_for(b, i) for i in (1, 2) for b in ("attention", "mlp")} == {"one-shot"}
+    assert forced.codec_for("mlp", 2).channels.tolist() == [3, 7] and cfg.algo_for("mlp", 2) == "two-shot"
+    with pytest.raises(ConfigError, match="algo 'ring'"):
+        cfg.with_algo("ring")
 
 
 def test_config_for_another_model_is_rejected() -> None:

@@ -102,3 +102,17 @@ def test_eval_cli_rejects_bad_options_before_starting(capsys: pytest.CaptureFixt
     assert "need tokens >= context" in capsys.readouterr().err
     assert evaluation.main(["--specs", "int4:gx", "--model", "/nonexistent/checkpoint"]) == 2
     assert "int4:gx" in capsys.readouterr().err  # the spec is checked before the checkpoint is touched
+
+
+def test_eval_keeps_a_configs_per_site_algorithms_unless_told(tmp_path: Path):
+    from megatron_tpcomp.evaluation import variants
+
+    path = tmp_path / "searched.json"
+    path.write_text(json.dumps({"algo": "one-shot", "layers": {"3": {"mlp": "int4:g64+had@two-shot"}}}))
+    own = variants(["int8:g32"], [str(path)], ["config"])
+    spec_cfg, file_cfg = own[0].config(), own[1].config()
+    assert spec_cfg.algo == "auto"  # a bare spec under "config": the collectives' auto
+    assert file_cfg.algo_for("mlp", 3) == "two-shot" and file_cfg.algo_for("attention", 3) == "one-shot"
+    forced = variants([], [str(path)], ["one-shot", "auto"])
+    assert [v.name for v in forced] == ["searched@one-shot", "searched@auto"]
+    assert forced[0].config().algo_for("mlp", 3) == "one-shot" and forced[1].config().algo_for("mlp", 3) == "auto"

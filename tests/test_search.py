@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from megatron_tpcomp.search import UNCOMPRESSED_BITS, assignment_to_config, choose
+from megatron_tpcomp.config import CompressionConfig
+from megatron_tpcomp.search import UNCOMPRESSED_BITS, assignment_to_config, choose, split_candidate
 
 BITS = {"int4": 4.5, "fp5": 5.25, "int8": 8.5}
 
@@ -112,18 +113,48 @@ def test_two_shot_never_wins_on_payload_bits_but_can_on_the_wire() -> None:
 
     sens, bits = _algo_case()
     plan = choose_plan(sens, bits, 0.01, objective="bits", tp=3)
-    assert plan["algo"] == "one-shot" and set(plan["plans"]) == {"one-shot", "two-shot"}
+    assert plan["algo"] == "one-shot" and set(plan["plans"]) == {"one-shot", "two-shot", "per-site"}
     assert all(c in ("none", "int4", "int8") for c in plan["assignment"].values())
     assert plan["predicted_kl"] <= 0.01 and plan["bits_per_value"] == plan["cost"]
     # Wire cost at TP=3: one-shot int8 = 12, int4 = 6 ring-equivalent bits; two-shot int8 = 8, int4 = 4.
     wire = choose_plan(sens, bits, 0.01, objective="wire", tp=3)
-    assert wire["algo"] == "two-shot" and all(c.endswith("@two-shot") for c in wire["assignment"].values())
-    assert wire["cost"] == wire["wire_bits_per_value"] < wire["plans"]["one-shot"]["wire_bits_per_value"]
+    assert sum(c.endswith("@two-shot") for c in wire["assignment"].values()) >= 3
+    plans = wire["plans"]
+    assert wire["cost"] == wire["wire_bits_per_value"] <= plans["two-shot"]["wire_bits_per_value"]
+    assert plans["two-shot"]["wire_bits_per_value"] < plans["one-shot"]["wire_bits_per_value"]
     assert wire["predicted_kl"] <= 0.01
     # At TP=2 both algorithms send the same bytes: the lower KL of one-shot wins again.
     assert choose_plan(sens, bits, 0.01, objective="wire", tp=2)["algo"] == "one-shot"
     with pytest.raises(ValueError, match="objective"):
         choose_plan(sens, bits, 0.01, objective="speed")
+
+
+def test_each_site_takes_its_own_algorithm_when_that_pays() -> None:
+    from megatron_tpcomp.search import choose_plan
+
+    # Sites 0-2 barely notice requantization (two-shot KL = 1.1x one-shot), sites 3-5 suffer (50x): under the
+    # wire objective at TP=3 the first should go two-shot (a third fewer bytes), the others stay one-shot.
+    bits = {"int4": 4.0, "int8": 8.0, "int4@two-shot": 4.0, "int8@two-shot": 8.0}
+    sens = {}
+    for i in range(6):
+        factor = 1.1 if i < 3 else 50.0
+        sens[f"layer{i}.mlp"] = {"int4": 0.002, "int8": 0.0001, "int4@two-shot": 0.002 * factor}
+        sens[f"layer{i}.mlp"]["int8@two-shot"] = 0.0001 * factor
+    plan = choose_plan(sens, bits, 0.01, objective="wire", tp=3)
+    assert plan["algo"] == "per-site" and plan["predicted_kl"] <= 0.01
+    assert all(plan["assignment"][f"layer{i}.mlp"].endswith("@two-shot") for i in range(3))
+    assert not any(plan["assignment"][f"layer{i}.mlp"].endswith("@two-shot") for i in range(3, 6))
+    single = min(plan["plans"]["one-shot"]["wire_bits_per_value"], plan["plans"]["two-shot"]["wire_bits_per_value"])
+    assert plan["cost"] == plan["wire_bits_per_value"] < single
+    # The config keeps the majority algorithm (a tie: one-shot) and writes the others as SPEC@ALGO; loaded, every
+    # site runs the algorithm the plan measured it with.
+    data = assignment_to_config(plan["assignment"], {}, {"num_layers": 6, "hidden_size": 64, "tp_size": 3}, {})
+    cfg = CompressionConfig.from_dict(data)
+    assert data["algo"] == "one-shot"
+    for site, cand in plan["assignment"].items():
+        layer = int(site[5:].partition(".")[0])
+        assert cfg.algo_for("mlp", layer) == split_candidate(cand)[1]
+    assert cfg.algo_for("attention", 0) == "one-shot"  # not in the plan: uncompressed anyway
 
 
 def test_config_carries_the_plan_algorithm() -> None:
@@ -132,11 +163,19 @@ def test_config_carries_the_plan_algorithm() -> None:
         {},
         {"num_layers": 1, "hidden_size": 64, "tp_size": 2},
         {},
-        algo="two-shot",
     )
     assert data["algo"] == "two-shot" and data["layers"]["0"] == {"mlp": "int4:g64+had", "attention": "none"}
-    with pytest.raises(ValueError, match="config's algo is one-shot"):
-        assignment_to_config({"layer0.mlp": "int4:g64+had@two-shot"}, {}, {}, {}, algo="one-shot")
+    mixed = assignment_to_config(
+        {"layer0.mlp": "int4:g64+had@two-shot", "layer0.attention": "int8:g32", "layer1.mlp": "int8:g32+outliers"},
+        {"layer1.mlp": [1, 2]},
+        {},
+        {},
+    )
+    assert mixed["algo"] == "one-shot" and mixed["layers"]["0"] == {
+        "mlp": "int4:g64+had@two-shot",
+        "attention": "int8:g32",
+    }
+    assert mixed["layers"]["1"]["mlp"] == {"spec": "int8:g32+outliers", "outlier_channels": [1, 2]}
 
 
 # ------------------------------------------------------------------------------ perplexity budget (bisection)

@@ -65,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig | None:
         config.min_bytes = min_bytes
     algo = getattr(args, "tp_comm_compression_algo", None)
     if algo is not None:
-        config.algo = algo
+        config = config.with_algo(algo)  # an explicit flag wins over the config's per-site algorithms too
     return config
 
 

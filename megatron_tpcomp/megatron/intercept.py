@@ -127,9 +127,10 @@ def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = 
     codec = state.config.codec_for(site.kind, site.layer)
     if codec is None:
         return fallback()
-    cfg = state.config
+    algo = state.config.algo_for(site.kind, site.layer)
+    cfg = _config_with_algo(state, algo)
     if state.cost is not None and tensor is not None:
-        cfg = _auto_config(op, site, tensor, codec, state)
+        cfg = _auto_config(op, site, tensor, codec, state, algo)
         if cfg is None:
             return fallback()
     stats: list[CommStats] | None = [] if state.telemetry else None
@@ -146,10 +147,19 @@ def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = 
 _COST_OPS = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter"}
 
 
-def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _ModelState) -> Any:
-    """Policy ``auto``: the config to compress this message with (its algorithm chosen), or None to send it
-    uncompressed, whichever the cost model predicts faster. Every rank sees the same shape, dtype, config and
-    table, so every rank takes the same decision."""
+def _config_with_algo(state: _ModelState, algo: str) -> CompressionConfig:
+    """The model's config with all-reduce algorithm ``algo`` (what the collective wrappers read), cached."""
+    if algo == state.config.algo:
+        return state.config
+    if algo not in state.by_algo:
+        state.by_algo[algo] = dataclasses.replace(state.config, algo=algo)
+    return state.by_algo[algo]
+
+
+def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _ModelState, algo: str) -> Any:
+    """Policy ``auto``: the config to compress this message with (its algorithm chosen among ``algo``'s: both
+    for ``auto``), or None to send it uncompressed, whichever the cost model predicts faster. Every rank sees the
+    same shape, dtype, config and table, so every rank takes the same decision."""
     kind = _COST_OPS.get(op, "all_gather")
     nbytes = tensor.numel() * tensor.element_size()
     if kind == "reduce_scatter":
@@ -157,15 +167,13 @@ def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _
         payload = state.tp_size * codec.payload_nbytes(shape)
     else:
         payload = codec.payload_nbytes(tensor.shape)
-    algos = ("one-shot", "two-shot") if state.config.algo == "auto" else (state.config.algo,)
+    algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
     chunks = collectives.pipeline_chunks(nbytes, tensor.device.type, codec.block_local) if kind == "all_reduce" else 1
-    spec, algo, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos, chunks)
-    auto_choices[(op, str(site), "none" if spec == "none" else f"{spec}@{algo}")] += 1
+    spec, chosen, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos, chunks)
+    auto_choices[(op, str(site), "none" if spec == "none" else f"{spec}@{chosen}")] += 1
     if spec == "none":
         return None
-    if algo not in state.by_algo:
-        state.by_algo[algo] = dataclasses.replace(state.config, algo=algo)
-    return state.by_algo[algo]
+    return _config_with_algo(state, chosen)
 
 
 def _wrap_reduce(original: Any) -> Any:

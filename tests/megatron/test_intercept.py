@@ -56,13 +56,18 @@ def _forward_cases(rank: int, world_size: int, sequence_parallel: bool) -> dict:
             out[spec] = _gathered(gpt(tokens, positions, attention_mask=None), world_size)
             out[f"{spec}/telemetry"] = intercept.telemetry_summary()
         per_layer = CompressionConfig.from_dict(
-            {"default": "int8:g32", "layers": {"0": {"mlp": "none"}, "1": {"attention": "int4:g32"}}}
+            {
+                "default": "int8:g32",
+                "algo": "one-shot",
+                "layers": {"0": {"mlp": "none"}, "1": {"attention": "int4:g32@two-shot"}},
+            }
         )
         intercept.enable(gpt, per_layer, telemetry=True)
         intercept.reset_counts()
         out["per_layer"] = _gathered(gpt(tokens, positions, attention_mask=None), world_size)
         out["per_layer/telemetry"] = intercept.telemetry_summary()
         out["per_layer/records"] = [(site, s.spec) for site, s in intercept.telemetry_records]
+        out["per_layer/algos"] = {site: s.algo for site, s in intercept.telemetry_records}
         out["per_layer/counts"] = dict(intercept.call_counts)
         intercept.disable(gpt)
         out["restored"] = (
@@ -146,6 +151,12 @@ def test_per_layer_config_takes_effect(runs: tuple[bool, list[dict]]) -> None:
     assert sites["layer0.attention"] == "int8:g32:sfp16"
     assert sites["layer1.attention"] == "int4:g32:sfp16"
     assert sites["layer1.mlp"] == "int8:g32:sfp16"
+    if not sp:  # all-reduces: the site's own algorithm (SPEC@ALGO) wins over the config's
+        assert res["per_layer/algos"] == {
+            "layer0.attention": "one-shot",
+            "layer1.attention": "two-shot",
+            "layer1.mlp": "one-shot",
+        }
 
 
 def _backward(rank: int, world_size: int, spec: str) -> dict:
