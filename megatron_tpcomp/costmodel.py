@@ -19,6 +19,13 @@ Paths (the stock ones are gloo/NCCL ring algorithms):
 - stock reduce-scatter:     ``(N-1) alpha + (N-1)/N * B / beta``; compressed (all-to-all of N chunk payloads):
   ``enc(B) + (N-1) alpha + (N-1)/N * P / beta + N dec(B/N)``
 
+Each compressed path also has a measured per-call overhead ``o`` (seconds, keyed by op, algorithm and world
+size, added to its formula): the formulas count message steps, but a compressed path makes several library calls
+(codec launches, an all-gather of a payload list, two-shot's all-to-all and second all-gather), and on a CPU each
+costs more than a ring step. Ignoring it made ``auto`` compress one-token decode messages that then ran slower
+(measured, README). :func:`fit_overheads` takes it from the compressed records of ``tpcomp bench collectives``
+at the smallest size measured for the path, where it dominates; without such records it is 0.
+
 Parameters come from a performance table (JSON, written by :func:`fit` from the benchmark outputs of
 ``tpcomp bench codecs`` and ``tpcomp bench collectives``), keyed by device, dtype and world size. Without a
 table the model uses :data:`DEFAULTS`, published figures, and says so in ``source``. Nothing is measured here.
@@ -27,6 +34,7 @@ table the model uses :data:`DEFAULTS`, published figures, and says so in ``sourc
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -77,12 +85,15 @@ class CostModel:
         links: world size -> :class:`Link` (``0`` is the fallback for world sizes not measured).
         codecs: canonical codec spec -> :class:`CodecSpeed` (``"*"`` is the fallback).
         device, dtype: what the table was measured on.
+        overheads: :func:`path_key` (op, algorithm, world size) -> measured per-call overhead of that compressed
+            path in seconds (missing: 0).
     """
 
     links: dict[int, Link] = field(default_factory=dict)
     codecs: dict[str, CodecSpeed] = field(default_factory=dict)
     device: str = "unknown"
     dtype: str = "bfloat16"
+    overheads: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> CostModel:
@@ -117,9 +128,16 @@ class CostModel:
         self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot", chunks: int = 1
     ) -> float:
         """Seconds of the compressed path: ``payload`` = bytes of the whole message's payload; ``chunks`` = pieces
-        of a pipelined one-shot all-reduce (1: not pipelined)."""
+        of a pipelined one-shot all-reduce (1: not pipelined). Includes the path's measured overhead."""
         if n <= 1:
             return 0.0
+        t = self.path_formula(op, nbytes, n, spec, payload, algo, chunks)
+        return max(t + self.overheads.get(path_key(op, algo, n), 0.0), 0.0)
+
+    def path_formula(
+        self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot", chunks: int = 1
+    ) -> float:
+        """The module docstring's formula of a compressed path, without the measured overhead."""
         link, c = self.link(n), self.codec(spec)
         if op == "all_reduce" and algo == "one-shot" and chunks > 1:
             e, d = c.enc(nbytes / chunks), n * c.dec(nbytes / chunks)
@@ -165,6 +183,7 @@ class CostModel:
             "dtype": self.dtype,
             "links": {str(n): vars(link) for n, link in self.links.items()},
             "codecs": {spec: vars(c) for spec, c in self.codecs.items()},
+            "overheads": dict(self.overheads),
         }
 
     @classmethod
@@ -174,13 +193,16 @@ class CostModel:
         try:
             links = {int(n): Link(**v) for n, v in data["links"].items()}
             codecs = {spec: CodecSpeed(**v) for spec, v in data["codecs"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
+            overheads = {str(k): float(v) for k, v in data.get("overheads", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: malformed performance table: {exc}") from None
         if any(link.beta_bytes_per_s <= 0 or link.alpha_s < 0 for link in links.values()):
             raise ValueError(f"{source}: link bandwidths must be > 0 and latencies >= 0")
         if any(c.enc_bw <= 0 or c.dec_bw <= 0 or c.enc_lat_s < 0 or c.dec_lat_s < 0 for c in codecs.values()):
             raise ValueError(f"{source}: codec throughputs must be > 0 and latencies >= 0")
-        return cls(links, codecs, str(data.get("device", "unknown")), str(data.get("dtype", "bfloat16")))
+        if not all(map(math.isfinite, overheads.values())):
+            raise ValueError(f"{source}: path overheads must be finite seconds")
+        return cls(links, codecs, str(data.get("device", "unknown")), str(data.get("dtype", "bfloat16")), overheads)
 
     @classmethod
     def load(cls, path: str | Path | None) -> CostModel:
@@ -240,7 +262,7 @@ def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
     in (steps, bytes on the wire per rank)."""
     by_n: dict[int, list[tuple[float, float]]] = {}
     for r in records:
-        if r.get("op") != "all_reduce":
+        if r.get("op") != "all_reduce" or r.get("baseline_median_ms") is None:
             continue
         n = int(r["world_size"])
         wire = 2 * (n - 1) / n * r["bytes"]
@@ -252,6 +274,53 @@ def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
     return out
 
 
+def path_key(op: str, algo: str, n: int) -> str:
+    """Key of a compressed path's overhead: ``"all_reduce/one-shot/3"``; ops with one algorithm use ``one-shot``."""
+    return f"{op}/{algo if op == 'all_reduce' else 'one-shot'}/{n}"
+
+
+def payload_bytes(rec: Mapping[str, Any]) -> int:
+    """Payload bytes of the whole message, from a collective record's per-rank ``wire_bytes`` (the inverse of
+    what each path sends: one-shot and all-gather (N-1) P, two-shot 2(N-1)/N P, reduce-scatter (N-1)/N P)."""
+    n, wire = int(rec["world_size"]), float(rec["wire_bytes"])
+    algo = rec.get("algo_used") or rec.get("algo")
+    if rec["op"] == "all_reduce" and algo == "two-shot":
+        return round(wire * n / (2 * (n - 1)))
+    if rec["op"] == "reduce_scatter":
+        return round(wire * n / (n - 1))
+    return round(wire / (n - 1))
+
+
+def fit_overheads(model: CostModel, records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per compressed path (:func:`path_key`), the median of measured minus :meth:`CostModel.path_formula`
+    seconds over that path's records at its smallest message size (where a per-call cost dominates the
+    bandwidth terms), from ``tpcomp bench collectives`` records (``op``, ``world_size``, ``bytes``,
+    ``median_ms``, ``wire_bytes``, ``canonical``, ``algo_used``, ``chunks``). Records of codecs the model has
+    no measured speed for, fallbacks and stock-only records are skipped. May be negative (a path faster than its
+    formula)."""
+    by_path: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        spec = r.get("canonical")
+        if r.get("fallback") or r.get("median_ms") is None or spec not in model.codecs or "wire_bytes" not in r:
+            continue
+        n = int(r["world_size"])
+        by_path.setdefault(path_key(r["op"], r.get("algo_used") or r.get("algo") or "one-shot", n), []).append(r)
+    out = {}
+    for key, rows in by_path.items():
+        smallest = min(int(r["bytes"]) for r in rows)
+        residuals = []
+        for r in rows:
+            if int(r["bytes"]) != smallest:
+                continue
+            op, algo, n = key.split("/")[0], key.split("/")[1], int(r["world_size"])
+            formula = model.path_formula(
+                op, smallest, n, r["canonical"], payload_bytes(r), algo, int(r.get("chunks") or 1)
+            )
+            residuals.append(r["median_ms"] / 1e3 - formula)
+        out[key] = statistics.median(residuals)
+    return out
+
+
 def fit(
     codec_records: Iterable[Mapping[str, Any]],
     collective_records: Iterable[Mapping[str, Any]] = (),
@@ -259,9 +328,12 @@ def fit(
     device: str = "cpu",
     dtype: str = "bfloat16",
 ) -> CostModel:
-    """A model from benchmark records; link entries not measured fall back to :data:`DEFAULTS`."""
+    """A model from benchmark records; link entries not measured fall back to :data:`DEFAULTS`; path overheads
+    come from the compressed timings among ``collective_records`` (:func:`fit_overheads`)."""
+    collective_records = list(collective_records)
     model = CostModel.default()
     model.codecs.update(fit_codecs(codec_records))
     model.links.update(fit_links(collective_records))
+    model.overheads.update(fit_overheads(model, collective_records))
     model.device, model.dtype = device, dtype
     return model

@@ -99,3 +99,52 @@ def test_pipelined_one_shot_hides_the_codec_behind_the_link() -> None:
     # choose() passes the chunk count through: at this speed the pipelined path beats the stock ring (134 ms).
     spec, algo, t = model.choose("all_reduce", b, n, [("int4:g32", p)], chunks=k)
     assert (spec, algo) == ("int4:g32", "one-shot") and t == pytest.approx(piped)
+
+
+def test_path_overheads_are_fitted_and_keep_tiny_messages_stock() -> None:
+    from megatron_tpcomp.costmodel import fit_overheads, path_key
+
+    alpha, beta, n = 200e-6, 125e6, 3  # 1 Gbit/s with a CPU-like per-step latency
+    codecs = [
+        {"canonical": "int4", "bytes": b, "encode_ms": 0.02 + b / 1e6, "decode_ms": 0.02 + b / 2e6}
+        for b in (16 * 1024, MiB, 8 * MiB)
+    ]
+    stock = [
+        {"op": "all_reduce", "world_size": n, "bytes": b, "baseline_median_ms": 1e3 * model_time(alpha, beta, n, b)}
+        for b in (16 * 1024, MiB, 8 * MiB)
+    ]
+    base = fit(codecs, stock)
+    assert base.overheads == {}  # no compressed timings: nothing assumed
+    # Compressed timings: the formula plus 1.5 ms per call (several library calls of a CPU process group).
+    extra = 1.5e-3
+    comp = []
+    for b in (2304, 16 * 1024, MiB):
+        payload = b * 9 // 32
+        t = base.path_formula("all_reduce", b, n, "int4", payload, "one-shot") + extra
+        wire = (n - 1) * payload
+        comp.append(
+            {
+                "op": "all_reduce",
+                "world_size": n,
+                "bytes": b,
+                "baseline_median_ms": 1e3 * model_time(alpha, beta, n, b),  # real records time both paths
+                "canonical": "int4",
+                "algo_used": "one-shot",
+                "median_ms": t * 1e3,
+                "wire_bytes": wire,
+            }
+        )
+    comp.append({**comp[0], "canonical": "fp8"})  # a codec the table has no speed for: skipped
+    assert fit_overheads(base, comp) == {path_key("all_reduce", "one-shot", n): pytest.approx(extra, rel=1e-6)}
+    model = fit(codecs, stock + comp)
+    assert model.overheads == {"all_reduce/one-shot/3": pytest.approx(extra, rel=1e-6)}
+    tiny, big = 2304, 8 * MiB  # a one-token fp32 decode message of hidden 576; a prefill message
+    assert base.choose("all_reduce", tiny, n, [("int4", tiny * 9 // 32)])[0] == "int4"  # formula alone: 2 vs 4 steps
+    assert model.choose("all_reduce", tiny, n, [("int4", tiny * 9 // 32)])[0] == "none"
+    assert model.choose("all_reduce", big, n, [("int4", big * 9 // 32)])[0] == "int4"
+    again = CostModel.from_json(json.loads(json.dumps(model.to_json())))
+    assert again.overheads == model.overheads
+    bad = model.to_json()
+    bad["overheads"]["all_reduce/one-shot/3"] = float("nan")
+    with pytest.raises(ValueError, match="overheads must be finite"):
+        CostModel.from_json(bad)

@@ -171,38 +171,63 @@ def calibrate(spec: str, sizes: list[int], dtype: torch.dtype, reps: int, n: int
     """The cost-model table for policy ``auto`` on this link, measured by all ranks together.
 
     Link: stock all-reduces of ``[tokens, 576]`` messages of ``sizes`` bytes over the TP group (slowest rank per
-    repetition, medians). Codec: :func:`megatron_tpcomp.bench.codecs.run` of ``spec`` on every rank at once (the
-    ranks share the cores as they do in the model), slowest rank per size. Returns ``(table, link_records,
-    codec_records)``; the table is the same on every rank.
+    repetition, medians). Path overheads: the compressed one-shot and two-shot all-reduces of ``spec``, timed
+    alternately with the stock one. Codec: :func:`megatron_tpcomp.bench.codecs.run` of ``spec`` on every rank
+    at once (the ranks share the cores as they do in the model), slowest rank per size. Returns ``(table,
+    link_records, codec_records)`` (link records include the compressed ones); the table is the same on every
+    rank.
     """
     from megatron.core import parallel_state
 
+    from megatron_tpcomp import collectives
     from megatron_tpcomp.bench.codecs import message
     from megatron_tpcomp.bench.codecs import run as codec_run
+    from megatron_tpcomp.codecs import make_codec
     from megatron_tpcomp.costmodel import fit
 
     group = parallel_state.get_tensor_model_parallel_group()
     rank = dist.get_rank()
+    codec = make_codec(spec)
+    algos = ("one-shot", "two-shot")
     link_records = []
     for nbytes in sizes:
         x = message(nbytes, dtype, seed=100 + rank)
-        times = []
+        times: dict[str, list[float]] = {a: [] for a in ("stock", *algos)}
+        stats: dict[str, Any] = {}
         for i in range(reps + 1):
-            y = x.clone()
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(y, group=group)
-            if i:  # the first is a warm-up
-                times.append(time.perf_counter() - t0)
-        worst = _gather_rows(times, n).amax(dim=0)
+            for path in times:
+                y = x.clone()
+                record: list[Any] = []
+                dist.barrier()
+                t0 = time.perf_counter()
+                if path == "stock":
+                    dist.all_reduce(y, group=group)
+                else:
+                    collectives.all_reduce(y, codec, group, algo=path, stats=record)
+                if i:  # the first is a warm-up
+                    times[path].append(time.perf_counter() - t0)
+                    stats[path] = record[0] if record else None
+        worst = {path: _gather_rows(t, n).amax(dim=0) for path, t in times.items()}
+        size = x.numel() * x.element_size()
         link_records.append(
-            dict(
-                op="all_reduce",
-                world_size=n,
-                bytes=x.numel() * x.element_size(),
-                baseline_median_ms=float(worst.median()) * 1e3,
-            )
+            dict(op="all_reduce", world_size=n, bytes=size, baseline_median_ms=float(worst["stock"].median()) * 1e3)
         )
+        for algo in algos:
+            st = stats[algo]
+            if st is None or st.fallback:
+                continue
+            link_records.append(
+                dict(
+                    op="all_reduce",
+                    world_size=n,
+                    bytes=size,
+                    canonical=st.spec,
+                    algo_used=st.algo,
+                    wire_bytes=st.wire_bytes,
+                    chunks=st.chunks,
+                    median_ms=float(worst[algo].median()) * 1e3,
+                )
+            )
     mine = codec_run([spec], sizes, dtype, reps=reps)
     everyone: list[Any] = [None] * n
     dist.all_gather_object(everyone, mine)

@@ -19,19 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from megatron_tpcomp.costmodel import CostModel, fit
-
-
-def payload_bytes(rec: Mapping[str, Any]) -> int:
-    """Payload bytes of the whole message, from a collective record's per-rank ``wire_bytes`` (the inverse of
-    what each path sends: one-shot and all-gather (N-1) P, two-shot 2(N-1)/N P, reduce-scatter (N-1)/N P)."""
-    n, wire = int(rec["world_size"]), float(rec["wire_bytes"])
-    algo = rec.get("algo_used") or rec.get("algo")
-    if rec["op"] == "all_reduce" and algo == "two-shot":
-        return round(wire * n / (2 * (n - 1)))
-    if rec["op"] == "reduce_scatter":
-        return round(wire * n / (n - 1))
-    return round(wire / (n - 1))
+from megatron_tpcomp.costmodel import CostModel, fit, payload_bytes
 
 
 def prediction_errors(model: CostModel, records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -106,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             f"codec {spec}: encode {c.enc_lat_s * 1e6:.0f} us + {c.enc_bw / 1e9:.3f} GB/s, decode "
             f"{c.dec_lat_s * 1e6:.0f} us + {c.dec_bw / 1e9:.3f} GB/s ({c.source})"
         )
+    for key, o in sorted(model.overheads.items()):
+        print(f"path {key}: measured overhead {o * 1e6:+.0f} us per call (beyond the formula)")
     errors = prediction_errors(model, coll)
     for e in errors:
         print(

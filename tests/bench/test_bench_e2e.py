@@ -55,12 +55,17 @@ def _check_records(records: list[dict], link: str, lens: tuple[int, ...], specs:
 def test_main_unshaped_end_to_end(real_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "e2e.json"
     argv = ["--link", "none", "--prompt-lens", ",".join(map(str, LENS)), "--gen-tokens", "2", "--reps", "1"]
-    argv += ["--warmup", "1", "--specs", ",".join(SPECS), "--model", str(real_ckpt), "--json", str(out)]
+    specs = (*SPECS, "auto")
+    argv += ["--warmup", "1", "--specs", ",".join(specs), "--model", str(real_ckpt), "--json", str(out)]
     assert bench.main(argv) == 0
     records = json.loads(out.read_text())
-    _check_records(records, "none", LENS, SPECS)
+    _check_records(records, "none", LENS, specs)
     for rec in records:
         assert not rec["shaped"] and rec["link_info"]["mode"] == "loopback"
+    # auto's table was fitted on this link, with the measured per-call overheads of both compressed paths.
+    table = next(r["perf_table"] for r in records if r["spec"] == "auto")
+    assert set(table["overheads"]) == {"all_reduce/one-shot/3", "all_reduce/two-shot/3"}
+    assert table["links"]["3"]["source"] == "measured"
     text = capsys.readouterr().out
     assert "int4:g32" in text and "TTFT ms" in text and f"wrote {len(records)} records" in text
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpcomp.bench.perf_table import main, payload_bytes
-from megatron_tpcomp.costmodel import CostModel
+from megatron_tpcomp.bench.perf_table import main
+from megatron_tpcomp.costmodel import CostModel, payload_bytes
 
 MiB = 1 << 20
 
