@@ -23,6 +23,13 @@
 
 #include "int4_core.h"
 
+// AVX2 + F16C (every x86 CPU with AVX2 has F16C; -march=native defines both): the INT4 encoder quantizes eight
+// groups at once (int4_quantize8 below). Without them (other ISAs, a baseline build) the scalar path runs.
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define TPC_INT4_AVX2 1
+#endif
+
 namespace {
 
 using tpcomp::bf16_bits_to_float;
@@ -259,6 +266,109 @@ inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, b
   }
 }
 
+#if defined(TPC_INT4_AVX2)
+// Eight consecutive groups at once: the per-group scalar work (absmax reduction, amax / 7, the fp16 rounding,
+// 1 / scale) runs once per 8 groups in the lanes of one vector, and the quantize/pack loop has no branch.
+// Every lane does what the scalar path (int4_core.h) does, with instructions that round identically:
+//   absmax     the same integer max over the magnitude bits as abs_max (also tells NaN/Inf: bits >= 0x7F800000)
+//   amax / 7   vdivps: an IEEE division, correctly rounded like the scalar divss (no reciprocal trick)
+//   min 65504  equal to `if (ideal > 65504) ideal = 65504` for the non-NaN ideals of finite groups
+//   fp16       vcvtps2ph with imm 0: round to nearest even, subnormal halves and underflow to +0 included, as
+//              float_to_half_bits (ideal is in [0, 65504]: no overflow or NaN case; checked over every fp32 amax)
+//   1 / scale  vcvtph2ps (exact) and vdivps; 0 where the scale is 0, as int4_inverse_scale
+//   codes      clamp(x * inv) to [-7, 7], then vcvtps2dq: rounds in the current rounding mode, as rintf does
+//              (round half to even by default); clamping before rounding gives the same integer, since 7 is an
+//              integer and rounding is monotonic. x * inv is never NaN for a finite group (|x| <= amax, inv finite)
+// A group with NaN/Inf gets the NaN scale 0x7E00 and zero codes (0x88 bytes), written after the fact: such groups
+// are rare, so the common path carries no mask.
+// `g` (= G when G > 0) is a multiple of 8; v holds 8 * g floats, codes gets 4 * g bytes, scales 16 bytes.
+
+// Per-lane maximum of the magnitude bits of one group's g values: 8 partial maxima.
+template <int G>
+inline __m256i int4_group_absmax_bits(const float* v, int g) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i m = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)), magnitude);
+  for (int i = 8; i < g; i += 8)
+    m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i)), magnitude));
+  return m;
+}
+
+// Lane j of the result: the maximum of the 8 lanes of a[j] (a transpose-and-max tree, 7 max instead of 56).
+// Magnitude bits are non-negative int32, so a signed integer max orders them like the floats.
+inline __m256i hmax8x8(const __m256i a[8]) {
+  __m256i u[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i* p = a + 4 * h;
+    // [p0 p1 p0 p1 | ...] halves: lanes k and k + 2 of each 128-bit half, then k and k + 1.
+    const __m256i t01 = _mm256_max_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
+    const __m256i t23 = _mm256_max_epi32(_mm256_unpacklo_epi32(p[2], p[3]), _mm256_unpackhi_epi32(p[2], p[3]));
+    u[h] = _mm256_max_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+    // u[h] = [max of p0..p3 over lanes 0-3 | max of p0..p3 over lanes 4-7]
+  }
+  return _mm256_max_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
+}
+
+// 32 codes (four vectors of int32 q in [-7, 7], in value order) -> 16 bytes, even index in the low nibble.
+inline __m128i int4_pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  // Narrowing packs work per 128-bit half: b = [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | the same for lanes 4-7], as int8.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+  // Neighbours 2i, 2i + 1 are adjacent bytes: q_even * 1 + q_odd * 16 in each int16, + 0x88 = the byte
+  // (q + 8) | (q' + 8) << 4, in 0..255.
+  const __m256i w = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
+  const __m256i bytes = _mm256_packus_epi16(w, w);  // per half: its 8 bytes, twice
+  // Low half: bytes of q0-q3 lanes 0-3 (two bytes each), high half: lanes 4-7: interleave 16-bit units.
+  return _mm_unpacklo_epi16(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
+}
+
+template <int G>
+inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint8_t* scales) {
+  const int g = G > 0 ? G : g_runtime;
+  __m256i partial[8];
+  for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits<G>(v + j * g, g);
+  const __m256i amax_bits = hmax8x8(partial);
+  const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));  // NaN/Inf in the group
+
+  __m256 ideal = _mm256_div_ps(_mm256_castsi256_ps(amax_bits), _mm256_set1_ps(static_cast<float>(tpcomp::kInt4Qmax)));
+  ideal = _mm256_min_ps(ideal, _mm256_set1_ps(tpcomp::kHalfMax));
+  const __m128i half = _mm256_cvtps_ph(ideal, _MM_FROUND_TO_NEAREST_INT);
+  const __m128i bad16 = _mm_packs_epi32(_mm256_castsi256_si128(bad), _mm256_extracti128_si256(bad, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(scales),
+                   _mm_blendv_epi8(half, _mm_set1_epi16(static_cast<short>(tpcomp::kHalfNaN)), bad16));
+
+  const __m256 s = _mm256_cvtph_ps(half);
+  const __m256 nonzero = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+  alignas(32) float inv[8];
+  _mm256_store_ps(inv, _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), s), nonzero));
+
+  const __m256 lo = _mm256_set1_ps(-7.0f), hi = _mm256_set1_ps(7.0f);
+  // 8 * g values = g vectors of 8, packed 4 vectors (32 values, 16 bytes) at a time; vector k is in group k / (g / 8).
+  const int vecs_per_group = g / 8;
+  for (int k = 0; k < g; k += 4) {
+    __m256i q[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 inv_k = _mm256_broadcast_ss(inv + (k + u) / vecs_per_group);
+      const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * (k + u)), inv_k);
+      q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 4 * k), int4_pack32(q[0], q[1], q[2], q[3]));
+  }
+  for (int m = _mm256_movemask_ps(_mm256_castsi256_ps(bad)); m != 0; m &= m - 1)
+    memset(codes + __builtin_ctz(m) * (g / 2), tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4), static_cast<size_t>(g / 2));
+}
+
+// Quantize groups v[0, 8g) (g a multiple of 8) into codes[0, 4g) and scales[0, 16).
+inline void int4_quantize8(const float* v, int g, uint8_t* codes, uint8_t* scales) {
+  switch (g) {
+    case 8: int4_quantize8_g<8>(v, g, codes, scales); return;
+    case 16: int4_quantize8_g<16>(v, g, codes, scales); return;
+    case 32: int4_quantize8_g<32>(v, g, codes, scales); return;
+    case 64: int4_quantize8_g<64>(v, g, codes, scales); return;
+    case 128: int4_quantize8_g<128>(v, g, codes, scales); return;
+    default: int4_quantize8_g<0>(v, g, codes, scales);
+  }
+}
+#endif
+
 inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
   switch (g) {
     case 32: int4_quantize_g<32>(v, g, codes, scale); return;
@@ -332,10 +442,21 @@ int threads_for(int64_t numel, int nthreads) {
   return numel < (1 << 16) || nthreads < 1 ? 1 : nthreads;
 }
 
+// Encode tile: tile_values, times the smallest factor that makes it hold a multiple of 8 INT4 groups when that fits
+// (int4_quantize8 takes 8 groups at a time; int4:g32+had has lcm = 32, one group, otherwise). The tile only
+// decides how the work is cut: the bytes do not depend on it.
+int encode_tile_values(const Codec& c) {
+  const int tile = tile_values(c);
+  if (c.format != kInt4) return tile;
+  const int eight = 8 * c.block;
+  const int scaled = tile / gcd(tile, eight) * eight;  // lcm(tile, 8 groups)
+  return scaled <= kMaxTile ? scaled : tile;
+}
+
 void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
   const int64_t inner = inner_numel(c, numel);
   const int64_t nblocks = (inner + c.block - 1) / c.block;
-  const int tile = tile_values(c);
+  const int tile = encode_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
   uint8_t* scales = payload + c.scales_offset;
 #pragma omp parallel for schedule(static) num_threads(threads_for(numel, nthreads))
@@ -349,10 +470,18 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
       // Values past the rotated input are the inner codec's zero padding (+0: fp8 keeps the sign of a zero).
       for (int64_t i = inner - start > 0 ? inner - start : 0; i < tile; ++i) buf[i] = 0.0f;
     }
-    for (int o = 0; o < tile; o += c.block) {
+    for (int o = 0; o < tile;) {
       const int64_t b = (start + o) / c.block;
       if (b >= nblocks) break;
+#if defined(TPC_INT4_AVX2)
+      if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
+        int4_quantize8(buf + o, c.block, payload + b * (c.block / 2), scales + b * 2);
+        o += 8 * c.block;
+        continue;
+      }
+#endif
       quantize_block(c, buf + o, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
+      o += c.block;
     }
   }
 }
