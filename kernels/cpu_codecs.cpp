@@ -8,8 +8,9 @@
 //                         (codecs/hadamard.py: v -> fwht(v * signs) * c, c = fp32(1/sqrt(H)); inverse
 //                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
 //
-// Encode reads a tile of lcm(G, H) input values (fp32/bf16/fp16) into a float buffer, rotates it in place,
-// quantizes its groups and writes codes and scales: the input is read once and the payload written once.
+// Encode reads a tile of input values (fp32/bf16/fp16; a multiple of lcm(G, H) values, see work_tile_values) into
+// a float buffer, rotates it in place, quantizes its groups (INT4 on AVX2: eight groups at a time) and writes codes
+// and scales: the input is read once and the payload written once.
 // Decode-sum reads the tile's codes from each of N payloads, adds the decoded values in fp32 in payload order
 // (the one-shot all-reduce, every rank the same bits), rotates back once (the rotation is linear, so the sum of
 // the rotated-back decodes is the rotated-back sum: the reference defines it this way too) and writes the output
@@ -129,6 +130,66 @@ inline void fwht_vec(float* p, int n) {
       }
   memcpy(p, r, sizeof(float) * static_cast<size_t>(n));
 }
+
+// Small blocks (int4:g32+had rotates blocks of 32) with N known at compile time: the block stays in registers
+// from the sign flip to the final scaling (no runtime-sized memcpy through the stack, no loop overhead per
+// stage). The same operations in the same order per lane as rotate_forward / rotate_backward below: the same bits.
+inline v8f load8(const float* p) {
+  v8f r;
+  memcpy(&r, p, sizeof r);  // fixed size: one unaligned vector load
+  return r;
+}
+inline void store8(float* p, v8f v) { memcpy(p, &v, sizeof v); }
+
+template <int N>
+inline void fwht_regs(v8f* r) {
+  const v8i swap1 = {1, 0, 3, 2, 5, 4, 7, 6}, pick1 = {0, 9, 2, 11, 4, 13, 6, 15};
+  const v8i swap2 = {2, 3, 0, 1, 6, 7, 4, 5}, pick2 = {0, 1, 10, 11, 4, 5, 14, 15};
+  const v8i swap4 = {4, 5, 6, 7, 0, 1, 2, 3}, pick4 = {0, 1, 2, 3, 12, 13, 14, 15};
+  constexpr int nv = N / 8;
+#pragma GCC unroll 8
+  for (int i = 0; i < nv; ++i) r[i] = lane_stage(lane_stage(lane_stage(r[i], swap1, pick1), swap2, pick2), swap4, pick4);
+#pragma GCC unroll 8
+  for (int h = 1; h < nv; h <<= 1)
+#pragma GCC unroll 8
+    for (int i = 0; i < nv; i += 2 * h)
+#pragma GCC unroll 8
+      for (int j = i; j < i + h; ++j) {
+        const v8f a = r[j], b = r[j + h];
+        r[j] = a + b;
+        r[j + h] = a - b;
+      }
+}
+
+// v <- fwht(v * signs) * c for each block of N values in buf[0, len).
+template <int N>
+inline void rotate_forward_fixed(float* buf, int len, const float* signs, float scale) {
+  const v8f c = {scale, scale, scale, scale, scale, scale, scale, scale};
+  for (int o = 0; o < len; o += N) {
+    v8f r[N / 8];
+#pragma GCC unroll 8
+    for (int i = 0; i < N / 8; ++i)
+      r[i] = load8(buf + o + 8 * i) * load8(signs + 8 * i);
+    fwht_regs<N>(r);
+#pragma GCC unroll 8
+    for (int i = 0; i < N / 8; ++i) store8(buf + o + 8 * i, r[i] * c);
+  }
+}
+
+// w <- fwht(w) * c * signs ((w * c) * s, left to right) for each block of N values in buf[0, len).
+template <int N>
+inline void rotate_backward_fixed(float* buf, int len, const float* signs, float scale) {
+  const v8f c = {scale, scale, scale, scale, scale, scale, scale, scale};
+  for (int o = 0; o < len; o += N) {
+    v8f r[N / 8];
+#pragma GCC unroll 8
+    for (int i = 0; i < N / 8; ++i) r[i] = load8(buf + o + 8 * i);
+    fwht_regs<N>(r);
+#pragma GCC unroll 8
+    for (int i = 0; i < N / 8; ++i) store8(buf + o + 8 * i, r[i] * c * load8(signs + 8 * i));
+  }
+}
+#define TPC_FIXED_ROTATIONS 1
 #endif
 
 inline void fwht_any(float* v, int n) {
@@ -142,6 +203,15 @@ inline void fwht_any(float* v, int n) {
 }
 
 void rotate_forward(float* buf, int len, const Rotation& r) {
+#if defined(TPC_FIXED_ROTATIONS)
+  switch (r.block) {
+    case 8: rotate_forward_fixed<8>(buf, len, r.signs, r.scale); return;
+    case 16: rotate_forward_fixed<16>(buf, len, r.signs, r.scale); return;
+    case 32: rotate_forward_fixed<32>(buf, len, r.signs, r.scale); return;
+    case 64: rotate_forward_fixed<64>(buf, len, r.signs, r.scale); return;
+    default: break;
+  }
+#endif
   for (int o = 0; o < len; o += r.block) {
     float* v = buf + o;
     for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.signs[i];
@@ -151,6 +221,15 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
 }
 
 void rotate_backward(float* buf, int len, const Rotation& r) {
+#if defined(TPC_FIXED_ROTATIONS)
+  switch (r.block) {
+    case 8: rotate_backward_fixed<8>(buf, len, r.signs, r.scale); return;
+    case 16: rotate_backward_fixed<16>(buf, len, r.signs, r.scale); return;
+    case 32: rotate_backward_fixed<32>(buf, len, r.signs, r.scale); return;
+    case 64: rotate_backward_fixed<64>(buf, len, r.signs, r.scale); return;
+    default: break;
+  }
+#endif
   for (int o = 0; o < len; o += r.block) {
     float* v = buf + o;
     fwht_any(v, r.block);
@@ -442,10 +521,11 @@ int threads_for(int64_t numel, int nthreads) {
   return numel < (1 << 16) || nthreads < 1 ? 1 : nthreads;
 }
 
-// Encode tile: tile_values, times the smallest factor that makes it hold a multiple of 8 INT4 groups when that fits
-// (int4_quantize8 takes 8 groups at a time; int4:g32+had has lcm = 32, one group, otherwise). The tile only
-// decides how the work is cut: the bytes do not depend on it.
-int encode_tile_values(const Codec& c) {
+// Tile of the encode and decode loops: tile_values, times the smallest factor that makes it hold a multiple of 8
+// INT4 groups when that fits (int4_quantize8 takes 8 groups at a time; int4:g32+had would otherwise run tiles of
+// lcm = 32 values, one group, and pay the per-tile overhead for every group). The tile only decides how the work
+// is cut: every value is computed the same way, so the bytes do not depend on it.
+int work_tile_values(const Codec& c) {
   const int tile = tile_values(c);
   if (c.format != kInt4) return tile;
   const int eight = 8 * c.block;
@@ -456,7 +536,7 @@ int encode_tile_values(const Codec& c) {
 void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
   const int64_t inner = inner_numel(c, numel);
   const int64_t nblocks = (inner + c.block - 1) / c.block;
-  const int tile = encode_tile_values(c);
+  const int tile = work_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
   uint8_t* scales = payload + c.scales_offset;
 #pragma omp parallel for schedule(static) num_threads(threads_for(numel, nthreads))
@@ -490,7 +570,7 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
                 int nthreads) {
   const int64_t inner = inner_numel(c, numel);
   const int64_t nblocks = (inner + c.block - 1) / c.block;
-  const int tile = tile_values(c);
+  const int tile = work_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
 #pragma omp parallel for schedule(static) num_threads(threads_for(numel * count, nthreads))
   for (int64_t t = 0; t < ntiles; ++t) {

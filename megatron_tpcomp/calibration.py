@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_tpcomp.codecs import CodecError
+from megatron_tpcomp.codecs.chscale import exponents_from_rms
 
 logger = logging.getLogger("megatron_tpcomp")
 
@@ -278,6 +279,7 @@ def search_config(
     meta = read_metadata(result["checkpoint"])
     hidden = result["hidden"]
     outliers = {key: s["outlier_channels"] for key, s in result["sites"].items()}
+    scales = {key: exponents_from_rms(s["rms"]) for key, s in result["sites"].items()}  # for +chscale
     bits = {c: search.candidate_bits(c, (context, hidden), result["k"]) for c in candidates}
     ids = TextTokenizer.from_checkpoint(meta).tokenize(assets.calibration_text() if text is None else text)
     count = min(max(tokens // context, 1), len(ids) // context)
@@ -298,7 +300,7 @@ def search_config(
     sites = [f"layer{i}.{b}" for i in range(result["num_layers"]) for b in search.BLOCKS]
     if sensitivity is None:
         sens = search.measure_sensitivity(
-            result["checkpoint"], result["tp"], windows, candidates, outliers, progress=progress
+            result["checkpoint"], result["tp"], windows, candidates, outliers, scales=scales, progress=progress
         )
     else:
         missing = [f"{s}/{c}" for s in sites for c in candidates if c not in sensitivity.get(s, {})]
@@ -315,6 +317,7 @@ def search_config(
             sens,
             bits,
             outliers,
+            scales=scales,
             objective=objective,
             ppl_budget_pct=ppl_budget,
             start=budget,
@@ -375,6 +378,7 @@ def search_config(
             "sensitivity_reused": sensitivity is not None,
             **result["calibration"],
         },
+        scales=scales,
     )
     return config, sens
 

@@ -329,13 +329,14 @@ def _one_shot_pipelined(
 
 
 def chunk_alignment(codec: Codec) -> int:
-    """Values per two-shot chunk boundary: the codec's block size (lcm with its Hadamard block), so that
-    chunks split on block boundaries and the codec pads nothing inside a chunk."""
+    """Values per chunk boundary (two-shot, pipelined one-shot): the codec's block size (lcm with its Hadamard
+    block, and with the row length of a codec with per-channel state such as ``+chscale``), so that chunks
+    split on block boundaries, the codec pads nothing inside a chunk and every value keeps its channel."""
     try:
         cs = parse_spec(codec.spec)
     except CodecError:
         return CHUNK_ALIGN
-    return math.lcm(max(cs.block, 1), max(cs.hadamard_block, 1))
+    return math.lcm(max(cs.block, 1), max(cs.hadamard_block, 1), max(int(getattr(codec, "row_length", 0)), 1))
 
 
 def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tuple[int, ...]]:

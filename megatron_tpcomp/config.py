@@ -15,6 +15,8 @@ Schema (JSON or YAML; version 1)::
       "layers": {                         # 0-based layer index -> per-block settings
         "0":  {"attention": "fp8", "mlp": "int8:g32"},
         "11": {"mlp": {"spec": "int4:g32+outliers", "outlier_channels": [5, 9, 300]}},
+        "12": {"mlp": {"spec": "int4:g64:se4m3+had+chscale",               # static per-channel scales 2^e,
+               "channel_scale_exponents": [0, -2, 1, ...]}},              #   one per hidden channel
         "20": {"attention": "int6:g128+had@two-shot",                     # SPEC@ALGO: this site's all-reduce
                "mlp": {"spec": "int5:g64+had", "algo": "one-shot"}},     #   algorithm (overrides "algo")
         "29": {"mlp": "none"}
@@ -71,15 +73,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SiteSetting:
-    """Codec for one collective site: a spec, for ``+outliers`` the static channel table, and optionally the
-    site's own all-reduce algorithm (None: the config's ``algo``)."""
+    """Codec for one collective site: a spec, for ``+outliers`` the static channel table, for ``+chscale`` the
+    static channel-scale exponents, and optionally the site's own all-reduce algorithm (None: the config's
+    ``algo``)."""
 
     spec: str
     outlier_channels: tuple[int, ...] | None = None
     algo: str | None = None
+    channel_scale_exponents: tuple[int, ...] | None = None
 
     def codec(self) -> Codec:
-        return make_codec(self.spec, outlier_channels=list(self.outlier_channels) if self.outlier_channels else None)
+        return make_codec(
+            self.spec,
+            outlier_channels=list(self.outlier_channels) if self.outlier_channels else None,
+            channel_scale_exponents=list(self.channel_scale_exponents) if self.channel_scale_exponents else None,
+        )
 
 
 @dataclass
@@ -191,8 +199,12 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         def out(s: SiteSetting) -> Any:
-            if s.outlier_channels:
-                value: dict[str, Any] = {"spec": s.spec, "outlier_channels": list(s.outlier_channels)}
+            if s.outlier_channels or s.channel_scale_exponents:
+                value: dict[str, Any] = {"spec": s.spec}
+                if s.outlier_channels:
+                    value["outlier_channels"] = list(s.outlier_channels)
+                if s.channel_scale_exponents:
+                    value["channel_scale_exponents"] = list(s.channel_scale_exponents)
                 return value | ({"algo": s.algo} if s.algo else {})
             return f"{s.spec}@{s.algo}" if s.algo else s.spec
 
@@ -265,6 +277,12 @@ class CompressionConfig:
                         f"layer {index} {block}: outlier channel {max(setting.outlier_channels)} is out of range "
                         f"for hidden size {hidden_size}"
                     )
+                scales = setting.channel_scale_exponents
+                if scales and len(scales) != hidden_size:
+                    raise ConfigError(
+                        f"layer {index} {block}: {len(scales)} channel scale exponents, but the model's hidden "
+                        f"size is {hidden_size}; expected one per channel"
+                    )
 
     def describe(self) -> str:
         """Stable one-line summary (also used to check that ranks agree)."""
@@ -274,17 +292,20 @@ class CompressionConfig:
 def _setting(value: Any, where: str) -> SiteSetting:
     """A site's value: ``"SPEC"``, ``"SPEC@ALGO"`` or ``{"spec": ..., "outlier_channels": [...], "algo": ...}``."""
     algo: Any = None
+    exponents: Any = None
     if isinstance(value, str):
         spec, channels = value, None
         if "@" in value:
             spec, _, algo = value.partition("@")
     elif isinstance(value, Mapping):
-        bad = set(value) - {"spec", "outlier_channels", "algo"}
+        bad = set(value) - {"spec", "outlier_channels", "channel_scale_exponents", "algo"}
         if bad or "spec" not in value:
             raise ConfigError(
-                f"{where}: expected {{'spec': ..., 'outlier_channels': [...], 'algo': ...}}, got keys {sorted(value)}"
+                f"{where}: expected {{'spec': ..., 'outlier_channels': [...], 'channel_scale_exponents': [...], "
+                f"'algo': ...}}, got keys {sorted(value)}"
             )
         spec, channels, algo = value["spec"], value.get("outlier_channels"), value.get("algo")
+        exponents = value.get("channel_scale_exponents")
         if not isinstance(spec, str) or "@" in spec:
             raise ConfigError(f"{where}: 'spec' must be a spec string without '@ALGO' (use 'algo'), got {spec!r}")
     else:
@@ -293,9 +314,14 @@ def _setting(value: Any, where: str) -> SiteSetting:
         raise ConfigError(f"{where}: algo {algo!r} is not one of {', '.join(ALGOS)}")
     try:
         cs = parse_spec(spec)
-        make_codec(cs, outlier_channels=channels)  # validates the channel table against the spec
+        codec = make_codec(cs, outlier_channels=channels, channel_scale_exponents=exponents)  # validates the tables
     except CodecError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     if algo is not None and cs.kind == "none":
         raise ConfigError(f"{where}: 'none' sends uncompressed; an algorithm ({algo!r}) only applies to a codec")
-    return SiteSetting(canonical(cs), tuple(int(c) for c in channels) if channels is not None else None, algo)
+    return SiteSetting(
+        canonical(cs),
+        tuple(int(c) for c in channels) if channels is not None else None,
+        algo,
+        tuple(codec.exponents) if exponents is not None else None,  # type: ignore[attr-defined]
+    )

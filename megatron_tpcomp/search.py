@@ -112,7 +112,8 @@ def candidate_bits(name: str, shape: tuple[int, int], outlier_k: int) -> float:
 
     spec, _ = split_candidate(name)
     channels = list(range(outlier_k)) if "+outliers" in spec else None
-    return make_codec(spec, outlier_channels=channels).bits_per_value(shape)
+    exponents = [0] * shape[-1] if "+chscale" in spec else None  # static: the exponents send nothing
+    return make_codec(spec, outlier_channels=channels, channel_scale_exponents=exponents).bits_per_value(shape)
 
 
 def wire_factor(algo: str, tp: int) -> float:
@@ -134,10 +135,15 @@ def candidate_cost(name: str, bits: float, objective: str, tp: int) -> float:
     raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
-def _setting(spec: str, channels: list[int] | None) -> Any:
+def _setting(spec: str, channels: list[int] | None, exponents: list[int] | None = None) -> Any:
+    """A site's setting for candidate ``spec``, with the site's calibrated tables where the spec uses them."""
     from megatron_tpcomp.config import SiteSetting
 
-    return SiteSetting(spec, tuple(channels) if "+outliers" in spec and channels else None)
+    return SiteSetting(
+        spec,
+        tuple(channels) if "+outliers" in spec and channels else None,
+        channel_scale_exponents=tuple(exponents) if "+chscale" in spec and exponents else None,
+    )
 
 
 # ----------------------------------------------------------------------------------- sharded next-token metrics
@@ -251,6 +257,7 @@ def _sensitivity_worker(
     sites: list[str] | None,
     replay: bool,
     progress: bool,
+    scales: dict[str, list[int]],
 ) -> dict[str, dict[str, float]] | None:
     from megatron.core import parallel_state
     from tqdm import tqdm
@@ -283,7 +290,8 @@ def _sensitivity_worker(
         head, _, block = site.partition(".")
         layer = int(head[5:])
         spec, algo = split_candidate(cand)
-        cfg = CompressionConfig(layers={layer: {block: _setting(spec, outliers.get(site))}}, algo=algo)
+        setting = _setting(spec, outliers.get(site), scales.get(site))
+        cfg = CompressionConfig(layers={layer: {block: setting}}, algo=algo)
         intercept.enable(model, cfg)
         kl = 0.0
         for ids, b, outs in zip(seqs, base, recorded, strict=True):
@@ -303,6 +311,7 @@ def measure_sensitivity(
     candidates: list[str],
     outliers: dict[str, list[int]] | None = None,
     *,
+    scales: dict[str, list[int]] | None = None,
     sites: list[str] | None = None,
     replay: bool = True,
     progress: bool = True,
@@ -325,6 +334,7 @@ def measure_sensitivity(
         sites,
         replay,
         progress,
+        scales or {},
         timeout_s=timeout_s,
     )[0]
 
@@ -475,7 +485,12 @@ def plan_algo(assignment: dict[str, str]) -> str:
 
 
 def assignment_to_config(
-    assignment: dict[str, str], outliers: dict[str, list[int]], model: dict[str, int], meta: dict[str, Any]
+    assignment: dict[str, str],
+    outliers: dict[str, list[int]],
+    model: dict[str, int],
+    meta: dict[str, Any],
+    *,
+    scales: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """A per-layer config (schema of :mod:`megatron_tpcomp.config`) for a site -> candidate assignment. The
     config's ``algo`` is the algorithm most compressed sites use (ties: one-shot); the others are written as
@@ -489,9 +504,13 @@ def assignment_to_config(
         head, _, block = site.partition(".")
         spec, cand_algo = split_candidate(cand)
         value: Any = spec
-        if "+outliers" in spec:
-            value = {"spec": spec, "outlier_channels": outliers[site]}
-            if spec != "none" and cand_algo != algo:
+        if "+outliers" in spec or "+chscale" in spec:
+            value = {"spec": spec}
+            if "+outliers" in spec:
+                value["outlier_channels"] = outliers[site]
+            if "+chscale" in spec:
+                value["channel_scale_exponents"] = (scales or {})[site]
+            if cand_algo != algo:
                 value["algo"] = cand_algo
         elif spec != "none" and cand_algo != algo:
             value = f"{spec}@{cand_algo}"
@@ -609,6 +628,7 @@ def _verify_worker(
     start: float,
     steps: int,
     progress: bool,
+    scales: dict[str, list[int]],
 ) -> dict[str, Any] | None:
     import sys
 
@@ -634,7 +654,7 @@ def _verify_worker(
         base_nll += sharded_window_metrics(b, b, ids[1:], group)[0]
 
     def verify(plan: dict[str, Any]) -> dict[str, float]:
-        data = assignment_to_config(plan["assignment"], outliers, dims, {})
+        data = assignment_to_config(plan["assignment"], outliers, dims, {}, scales=scales)
         data.pop("meta")
         intercept.enable(model, CompressionConfig.from_dict(data, source="plan"))
         nll = kl = 0.0
@@ -682,6 +702,7 @@ def verify_plans(
     bits: dict[str, float],
     outliers: dict[str, list[int]],
     *,
+    scales: dict[str, list[int]] | None = None,
     objective: str = "bits",
     ppl_budget_pct: float | None = None,
     start: float = 0.01,
@@ -710,5 +731,6 @@ def verify_plans(
         start,
         steps,
         progress,
+        scales or {},
         timeout_s=timeout_s,
     )[0]

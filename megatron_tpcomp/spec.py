@@ -14,9 +14,11 @@ Grammar (whitespace is not allowed; case-insensitive)::
     MODIFIER := "had" [":b" N]        randomized Hadamard rotation over blocks of N values (power of two)
               | "outliers" [":k" K]   K channels (last dim) travel in bf16: a static table given to the codec,
                                       or, with no table, the K largest channels of each message (indices sent)
+              | "chscale"             static per-channel power-of-two scales (last dim) applied before the
+                                      codec, from calibration (nothing sent; codecs/chscale.py)
 
 Examples: ``fp8``, ``fp8-e5m2:b128``, ``int8:g32``, ``int4:g32:asym``, ``mxfp4``, ``nvfp4``, ``fp5:b32``,
-``int4:g32+had``, ``int4:g32+outliers:k9``.
+``int4:g32+had``, ``int4:g32+outliers:k9``, ``int4:g64:se4m3+had+chscale``.
 
 Defaults per family (also printed by ``--help`` through :func:`describe_grammar`):
 
@@ -60,7 +62,9 @@ VALID_FAMILIES = (
     "none, fp8, fp8-e4m3, fp8-e5m2, int2..int8, mxfp4, nvfp4, fp3, fp4, fp5, fp6 (optionally -eXmY, e.g. fp6-e3m2)"
 )
 VALID_OPTIONS = "b<N>/g<N> (block size), asym (int only), scale format " + "|".join("s" + f for f in SCALE_FORMATS)
-VALID_MODIFIERS = "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels)"
+VALID_MODIFIERS = (
+    "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels), +chscale (static per-channel scales)"
+)
 MAX_BLOCK = 4096
 #: Outlier channel indices travel as int16 (codecs/outliers.py), so K cannot exceed this.
 MAX_OUTLIERS = 32767
@@ -81,6 +85,7 @@ class CodecSpec:
         hadamard_block: 0 for no rotation, else the rotation block size.
         outliers: whether the ``+outliers`` modifier is present.
         outliers_k: number of outlier channels (0 = take the count from the static table).
+        chscale: whether the ``+chscale`` modifier is present (static per-channel scales before the codec).
     """
 
     kind: str
@@ -94,11 +99,12 @@ class CodecSpec:
     hadamard_block: int = 0
     outliers: bool = False
     outliers_k: int = 0
+    chscale: bool = False
 
     @property
     def base(self) -> CodecSpec:
         """This spec without modifiers (the element codec)."""
-        return replace(self, hadamard_block=0, outliers=False, outliers_k=0)
+        return replace(self, hadamard_block=0, outliers=False, outliers_k=0, chscale=False)
 
     def __str__(self) -> str:
         return canonical(self)
@@ -204,6 +210,12 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
                     f"+outliers or +outliers:k<K> with 1 <= K <= {MAX_OUTLIERS}",
                 )
         return replace(cs, outliers=True, outliers_k=k)
+    if name == "chscale":
+        if cs.chscale:
+            raise _err(spec, "modifier 'chscale' given twice", VALID_MODIFIERS)
+        if opts:
+            raise _err(spec, f"'chscale' takes no options, got {':'.join(opts)!r}", "+chscale")
+        return replace(cs, chscale=True)
     raise _err(spec, f"unknown modifier {name!r}", VALID_MODIFIERS)
 
 
@@ -221,6 +233,8 @@ def _validate(cs: CodecSpec, spec: str) -> None:
         raise _err(spec, f"asymmetric integers need an fp16/bf16/fp32 offset, not s{cs.scale}", "sfp16, sbf16 or sfp32")
     if cs.hadamard_block and cs.kind == "none":
         raise _err(spec, "a Hadamard rotation needs a codec", "for example int4:g32+had")
+    if cs.chscale and cs.outliers:
+        raise _err(spec, "'chscale' and 'outliers' cannot be combined", "one of +chscale or +outliers")
 
 
 def parse_spec(spec: str | CodecSpec) -> CodecSpec:
@@ -278,6 +292,8 @@ def canonical(cs: CodecSpec) -> str:
         head += f"+had:b{cs.hadamard_block}"
     if cs.outliers:
         head += "+outliers" + (f":k{cs.outliers_k}" if cs.outliers_k else "")
+    if cs.chscale:
+        head += "+chscale"
     return head
 
 
@@ -287,5 +303,5 @@ def describe_grammar() -> str:
         f"codec spec: 'none' or FAMILY[:OPTION...][+MODIFIER...]; families: {VALID_FAMILIES}; "
         f"options: {VALID_OPTIONS}; modifiers: {VALID_MODIFIERS}. "
         "Examples: fp8, fp8-e5m2:b128, int8:g32, int4:g32, mxfp4, nvfp4, fp5:b32, int4:g32+had, "
-        "int4:g32+outliers:k9."
+        "int4:g32+outliers:k9, int4:g64:se4m3+had+chscale (scales from calibration)."
     )

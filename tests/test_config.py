@@ -167,3 +167,27 @@ def test_fuzz_malformed_files_raise_config_error_only(tmp_path_factory: pytest.T
         assert str(path) in str(exc)  # the message names the file
         return
     assert isinstance(cfg, CompressionConfig)
+
+
+def test_channel_scale_tables() -> None:
+    exps = [0] * 576
+    exps[7] = -5
+    site = {"spec": "int4:g64:se4m3+had+chscale", "channel_scale_exponents": exps, "algo": "two-shot"}
+    cfg = CompressionConfig.from_dict({**EXAMPLE, "layers": {"3": {"mlp": site}}})
+    codec = cfg.codec_for("mlp", 3)
+    assert codec.exponents == exps and cfg.algo_for("mlp", 3) == "two-shot"
+    out = cfg.to_dict()["layers"]["3"]["mlp"]
+    assert out == {"spec": "int4:g64:se4m3+had:b32+chscale", "channel_scale_exponents": exps, "algo": "two-shot"}
+    assert CompressionConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    cfg.check_model(num_layers=30, hidden_size=576, tp_size=3)
+    cfg.model = {}  # no recorded dimensions: the table itself is checked against the model
+    with pytest.raises(ConfigError, match="576 channel scale exponents, but the model's hidden size is 512"):
+        cfg.check_model(num_layers=30, hidden_size=512, tp_size=3)
+    for bad, message in [
+        ({"spec": "int4+chscale"}, "needs the static per-channel scale exponents"),
+        ({"spec": "int4", "channel_scale_exponents": exps}, "has no '+chscale' modifier"),
+        ({"spec": "int4+chscale", "channel_scale_exponents": [99] * 576}, "exponent 99 is out of range"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            CompressionConfig.from_dict({**EXAMPLE, "layers": {"3": {"mlp": bad}}}, source="cfg.json")
+        assert message in str(info.value) and "cfg.json: layer 3 mlp" in str(info.value)

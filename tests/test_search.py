@@ -227,3 +227,24 @@ def test_ppl_bisection_reports_an_unreachable_budget() -> None:
     assert [s["kl_budget"] for s in trail] == [0.01, 0.005, 0.0025, 0.00125]
     with pytest.raises(ValueError, match="> 0"):
         bisect_budget(lambda b: {}, lambda p: {}, 1.0, start=0.0)
+
+
+def test_channel_scale_candidates_cost_no_bits_and_carry_their_table() -> None:
+    from megatron_tpcomp.search import candidate_bits
+
+    shape = (512, 576)
+    assert candidate_bits("int4:g64:se4m3+had+chscale", shape, 9) == candidate_bits("int4:g64:se4m3+had", shape, 9)
+    exps = [0] * 576
+    exps[7] = -6
+    data = assignment_to_config(
+        {"layer0.mlp": "int5:g64:se4m3+had+chscale@two-shot", "layer0.attention": "int5:g64:se4m3+had"},
+        {},
+        {"num_layers": 1, "hidden_size": 576, "tp_size": 3},
+        {},
+        scales={"layer0.mlp": exps, "layer0.attention": [1] * 576},
+    )
+    assert data["layers"]["0"]["attention"] == "int5:g64:se4m3+had"  # no +chscale: no table written
+    site = data["layers"]["0"]["mlp"]
+    assert site["channel_scale_exponents"] == exps and site["algo"] == "two-shot"
+    cfg = CompressionConfig.from_dict(data)
+    assert cfg.codec_for("mlp", 0).exponents == exps and cfg.algo_for("mlp", 0) == "two-shot"

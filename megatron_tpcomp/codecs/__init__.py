@@ -10,6 +10,7 @@ int2 .. int8           codecs/intx.py                  IntCodec
 mxfp4, nvfp4, fp3-fp6  codecs/microscaling.py          MinifloatCodec
 +had                   codecs/hadamard.py              HadamardCodec (wraps another codec)
 +outliers              codecs/outliers.py              OutlierCodec (wraps another codec)
++chscale               codecs/chscale.py               ChannelScaleCodec (wraps another codec)
 none                   codecs/base.py                  IdentityCodec
 =====================  ==============================  ==========================================
 
@@ -32,6 +33,7 @@ def make_codec(
     spec: str | CodecSpec,
     outlier_channels: Sequence[int] | torch.Tensor | None = None,
     *,
+    channel_scale_exponents: Sequence[int] | torch.Tensor | None = None,
     dtype: torch.dtype = torch.bfloat16,
     hadamard_seed: int = 0,
 ) -> Codec:
@@ -41,6 +43,7 @@ def make_codec(
         spec: a codec spec such as ``"int4:g32+outliers:k9"`` (see ``megatron_tpcomp.spec``).
         outlier_channels: static outlier channel indices (last dimension) for ``+outliers``; without them,
             ``+outliers:k<K>`` selects the K largest channels of each message and sends their indices.
+        channel_scale_exponents: for ``+chscale``: the static per-channel exponents ``[h]`` (from calibration).
         dtype: for ``none`` only: the dtype whose raw bytes travel.
         hadamard_seed: seed of the random signs of ``+had`` (must be equal on every rank).
     """
@@ -48,7 +51,19 @@ def make_codec(
     if cs.kind == "none":
         if outlier_channels is not None:
             raise CodecError("outlier channels were given for codec 'none'; they need a '+outliers' spec")
+        if channel_scale_exponents is not None:
+            raise CodecError("channel scales were given for codec 'none'; they need a '+chscale' spec")
         return IdentityCodec(dtype)
+    if channel_scale_exponents is not None and not cs.chscale:
+        raise CodecError(
+            f"channel scales were given but spec {canonical(cs)!r} has no '+chscale' modifier; "
+            f"use {canonical(cs)}+chscale"
+        )
+    if cs.chscale and channel_scale_exponents is None:
+        raise CodecError(
+            "'+chscale' needs the static per-channel scale exponents from calibration "
+            "(make_codec(..., channel_scale_exponents=[...]), 'channel_scale_exponents' in a config file)"
+        )
     if outlier_channels is not None and not cs.outliers:
         raise CodecError(
             f"outlier channels were given but spec {canonical(cs)!r} has no '+outliers' modifier; "
@@ -77,4 +92,8 @@ def make_codec(
         from megatron_tpcomp.codecs.outliers import OutlierCodec
 
         codec = OutlierCodec(codec, channels=outlier_channels, k=cs.outliers_k)
+    if cs.chscale:
+        from megatron_tpcomp.codecs.chscale import ChannelScaleCodec
+
+        codec = ChannelScaleCodec(codec, channel_scale_exponents)
     return codec
