@@ -151,12 +151,13 @@ def test_ppl_budget_search_verifies_on_heldout_calibration_text(result: dict) ->
     # Sensitivities given (the --sensitivity-json path; their measurement is tested above), so that the plan
     # changes with the KL budget; the verification on held-out text is real.
     sites = [f"layer{i}.{b}" for i in range(30) for b in ("attention", "mlp")]
-    given = {s: {"int4:g32+had": 0.001 * (1 + i % 5), "int8:g32": 1e-5} for i, s in enumerate(sites)}
+    # +chscale: the verification builds each site's codec from the calibrated channel scales.
+    given = {s: {"int4:g32+had+chscale": 0.001 * (1 + i % 5), "int8:g32": 1e-5} for i, s in enumerate(sites)}
     with pytest.raises(ValueError, match="lack 60 site/candidate pairs"):
-        calibration.search_config(result, ["int4:g32+had", "fp8"], 0.01, sensitivity=given, progress=False)
+        calibration.search_config(result, ["int4:g32+had+chscale", "fp8"], 0.01, sensitivity=given, progress=False)
     config, sens = calibration.search_config(
         result,
-        ["int4:g32+had", "int8:g32"],
+        ["int4:g32+had+chscale", "int8:g32"],
         0.01,
         tokens=32,
         context=32,
@@ -171,6 +172,8 @@ def test_ppl_budget_search_verifies_on_heldout_calibration_text(result: dict) ->
     meta, budget = config["meta"], config["meta"]["budget"]
     assert budget["type"] == "ppl" and budget["ppl_budget_pct"] == 2.0 and config["algo"] == "one-shot"
     assert meta["sensitivity_reused"] is True
+    scaled = [v for blocks in config["layers"].values() for v in blocks.values() if isinstance(v, dict)]
+    assert scaled and all(len(v["channel_scale_exponents"]) == 576 for v in scaled)
     steps = budget["steps"]
     assert sum(not s["reused"] for s in steps) == 3 and steps[0]["kl_budget"] == 0.01
     for s in steps:
@@ -187,6 +190,23 @@ def test_ppl_budget_search_verifies_on_heldout_calibration_text(result: dict) ->
         assert v["ppl_increase_pct"] <= 2.0
         assert meta["predicted_bits_per_value"] == min(s["bits_per_value"] for s in steps if s["within"])
     assert meta["predicted_kl"] <= meta["kl_budget"] + 1e-12
+
+
+def test_channel_scales_cut_the_damage_at_a_massive_activation_site(result: dict, real_ckpt) -> None:
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.codecs.chscale import exponents_from_rms
+    from megatron_tpcomp.search import measure_sensitivity
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    ids = TextTokenizer.from_checkpoint(read_metadata(real_ckpt)).tokenize(assets.calibration_text())[:64]
+    scales = {k: exponents_from_rms(s["rms"]) for k, s in result["sites"].items()}
+    assert min(scales["layer11.mlp"]) <= -4  # its massive channel (~24,000) is scaled down by 16x or more
+    cands = ["int4:g64:se4m3+had", "int4:g64:se4m3+had+chscale"]
+    sens = measure_sensitivity(str(real_ckpt), 3, [ids], cands, scales=scales, sites=["layer11.mlp"], progress=False)
+    kl = sens["layer11.mlp"]
+    # 512 calibration tokens measured 0.0064 -> 0.0022; on 64 tokens demand half.
+    assert 0 < kl["int4:g64:se4m3+had+chscale"] < 0.5 * kl["int4:g64:se4m3+had"]
 
 
 def test_cli_rejects_bad_search_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
