@@ -18,6 +18,14 @@ def test_specs_lists_presets_with_bits(capsys: pytest.CaptureFixture[str]) -> No
     assert "int4:g32:sfp16" in out and "4.5000" in out and "mxfp4" in out
 
 
+def test_specs_sizes_calibrated_specs_with_stand_in_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["specs", "int4:g64:se4m3+had+chscale"]) == 0
+    assert "int4:g64:se4m3+had:b32+chscale" in capsys.readouterr().out.splitlines()[-1].split()[1]
+    assert cli.main(["specs", "int4:g32+outliers", "--hidden", "640"]) == 0
+    bits = float(capsys.readouterr().out.splitlines()[-1].split()[-1])
+    assert bits == pytest.approx((10 * 16 + 630 * 4.5) / 640, abs=0.01)  # K = 640/64 = 10 calibrated channels
+
+
 def test_specs_rejects_a_bad_spec_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["specs", "int11"]) == 2
     err = capsys.readouterr().err
