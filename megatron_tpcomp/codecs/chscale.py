@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_tpcomp.codecs.base import Codec, CodecError, check_input, numel_of
+from megatron_tpcomp.codecs.base import Codec, CodecError, _into, check_input, numel_of
 
 #: Largest |exponent| of a channel scale (2^16: more evens out nothing a real activation has).
 MAX_EXPONENT = 16
@@ -152,11 +152,7 @@ class ChannelScaleCodec(Codec):
         _, down = self._factors(payloads.device)
         acc = self.inner.decode_sum(payloads, count, shape, torch.float32).reshape(rows, self.h)
         acc *= down  # exact; the one rounding to dtype follows
-        result = acc.reshape(tuple(shape)).to(dtype)
-        if out is not None:
-            out.view(result.shape).copy_(result)
-            return out.view(result.shape)
-        return result
+        return _into(acc.to(dtype), out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """The inner codec's bound on ``x * w``, divided by ``w`` per channel (None if the inner has none)."""
