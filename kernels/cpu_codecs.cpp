@@ -363,7 +363,6 @@ inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, b
 // `g` (= G when G > 0) is a multiple of 8; v holds 8 * g floats, codes gets 4 * g bytes, scales 16 bytes.
 
 // Per-lane maximum of the magnitude bits of one group's g values: 8 partial maxima.
-template <int G>
 inline __m256i int4_group_absmax_bits(const float* v, int g) {
   const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
   __m256i m = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)), magnitude);
@@ -378,7 +377,7 @@ inline __m256i hmax8x8(const __m256i a[8]) {
   __m256i u[2];
   for (int h = 0; h < 2; ++h) {
     const __m256i* p = a + 4 * h;
-    // [p0 p1 p0 p1 | ...] halves: lanes k and k + 2 of each 128-bit half, then k and k + 1.
+    // Within each 128-bit half: max of lanes (0, 2) and (1, 3) of p0 and p1 side by side, then of the two pairs.
     const __m256i t01 = _mm256_max_epi32(_mm256_unpacklo_epi32(p[0], p[1]), _mm256_unpackhi_epi32(p[0], p[1]));
     const __m256i t23 = _mm256_max_epi32(_mm256_unpacklo_epi32(p[2], p[3]), _mm256_unpackhi_epi32(p[2], p[3]));
     u[h] = _mm256_max_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
@@ -403,7 +402,7 @@ template <int G>
 inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint8_t* scales) {
   const int g = G > 0 ? G : g_runtime;
   __m256i partial[8];
-  for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits<G>(v + j * g, g);
+  for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits(v + j * g, g);
   const __m256i amax_bits = hmax8x8(partial);
   const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));  // NaN/Inf in the group
 
@@ -431,8 +430,9 @@ inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 4 * k), int4_pack32(q[0], q[1], q[2], q[3]));
   }
+  const int zero_pair = tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4);
   for (int m = _mm256_movemask_ps(_mm256_castsi256_ps(bad)); m != 0; m &= m - 1)
-    memset(codes + __builtin_ctz(m) * (g / 2), tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4), static_cast<size_t>(g / 2));
+    memset(codes + __builtin_ctz(m) * (g / 2), zero_pair, static_cast<size_t>(g / 2));
 }
 
 // Quantize groups v[0, 8g) (g a multiple of 8) into codes[0, 4g) and scales[0, 16).
