@@ -56,6 +56,13 @@ Candidates are ``SPEC`` or ``SPEC@ALGO`` (ALGO: ``one-shot``, the default, or ``
   reaches 5.13 bits per value, all 18 candidates 5.09, the previous default 6.43. Not in the defaults: ``int3``
   (never chosen at KL budgets <= 0.03), 128-value Hadamard blocks at g128 (worse than 32 at 47 of 60 sites),
   ``int4:g32+outliers`` (one site). Any spec is accepted with ``--candidates``.
+- Measured later on the same 512 tokens (session 5): static channel scales (``SPEC+chscale``, no extra bits)
+  cut the summed KL of int5:g64:se4m3+had from 0.019 to 0.013 and of int4:g64:se4m3+had from 0.072 to 0.060.
+  They help most where a massive channel shares its rotation blocks: layer 11 MLP 0.0064 -> 0.0022, layer 24
+  attention 0.0018 -> 0.0004. They do nothing for the largest single damage (layer 29 MLP, 0.017), and some
+  sites do better without, so the plain and scaled variants compete per site. With them the KL-0.0085 plan
+  needs 5.16 bits instead of 5.27. Calibrated outliers inside the rotation
+  (``int5:g64:se4m3+had+outliers``, 9 channels) reach 5.20.
 """
 
 from __future__ import annotations
