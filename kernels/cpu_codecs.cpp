@@ -9,7 +9,7 @@
 //                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
 //
 // Encode reads a tile of input values (fp32/bf16/fp16; a multiple of lcm(G, H) values, see work_tile_values) into
-// a float buffer, rotates it in place, quantizes its groups (INT4 on AVX2: eight groups at a time) and writes codes
+// a float buffer, rotates it in place, quantizes its groups (on AVX2: eight groups at a time) and writes codes
 // and scales: the input is read once and the payload written once.
 // Decode-sum reads the tile's codes from each of N payloads, adds the decoded values in fp32 in payload order
 // (the one-shot all-reduce, every rank the same bits), rotates back once (the rotation is linear, so the sum of
@@ -24,8 +24,10 @@
 
 #include "int4_core.h"
 
-// AVX2 + F16C (every x86 CPU with AVX2 has F16C; -march=native defines both): the INT4 encoder quantizes eight
-// groups at once (int4_quantize8 below). Without them (other ISAs, a baseline build) the scalar path runs.
+// AVX2 + F16C (every x86 CPU with AVX2 has F16C; -march=native defines both): the INT4 encoder and decoder and
+// the FP8 encoder work on eight groups / blocks at once (int4_quantize8, int4_accumulate8, fp8_quantize8 below)
+// and the bf16/fp16 output conversion is vectorized. Without them (other ISAs, a baseline build) the scalar
+// paths run; they stay in use for leftover groups and other block sizes.
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define TPC_INT4_AVX2 1
@@ -69,15 +71,60 @@ void load_tile(const void* x, int dt, int64_t start, int64_t n, float* buf, int 
   for (int64_t i = n; i < len; ++i) buf[i] = 0.0f;
 }
 
+#if defined(TPC_INT4_AVX2)
+// Output conversion of decode-sum, floats -> bf16 (16 at a time) / fp16 (8 at a time), lane for lane what
+// float_to_bf16_bits / float_to_half_bits return (checked over all 2^32 fp32 bit patterns):
+//   bf16  the same integer rounding, (x + 0x7FFF + ((x >> 16) & 1)) >> 16, and every NaN -> 0x7FC0
+//   fp16  vcvtps2ph with imm 0 rounds to nearest even, with overflow to inf and subnormal halves, like the
+//         scalar code; only NaN differs (vcvtps2ph keeps payload bits), so NaN lanes get sign | 0x7E00 as c10.
+inline __m256i nan_lanes(__m256i x) {
+  return _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+}
+
+inline __m256i bf16_bits8(__m256 f) {  // 8 results in the low 16 bits of each int32 lane
+  const __m256i x = _mm256_castps_si256(f);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(tpcomp::kBf16NaN), nan_lanes(x));
+}
+
+inline void store16_bf16(const float* v, uint16_t* p) {
+  // packus works per 128-bit half: [a 0-3, b 0-3 | a 4-7, b 4-7]; permute 64-bit units 0, 2, 1, 3 into order.
+  const __m256i packed = _mm256_packus_epi32(bf16_bits8(_mm256_loadu_ps(v)), bf16_bits8(_mm256_loadu_ps(v + 8)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+inline void store8_f16(const float* v, uint16_t* p) {
+  const __m256i x = _mm256_castps_si256(_mm256_loadu_ps(v));
+  const __m128i h = _mm256_cvtps_ph(_mm256_castsi256_ps(x), _MM_FROUND_TO_NEAREST_INT);
+  const __m256i nan_bits = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
+                                           _mm256_set1_epi32(tpcomp::kHalfNaN));
+  const __m256i nan = nan_lanes(x);
+  // Narrow the int32 lanes to 16 bits: signed saturation keeps the all-ones mask lanes all ones, unsigned
+  // saturation keeps 0x7E00 and 0xFE00 intact.
+  const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
+  const __m128i bits16 = _mm_packus_epi32(_mm256_castsi256_si128(nan_bits), _mm256_extracti128_si256(nan_bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blendv_epi8(h, bits16, nan16));
+}
+#endif
+
 void store_tile(const float* buf, int64_t n, int dt, int64_t start, void* out) {
   if (dt == kF32) {
     memcpy(static_cast<float*>(out) + start, buf, static_cast<size_t>(n) * sizeof(float));
-  } else if (dt == kBF16) {
-    uint16_t* p = static_cast<uint16_t*>(out) + start;
-    for (int64_t i = 0; i < n; ++i) p[i] = float_to_bf16_bits(buf[i]);
+    return;
+  }
+  uint16_t* p = static_cast<uint16_t*>(out) + start;
+  int64_t i = 0;
+  if (dt == kBF16) {
+#if defined(TPC_INT4_AVX2)
+    for (; i + 16 <= n; i += 16) store16_bf16(buf + i, p + i);
+#endif
+    for (; i < n; ++i) p[i] = float_to_bf16_bits(buf[i]);
   } else {
-    uint16_t* p = static_cast<uint16_t*>(out) + start;
-    for (int64_t i = 0; i < n; ++i) p[i] = float_to_half_bits(buf[i]);
+#if defined(TPC_INT4_AVX2)
+    for (; i + 8 <= n; i += 8) store8_f16(buf + i, p + i);
+#endif
+    for (; i < n; ++i) p[i] = float_to_half_bits(buf[i]);
   }
 }
 
@@ -328,7 +375,8 @@ inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8
 }
 
 // int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes. (Not unrolled by
-// a fixed G like int4_quantize: measured, that makes decode slower.)
+// a fixed G like int4_quantize: measured, that makes decode slower.) On AVX2, int4_accumulate8 below takes the
+// runs of eight groups; this handles the rest.
 inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
   uint16_t sb;
   memcpy(&sb, scale, 2);
@@ -446,6 +494,45 @@ inline void int4_quantize8(const float* v, int g, uint8_t* codes, uint8_t* scale
     default: int4_quantize8_g<0>(v, g, codes, scales);
   }
 }
+
+// Decode eight consecutive groups and add them to acc[0, 8g) (first: overwrite), as int4_accumulate does group
+// by group: per value acc = acc + float(code - 8) * scale (or acc = float(code - 8) * scale), the same two
+// roundings in the same order. The 8 fp16 scales convert in one vcvtph2ps, exact like half_bits_to_float
+// (a signalling-NaN scale comes out quieted; the product with it is the same quiet NaN either way). Codes
+// unpack 16 bytes (32 values) at a time: low and high nibbles interleaved back into value order, minus 8 as
+// int8, widened to int32 and converted exactly to float.
+template <int G>
+inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, bool first, float* acc) {
+  const int g = G > 0 ? G : g_runtime;
+  alignas(32) float s[8];
+  _mm256_store_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))));
+  const __m128i nibble = _mm_set1_epi8(0x0F), zero_code = _mm_set1_epi8(tpcomp::kInt4Zero);
+  const int vecs_per_group = g / 8;
+  for (int k = 0; k < g; k += 4) {  // 8g values = g vectors of 8; vector k is in group k / (g / 8)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 4 * k));
+    const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+    const __m128i q01 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), zero_code);  // values 0-15 as int8
+    const __m128i q23 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), zero_code);  // values 16-31
+    const __m128i q[4] = {q01, _mm_srli_si128(q01, 8), q23, _mm_srli_si128(q23, 8)};
+    for (int u = 0; u < 4; ++u) {
+      const __m256 scale = _mm256_broadcast_ss(s + (k + u) / vecs_per_group);
+      const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale);
+      float* a = acc + 8 * (k + u);
+      _mm256_storeu_ps(a, first ? value : _mm256_add_ps(_mm256_loadu_ps(a), value));
+    }
+  }
+}
+
+inline void int4_accumulate8(const uint8_t* codes, const uint8_t* scales, int g, bool first, float* acc) {
+  switch (g) {
+    case 8: int4_accumulate8_g<8>(codes, scales, g, first, acc); return;
+    case 16: int4_accumulate8_g<16>(codes, scales, g, first, acc); return;
+    case 32: int4_accumulate8_g<32>(codes, scales, g, first, acc); return;
+    case 64: int4_accumulate8_g<64>(codes, scales, g, first, acc); return;
+    case 128: int4_accumulate8_g<128>(codes, scales, g, first, acc); return;
+    default: int4_accumulate8_g<0>(codes, scales, g, first, acc);
+  }
+}
 #endif
 
 inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
@@ -456,6 +543,76 @@ inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale)
     default: int4_quantize_g<0>(v, g, codes, scale);
   }
 }
+
+#if defined(TPC_INT4_AVX2)
+// FP8 E4M3 element conversion, 8 lanes per vector (AVX2; the same macro as the INT4 paths). Per lane the
+// operations of quantize_block's two scalar loops: t = v * inv; clamp with max(t, -448) then min(., 448)
+// (maxps/minps return the second operand unless the compare says otherwise, so -0 stays -0 as with the
+// ternaries; t is never NaN for a finite block); then float_to_e4m3_bits with the same integer steps and the
+// same separately rounded |q| * 512 + 2^23. Checked against the scalar code over all 2^32 fp32 patterns of t.
+
+// E4M3 bits of 8 scaled values t (int32 lanes, 0..255).
+inline __m256i e4m3_bits8(__m256 t) {
+  const __m256i x = _mm256_castps_si256(_mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-kE4m3Max)), _mm256_set1_ps(kE4m3Max)));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(x, 24), _mm256_set1_epi32(0x80));
+  const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
+  const __m256i normal = _mm256_sub_epi32(
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(0x7FFFF)), odd), 20),
+      _mm256_set1_epi32(120 << 3));
+  const __m256 shifted =
+      _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(512.0f)), _mm256_set1_ps(8388608.0f));
+  const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B000000));
+  const __m256i is_normal = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x3C7FFFFF));  // mag >= 2^-6 (mag >= 0)
+  return _mm256_or_si256(sign, _mm256_blendv_epi8(sub, normal, is_normal));
+}
+
+// E4M3 codes of v[0, n) scaled by inv, 32 at a time; returns how many were done (n rounded down to 32).
+inline int fp8_codes32(const float* v, int n, float inv, uint8_t* codes) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i r0 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv));
+    const __m256i r1 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8), vinv));
+    const __m256i r2 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i + 16), vinv));
+    const __m256i r3 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i + 24), vinv));
+    // packus per 128-bit half: [r0 0-3, r1 0-3, r2 0-3, r3 0-3 | r0 4-7, ...]; dword permute back to value order.
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(r0, r1), _mm256_packus_epi32(r2, r3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  return i;
+}
+
+// Eight consecutive fp8 blocks of b values (b a multiple of 32) at once: the per-block scale work runs in the
+// lanes of one vector, each lane as quantize_block does it:
+//   absmax       the integer max over the magnitude bits (int4_group_absmax_bits, hmax8x8), NaN/Inf: >= 0x7F800000
+//   amax / 448   vdivps, correctly rounded like divss
+//   cap          `if (s > cap) s = cap` as a compare and blend
+//   tiny         0 < s < 2^-126 -> 2^-126
+//   1 / s        vdivps; 0 where s == 0
+// Non-finite blocks get the NaN scale and zero codes, written after the fact as in int4_quantize8_g.
+inline void fp8_quantize8(const float* v, int b, float scale_cap, uint8_t* codes, uint8_t* scales) {
+  __m256i partial[8];
+  for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits(v + j * b, b);
+  const __m256i amax_bits = hmax8x8(partial);
+  const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));
+  __m256 s = _mm256_div_ps(_mm256_castsi256_ps(amax_bits), _mm256_set1_ps(kE4m3Max));
+  const __m256 cap = _mm256_set1_ps(scale_cap);
+  s = _mm256_blendv_ps(s, cap, _mm256_cmp_ps(s, cap, _CMP_GT_OQ));
+  const __m256 tiny = _mm256_and_ps(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                    _mm256_cmp_ps(s, _mm256_set1_ps(kMinNormal), _CMP_LT_OQ));
+  s = _mm256_blendv_ps(s, _mm256_set1_ps(kMinNormal), tiny);
+  const __m256 nonzero = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+  alignas(32) float inv[8];
+  _mm256_store_ps(inv, _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), s), nonzero));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(scales),
+                      _mm256_blendv_epi8(_mm256_castps_si256(s), _mm256_set1_epi32(static_cast<int>(kF32NaNBits)), bad));
+  for (int j = 0; j < 8; ++j) fp8_codes32(v + j * b, b, inv[j], codes + j * b);
+  for (int m = _mm256_movemask_ps(_mm256_castsi256_ps(bad)); m != 0; m &= m - 1)
+    memset(codes + __builtin_ctz(m) * b, 0, static_cast<size_t>(b));
+}
+#endif
 
 inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
   if (c.format == kInt4) {
@@ -480,14 +637,18 @@ inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8
     memset(codes, 0, static_cast<size_t>(c.block));
     return;
   }
+  int done = 0;
+#if defined(TPC_INT4_AVX2)
+  done = fp8_codes32(v, c.block, inv, codes);
+#endif
   float q[kMaxTile];  // two straight-line loops: the compiler vectorizes each (one fused loop it does not)
-  for (int i = 0; i < c.block; ++i) {
+  const int n = c.block;  // a local bound: stores through uint8_t* may alias `c`, which blocks vectorizing
+  for (int i = done; i < n; ++i) {
     const float t = v[i] * inv;
     const float lo = t < -kE4m3Max ? -kE4m3Max : t;
     q[i] = lo > kE4m3Max ? kE4m3Max : lo;
   }
-  const int n = c.block;  // a local bound: stores through uint8_t* may alias `c`, which blocks vectorizing
-  for (int i = 0; i < n; ++i) codes[i] = float_to_e4m3_bits(q[i]);
+  for (int i = done; i < n; ++i) codes[i] = float_to_e4m3_bits(q[i]);
 }
 
 // acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
@@ -522,13 +683,12 @@ int threads_for(int64_t numel, int nthreads) {
 }
 
 // Tile of the encode and decode loops: tile_values, times the smallest factor that makes it hold a multiple of 8
-// INT4 groups when that fits (int4_quantize8 takes 8 groups at a time; int4:g32+had would otherwise run tiles of
-// lcm = 32 values, one group, and pay the per-tile overhead for every group). The tile only decides how the work
+// INT4 groups or FP8 blocks when that fits (int4_quantize8 and fp8_quantize8 take 8 at a time; int4:g32+had
+// would otherwise run tiles of lcm = 32 values, one group, and pay the per-tile overhead for every group). The tile only decides how the work
 // is cut: every value is computed the same way, so the bytes do not depend on it.
 int work_tile_values(const Codec& c) {
   const int tile = tile_values(c);
-  if (c.format != kInt4) return tile;
-  const int eight = 8 * c.block;
+  const int eight = 8 * c.block;  // INT4 and FP8 alike: the AVX2 encoders take 8 blocks at a time
   const int scaled = tile / gcd(tile, eight) * eight;  // lcm(tile, 8 groups)
   return scaled <= kMaxTile ? scaled : tile;
 }
@@ -559,6 +719,11 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
         o += 8 * c.block;
         continue;
       }
+      if (c.format == kFp8E4m3 && c.block % 32 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
+        fp8_quantize8(buf + o, c.block, c.scale_cap, payload + b * c.block, scales + b * 4);
+        o += 8 * c.block;
+        continue;
+      }
 #endif
       quantize_block(c, buf + o, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
       o += c.block;
@@ -577,15 +742,28 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
     float acc[kMaxTile];
     const int64_t start = t * tile;
     int len = 0;
-    for (int o = 0; o < tile; o += c.block) {
+    for (int o = 0; o < tile;) {
       const int64_t b = (start + o) / c.block;
       if (b >= nblocks) break;
+#if defined(TPC_INT4_AVX2)
+      // Eight groups at a time, payloads in order 0..count-1 for each: every value sees the same adds.
+      if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
+        for (int r = 0; r < count; ++r) {
+          const uint8_t* p = payloads + r * nbytes;
+          int4_accumulate8(p + b * (c.block / 2), p + c.scales_offset + b * 2, c.block, r == 0, acc + o);
+        }
+        o += 8 * c.block;
+        len = o;
+        continue;
+      }
+#endif
       for (int r = 0; r < count; ++r) {
         const uint8_t* p = payloads + r * nbytes;
         accumulate_block(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), r == 0,
                          acc + o);
       }
-      len = o + c.block;
+      o += c.block;
+      len = o;
     }
     if (c.rot.block) {
       for (int i = len; i < tile; ++i) acc[i] = 0.0f;  // blocks past the payload: dropped below anyway
