@@ -124,7 +124,9 @@ def test_shaped_transfer_is_near_bytes_over_rate_and_cleanup() -> None:
         assert info["shaped"] and info["mode"] == "veth-pair" and info["rate"] == "200mbit"
         assert info["burst"] == linkmod.MIN_BURST and info["limit"] >= linkmod.MIN_LIMIT
         assert "tbf" in link.qdisc_stats(0) and "tbf" in link.qdisc_stats(1)
-        assert signal.getsignal(signal.SIGINT) == link._on_signal
+        # Installed, unless the test runner was started with SIGINT ignored (nohup-style): then it stays ignored.
+        expected = signal.SIG_IGN if sigint_before == signal.SIG_IGN else link._on_signal
+        assert signal.getsignal(signal.SIGINT) == expected
         shaped = _transfer(link, nbytes)
     assert not _ours(names)
     assert signal.getsignal(signal.SIGINT) is sigint_before
@@ -156,7 +158,8 @@ def test_bridge_for_three_ranks_and_cleanup_on_exception() -> None:
 # tens of seconds on a loaded 2-core machine.
 HOLDER = textwrap.dedent(
     """
-    import importlib.util, json, sys, time
+    import importlib.util, json, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the runner ignores it
     spec = importlib.util.spec_from_file_location("tpcomp_link", sys.argv[1])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
