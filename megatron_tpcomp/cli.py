@@ -50,20 +50,14 @@ def _cmd_specs(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=512, help="tokens used for bits/value (default 512)")
     args = parser.parse_args(argv)
 
-    from megatron_tpcomp.codecs import CodecError, make_codec
-    from megatron_tpcomp.spec import parse_spec
+    from megatron_tpcomp.codecs import CodecError, sizing_codec
 
     shape = (args.tokens, args.hidden)
     specs = [args.spec] if args.spec else list(PRESETS)
     print(f"{'spec':<24} {'canonical':<36} {'bits/value':>10}  (message of {args.tokens} x {args.hidden})")
     for spec in specs:
         try:
-            cs = parse_spec(spec)
-            # Static tables (calibrated) change no payload size but the outlier count: stand-ins of the sizes a
-            # calibration would give (K = hidden/64).
-            channels = list(range(max(args.hidden // 64, 1))) if cs.outliers and not cs.outliers_k else None
-            exponents = [0] * args.hidden if cs.chscale else None
-            codec = make_codec(cs, outlier_channels=channels, channel_scale_exponents=exponents)
+            codec = sizing_codec(spec, args.hidden)  # calibrated tables: stand-ins of their sizes
         except CodecError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

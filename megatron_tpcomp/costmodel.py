@@ -174,6 +174,24 @@ class CostModel:
                     best = (spec, algo, t)
         return best
 
+    def choose_message(self, op: str, x: Any, codec: Any, n: int, algo: str) -> tuple[str, str]:
+        """Policy ``auto`` for one message: :meth:`choose` between the stock collective and ``codec`` (on
+        ``algo``'s algorithms: both for ``auto``) for tensor ``x`` (this rank's input; ``op`` in all_reduce |
+        all_gather | reduce_scatter, world size ``n``), with the payload and the pipelining the collectives would
+        use. Returns ``(spec, algo)`` or ``("none", "stock")``. The Megatron intercept and the collective
+        benchmark both decide through here."""
+        from megatron_tpcomp.collectives import pipeline_chunks
+
+        nbytes = x.numel() * x.element_size()
+        if op == "reduce_scatter":
+            payload = n * codec.payload_nbytes((x.shape[0] // max(n, 1), *x.shape[1:]))
+        else:
+            payload = codec.payload_nbytes(x.shape)
+        chunks = pipeline_chunks(nbytes, x.device.type, codec.block_local) if op == "all_reduce" else 1
+        algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
+        spec, chosen, _ = self.choose(op, nbytes, n, [(codec.spec, payload)], algos, chunks)
+        return spec, chosen
+
     # ---------------------------------------------------------------------------------------------------- I/O
 
     def to_json(self) -> dict[str, Any]:
@@ -307,16 +325,16 @@ def fit_overheads(model: CostModel, records: Iterable[Mapping[str, Any]]) -> dic
         by_path.setdefault(path_key(r["op"], r.get("algo_used") or r.get("algo") or "one-shot", n), []).append(r)
     out = {}
     for key, rows in by_path.items():
+        op, algo, n = key.split("/")
         smallest = min(int(r["bytes"]) for r in rows)
-        residuals = []
-        for r in rows:
-            if int(r["bytes"]) != smallest:
-                continue
-            op, algo, n = key.split("/")[0], key.split("/")[1], int(r["world_size"])
-            formula = model.path_formula(
-                op, smallest, n, r["canonical"], payload_bytes(r), algo, int(r.get("chunks") or 1)
+        residuals = [
+            r["median_ms"] / 1e3
+            - model.path_formula(
+                op, smallest, int(n), r["canonical"], payload_bytes(r), algo, int(r.get("chunks") or 1)
             )
-            residuals.append(r["median_ms"] / 1e3 - formula)
+            for r in rows
+            if int(r["bytes"]) == smallest
+        ]
         out[key] = statistics.median(residuals)
     return out
 

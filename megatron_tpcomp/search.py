@@ -115,12 +115,9 @@ def split_candidate(name: str) -> tuple[str, str]:
 def candidate_bits(name: str, shape: tuple[int, int], outlier_k: int) -> float:
     """Payload bits per value of candidate ``name`` for one ``shape`` message (``+outliers`` with a static table
     of ``outlier_k`` channels). Raises CodecError for a bad spec, ValueError for a bad algo."""
-    from megatron_tpcomp.codecs import make_codec
+    from megatron_tpcomp.codecs import sizing_codec
 
-    spec, _ = split_candidate(name)
-    channels = list(range(outlier_k)) if "+outliers" in spec else None
-    exponents = [0] * shape[-1] if "+chscale" in spec else None  # static: the exponents send nothing
-    return make_codec(spec, outlier_channels=channels, channel_scale_exponents=exponents).bits_per_value(shape)
+    return sizing_codec(split_candidate(name)[0], shape[-1], outlier_k).bits_per_value(shape)
 
 
 def wire_factor(algo: str, tp: int) -> float:

@@ -71,7 +71,7 @@ def test_assignment_becomes_a_valid_config() -> None:
 
 
 def test_candidates_name_their_algorithm_and_take_their_bits_from_the_codec() -> None:
-    from megatron_tpcomp.codecs import CodecError
+    from megatron_tpcomp.codecs import CodecError, make_codec
     from megatron_tpcomp.search import DEFAULT_CANDIDATES, candidate_bits, split_candidate
 
     assert split_candidate("int4:g64+had") == ("int4:g64+had", "one-shot")
@@ -87,6 +87,9 @@ def test_candidates_name_their_algorithm_and_take_their_bits_from_the_codec() ->
     assert candidate_bits("int4:g64:se4m3+had", shape, 9) == 4.125
     assert candidate_bits("int8:g32", shape, 9) == 8.5
     assert candidate_bits("int4:g32+outliers", shape, 9) == pytest.approx(4.68, abs=0.01)
+    # Dynamic outliers pick their own K channels per message and send the indices: no table involved.
+    dynamic = make_codec("int4:g32+outliers:k4").bits_per_value(shape)
+    assert candidate_bits("int4:g32+outliers:k4", shape, 9) == dynamic
     with pytest.raises(CodecError):
         candidate_bits("int4:gq", shape, 9)
     bits = [candidate_bits(c, shape, 9) for c in DEFAULT_CANDIDATES]

@@ -86,21 +86,13 @@ def compressed_fn(
 
 
 def auto_choice(op: str, x: torch.Tensor, algo: str, n: int, perf_table: str | None) -> tuple[str, str]:
-    """Policy ``auto`` for one message, as the Megatron intercept decides it (``intercept._auto_config``):
-    ``(spec, algo)`` of the path the cost model predicts fastest, ``("none", "stock")`` for the stock collective."""
+    """Policy ``auto`` for one message, decided as the Megatron intercept decides it
+    (:meth:`CostModel.choose_message`): ``(spec, algo)`` of the path the cost model predicts fastest,
+    ``("none", "stock")`` for the stock collective."""
     from megatron_tpcomp.config import AUTO_DEFAULT_SPEC
     from megatron_tpcomp.costmodel import CostModel
 
-    codec = collectives.resolve_codec(AUTO_DEFAULT_SPEC)
-    nbytes = x.numel() * x.element_size()
-    if op == "reduce_scatter":
-        payload = n * codec.payload_nbytes((x.shape[0] // n, *x.shape[1:]))
-    else:
-        payload = codec.payload_nbytes(x.shape)
-    chunks = collectives.pipeline_chunks(nbytes, x.device.type, codec.block_local) if op == "all_reduce" else 1
-    algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
-    spec, chosen, _ = CostModel.load(perf_table).choose(op, nbytes, n, [(codec.spec, payload)], algos, chunks)
-    return spec, chosen
+    return CostModel.load(perf_table).choose_message(op, x, collectives.resolve_codec(AUTO_DEFAULT_SPEC), n, algo)
 
 
 def _decode_sum(codec: Codec, payloads: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

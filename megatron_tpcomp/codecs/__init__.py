@@ -26,7 +26,7 @@ import torch
 from megatron_tpcomp.codecs.base import Codec, CodecError, IdentityCodec
 from megatron_tpcomp.spec import CodecSpec, canonical, parse_spec
 
-__all__ = ["Codec", "CodecError", "IdentityCodec", "make_codec"]
+__all__ = ["Codec", "CodecError", "IdentityCodec", "make_codec", "sizing_codec"]
 
 
 def make_codec(
@@ -97,3 +97,14 @@ def make_codec(
 
         codec = ChannelScaleCodec(codec, channel_scale_exponents)
     return codec
+
+
+def sizing_codec(spec: str | CodecSpec, hidden: int, outlier_k: int | None = None) -> Codec:
+    """A codec of ``spec`` for sizing payloads without a calibration: the static tables of ``+outliers``
+    (``outlier_k`` channels, default hidden/64 as calibration picks) and ``+chscale`` (``hidden`` exponents) are
+    stand-ins of the calibrated sizes. Payload sizes depend on nothing else; never send with it."""
+    cs = parse_spec(spec)
+    k = max(hidden // 64, 1) if outlier_k is None else outlier_k
+    channels = list(range(k)) if cs.outliers and not cs.outliers_k else None  # ':k<K>' picks per message
+    exponents = [0] * hidden if cs.chscale else None
+    return make_codec(cs, outlier_channels=channels, channel_scale_exponents=exponents)

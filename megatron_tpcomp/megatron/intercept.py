@@ -160,16 +160,7 @@ def _auto_config(op: str, site: Site, tensor: torch.Tensor, codec: Any, state: _
     """Policy ``auto``: the config to compress this message with (its algorithm chosen among ``algo``'s: both
     for ``auto``), or None to send it uncompressed, whichever the cost model predicts faster. Every rank sees the
     same shape, dtype, config and table, so every rank takes the same decision."""
-    kind = _COST_OPS.get(op, "all_gather")
-    nbytes = tensor.numel() * tensor.element_size()
-    if kind == "reduce_scatter":
-        shape = (tensor.shape[0] // max(state.tp_size, 1), *tensor.shape[1:])
-        payload = state.tp_size * codec.payload_nbytes(shape)
-    else:
-        payload = codec.payload_nbytes(tensor.shape)
-    algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
-    chunks = collectives.pipeline_chunks(nbytes, tensor.device.type, codec.block_local) if kind == "all_reduce" else 1
-    spec, chosen, _ = state.cost.choose(kind, nbytes, state.tp_size, [(codec.spec, payload)], algos, chunks)
+    spec, chosen = state.cost.choose_message(_COST_OPS.get(op, "all_gather"), tensor, codec, state.tp_size, algo)
     auto_choices[(op, str(site), "none" if spec == "none" else f"{spec}@{chosen}")] += 1
     if spec == "none":
         return None
