@@ -44,19 +44,30 @@ __all__ = [
 
 
 def enable(model: Any, spec_or_config: str | CompressionConfig | Path, *, telemetry: bool = False) -> CompressionConfig:
-    """Compress ``model``'s forward TP collectives (a spec, a CompressionConfig, or a config file path)."""
-    from megatron_tpcomp.megatron import intercept
+    """Compress ``model``'s forward TP collectives.
+
+    ``model``: a megatron-core model, a list of model chunks (what Megatron-LM's ``get_model`` returns), or
+    wrapped models (Float16Module, DDP). ``spec_or_config``: a spec (``"int4:g32+had"``), a CompressionConfig,
+    or a config file path (a ``Path``, or a string ending in ``.json``/``.yaml``/``.yml``).
+    """
+    from megatron_tpcomp.megatron.args import enable_chunks, load_spec_or_config
 
     if isinstance(spec_or_config, Path):
         spec_or_config = CompressionConfig.load(spec_or_config)
-    return intercept.enable(model, spec_or_config, telemetry=telemetry)
+    elif isinstance(spec_or_config, str):
+        spec_or_config = load_spec_or_config(spec_or_config)
+    elif not isinstance(spec_or_config, CompressionConfig):
+        raise ConfigError(
+            f"expected a spec string, a CompressionConfig or a config file path, got {type(spec_or_config).__name__}"
+        )
+    return enable_chunks(model, spec_or_config, telemetry=telemetry)
 
 
 def disable(model: Any) -> None:
-    """Undo :func:`enable`: the model uses Megatron's own collectives again."""
-    from megatron_tpcomp.megatron import intercept
+    """Undo :func:`enable` (same kinds of ``model``): Megatron's own collectives again."""
+    from megatron_tpcomp.megatron.args import disable_chunks
 
-    intercept.disable(model)
+    disable_chunks(model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def apply_args(model: Any, args: argparse.Namespace, *, telemetry: bool = False) -> CompressionConfig | None:
-    """Enable compression on ``model`` from parsed ``add_arguments`` flags (None when off)."""
+    """Enable compression on ``model`` (a model, chunks, or wrapped models) from parsed ``add_arguments`` flags
+    (None when off)."""
     from megatron_tpcomp.megatron.args import apply_args as _apply
 
     return _apply(model, args, telemetry=telemetry)

@@ -2,6 +2,7 @@
 
 Subcommands:
     convert         Hugging Face / GGUF / smollm2-135m -> TP-sharded Megatron-Core checkpoint; reshard; export to HF
+    megatron-args   the Megatron-LM flags (architecture, TP, tokenizer) that load a converted checkpoint
     calibrate       per-layer statistics of the TP collectives, outlier channels, a per-layer config
     eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
     demo            the main job: SmolLM2-135M at TP=3 over local gloo processes, generating with and without INT4
@@ -113,6 +114,12 @@ def _cmd_convert(argv: list[str]) -> int:
     return convert.main(argv)
 
 
+def _cmd_megatron_args(argv: list[str]) -> int:
+    from megatron_tpcomp.checkpoint import megatron_args
+
+    return megatron_args.main(argv)
+
+
 def _cmd_calibrate(argv: list[str]) -> int:
     from megatron_tpcomp import calibration
 
@@ -127,6 +134,7 @@ def _cmd_eval(argv: list[str]) -> int:
 
 COMMANDS = {
     "convert": _cmd_convert,
+    "megatron-args": _cmd_megatron_args,
     "eval": _cmd_eval,
     "calibrate": _cmd_calibrate,
     "demo": _cmd_demo,

@@ -7,12 +7,15 @@ makes the directory self-describing)::
       tpcomp_checkpoint.json               format, model config, TP size, tokenizer, source, compression config,
                                            and the size + SHA-256 of every shard (written last)
       latest_checkpointed_iteration.txt    "release"
-      release/mp_rank_00/model_optim_rng.pt   {"model": state dict of TP rank 0, "checkpoint_version": 3.0}
+      release/mp_rank_00/model_optim_rng.pt   {"model": state dict of TP rank 0, "checkpoint_version": 3.0,
+                                              "args": Megatron-LM's args, "iteration": 0} (megatron_args.py)
       release/mp_rank_01/model_optim_rng.pt   ...
       tokenizer.json                       Hugging Face ``tokenizers`` file (when the source had a tokenizer)
+      tokenizer_config.json                its BOS/EOS/PAD tokens, for Megatron-LM's Hugging Face tokenizer
 
-A shard holds only tensors (and ``None`` for Megatron's empty ``_extra_state`` entries) and is loaded with
-``torch.load(weights_only=True)``: no pickled code ever runs. Saving writes into a temporary sibling directory
+A shard holds only tensors (and ``None`` for Megatron's empty ``_extra_state`` entries), plus Megatron-LM's
+``args`` (an ``argparse.Namespace`` of plain values), and is loaded with ``torch.load(weights_only=True)`` with
+only ``argparse.Namespace`` allowed besides: no pickled code ever runs. Saving writes into a temporary sibling directory
 and renames it into place at the end, so an interrupted save never leaves a directory that looks complete.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from megatron_tpcomp.checkpoint import megatron_args
 from megatron_tpcomp.megatron.model import ModelConfig
 
 FORMAT = "megatron-tpcomp-checkpoint"
@@ -162,12 +166,16 @@ def save_checkpoint(
             rel = shard_relpath(rank)
             path = tmp / rel
             path.parent.mkdir(parents=True)
-            torch.save({"model": sd, "checkpoint_version": 3.0}, path)
+            # Megatron-LM's own keys too (args, iteration): --use-checkpoint-args reads the architecture.
+            extras = megatron_args.shard_extras(model_config, tp_size, str(dtype).removeprefix("torch."))
+            torch.save({"model": sd, "checkpoint_version": 3.0, **extras}, path)
             files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         (tmp / "latest_checkpointed_iteration.txt").write_text("release")
         tokenizer = None
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+            # BOS/EOS/PAD by text, for Megatron-LM's Hugging Face tokenizer (else its eod is None).
+            megatron_args.write_tokenizer_config(tmp, tokenizer_json, dict(tokenizer_ids or {}))
             tokenizer = {"file": TOKENIZER_FILE, **dict(tokenizer_ids or {})}
         meta = CheckpointMeta(
             path=out,
@@ -266,7 +274,8 @@ def load_shard(meta: CheckpointMeta, tp_rank: int, *, verify: bool = True) -> di
     if verify and _sha256(path) != meta.files[rel]["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 does not match the metadata (the file is corrupted)")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with megatron_args.safe_globals():  # the shard's Megatron-LM args are an argparse.Namespace
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError (zip), EOFError
         raise CheckpointError(f"{path}: cannot be loaded as a weights-only torch file: {exc}") from exc
     if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):

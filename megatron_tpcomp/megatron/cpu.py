@@ -27,6 +27,34 @@ installed on a machine without CUDA (enable_cpu refuses otherwise), where each o
  6    (inference) the controller times steps with ``torch.cuda.Event``  a wall-clock event with the same methods
 ====  ================================================================  ========================================
 
+Megatron-LM's ``megatron.training`` (the package its own scripts start through: ``initialize_megatron``,
+``get_model``, ``load_checkpoint``) assumes CUDA in a few more places. ``enable_cpu(training=True)`` also
+installs these (table :data:`TRAINING_PATCHES`; they need Megatron-LM's ``megatron/training`` importable, which
+the megatron-core wheel does not ship):
+
+====  ================================================================  ========================================
+ #    megatron.training code that assumes CUDA                          patch
+====  ================================================================  ========================================
+ T1   ``initialize_megatron`` asserts ``torch.cuda.is_available()``     called with ``allow_no_cuda=True`` (its
+      unless ``allow_no_cuda=True`` (scripts never pass it)             documented CPU switch)
+ T2   ``validate_args`` reads ``get_device_arch_version()`` (CUDA       the CPU has no CUDA stream-connection
+      device properties) when TP > 1                                    limit: answers 10, so Megatron does not
+                                                                        demand ``CUDA_DEVICE_MAX_CONNECTIONS=1``
+ T3   ``_initialize_distributed`` initialises NCCL and skips the        gloo process group first, then
+      model-parallel groups when ``torch.cuda.device_count() == 0``     Megatron's own code sees one device
+ T4   ``_set_random_seed`` skips the TP RNG tracker when                Megatron's own code sees one device
+      ``device_count() == 0`` (then dropout/init forks fail)            (the tracker itself is patch 1a/1b)
+ T5   ``_compile_dependencies`` builds the dataset C++ helper and the   nothing to build for CPU inference
+      CUDA fused kernels
+ T6   ``checkpointing.read_metadata`` all-reduces the iteration in a    same reading, the tensor on the CPU
+      ``device="cuda"`` tensor
+ T7   the inference scripts end with ``torch.cuda.memory_stats()        every counter 0 (no CUDA memory was
+      ["allocated_bytes.all.peak"]``                                    allocated)
+====  ================================================================  ========================================
+
+"One device" in T3/T4 is scoped: ``torch.cuda.device_count`` answers 1 only while that one Megatron function
+runs (after the gloo group exists, so nothing calls ``torch.cuda.set_device``), and answers 0 again after.
+
 Known difference from the GPU (patch 1b): inside ``fork()`` the tracked state *is* the CPU generator, so a random
 draw there (dropout > 0 in training) makes Megatron log "CPU RNG state changed within GPU RNG context". The
 draws themselves are right (per-TP-rank tracked stream, outer stream restored); inference and dropout 0 draw
@@ -39,6 +67,7 @@ anything is patched.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib
@@ -181,6 +210,134 @@ class _CpuTimingEvent:
         return (end_event._t - self._t) * 1e3
 
 
+# ------------------------------------------------------------------------------- megatron.training (T1-T7)
+
+#: What :func:`_cpu_device_arch_version` answers (patch T2): Megatron's "Blackwell or later", the first
+#: architecture without the ``CUDA_DEVICE_MAX_CONNECTIONS=1`` requirement, which is a CUDA stream-scheduling
+#: matter with no CPU meaning.
+CPU_DEVICE_ARCH = 10
+
+
+def _make_initialize_megatron(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``initialize_megatron`` with ``allow_no_cuda=True`` (patch T1); every other argument passes through."""
+
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    initialize_megatron.__wrapped__ = original  # type: ignore[attr-defined]
+    return initialize_megatron
+
+
+def _cpu_device_arch_version() -> int:
+    """``megatron.training.utils.get_device_arch_version`` without a CUDA device (patch T2)."""
+    return CPU_DEVICE_ARCH
+
+
+@contextlib.contextmanager
+def _one_device() -> Iterator[None]:
+    """``torch.cuda.device_count()`` answers 1 inside the block (patches T3/T4), 0 again after."""
+    original = torch.cuda.device_count
+    torch.cuda.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.cuda.device_count = original
+
+
+def _make_initialize_distributed(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``megatron.training.initialize._initialize_distributed`` on CPU (patch T3).
+
+    The default process group is created here with gloo (NCCL needs CUDA) from Megatron's own ``args.rank``,
+    ``args.world_size`` and ``args.distributed_timeout_minutes``; Megatron's function then finds it initialised
+    and, seeing one device, builds every model-parallel group itself (with all of its arguments).
+    """
+
+    def _initialize_distributed(*args: Any, **kwargs: Any) -> Any:
+        import datetime
+
+        import torch.distributed as dist
+        from megatron.training import get_args
+
+        margs = get_args()
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo",
+                rank=margs.rank,
+                world_size=margs.world_size,
+                timeout=datetime.timedelta(minutes=margs.distributed_timeout_minutes),
+            )
+        with _one_device():
+            return original(*args, **kwargs)
+
+    _initialize_distributed.__wrapped__ = original  # type: ignore[attr-defined]
+    return _initialize_distributed
+
+
+def _make_set_random_seed(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``megatron.training.initialize._set_random_seed`` that also seeds the TP RNG tracker on CPU (patch T4)."""
+
+    def _set_random_seed(*args: Any, **kwargs: Any) -> Any:
+        with _one_device():
+            return original(*args, **kwargs)
+
+    _set_random_seed.__wrapped__ = original  # type: ignore[attr-defined]
+    return _set_random_seed
+
+
+def _cpu_compile_dependencies() -> None:
+    """``megatron.training.initialize._compile_dependencies`` on CPU (patch T5): nothing to build. The dataset
+    index helper serves training data loaders and the fused kernels are CUDA; inference uses neither."""
+    return None
+
+
+def _make_read_metadata(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``megatron.training.checkpointing.read_metadata`` on CPU (patch T6).
+
+    The tracker file holds an iteration number or ``release`` (then iteration 0); the result is
+    ``(max iteration over the ranks, release)``, with the all-reduce in a CPU tensor (gloo) instead of
+    ``device="cuda"``. Anything else in the file is Megatron's own error: the original is called for it.
+    """
+
+    def read_metadata(tracker_filename: Any) -> tuple[int, bool]:
+        import torch.distributed as dist
+
+        with open(tracker_filename) as f:
+            text = f.read().strip()
+        if text == "release":
+            iteration, release = 0, True
+        else:
+            try:
+                iteration, release = int(text), False
+            except ValueError:
+                return original(tracker_filename)  # Megatron reports a bad file its own way
+            if iteration < 0:
+                return original(tracker_filename)
+        if dist.is_initialized():
+            t = torch.tensor([iteration], dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if int(t[0]) != iteration:
+                logger.warning(
+                    "megatron-tpcomp: rank %d read iteration %d from %s, the others up to %d: using %d",
+                    dist.get_rank(),
+                    iteration,
+                    tracker_filename,
+                    int(t[0]),
+                    int(t[0]),
+                )
+            iteration = int(t[0])
+        return iteration, release
+
+    read_metadata.__wrapped__ = original  # type: ignore[attr-defined]
+    return read_metadata
+
+
+def _cpu_memory_stats(device: Any = None) -> collections.defaultdict[str, int]:
+    """``torch.cuda.memory_stats`` without CUDA (patch T7): no CUDA memory was ever allocated, so every
+    counter (any key) is 0."""
+    return collections.defaultdict(int)
+
+
 # ------------------------------------------------------------------------------------------------ patch table
 
 
@@ -218,6 +375,20 @@ PATCHES: tuple[PatchSpec, ...] = (
     ),
     PatchSpec("torch", "Tensor.cuda", lambda _: _tensor_cuda_stays_on_cpu, inference_only=True),
     PatchSpec("torch.cuda", "Event", lambda _: _CpuTimingEvent, inference_only=True),
+)
+
+
+#: megatron.training's CUDA assumptions (patches T1-T7), installed by ``enable_cpu(training=True)``.
+TRAINING_PATCHES: tuple[PatchSpec, ...] = (
+    PatchSpec("megatron.training.initialize", "initialize_megatron", _make_initialize_megatron),
+    # ``megatron/training/__init__.py`` re-exports it: scripts import it from either place.
+    PatchSpec("megatron.training", "initialize_megatron", _make_initialize_megatron),
+    PatchSpec("megatron.training.arguments", "get_device_arch_version", lambda _: _cpu_device_arch_version),
+    PatchSpec("megatron.training.initialize", "_initialize_distributed", _make_initialize_distributed),
+    PatchSpec("megatron.training.initialize", "_set_random_seed", _make_set_random_seed),
+    PatchSpec("megatron.training.initialize", "_compile_dependencies", lambda _: _cpu_compile_dependencies),
+    PatchSpec("megatron.training.checkpointing", "read_metadata", _make_read_metadata),
+    PatchSpec("torch.cuda", "memory_stats", lambda _: _cpu_memory_stats),
 )
 
 
@@ -296,13 +467,15 @@ def _restore(qualnames: tuple[str, ...] | list[str]) -> None:
             setattr(entry.owner, entry.name, entry.own_entry)
 
 
-def enable_cpu(*, inference: bool = True) -> CpuPatches:
+def enable_cpu(*, inference: bool = True, training: bool = False) -> CpuPatches:
     """Install the CPU patches (idempotent: what is already installed stays as it is).
 
     Args:
         inference: also patch the two CUDA calls of the static inference engine (``Tensor.cuda``,
             ``torch.cuda.Event``); these touch torch itself, so leave them out when only building and running
             models.
+        training: also patch Megatron-LM's ``megatron.training`` (:data:`TRAINING_PATCHES`), for its own
+            scripts (``python -m megatron_tpcomp.megatron_lm``); needs Megatron-LM's source importable.
 
     Returns:
         A :class:`CpuPatches` handle listing every installed patch.
@@ -313,7 +486,8 @@ def enable_cpu(*, inference: bool = True) -> CpuPatches:
     """
     if torch.cuda.is_available():
         raise RuntimeError("enable_cpu() is for machines without CUDA; this one has CUDA: run on the GPU")
-    todo = [s for s in PATCHES if s.qualname not in _installed and (inference or not s.inference_only)]
+    table = PATCHES + (TRAINING_PATCHES if training else ())
+    todo = [s for s in table if s.qualname not in _installed and (inference or not s.inference_only)]
     # Resolve everything before touching anything: a moved attribute must not leave half the patches on.
     resolved = [(spec, *_resolve(spec)) for spec in todo]
     for spec, owner, name, original in resolved:
@@ -352,10 +526,10 @@ def patched_attributes() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def cpu_megatron(*, inference: bool = True) -> Iterator[CpuPatches]:
+def cpu_megatron(*, inference: bool = True, training: bool = False) -> Iterator[CpuPatches]:
     """``with cpu_megatron(): ...``: the block runs with the CPU patches; on exit only the patches this block
     installed are removed (an enclosing ``enable_cpu()`` stays in force)."""
-    handle = enable_cpu(inference=inference)
+    handle = enable_cpu(inference=inference, training=training)
     try:
         yield handle
     finally:

@@ -1,0 +1,74 @@
+"""Megatron-LM's own source (``megatron/training``, ``examples/inference``, ``tools``) for the tests of this
+package: ``$MEGATRON_LM_DIR`` (a user's checkout), else the ``core_v0.16.1`` source archive beside the repository
+(``../shared/fixtures/megatron-lm/``) unpacked into a temporary directory; else every test here skips, saying
+how to run it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHIVE = ROOT.parent / "shared" / "fixtures" / "megatron-lm" / "Megatron-LM-core_v0.16.1.tar.gz"
+HOW = (
+    "set MEGATRON_LM_DIR to a Megatron-LM checkout (core_v0.16.1 tested), or put its source archive at "
+    "../shared/fixtures/megatron-lm/Megatron-LM-core_v0.16.1.tar.gz beside the repository; megatron.training "
+    "also needs `pip install six triton simpy`"
+)
+
+
+def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Plain files and directories inside the archive's one top folder (no links, no absolute paths)."""
+    out = []
+    for m in tar.getmembers():
+        if (m.isfile() or m.isdir()) and not m.name.startswith("/") and ".." not in Path(m.name).parts:
+            out.append(m)
+    return out
+
+
+@pytest.fixture(scope="session")
+def megatron_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root of a Megatron-LM tree (holds ``megatron/training`` and ``examples/inference``)."""
+    missing = [m for m in ("six", "triton", "simpy") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"Megatron-LM's megatron.training needs {', '.join(missing)}: {HOW}")
+    given = os.environ.get("MEGATRON_LM_DIR")
+    if given:
+        root = Path(given)
+        if not (root / "megatron" / "training" / "__init__.py").is_file():
+            pytest.fail(
+                f"MEGATRON_LM_DIR={given} has no megatron/training/__init__.py; expected a Megatron-LM checkout"
+            )
+        return root
+    if not ARCHIVE.is_file():
+        pytest.skip(f"no Megatron-LM source: {HOW}")
+    out = tmp_path_factory.mktemp("megatron-lm")
+    with tarfile.open(ARCHIVE) as tar:
+        tar.extractall(out, members=_safe_members(tar), filter="data")
+    (root,) = [p for p in out.iterdir() if p.is_dir()]
+    return root
+
+
+@pytest.fixture
+def megatron_training(megatron_lm_dir: Path) -> Iterator[Path]:
+    """``megatron.training`` importable in this process (the tree first on ``sys.path`` for the test)."""
+    sys.path.insert(0, str(megatron_lm_dir))
+    try:
+        yield megatron_lm_dir
+    finally:
+        sys.path.remove(str(megatron_lm_dir))
+
+
+@pytest.fixture(scope="session")
+def described_ckpt(real_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M at TP=3 written by today's converter (Megatron-LM ``args`` in every shard, and a
+    ``tokenizer_config.json``), resharded from the cached conversion."""
+    from megatron_tpcomp.checkpoint.convert import convert
+
+    return convert(real_ckpt, tmp_path_factory.mktemp("described") / "ckpt", 3, progress=False).path
