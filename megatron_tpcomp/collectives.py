@@ -23,9 +23,13 @@ Guarantees:
 - Below ``min_bytes`` or when the codec is not eligible (codec ``none``, dtype not fp32/bf16/fp16, group of
   one rank, empty tensor), the stock collective runs instead (same out-of-place result, exact); the reason is
   logged once per reason on the ``megatron_tpcomp`` logger and reported in the stats.
-- Every rank must call with the same shape, dtype, codec and options (as for the stock collectives); errors
-  caused by the arguments (bad ``algo``, indivisible reduce-scatter size) are raised on every rank before any
-  communication, and ``check_finite`` agrees across ranks before raising, so nobody is left waiting.
+- Every rank must call with the same shape, dtype, codec (spec, seeds, tables) and options (as for the stock
+  collectives). ``check_ranks`` (default ``"first"``: at the first call of each distinct (op, shape, dtype, codec,
+  path) per process group) verifies it with one all-gather of a fixed-size digest record before any payload
+  moves (:mod:`megatron_tpcomp.agreement`): a mismatch, including one that would hang (one-shot on one rank,
+  two-shot on another), raises CollectiveError on every rank naming each rank's call. Errors caused by the
+  arguments (bad ``algo``, indivisible reduce-scatter size) are raised on every rank before any communication,
+  and ``check_finite`` agrees across ranks before raising, so nobody is left waiting.
 
 Algorithms for all-reduce (``algo``), P = payload bytes of the whole tensor:
 
@@ -42,13 +46,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from megatron_tpcomp import agreement
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.base import SUPPORTED_DTYPES, IdentityCodec
 from megatron_tpcomp.spec import parse_spec
@@ -174,62 +179,63 @@ def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() == 1
 
 
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_MAX_DIMS = 8
+#: ``check_ranks`` values: ``"first"`` (default), True (every call), False (never).
+CheckRanks = bool | Literal["first"]
 
 
-def _check_inputs(
+def _check_mode(op: str, check_ranks: object) -> None:
+    if check_ranks is not True and check_ranks is not False and check_ranks != "first":
+        raise CollectiveError(f"{op}: check_ranks={check_ranks!r} is not valid; expected 'first', True or False")
+
+
+def _path(reason: tuple[str, str] | None, compressed: str) -> tuple[str, str]:
+    """(path compared across ranks, path for people): the stock collective with the category of its reason (two
+    ranks below different min_bytes still run the same stock collective) and the reason in full, or the
+    compressed path."""
+    if reason is not None:
+        return f"stock ({reason[0]})", f"stock ({reason[1]})"
+    return compressed, compressed
+
+
+def _agree(
     x: torch.Tensor,
     op: str,
+    option: str,
+    codec: Codec,
+    path: tuple[str, str],
     group: dist.ProcessGroup | None,
     n: int,
-    rank: int,
     *,
-    finite: bool,
-    agree: bool,
-    spec: str,
-    option: int,
+    check_finite: bool,
+    check_ranks: CheckRanks,
 ) -> None:
-    """One tiny all-gather of per-rank facts; raise CollectiveError on EVERY rank if
+    """Before any payload moves: raise CollectiveError on EVERY rank if
 
-    - ``finite``: any rank's input holds NaN/Inf;
-    - ``agree``: the ranks disagree on shape, dtype, codec spec or ``option`` (algorithm or dim), which would
-      otherwise hang or silently mix payloads of different layouts.
+    - ``check_finite``: any rank's input holds NaN/Inf;
+    - the ranks' calls differ in anything that changes the bits or the communication (op, shape, dtype, codec
+      spec and parameters, algorithm, chunk plan, min_bytes decision). The exchange runs when ``check_ranks``
+      asks for it or ``check_finite`` is set, and always compares the fingerprints.
 
-    Every rank takes the same decision from the same gathered data, so nobody is left waiting.
+    One all-gather of a fixed-size record (:func:`agreement.exchange`), so a mismatch cannot hang it; every rank
+    decides from the same gathered data. Without ``check_finite`` and with ``check_ranks=False`` it costs nothing.
     """
+    if not check_finite and check_ranks is False:
+        return
     count = 0
-    if finite and x.is_floating_point():
+    if check_finite and x.is_floating_point():
         values = x.float() if x.element_size() == 1 else x  # isfinite has no float8 kernel on CPU
         count = int((~torch.isfinite(values)).sum())
-    dims = list(x.shape)[:_MAX_DIMS] + [-1] * (_MAX_DIMS - min(x.dim(), _MAX_DIMS))
-    spec_id = zlib.crc32(spec.encode()) & 0x7FFFFFFF
-    facts = [count, x.dim(), *dims, _DTYPE_CODES.get(x.dtype, 0), spec_id, option]
-    mine = torch.tensor(facts, dtype=torch.int64, device=x.device)
-    rows = mine[None]
-    if n > 1:
-        gathered = torch.empty(n * mine.numel(), dtype=torch.int64, device=x.device)
-        _all_gather_flat(gathered, mine, group=group)
-        rows = gathered.view(n, -1)
-    table = [[int(v) for v in row] for row in rows.cpu()]
-    bad = [r for r, row in enumerate(table) if row[0]]
-    if bad:
-        where = ", ".join(f"rank {r} holds {table[r][0]} NaN/Inf values" for r in bad)
-        raise CollectiveError(f"{op}: input is not finite (check_finite=True): {where}; raised on rank {rank}")
-    if agree and any(row[1:] != table[0][1:] for row in table):
-
-        def describe(row: list[int]) -> str:
-            shape = tuple(row[2 : 2 + min(row[1], _MAX_DIMS)])
-            dtype = next(
-                (str(d).removeprefix("torch.") for d, c in _DTYPE_CODES.items() if c == row[2 + _MAX_DIMS]), "?"
+    if n == 1:
+        if count:
+            raise CollectiveError(
+                f"{op}: input is not finite (check_finite=True): rank 0 holds {count} NaN/Inf values; raised on rank 0"
             )
-            return f"shape {shape} {dtype} codec#{row[3 + _MAX_DIMS]:08x} option {row[4 + _MAX_DIMS]}"
-
-        detail = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(table))
-        raise CollectiveError(
-            f"{op}: ranks disagree on the message (every rank must pass the same shape, dtype, codec and options; "
-            f"this rank uses codec {spec!r}): {detail}; raised on rank {rank}"
-        )
+        return
+    shape, digest = tuple(x.shape), agreement.cached_codec_fingerprint(codec)
+    # The hot path of check_ranks="first" after first use: this tuple and one set lookup.
+    if check_finite or agreement.needs_exchange(check_ranks, (op, option, shape, x.dtype, digest, path[0]), group):
+        fp = agreement.CallFingerprint(op, option, shape, x.dtype, codec.spec, digest, path[0], path[1])
+        agreement.exchange(fp, group, x.device, nonfinite=count, check_finite=check_finite, error=CollectiveError)
 
 
 def _norm_dim(x: torch.Tensor, dim: int, op: str) -> int:
@@ -296,6 +302,12 @@ def _pipeline_chunks(x: torch.Tensor, codec: Codec) -> int:
     return pipeline_chunks(x.numel() * x.element_size(), x.device.type, codec.block_local)
 
 
+def _pipeline_per(numel: int, chunks: int, codec: Codec) -> int:
+    """Values per chunk of the pipelined one-shot: rounded up to whole codec blocks."""
+    align = chunk_alignment(codec)
+    return math.ceil(numel / chunks / align) * align
+
+
 def _one_shot_pipelined(
     x: torch.Tensor, codec: Codec, group: dist.ProcessGroup | None, n: int, chunks: int
 ) -> tuple[torch.Tensor, int]:
@@ -304,8 +316,7 @@ def _one_shot_pipelined(
     rotation block) is the same as in the whole-message path: the result has the same bits."""
     flat = x.reshape(-1)
     numel = flat.numel()
-    align = chunk_alignment(codec)
-    per = math.ceil(numel / chunks / align) * align  # values per chunk, rounded up to whole blocks
+    per = _pipeline_per(numel, chunks, codec)
     out = torch.empty(numel, dtype=x.dtype, device=x.device)
     pending: list[tuple[dist.Work, torch.Tensor, int, int]] = []
     sent = 0
@@ -349,18 +360,26 @@ def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tu
     Returns:
         (chunks ``[N, *chunk_shape]`` in ``x.dtype``, chunk_shape)
     """
-    if codec.row_structured and x.dim() >= 2:
-        h = x.shape[-1]
+    chunk_shape = _chunk_shape(x.shape, codec, n)
+    if len(chunk_shape) == 2:
+        per, h = chunk_shape
         rows = x.reshape(-1, h)
-        per = -(-rows.shape[0] // n)
         rows = torch.nn.functional.pad(rows, (0, 0, 0, per * n - rows.shape[0]))
-        return rows.view(n, per, h), (per, h)
+        return rows.view(n, per, h), chunk_shape
     flat = x.reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, chunk_shape[0] * n - flat.numel()))
+    return flat.view(n, chunk_shape[0]), chunk_shape
+
+
+def _chunk_shape(shape: Sequence[int], codec: Codec, n: int) -> tuple[int, ...]:
+    """Shape of one two-shot chunk of a message of ``shape`` (see :func:`_chunk_view`), without touching data."""
+    numel = math.prod(shape)
+    if codec.row_structured and len(shape) >= 2:
+        h = int(shape[-1])
+        return (-(-(numel // h) // n), h)
     align = chunk_alignment(codec)
-    per = -(-flat.numel() // n)
-    per = -(-per // align) * align
-    flat = torch.nn.functional.pad(flat, (0, per * n - flat.numel()))
-    return flat.view(n, per), (per,)
+    per = -(-numel // n)
+    return (-(-per // align) * align,)
 
 
 def _unchunk(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -395,7 +414,7 @@ def all_reduce(
     algo: str = "auto",
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
-    check_ranks: bool = False,
+    check_ranks: CheckRanks = "first",
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group``, sending compressed payloads: ``[*] -> [*]``. Out of place.
@@ -407,8 +426,11 @@ def all_reduce(
         group: process group (default: the world).
         algo: ``auto`` | ``one-shot`` | ``two-shot`` (see the module docstring).
         min_bytes: messages smaller than this (uncompressed bytes) use the stock all-reduce.
-        check_ranks: raise CollectiveError on every rank, naming each rank's shape, dtype and codec, if the ranks
-            disagree on them (shares the tiny all-gather with ``check_finite``).
+        check_ranks: verify that every rank makes the same call: op, shape, dtype, codec spec AND parameters
+            outside it (seeds, calibrated tables), algorithm, chunk plan, min_bytes decision; on a mismatch
+            raise CollectiveError on every rank naming each rank's call, before any payload moves (one
+            all-gather of a fixed-size record, shared with ``check_finite``). ``"first"`` (default): at the first
+            call of each distinct such fingerprint per process group, cached; True: every call; False: never.
         check_finite: raise CollectiveError on every rank if any rank's ``x`` holds NaN/Inf (one extra tiny
             all-gather). Without it a non-finite value decodes as NaN for its whole block on every rank.
         stats: if a list is given, a :class:`CommStats` record of this call is appended.
@@ -417,21 +439,29 @@ def all_reduce(
         A new contiguous tensor of ``x.shape`` and ``x.dtype``, bit-identical on every rank.
 
     Raises:
-        CollectiveError: unknown ``algo``, float8 input, or (``check_finite``) NaN/Inf on some rank.
+        CollectiveError: unknown ``algo`` or ``check_ranks``, float8 input, ranks that disagree (``check_ranks``)
+            or (``check_finite``) NaN/Inf on some rank.
     """
+    _check_mode("all_reduce", check_ranks)
     if algo not in ALGOS:
         raise CollectiveError(f"all_reduce: unknown algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
     codec = resolve_codec(codec)
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = dist.get_world_size(group)
     nbytes = x.numel() * x.element_size()
     if _is_float8(x.dtype):
         raise CollectiveError(f"all_reduce: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16 first")
-    if check_finite or check_ranks:
-        opt = ALGOS.index(algo)
-        _check_inputs(
-            x, "all_reduce", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=opt
-        )
     reason = _ineligible(x, codec, n, min_bytes)
+    chosen = choose_algo(n, nbytes) if algo == "auto" else algo
+    chunks = _pipeline_chunks(x, codec) if chosen == "one-shot" and reason is None else 1
+    if check_finite or check_ranks is not False:
+        if chunks > 1:
+            plan = f"one-shot pipelined in {chunks} chunks of {_pipeline_per(x.numel(), chunks, codec)} values"
+        elif chosen == "two-shot":
+            plan = f"two-shot in chunks of {_chunk_shape(x.shape, codec, n)}"
+        else:
+            plan = chosen
+        path = _path(reason, plan)
+        _agree(x, "all_reduce", "", codec, path, group, n, check_finite=check_finite, check_ranks=check_ranks)
     if reason is not None:
         _log_fallback_once("all_reduce", *reason)
         out = x.clone(memory_format=torch.contiguous_format)
@@ -441,8 +471,6 @@ def all_reduce(
             base = _ring_allreduce_bytes(nbytes, n)
             stats.append(CommStats("all_reduce", "none", "stock", nbytes, base, base, reason[1]))
         return out
-    chosen = choose_algo(n, nbytes) if algo == "auto" else algo
-    chunks = _pipeline_chunks(x, codec) if chosen == "one-shot" else 1
     if chosen == "one-shot":
         if chunks > 1:
             out, sent = _one_shot_pipelined(x, codec, group, n, chunks)
@@ -467,7 +495,7 @@ def all_gather(
     dim: int = 0,
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
-    check_ranks: bool = False,
+    check_ranks: CheckRanks = "first",
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Concatenate ``x`` from every rank along ``dim``, sending compressed payloads. Out of place.
@@ -484,15 +512,15 @@ def all_gather(
     Returns:
         A new contiguous tensor, ``x.shape`` with ``dim`` multiplied by N, dtype ``x.dtype``.
     """
+    _check_mode("all_gather", check_ranks)
     codec = resolve_codec(codec)
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = dist.get_world_size(group)
     dim = _norm_dim(x, dim, "all_gather")
     nbytes = x.numel() * x.element_size()
-    if check_finite or check_ranks:
-        _check_inputs(
-            x, "all_gather", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=dim
-        )
     reason = _ineligible(x, codec, n, min_bytes)
+    if check_finite or check_ranks is not False:
+        path = _path(reason, "all-gather")
+        _agree(x, "all_gather", f"dim={dim}", codec, path, group, n, check_finite=check_finite, check_ranks=check_ranks)
     if reason is not None:
         _log_fallback_once("all_gather", *reason)
         src = x.movedim(dim, 0).contiguous()  # [x.shape[dim], ...]
@@ -526,7 +554,7 @@ def reduce_scatter(
     dim: int = 0,
     min_bytes: int = DEFAULT_MIN_BYTES,
     check_finite: bool = False,
-    check_ranks: bool = False,
+    check_ranks: CheckRanks = "first",
     stats: list[CommStats] | None = None,
 ) -> torch.Tensor:
     """Sum ``x`` over ranks and keep block ``rank`` along ``dim``: ``[s, b, h] -> [s/N, b, h]`` for ``dim=0``.
@@ -545,10 +573,12 @@ def reduce_scatter(
 
     Raises:
         CollectiveError: ``x.shape[dim]`` is not divisible by the world size (raised on every rank, before any
-            communication), float8 input, or (``check_finite``) NaN/Inf on some rank.
+            communication), float8 input, ranks that disagree (``check_ranks``) or (``check_finite``) NaN/Inf on
+            some rank.
     """
+    _check_mode("reduce_scatter", check_ranks)
     codec = resolve_codec(codec)
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = dist.get_world_size(group)
     dim = _norm_dim(x, dim, "reduce_scatter")
     if x.shape[dim] % n:
         raise CollectiveError(
@@ -558,14 +588,14 @@ def reduce_scatter(
     if _is_float8(x.dtype):
         raise CollectiveError(f"reduce_scatter: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16")
     nbytes = x.numel() * x.element_size()
-    if check_finite or check_ranks:
-        _check_inputs(
-            x, "reduce_scatter", group, n, rank, finite=check_finite, agree=check_ranks, spec=codec.spec, option=dim
-        )
+    reason = _ineligible(x, codec, n, min_bytes)
+    if check_finite or check_ranks is not False:
+        path = _path(reason, "all-to-all")
+        opt = f"dim={dim}"
+        _agree(x, "reduce_scatter", opt, codec, path, group, n, check_finite=check_finite, check_ranks=check_ranks)
     blocks = x.tensor_split(n, dim)  # N views, each x.shape with dim / N
     block_shape = blocks[0].shape
     base = (n - 1) * nbytes // n
-    reason = _ineligible(x, codec, n, min_bytes)
     if reason is not None:
         _log_fallback_once("reduce_scatter", *reason)
         src = x.movedim(dim, 0).contiguous()  # [x.shape[dim], ...]: block r is rows r*s/N .. (r+1)*s/N

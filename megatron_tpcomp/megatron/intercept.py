@@ -53,19 +53,24 @@ class _ModelState:
     config: CompressionConfig
     handles: list[Any]
     telemetry: bool
-    checked: set[tuple[str, str]] = field(default_factory=set)  # (op, site) already verified across ranks
     cost: Any = None  # CostModel when the config's policy is "auto"
     tp_size: int = 1
     by_algo: dict[str, CompressionConfig] = field(default_factory=dict)
 
 
-#: Environment variable choosing when compressed collectives verify that all ranks agree on shape, dtype and
-#: codec (one extra all-gather of a few integers): ``first`` (default: the first call of each op and site after
-#: enable(), which catches a rank that was set up differently), ``always`` (every call), ``off``.
+#: Environment variable choosing when compressed collectives verify that all ranks agree on everything that
+#: changes the bits (op, shape, dtype, codec spec, seeds and tables, algorithm, chunking, min_bytes decision; one
+#: extra all-gather of a fixed-size record, see ``megatron_tpcomp.agreement``): ``first`` (default: the first
+#: call of each distinct such fingerprint per process group, which catches a rank that was set up differently),
+#: ``always`` (every call), ``off``.
 CHECK_RANKS_ENV = "TPCOMP_CHECK_RANKS"
+
+#: ``TPCOMP_CHECK_RANKS`` value -> the collectives' ``check_ranks`` argument.
+_CHECK_RANKS: dict[str, bool | str] = {"first": "first", "always": True, "off": False}
 
 
 def check_ranks_mode() -> str:
+    """The ``TPCOMP_CHECK_RANKS`` mode: ``first`` | ``always`` | ``off`` (ConfigError for anything else)."""
     mode = os.environ.get(CHECK_RANKS_ENV, "first").strip().lower()
     if mode not in ("first", "always", "off"):
         raise ConfigError(f"{CHECK_RANKS_ENV}={mode!r}: expected first, always or off")
@@ -115,8 +120,9 @@ def observe(callback: Callable[[str, Site, torch.Tensor], None]) -> Iterator[Non
 def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = None) -> Any:
     """Count the call; use ``compressed(codec, cfg, stats, check_ranks)`` when the current site has a codec.
 
-    ``check_ranks`` (see :data:`CHECK_RANKS`) makes the collective first verify that every rank passes the same
-    shape, dtype and codec, so a mismatch is an error naming the ranks instead of a hang or garbage."""
+    ``check_ranks`` (from :data:`CHECK_RANKS_ENV`: ``"first"``, True or False) makes the collective verify that
+    every rank makes the same call (codec parameters, algorithm and chunking included), so a mismatch is an
+    error naming the ranks instead of a hang or garbage."""
     top = _current()
     call_counts[(op, str(top[0]) if top else "none")] += 1
     if top is None:
@@ -134,11 +140,7 @@ def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = 
         if cfg is None:
             return fallback()
     stats: list[CommStats] | None = [] if state.telemetry else None
-    mode = check_ranks_mode()
-    key = (op, str(site))
-    check = mode == "always" or (mode == "first" and key not in state.checked)
-    state.checked.add(key)
-    out = compressed(codec, cfg, stats, check)
+    out = compressed(codec, cfg, stats, _CHECK_RANKS[check_ranks_mode()])
     if stats:
         telemetry_records.append((str(site), stats[0]))
     return out
@@ -253,7 +255,7 @@ def _wrap_dist_all_gather(original: Any) -> Any:
         def stock() -> Any:
             return original(output, input_, group=group, async_op=async_op)
 
-        def compressed(codec: Any, cfg: CompressionConfig, stats: Any, check: bool) -> Any:
+        def compressed(codec: Any, cfg: CompressionConfig, stats: Any, check: bool | str) -> Any:
             out = collectives.all_gather(
                 input_, codec, group, dim=0, min_bytes=cfg.min_bytes, stats=stats, check_ranks=check
             )

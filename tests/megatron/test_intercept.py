@@ -252,3 +252,40 @@ def test_logits_gather_is_intercepted_and_off_by_default() -> None:
     rel = float((res["logits"] - res["stock"]).norm() / res["stock"].norm())
     assert 0 < rel < 0.01, rel  # int8 g32 on the logits alone: ~0.5% relative (one quantization)
     assert torch.equal(results[1]["logits"], res["logits"])
+
+
+def _check_modes(rank: int, world_size: int) -> dict:
+    import os
+
+    from megatron_tpcomp import agreement
+    from megatron_tpcomp.megatron import intercept
+
+    gpt, tokens, positions = _setup(world_size, False)
+    intercept.enable(gpt, "int8:g32", telemetry=True)
+    out: dict = {}
+    with torch.no_grad():
+        for mode in ("first", "always", "off"):
+            os.environ[intercept.CHECK_RANKS_ENV] = mode
+            before = agreement.exchange_count()
+            intercept.reset_counts()
+            for _ in range(2):
+                gpt(tokens, positions, attention_mask=None)
+            out[mode] = (agreement.exchange_count() - before, len(intercept.telemetry_records))
+        os.environ[intercept.CHECK_RANKS_ENV] = "sometimes"
+        try:
+            gpt(tokens, positions, attention_mask=None)
+            out["bad"] = "no error"
+        except Exception as exc:  # ConfigError, raised on every rank before any communication
+            out["bad"] = f"{type(exc).__name__}: {exc}"
+    intercept.disable(gpt)
+    return out
+
+
+def test_check_ranks_env_modes_reach_the_collectives() -> None:
+    for res in run_distributed(_check_modes, 2, timeout_s=120):
+        # 4 compressed all-reduces per forward (2 layers x attention, mlp), one shape and one codec object: the
+        # default checks that fingerprint once, at its first use; always checks all 8 calls; off none.
+        assert res["first"] == (1, 8)
+        assert res["always"] == (8, 8)
+        assert res["off"] == (0, 8)
+        assert res["bad"].startswith("ConfigError: TPCOMP_CHECK_RANKS='sometimes'"), res["bad"]
