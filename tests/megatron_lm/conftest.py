@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -45,13 +46,27 @@ def megatron_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(
                 f"MEGATRON_LM_DIR={given} has no megatron/training/__init__.py; expected a Megatron-LM checkout"
             )
-        return root
-    if not ARCHIVE.is_file():
+    elif not ARCHIVE.is_file():
         pytest.skip(f"no Megatron-LM source: {HOW}")
-    out = tmp_path_factory.mktemp("megatron-lm")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(out, members=_safe_members(tar), filter="data")
-    (root,) = [p for p in out.iterdir() if p.is_dir()]
+    else:
+        out = tmp_path_factory.mktemp("megatron-lm")
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(out, members=_safe_members(tar), filter="data")
+        (root,) = [p for p in out.iterdir() if p.is_dir()]
+    # Megatron-LM >= 0.17's megatron.training needs Python 3.12 (typing.override): say so instead of failing.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import megatron.training.arguments"],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(
+            f"Megatron-LM at {root}: megatron.training does not import on Python "
+            f"{sys.version_info.major}.{sys.version_info.minor} ({last})"
+        )
     return root
 
 
