@@ -64,14 +64,21 @@ def ensure_checkpoint(name_or_path: str | Path, tp_size: int, *, progress: bool 
     """A checkpoint directory for ``name_or_path`` at ``tp_size``: a path is used as is; a known model name is
     converted into the cache once (atomically, so concurrent or interrupted runs never see half a checkpoint)."""
     from megatron_tpcomp.checkpoint.convert import convert
-    from megatron_tpcomp.checkpoint.store import META_FILE
+    from megatron_tpcomp.checkpoint.store import META_FILE, CheckpointError
 
     if str(name_or_path) not in MODELS:
         return Path(name_or_path)
     out = checkpoint_dir(str(name_or_path), tp_size)
     if not (out / META_FILE).is_file():
         logger.info("megatron-tpcomp: converting %s for TP=%d into %s (once)", name_or_path, tp_size, out)
-        convert(name_or_path, out, tp_size, force=out.exists(), progress=progress)
+        try:
+            # force replaces only an empty directory or tpcomp's own output (never anything else in the cache).
+            convert(name_or_path, out, tp_size, force=out.exists(), progress=progress)
+        except CheckpointError:
+            if not (out / META_FILE).is_file():
+                raise
+            # A concurrent run (another rank's launcher, another job on a shared cache) finished it first.
+            logger.info("megatron-tpcomp: %s was written meanwhile by another process; using it", out)
     return out
 
 

@@ -32,12 +32,19 @@ two-shot requantizes the reduced chunk (about twice the KL of one-shot) for a th
 format search (:mod:`megatron_tpcomp.search`) chooses it per site. It applies to all-reduces only (gathers and
 reduce-scatters have one algorithm). Overriding the algorithm from outside (``--tp-comm-compression-algo``,
 ``tpcomp eval --algo``) replaces every site's: :meth:`CompressionConfig.with_algo`.
+
+Files are read strictly: YAML anchors/aliases are refused (an alias bomb of 1 KB would expand to gigabytes), a
+key may appear once per mapping (in a file, and as layer index: ``"3"`` and ``"03"`` are the same layer), unknown
+keys are errors, ``model`` values are integers (``"30"`` is refused, not compared with 30), and the file size
+(:data:`MAX_CONFIG_BYTES`) and number of entries (:data:`MAX_CONFIG_ENTRIES`) are bounded.
+:meth:`CompressionConfig.check_against` checks a config against a checkpoint's metadata in the launching process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +70,15 @@ TOP_LEVEL_KEYS = {
     "meta",
 }
 POLICIES = ("fixed", "auto")
+#: Keys of the optional ``model`` entry (each a positive integer, compared with the model the config is used on).
+MODEL_KEYS = ("num_layers", "hidden_size", "tp_size")
+SITE_KEYS = ("spec", "outlier_channels", "channel_scale_exponents", "algo")
+#: Largest config file read: the biggest real configs (a channel-scale table of one entry per hidden channel on
+#: every site of a 70B-class model: 160 sites x 8192) are a few MB.
+MAX_CONFIG_BYTES = 8 << 20
+#: Most values (mapping entries and list items, nested, counted as written out) in one config: the same 70B-class
+#: table is 1.3M.
+MAX_CONFIG_ENTRIES = 2_000_000
 #: The codec behind the bare spec ``auto``: the best 4.5-bit format in FACTS.md's SmolLM2 table.
 AUTO_DEFAULT_SPEC = "int4:g32+had"
 
@@ -103,6 +119,8 @@ class CompressionConfig:
     model: dict[str, Any] = field(default_factory=dict)
     policy: str = "fixed"
     perf_table: str | None = None
+    #: The file the config was read from (named in errors); not part of the config itself.
+    source: str | None = field(default=None, repr=False, compare=False)
     _codecs: dict[SiteSetting, Codec] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -124,42 +142,64 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> CompressionConfig:
+        """Validate a config mapping (see the module docstring); ``source`` (a file name) starts every error and
+        is kept in :attr:`source` for later checks against a model."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+        n = _count_entries(data, MAX_CONFIG_ENTRIES)
+        if n > MAX_CONFIG_ENTRIES:
+            raise ConfigError(
+                f"{source}: more than {MAX_CONFIG_ENTRIES} entries; expected a config of at most that many"
+            )
         unknown = set(data) - TOP_LEVEL_KEYS
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; expected {sorted(TOP_LEVEL_KEYS)}")
+            raise ConfigError(
+                f"{source}: unknown key(s) {sorted(map(str, unknown))}; expected {sorted(TOP_LEVEL_KEYS)}"
+            )
         version = data.get("version", 1)
-        if version != 1:
+        if not _is_int(version) or version != 1:
             raise ConfigError(f"{source}: version {version!r} is not supported; expected 1")
         algo = data.get("algo", "auto")
-        if algo not in ALGOS:
+        if not isinstance(algo, str) or algo not in ALGOS:
             raise ConfigError(f"{source}: algo {algo!r} is not one of {', '.join(ALGOS)}")
         min_bytes = data.get("min_bytes", 0)
-        if not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 0:
+        if not _is_int(min_bytes) or min_bytes < 0:
             raise ConfigError(f"{source}: min_bytes must be an integer >= 0, got {min_bytes!r}")
         layers: dict[int, dict[str, SiteSetting]] = {}
         raw_layers = data.get("layers", {})
         if not isinstance(raw_layers, Mapping):
             raise ConfigError(f"{source}: 'layers' must be a mapping of layer index to settings")
+        keys: dict[int, Any] = {}
         for key, blocks in raw_layers.items():
-            try:
-                index = int(key)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: layer key {key!r} is not an integer index") from None
-            if index < 0:
-                raise ConfigError(f"{source}: layer index {index} is negative")
+            index = _layer_index(key, source)
+            if index in keys:
+                raise ConfigError(
+                    f"{source}: layer keys {keys[index]!r} and {key!r} both name layer {index}; expected one entry "
+                    f"per layer"
+                )
+            keys[index] = key
             if not isinstance(blocks, Mapping):
                 raise ConfigError(f"{source}: layer {index} must map 'attention'/'mlp' to settings")
             bad = set(blocks) - set(BLOCKS)
             if bad:
-                raise ConfigError(f"{source}: layer {index} has unknown block(s) {sorted(bad)}; expected {BLOCKS}")
+                raise ConfigError(
+                    f"{source}: layer {index} has unknown block(s) {sorted(map(str, bad))}; expected {BLOCKS}"
+                )
             layers[index] = {b: _setting(v, f"{source}: layer {index} {b}") for b, v in blocks.items()}
         model = data.get("model", {})
         if not isinstance(model, Mapping):
-            raise ConfigError(f"{source}: 'model' must be a mapping")
+            raise ConfigError(f"{source}: 'model' must be a mapping with keys {list(MODEL_KEYS)}")
+        bad_model = set(model) - set(MODEL_KEYS)
+        if bad_model:
+            raise ConfigError(
+                f"{source}: unknown key(s) {sorted(map(str, bad_model))} in 'model'; expected {list(MODEL_KEYS)}"
+            )
+        for key, value in model.items():
+            if not _is_int(value) or value < 1:
+                kind = " (a string)" if isinstance(value, str) else ""
+                raise ConfigError(f"{source}: model.{key} is {value!r}{kind}; expected an integer >= 1")
         policy = data.get("policy", "fixed")
-        if policy not in POLICIES:
+        if not isinstance(policy, str) or policy not in POLICIES:
             raise ConfigError(f"{source}: policy {policy!r} is not one of {', '.join(POLICIES)}")
         perf_table = data.get("perf_table")
         if perf_table is not None and not isinstance(perf_table, str):
@@ -174,27 +214,32 @@ class CompressionConfig:
             model=dict(model),
             policy=policy,
             perf_table=perf_table,
+            source=source,
         )
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionConfig:
-        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file."""
+        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file: at most :data:`MAX_CONFIG_BYTES`,
+        no duplicate keys, and for YAML no anchors or aliases."""
         path = Path(path)
         try:
-            text = path.read_text()
+            with open(path, "rb") as f:  # a bounded read: a FIFO or /dev/zero reports size 0 and never ends
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"cannot read compression config {path}: {exc.strerror}") from exc
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(
-                f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
-            ) from exc
+                f"{path}: larger than {MAX_CONFIG_BYTES} bytes; expected a compression config of at most that size"
+            )
+        is_yaml = path.suffix.lower() in (".yaml", ".yml")
+        try:
+            text = raw.decode("utf-8")
+            data = _load_yaml(text) if is_yaml else json.loads(text, object_pairs_hook=_unique_pairs)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError, RecursionError
+            msg = " ".join(str(exc).split())  # YAML errors span lines; ours are one
+            raise ConfigError(f"{path}: not valid {'YAML' if is_yaml else 'JSON'}: {msg}") from exc
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,27 +307,86 @@ class CompressionConfig:
             codec = self._codecs[setting] = setting.codec()
         return codec
 
-    def check_model(self, num_layers: int, hidden_size: int, tp_size: int) -> None:
-        """Raise ConfigError if this config was made for another model or TP size."""
+    def check_model(self, num_layers: int, hidden_size: int, tp_size: int, *, target: str = "the model") -> None:
+        """Raise ConfigError if this config was made for another model or TP size (the message names the config's
+        file, the field, and both values; ``target`` says what the config is checked against)."""
+        src = self.source or "compression config"
         expected = {"num_layers": num_layers, "hidden_size": hidden_size, "tp_size": tp_size}
         for key, value in expected.items():
             if key in self.model and self.model[key] != value:
-                raise ConfigError(f"compression config is for {key}={self.model[key]}, but the model has {value}")
-        for index, blocks in self.layers.items():
+                raise ConfigError(
+                    f"{src}: compression config is for {key}={self.model[key]}, but {target} has {key}={value}"
+                )
+        for index, blocks in sorted(self.layers.items()):
             if index >= num_layers:
-                raise ConfigError(f"compression config sets layer {index}, but the model has {num_layers} layers")
+                raise ConfigError(f"{src}: sets layer {index}, but {target} has num_layers={num_layers}")
             for block, setting in blocks.items():
                 if setting.outlier_channels and max(setting.outlier_channels) >= hidden_size:
                     raise ConfigError(
-                        f"layer {index} {block}: outlier channel {max(setting.outlier_channels)} is out of range "
-                        f"for hidden size {hidden_size}"
+                        f"{src}: layer {index} {block}: outlier channel {max(setting.outlier_channels)} is out of "
+                        f"range for {target}'s hidden_size={hidden_size}"
                     )
                 scales = setting.channel_scale_exponents
                 if scales and len(scales) != hidden_size:
                     raise ConfigError(
-                        f"layer {index} {block}: {len(scales)} channel scale exponents, but the model's hidden "
-                        f"size is {hidden_size}; expected one per channel"
+                        f"{src}: layer {index} {block}: {len(scales)} channel scale exponents, but {target}'s "
+                        f"hidden_size is {hidden_size}; expected one per channel"
                     )
+
+    def check_against(
+        self,
+        model: Any,
+        *,
+        tp_size: int | None = None,
+        source: str | Path | None = None,
+        target: str | None = None,
+    ) -> None:
+        """Check this config against a model before any rank starts (cheap: reads no weights).
+
+        Args:
+            model: a checkpoint directory (its ``tpcomp_checkpoint.json`` is read), a ``CheckpointMeta``, the
+                metadata mapping (``{"model_config": ..., "tp_size": ...}``), a ``ModelConfig`` or Megatron
+                ``TransformerConfig`` (anything with ``num_layers`` and ``hidden_size``), or a mapping with those keys.
+            tp_size: the TP size the config will run at (default: the checkpoint's, or the object's
+                ``tp_size``/``tensor_model_parallel_size``).
+            source: the config file to name in errors (default: the file it was loaded from).
+            target: how to name the model in errors (default: ``the checkpoint PATH`` or ``the model``).
+
+        Raises:
+            ConfigError: one line naming the config file, the field and both values.
+            CheckpointError: ``model`` is a checkpoint directory whose metadata cannot be read.
+        """
+        if isinstance(model, (str, Path)):
+            from megatron_tpcomp.checkpoint.store import read_metadata
+
+            model = read_metadata(model)
+        if hasattr(model, "model_config") and hasattr(model, "path"):  # CheckpointMeta
+            target = target or f"the checkpoint {model.path}"
+            tp_size = model.tp_size if tp_size is None else tp_size
+            model = model.model_config
+        elif isinstance(model, Mapping) and "model_config" in model:
+            target = target or "the checkpoint metadata"
+            tp_size = model.get("tp_size") if tp_size is None else tp_size
+            model = model["model_config"]
+
+        def get(name: str, *alternatives: str) -> Any:
+            for n in (name, *alternatives):
+                value = model.get(n) if isinstance(model, Mapping) else getattr(model, n, None)
+                if value is not None:
+                    return value
+            return None
+
+        num_layers, hidden = get("num_layers"), get("hidden_size")
+        tp = tp_size if tp_size is not None else get("tp_size", "tensor_model_parallel_size")
+        what = target or "the model"
+        for key, value in (("num_layers", num_layers), ("hidden_size", hidden), ("tp_size", tp)):
+            if not _is_int(value) or value < 1:
+                raise ConfigError(
+                    f"cannot check {self.source or 'compression config'}: {what} has {key}={value!r}; expected an "
+                    f"integer >= 1 (pass tp_size= with a model config)"
+                )
+        checked = self if source is None else dataclasses.replace(self, source=str(source))
+        checked.check_model(num_layers, hidden, tp, target=what)
 
     def describe(self) -> str:
         """Stable one-line summary (also used to check that ranks agree)."""
@@ -298,11 +402,11 @@ def _setting(value: Any, where: str) -> SiteSetting:
         if "@" in value:
             spec, _, algo = value.partition("@")
     elif isinstance(value, Mapping):
-        bad = set(value) - {"spec", "outlier_channels", "channel_scale_exponents", "algo"}
+        bad = set(value) - set(SITE_KEYS)
         if bad or "spec" not in value:
             raise ConfigError(
                 f"{where}: expected {{'spec': ..., 'outlier_channels': [...], 'channel_scale_exponents': [...], "
-                f"'algo': ...}}, got keys {sorted(value)}"
+                f"'algo': ...}} (keys {list(SITE_KEYS)}), got keys {sorted(map(str, value))}"
             )
         spec, channels, algo = value["spec"], value.get("outlier_channels"), value.get("algo")
         exponents = value.get("channel_scale_exponents")
@@ -325,3 +429,76 @@ def _setting(value: Any, where: str) -> SiteSetting:
         algo,
         tuple(codec.exponents) if exponents is not None else None,  # type: ignore[attr-defined]
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_index(key: Any, source: str) -> int:
+    """A ``layers`` key as a layer index: a non-negative integer, or a string of ASCII digits (``int()`` alone
+    would also take ``" 3"``, ``"3_0"``, ``"+3"``, ``True`` and non-ASCII digits)."""
+    if _is_int(key) and key >= 0:
+        return key
+    if isinstance(key, str) and re.fullmatch(r"[0-9]{1,9}", key):
+        return int(key)
+    if _is_int(key):
+        raise ConfigError(f"{source}: layer index {key} is negative")
+    raise ConfigError(f"{source}: layer key {key!r} is not an integer index (expected digits 0-9)")
+
+
+def _count_entries(data: Any, limit: int) -> int:
+    """Values in ``data`` (mapping entries and list items, nested; a shared sub-object counts each time it appears,
+    as it would when written out), counting stops just past ``limit`` so the walk itself is bounded."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            count += len(item)
+            stack.extend(item)
+    return count
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook: a key given twice in one object is an error (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} appears twice in one object; expected each key once")
+        out[key] = value
+    return out
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without anchors/aliases (refused, naming the line) and without duplicate keys."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+                raise ConfigError(
+                    f"line {event.start_mark.line + 1}: YAML {kind}{event.anchor} is not allowed in a compression "
+                    f"config (aliases can expand a small file without bound); write the values out"
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports unhashable keys
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"line {line}: key {key!r} appears twice (first on line {seen[key]})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader

@@ -106,14 +106,14 @@ def test_per_site_algorithm() -> None:
 def test_config_for_another_model_is_rejected() -> None:
     cfg = CompressionConfig.from_dict(EXAMPLE)
     cfg.check_model(num_layers=30, hidden_size=576, tp_size=3)
-    with pytest.raises(ConfigError, match="tp_size=3, but the model has 2"):
+    with pytest.raises(ConfigError, match="config: compression config is for tp_size=3, but the model has tp_size=2"):
         cfg.check_model(num_layers=30, hidden_size=576, tp_size=2)
-    with pytest.raises(ConfigError, match="num_layers=30, but the model has 24"):
+    with pytest.raises(ConfigError, match="num_layers=30, but the model has num_layers=24"):
         cfg.check_model(num_layers=24, hidden_size=576, tp_size=3)
-    no_meta = CompressionConfig.from_dict({k: v for k, v in EXAMPLE.items() if k != "model"})
-    with pytest.raises(ConfigError, match="sets layer 29, but the model has 12 layers"):
+    no_meta = CompressionConfig.from_dict({k: v for k, v in EXAMPLE.items() if k != "model"}, source="c.yaml")
+    with pytest.raises(ConfigError, match="c.yaml: sets layer 29, but the model has num_layers=12"):
         no_meta.check_model(num_layers=12, hidden_size=576, tp_size=3)
-    with pytest.raises(ConfigError, match="outlier channel 300 is out of range for hidden size 256"):
+    with pytest.raises(ConfigError, match="outlier channel 300 is out of range for the model's hidden_size=256"):
         no_meta.check_model(num_layers=30, hidden_size=256, tp_size=3)
 
 
@@ -181,7 +181,7 @@ def test_channel_scale_tables() -> None:
     assert CompressionConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     cfg.check_model(num_layers=30, hidden_size=576, tp_size=3)
     cfg.model = {}  # no recorded dimensions: the table itself is checked against the model
-    with pytest.raises(ConfigError, match="576 channel scale exponents, but the model's hidden size is 512"):
+    with pytest.raises(ConfigError, match="576 channel scale exponents, but the model's hidden_size is 512"):
         cfg.check_model(num_layers=30, hidden_size=512, tp_size=3)
     for bad, message in [
         ({"spec": "int4+chscale"}, "needs the static per-channel scale exponents"),

@@ -12,8 +12,8 @@ Sources (detected from what ``SOURCE`` is):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,10 +23,15 @@ import torch
 
 from megatron_tpcomp.checkpoint import hf
 from megatron_tpcomp.checkpoint.store import (
+    HF_EXPORT_FORMAT,
+    HF_EXPORT_MARKER,
     META_FILE,
     CheckpointError,
     CheckpointMeta,
+    check_replaceable,
+    install_partial_dir,
     load_shard,
+    make_partial_dir,
     read_metadata,
     save_checkpoint,
 )
@@ -82,24 +87,29 @@ def convert(
     tp_size: int,
     *,
     dtype: torch.dtype = torch.float32,
-    compression: dict[str, Any] | None = None,
+    compression: Any = None,
     force: bool = False,
     progress: bool = True,
 ) -> CheckpointMeta:
     """Convert ``source`` into a Megatron-Core checkpoint at ``output`` sharded for ``tp_size`` ranks.
 
     Args:
-        compression: a per-layer compression config (``CompressionConfig.to_dict()``) to record; a resharded
-            checkpoint keeps its own unless this is given.
+        compression: a per-layer compression config to record (a ``CompressionConfig``, whose errors then name
+            its file, or its ``to_dict()``); it is checked against the model before anything is written. A
+            resharded checkpoint keeps its own unless this is given (dropped, with a warning, when it was made
+            for another TP size).
+        force: replace ``output`` if it is a directory tpcomp wrote (never anything else).
 
     Raises:
-        CheckpointError: bad source, ``output`` exists without ``force``, or ``tp_size`` does not divide the model.
+        CheckpointError: bad source, ``output`` exists and may not be replaced, ``tp_size`` does not divide the
+            model, or a compression config for another model.
     """
+    from megatron_tpcomp.config import CompressionConfig, ConfigError
+
     out = Path(output)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} already exists; pass --force to replace it")
-    if tp_size < 1:
-        raise CheckpointError(f"--tp must be >= 1, got {tp_size}")
+    check_replaceable(out, force)  # before the (slow) source is read
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise CheckpointError(f"--tp must be an integer >= 1, got {tp_size!r}")
     cfg, full, info = read_source(source, progress=progress)
     try:
         cfg.check_tp(tp_size)
@@ -108,6 +118,23 @@ def convert(
     tokenizer_json = info.pop("tokenizer_json", None)
     ids = {"bos_id": info.pop("bos_token_id", None), "eos_id": info.pop("eos_token_id", None)}
     kept = info.pop("compression", None)
+    if compression is not None:
+        try:
+            if not isinstance(compression, CompressionConfig):
+                compression = CompressionConfig.from_dict(compression, source="compression config")
+            compression.check_against(cfg, tp_size=tp_size, target=f"{source} at TP={tp_size}")
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        compression = compression.to_dict()
+    elif kept is not None and kept.get("model", {}).get("tp_size", tp_size) != tp_size:
+        logger.warning(
+            "megatron-tpcomp: %s records a compression config made for tp_size=%s; not kept at TP=%d (record one "
+            "with --compression-config)",
+            source,
+            kept["model"]["tp_size"],
+            tp_size,
+        )
+        kept = None
     meta = save_checkpoint(
         out,
         lambda r: shard_state_dict(full, r, tp_size, cfg),
@@ -126,22 +153,24 @@ def convert(
 
 
 def export_hf(ckpt: str | Path, output: str | Path, *, force: bool = False) -> Path:
-    """Write a megatron-tpcomp checkpoint back as a Hugging Face model directory (safetensors), atomically."""
+    """Write a megatron-tpcomp checkpoint back as a Hugging Face model directory (safetensors), atomically.
+
+    The directory also holds ``tpcomp_hf_export.json`` (what it was exported from), which is what lets a later
+    ``force`` replace it; ``force`` never deletes a directory without it.
+    """
     meta = read_metadata(ckpt)
     out = Path(output)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} already exists; pass --force to replace it")
+    check_replaceable(out, force)
     full = merge_shards([load_shard(meta, r) for r in range(meta.tp_size)], meta.model_config)
     sd = hf.megatron_to_hf(full, meta.model_config)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = meta.tokenizer_path.read_text() if meta.tokenizer_path else None
+    tmp = make_partial_dir(out)
     try:
         model_type = meta.source.get("model_type", "llama")
         hf.write_hf_checkpoint(tmp, meta.model_config, sd, model_type=model_type, tokenizer_json=tokenizer)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        marker = {"format": HF_EXPORT_FORMAT, "version": 1, "exported_from": str(meta.path)}
+        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        install_partial_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="per-layer compression config (JSON/YAML) to record in the checkpoint for the launch script",
     )
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it is a checkpoint or HF export written by tpcomp (anything else is refused)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -186,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_tpcomp.config import CompressionConfig, ConfigError
 
             try:
-                compression = CompressionConfig.load(args.compression_config).to_dict()
+                compression = CompressionConfig.load(args.compression_config)
             except ConfigError as exc:
                 raise CheckpointError(str(exc)) from None
         meta = convert(

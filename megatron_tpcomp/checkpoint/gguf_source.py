@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megatron_tpcomp.checkpoint.hf import check_hf_state_dict
-from megatron_tpcomp.checkpoint.store import CheckpointError
+from megatron_tpcomp.checkpoint.store import CheckpointError, validate_model_config
 from megatron_tpcomp.megatron.model import ModelConfig
 
 _LAYER_NAMES = {
@@ -41,6 +41,18 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
 _TOP_NAMES["output.weight"] = "lm_head.weight"
+#: ModelConfig field -> the GGUF metadata key it comes from (named in errors).
+GGUF_NAMES = {
+    "num_layers": "llama.block_count",
+    "hidden_size": "llama.embedding_length",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_query_groups": "llama.attention.head_count_kv",
+    "ffn_hidden_size": "llama.feed_forward_length",
+    "vocab_size": "llama.vocab_size",
+    "max_sequence_length": "llama.context_length",
+    "rotary_base": "llama.rope.freq_base",
+    "norm_epsilon": "llama.attention.layer_norm_rms_epsilon",
+}
 
 #: ``tokenizer.ggml.pre`` values whose pre-tokenizer is GPT-2's byte-level split with single digits split off
 #: (llama.cpp's SMOLLM / STARCODER regexes); plain GPT-2 otherwise.
@@ -128,23 +140,27 @@ def read_gguf(
     arch = _field(reader, "general.architecture", path=path)
     if arch != "llama":
         raise CheckpointError(f"{path}: architecture {arch!r} is not supported (expected 'llama')")
-    heads = int(_field(reader, "llama.attention.head_count", path=path))
-    kv_heads = int(_field(reader, "llama.attention.head_count_kv", heads, path=path))
+    heads = _field(reader, "llama.attention.head_count", path=path)
+    kv_heads = _field(reader, "llama.attention.head_count_kv", heads, path=path)
     names = {t.name for t in reader.tensors}
     token_count = len(_field(reader, "tokenizer.ggml.tokens", path=path))
-    cfg = ModelConfig(
-        num_layers=int(_field(reader, "llama.block_count", path=path)),
-        hidden_size=int(_field(reader, "llama.embedding_length", path=path)),
-        num_attention_heads=heads,
-        num_query_groups=kv_heads,
-        ffn_hidden_size=int(_field(reader, "llama.feed_forward_length", path=path)),
-        vocab_size=int(_field(reader, "llama.vocab_size", token_count, path=path)),
-        max_sequence_length=int(_field(reader, "llama.context_length", 2048, path=path)),
-        rotary_base=float(_field(reader, "llama.rope.freq_base", 10000.0, path=path)),
-        norm_epsilon=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, path=path)),
-        tie_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-    )
+    values = {
+        "num_layers": _field(reader, "llama.block_count", path=path),
+        "hidden_size": _field(reader, "llama.embedding_length", path=path),
+        "num_attention_heads": heads,
+        "num_query_groups": kv_heads,
+        "ffn_hidden_size": _field(reader, "llama.feed_forward_length", path=path),
+        "vocab_size": _field(reader, "llama.vocab_size", token_count, path=path),
+        "max_sequence_length": _field(reader, "llama.context_length", 2048, path=path),
+        "rotary_base": _field(reader, "llama.rope.freq_base", 10000.0, path=path),
+        "norm_epsilon": _field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, path=path),
+        "tie_embeddings": "output.weight" not in names,
+        "qkv_bias": "blk.0.attn_q.bias" in names,
+    }
+    # GGUF integers arrive as numpy scalars: made Python ints here, then bounded (a huge count is refused before
+    # it sizes anything); floats must be finite and positive.
+    values = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
+    cfg = validate_model_config(values, str(path), prefix="", names=GGUF_NAMES)
     sd: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", disable=not progress):
         if t.name in _TOP_NAMES:
@@ -159,9 +175,9 @@ def read_gguf(
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         w = torch.from_numpy(values.reshape(shape).copy())
         if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
-            w = unpermute_rope_rows(w, heads)
+            w = unpermute_rope_rows(w, cfg.num_attention_heads)
         elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
-            w = unpermute_rope_rows(w, kv_heads)
+            w = unpermute_rope_rows(w, cfg.num_query_groups)
         sd[key] = w
     check_hf_state_dict(sd, cfg, str(path))
     tokenizer_json, ids = _tokenizer_json(reader, path)

@@ -22,11 +22,22 @@ from typing import Any
 
 import torch
 
-from megatron_tpcomp.checkpoint.store import CheckpointError
+from megatron_tpcomp.checkpoint.store import CheckpointError, validate_model_config
 from megatron_tpcomp.megatron.model import ModelConfig, fuse_qkv, split_qkv
 
 #: Hugging Face ``model_type`` -> architecture class name written back on export.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+#: ModelConfig field -> the ``config.json`` key it comes from (named in errors).
+HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_query_groups": "num_key_value_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "max_sequence_length": "max_position_embeddings",
+    "rotary_base": "rope_theta",
+    "norm_epsilon": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+    "qkv_bias": "attention_bias",
+}
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:
@@ -49,26 +60,32 @@ def model_config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") ->
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in cfg:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise CheckpointError(f"{source}: {key} is {cfg[key]!r}; expected true or false")
+    heads = cfg["num_attention_heads"]
     try:
-        h = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        out = ModelConfig(
-            num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=h,
-            num_attention_heads=heads,
-            num_query_groups=int(cfg.get("num_key_value_heads") or heads),
-            ffn_hidden_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            max_sequence_length=int(cfg.get("max_position_embeddings", 2048)),
-            rotary_base=_rope_theta(cfg),
-            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        )
-    except KeyError as exc:
-        raise CheckpointError(f"{source}: missing key {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: {exc}") from None
+        rotary_base = _rope_theta(cfg)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{source}: rope_theta: {exc}") from None
+    values = {
+        "num_layers": cfg["num_hidden_layers"],
+        "hidden_size": cfg["hidden_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": cfg.get("num_key_value_heads") or heads,
+        "ffn_hidden_size": cfg["intermediate_size"],
+        "vocab_size": cfg["vocab_size"],
+        "max_sequence_length": cfg.get("max_position_embeddings", 2048),
+        "rotary_base": rotary_base,
+        "norm_epsilon": cfg.get("rms_norm_eps", 1e-6),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "qkv_bias": model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+    }
+    # Integers must be integers (a 3e9 or "576" is refused, not converted), within bounds, and divisible.
+    out = validate_model_config(values, source, prefix="", names=HF_NAMES)
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (expected silu)")
     if cfg.get("mlp_bias"):
@@ -255,11 +272,12 @@ def write_hf_checkpoint(
     model_type: str = "llama",
     tokenizer_json: str | None = None,
 ) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) into a new directory ``out_dir``."""
+    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) into ``out_dir`` (created if missing;
+    the caller makes sure it is new, e.g. a temporary directory renamed into place afterwards)."""
     from safetensors.torch import save_file
 
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=False)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(hf_config_from_model(cfg, model_type), indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:

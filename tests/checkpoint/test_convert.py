@@ -7,6 +7,7 @@ reference is an independent implementation of the same architecture.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -301,4 +302,29 @@ def test_a_config_that_does_not_match_the_weights_is_refused(hf_dirs: dict[str, 
     data["model_config"]["ffn_hidden_size"] = 96  # the weights were saved with 192
     meta_file.write_text(json.dumps(data))
     msg = run_distributed(_load_at, 1, str(tmp_path / "ck"), timeout_s=120)[0]
-    assert "does not match the model" in msg and "linear_fc1.weight: (384, 96) vs model (192, 96)" in msg, msg
+    # Caught when the shard is loaded (before the model is built from the wrong metadata), naming file and tensor.
+    assert "mp_rank_00/model_optim_rng.pt: decoder.layers.0.mlp.linear_fc1.weight has shape (384, 96)" in msg, msg
+    assert "ffn_hidden_size=96, TP=1) implies (192, 96)" in msg, msg
+
+
+def test_a_compression_config_for_another_model_is_refused_before_writing(
+    hf_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+):
+    other = tmp_path / "for-30-layers.json"
+    other.write_text(json.dumps({"default": "int4:g32", "model": {"num_layers": 30, "tp_size": 3}}))
+    src = hf_dirs["llama-tied"]
+    assert main([str(src), str(tmp_path / "ck"), "--tp", "3", "--compression-config", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"tpcomp convert: error: {other}: compression config is for num_layers=30, but {src} at TP=3 has num_layers=2"
+    )
+    assert not (tmp_path / "ck").exists()
+    # A recorded config made for TP=3 is not carried into a TP=1 reshard (it was calibrated for TP=3's partials).
+    mine = tmp_path / "for-tp3.json"
+    mine.write_text(json.dumps({"default": "int4:g32", "model": {"num_layers": 2, "tp_size": 3}}))
+    assert main([str(src), str(tmp_path / "ck"), "--tp", "3", "--compression-config", str(mine), "--quiet"]) == 0
+    assert read_metadata(tmp_path / "ck").compression["model"]["tp_size"] == 3
+    assert convert(tmp_path / "ck", tmp_path / "ck3", 3, progress=False).compression is not None  # same TP: kept
+    with caplog.at_level(logging.WARNING, logger="megatron_tpcomp"):
+        assert convert(tmp_path / "ck", tmp_path / "ck1", 1, progress=False).compression is None
+    assert "records a compression config made for tp_size=3; not kept at TP=1" in caplog.text
