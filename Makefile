@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 MCORE ?= 0.16.1
 
-.PHONY: demo test lint venv test-mcore-max cuda-check clean
+.PHONY: demo test lint venv test-mcore-max check-wheel cuda-check clean
 
 venv:
 	@bash scripts/setup_venv.sh .venv $(MCORE)
@@ -23,8 +23,12 @@ test-mcore-max:
 	@bash scripts/setup_venv.sh .venv-mcore-0.19.2 0.19.2
 	.venv-mcore-0.19.2/bin/python -m pytest -q -m "megatron and not slow" $(PYTEST_ARGS)
 
+# The wheel, installed in a fresh environment outside the checkout, works (kernel sources, CLI, collectives).
+check-wheel: venv
+	bash scripts/check_wheel.sh $(PY)
+
 cuda-check:
 	bash scripts/check_cuda.sh
 
 clean:
-	rm -rf .venv .venv-mcore-* build *.egg-info
+	rm -rf .venv .venv-mcore-* build dist *.egg-info megatron_tpcomp/_csrc

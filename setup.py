@@ -1,12 +1,60 @@
-"""Build script. The INT4 CUDA extension is built only where a CUDA-enabled torch and nvcc exist (and says so)."""
+"""Build steps that need code; the metadata is in pyproject.toml.
+
+- build_py copies the kernel sources (``kernels/*.cpp|h|cu``, the single source of truth at the repository root)
+  into the package as ``megatron_tpcomp/_csrc/``, so that an installed wheel can compile the fused CPU codecs
+  (``megatron_tpcomp/cpu_codecs.py`` looks there first). Editable installs use ``kernels/`` directly.
+- The INT4 CUDA extension is built only where a CUDA-enabled torch and nvcc exist (and says so).
+"""
 
 import os
 import shutil
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+KERNELS = ROOT / "kernels"
+#: Where the kernel sources go inside the package (cpu_codecs.PACKAGE_SOURCES names the same folder).
+PACKAGE_SOURCES = ("megatron_tpcomp", "_csrc")
+KERNEL_SUFFIXES = (".cpp", ".h", ".cu")
+
+
+def kernel_sources() -> list[Path]:
+    """The files copied into the package, sorted; raises when kernels/ lacks the CPU codec source."""
+    listing = KERNELS.iterdir() if KERNELS.is_dir() else ()
+    files = sorted(p for p in listing if p.is_file() and p.suffix in KERNEL_SUFFIXES)
+    if not any(p.name == "cpu_codecs.cpp" for p in files):
+        raise SystemExit(
+            f"megatron-tpcomp: {KERNELS / 'cpu_codecs.cpp'} is missing; expected the kernel sources in kernels/ "
+            "(an sdist must carry them: see MANIFEST.in)"
+        )
+    return files
+
+
+class BuildPyWithKernels(build_py):
+    """build_py that also copies kernels/ into megatron_tpcomp/_csrc/ of the build (not in editable mode)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # the package is the source tree: cpu_codecs.py finds the repository's kernels/ itself
+        target = Path(self.build_lib, *PACKAGE_SOURCES)
+        if target.exists():
+            shutil.rmtree(target)  # no stale file from an earlier build survives a renamed source
+        target.mkdir(parents=True)
+        for src in kernel_sources():
+            self.copy_file(str(src), str(target / src.name))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        return outputs + [str(Path(self.build_lib, *PACKAGE_SOURCES, p.name)) for p in kernel_sources()]
+
 
 ext_modules = []
-cmdclass = {}
+cmdclass = {"build_py": BuildPyWithKernels}
 
 
 def _cuda_extension_reason() -> str | None:
@@ -34,7 +82,7 @@ if _reason is None:
         CUDAExtension(
             name="megatron_tpcomp._int4_cuda",
             sources=["kernels/int4_binding.cpp", "kernels/int4_kernels.cu"],
-            include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")],
+            include_dirs=[str(KERNELS)],
             # No fast math: the kernels must round exactly like the torch reference.
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-fmad=false"]},
         )
@@ -44,27 +92,4 @@ if _reason is None:
 else:
     print(f"megatron-tpcomp: not building the INT4 CUDA extension: {_reason}")
 
-setup(
-    name="megatron-tpcomp",
-    version="0.1.0",
-    description="Compressed tensor-parallel communication for Megatron-Core inference",
-    packages=find_packages(include=["megatron_tpcomp", "megatron_tpcomp.*"]),
-    python_requires=">=3.11",
-    install_requires=[
-        "torch>=2.4",
-        "numpy>=1.26",
-        "megatron-core>=0.16.1,<0.20",
-        "tqdm",
-        "pyyaml",
-        "safetensors>=0.4",
-        "tokenizers>=0.19",
-        "gguf>=0.10",
-    ],
-    extras_require={
-        "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "transformers"],
-    },
-    entry_points={"console_scripts": ["tpcomp=megatron_tpcomp.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

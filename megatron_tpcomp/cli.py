@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print("\nRun `tpcomp SUBCOMMAND --help` for the options of each.")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from megatron_tpcomp import __version__
+
+        print(f"tpcomp (megatron-tpcomp) {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         print(f"tpcomp: unknown subcommand {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)

@@ -18,7 +18,9 @@ Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-cont
 into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
 flags and the compiler, under a file lock so that concurrent ranks build it once. ``-march=native`` is right
 because the library is built on the machine that runs it (it falls back to the baseline ISA if the compiler
-refuses). No compiler, or a failed build: the reference codecs run and :func:`available` says why.
+refuses). The source is the package's own copy (``megatron_tpcomp/_csrc/``, written into the wheel by setup.py)
+or, in a source checkout, ``kernels/`` (:func:`source_dir`). No compiler, no source or a failed build: the
+reference codecs run, :func:`available` says why and ``auto`` logs one warning saying so.
 
 Control: ``TPCOMP_CPU_KERNELS=auto`` (default: use the library when it builds), ``off`` (reference only) or
 ``on`` (raise :class:`megatron_tpcomp.kernels.KernelUnavailableError` when it cannot be used). The payload
@@ -33,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import importlib.resources
 import logging
 import math
 import os
@@ -48,7 +51,10 @@ import torch
 
 logger = logging.getLogger("megatron_tpcomp")
 
+#: The repository's kernel sources (a source checkout or an editable install).
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+#: The copy of kernels/ inside an installed package (setup.py's build_py writes it into the wheel).
+PACKAGE_SOURCES = "_csrc"
 SOURCES = ("cpu_codecs.cpp", "int4_core.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math")
 NATIVE_FLAGS = ("-march=native",)
@@ -78,20 +84,35 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++")
 
 
-def _build_key(cxx: str, flags: tuple[str, ...]) -> str:
+def source_dir(package: str = __package__ or "megatron_tpcomp", repo_dir: Path = KERNELS_DIR) -> Path:
+    """The folder that holds ``cpu_codecs.cpp``: the package's own copy (``<package>/_csrc``, an installed wheel)
+    first, then the repository's ``kernels/`` (editable install). Raises RuntimeError naming both places."""
+    copy = importlib.resources.files(package) / PACKAGE_SOURCES
+    # g++ needs real files: a package imported from a zip has no usable copy (it is named in the error below).
+    if isinstance(copy, Path) and (copy / SOURCES[0]).is_file():
+        return copy
+    if (repo_dir / SOURCES[0]).is_file():
+        return repo_dir
+    raise RuntimeError(
+        f"the kernel source {SOURCES[0]} is missing: looked in {copy} (installed package) and {repo_dir} "
+        "(source checkout); expected a wheel or sdist built by this project's setup.py"
+    )
+
+
+def _build_key(cxx: str, flags: tuple[str, ...], src: Path) -> str:
     h = hashlib.sha256()
     for name in SOURCES:
-        h.update((KERNELS_DIR / name).read_bytes())
+        h.update((src / name).read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h.update(" ".join((cxx, *flags, version, platform.machine())).encode())
     return h.hexdigest()[:16]
 
 
-def _compile(cxx: str, flags: tuple[str, ...], out: Path) -> str | None:
+def _compile(cxx: str, flags: tuple[str, ...], out: Path, src: Path) -> str | None:
     """Compile into ``out`` atomically. Returns None, or the compiler's complaint."""
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *flags, "-I", str(KERNELS_DIR), str(KERNELS_DIR / "cpu_codecs.cpp"), "-o", tmp]
+    cmd = [cxx, *flags, "-I", str(src), str(src / "cpu_codecs.cpp"), "-o", tmp]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         if result.returncode != 0:
@@ -108,8 +129,7 @@ def build(cache: Path | None = None) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ not on PATH and $CXX unset)")
-    if not (KERNELS_DIR / SOURCES[0]).exists():
-        raise RuntimeError(f"the kernel sources are not installed next to the package ({KERNELS_DIR} missing)")
+    src = source_dir()
     if cache is None:
         from megatron_tpcomp.assets import cache_dir
 
@@ -118,7 +138,7 @@ def build(cache: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
-        lib = folder / f"libtpcomp_cpu-{_build_key(cxx, flags)}.so"
+        lib = folder / f"libtpcomp_cpu-{_build_key(cxx, flags, src)}.so"
         if lib.exists():
             return lib
         with open(folder / ".lock", "w") as lock:  # concurrent ranks: one compiles, the others wait and reuse
@@ -126,11 +146,11 @@ def build(cache: Path | None = None) -> Path:
             if lib.exists():
                 return lib
             logger.info("megatron-tpcomp: compiling the CPU codec library (%s)", " ".join(flags))
-            error = _compile(cxx, flags, lib)
+            error = _compile(cxx, flags, lib, src)
         if error is None:
             return lib
         errors.append(f"{' '.join(flags)}: {error}")
-    raise RuntimeError("g++ failed to build kernels/cpu_codecs.cpp: " + " | ".join(errors))
+    raise RuntimeError(f"{cxx} failed to build {src / SOURCES[0]}: " + " | ".join(errors))
 
 
 @lru_cache(maxsize=1)
@@ -193,8 +213,20 @@ def _library() -> ctypes.CDLL | None:
             from megatron_tpcomp.kernels import KernelUnavailableError
 
             raise KernelUnavailableError(f"{ENV}=on but the CPU codec library is unavailable: {reason}")
+        _warn_fallback(reason)
         return None
     return lib
+
+
+@lru_cache(maxsize=1)
+def _warn_fallback(reason: str) -> None:
+    """One warning per process (per reason) when ``auto`` falls back: the reference codecs are ~100x slower."""
+    logger.warning(
+        "megatron-tpcomp: the fused CPU codec library is unavailable, the torch reference codecs run instead "
+        "(much slower; set %s=off to silence this, =on to make it an error): %s",
+        ENV,
+        reason,
+    )
 
 
 def usable(fmt: NativeFormat | None, device: torch.device, dtype: torch.dtype) -> bool:
