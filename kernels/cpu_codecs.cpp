@@ -8,13 +8,18 @@
 //                         (codecs/hadamard.py: v -> fwht(v * signs) * c, c = fp32(1/sqrt(H)); inverse
 //                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
 //
-// Encode reads a tile of input values (fp32/bf16/fp16; a multiple of lcm(G, H) values, see work_tile_values) into
-// a float buffer, rotates it in place, quantizes its groups (on AVX2: eight groups at a time) and writes codes
-// and scales: the input is read once and the payload written once.
-// Decode-sum reads the tile's codes from each of N payloads, adds the decoded values in fp32 in payload order
-// (the one-shot all-reduce, every rank the same bits), rotates back once (the rotation is linear, so the sum of
-// the rotated-back decodes is the rotated-back sum: the reference defines it this way too) and writes the output
-// dtype, rounding once. Tiles are split over `nthreads` OpenMP threads.
+// A tile is one super-block of 4096 values (codecs/scales.py, "Second level"; G and H must divide 4096).
+// Encode reads a tile of input values (fp32/bf16/fp16) into a float buffer; with a rotation it normalizes the
+// tile by 2^-j (j from its largest finite |x|, the wide window rule) and rotates it in place; then it finds the
+// super-block exponent k from the largest amax of its finite blocks, scales the buffer by 2^-k, quantizes its
+// groups (on AVX2: eight groups at a time) and writes codes, scales and the int16 k + j: the input is read once
+// and the payload written once.
+// Decode-sum reads the tile's codes from each of N payloads and adds the decoded values in fp32 in payload order
+// (the one-shot all-reduce, every rank the same bits): without a rotation each block scale is multiplied by
+// 2^k_r and each payload's values are clamped to the output dtype's finite range before they are added; with a
+// rotation the scales are multiplied by 2^(k_r - K), K = max_r k_r, the sum is rotated back once (the rotation is
+// linear: the reference defines it this way too), multiplied by 2^K and clamped. Then the output dtype is
+// written, rounding once. Tiles are split over `nthreads` OpenMP threads.
 //
 // Built by megatron_tpcomp/cpu_codecs.py with g++ -O3 -ffp-contract=off (never -ffast-math): every multiply and
 // add is rounded on its own, exactly as torch's elementwise kernels do, so the bytes match the reference.
@@ -41,7 +46,7 @@ using tpcomp::float_to_bf16_bits;
 using tpcomp::float_to_half_bits;
 using tpcomp::half_bits_to_float;
 
-constexpr int kMaxTile = 4096;
+constexpr int kMaxTile = 4096;  // = tpcomp::kSuperValues: one tile is one super-block
 constexpr float kE4m3Max = 448.0f;
 constexpr uint32_t kF32NaNBits = 0x7FC00000u;  // what torch's masked_fill(nan) writes into an fp32 scale
 constexpr float kMinNormal = 1.17549435e-38f;  // 2^-126: smallest fp32 scale whose reciprocal is finite
@@ -330,7 +335,9 @@ struct Codec {
   int format;           // Format
   int block;            // values per scale (G or B)
   float scale_cap;      // fp8: cap of the ideal scale (fp32 max / (2 * 448), rounded to fp32)
+  float range_limit;    // top-binade limit of the super-block exponent (0: the wide window rule)
   int64_t scales_offset;  // byte offset of the scales section in a payload
+  int64_t exps_offset;    // byte offset of the int16 super-block exponents
   Rotation rot;
 
   int code_bytes(int nvalues) const { return format == kInt4 ? nvalues / 2 : nvalues; }
@@ -377,19 +384,29 @@ inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8
 // int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes. (Not unrolled by
 // a fixed G like int4_quantize: measured, that makes decode slower.) On AVX2, int4_accumulate8 below takes the
 // runs of eight groups; this handles the rest.
-inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, bool first, float* acc) {
+// Scaling of one payload in one tile: each decoded value v becomes (v * f1) * f2 (= pow2_mul(v, e)), then it is
+// clamped to [-top, top] (top = +inf: no clamp).
+struct Shift {
+  float f1, f2, top;
+};
+
+inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, const Shift& sh, bool first,
+                            float* acc) {
   uint16_t sb;
   memcpy(&sb, scale, 2);
   const float s = half_bits_to_float(sb);
+  const float f1 = sh.f1, f2 = sh.f2, top = sh.top;
   int8_t q[kMaxTile];
   for (int i = 0; i < g / 2; ++i) {
     q[2 * i] = static_cast<int8_t>((codes[i] & 0xF) - tpcomp::kInt4Zero);
     q[2 * i + 1] = static_cast<int8_t>((codes[i] >> 4) - tpcomp::kInt4Zero);
   }
+  float v[kMaxTile];
+  for (int i = 0; i < g; ++i) v[i] = tpcomp::clamp_abs(static_cast<float>(q[i]) * s * f1 * f2, top);
   if (first) {
-    for (int i = 0; i < g; ++i) acc[i] = static_cast<float>(q[i]) * s;
+    for (int i = 0; i < g; ++i) acc[i] = v[i];
   } else {
-    for (int i = 0; i < g; ++i) acc[i] = acc[i] + static_cast<float>(q[i]) * s;
+    for (int i = 0; i < g; ++i) acc[i] = acc[i] + v[i];
   }
 }
 
@@ -501,11 +518,16 @@ inline void int4_quantize8(const float* v, int g, uint8_t* codes, uint8_t* scale
 // (a signalling-NaN scale comes out quieted; the product with it is the same quiet NaN either way). Codes
 // unpack 16 bytes (32 values) at a time: low and high nibbles interleaved back into value order, minus 8 as
 // int8, widened to int32 and converted exactly to float.
+// The clamp to [-top, top] is min(top, v) then max(-top, .): minps/maxps return their second operand when one
+// is NaN, so a NaN value stays NaN, as clamp_abs and torch.clamp keep it.
 template <int G>
-inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, bool first, float* acc) {
+inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, const Shift& sh, bool first,
+                               float* acc) {
   const int g = G > 0 ? G : g_runtime;
   alignas(32) float s[8];
   _mm256_store_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))));
+  const __m256 f1 = _mm256_set1_ps(sh.f1), f2 = _mm256_set1_ps(sh.f2);
+  const __m256 top = _mm256_set1_ps(sh.top), bottom = _mm256_set1_ps(-sh.top);
   const __m128i nibble = _mm_set1_epi8(0x0F), zero_code = _mm_set1_epi8(tpcomp::kInt4Zero);
   const int vecs_per_group = g / 8;
   for (int k = 0; k < g; k += 4) {  // 8g values = g vectors of 8; vector k is in group k / (g / 8)
@@ -516,21 +538,24 @@ inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int 
     const __m128i q[4] = {q01, _mm_srli_si128(q01, 8), q23, _mm_srli_si128(q23, 8)};
     for (int u = 0; u < 4; ++u) {
       const __m256 scale = _mm256_broadcast_ss(s + (k + u) / vecs_per_group);
-      const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale);
+      const __m256 product = _mm256_mul_ps(
+          _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale), f1), f2);
+      const __m256 value = _mm256_max_ps(bottom, _mm256_min_ps(top, product));
       float* a = acc + 8 * (k + u);
       _mm256_storeu_ps(a, first ? value : _mm256_add_ps(_mm256_loadu_ps(a), value));
     }
   }
 }
 
-inline void int4_accumulate8(const uint8_t* codes, const uint8_t* scales, int g, bool first, float* acc) {
+inline void int4_accumulate8(const uint8_t* codes, const uint8_t* scales, int g, const Shift& sh, bool first,
+                             float* acc) {
   switch (g) {
-    case 8: int4_accumulate8_g<8>(codes, scales, g, first, acc); return;
-    case 16: int4_accumulate8_g<16>(codes, scales, g, first, acc); return;
-    case 32: int4_accumulate8_g<32>(codes, scales, g, first, acc); return;
-    case 64: int4_accumulate8_g<64>(codes, scales, g, first, acc); return;
-    case 128: int4_accumulate8_g<128>(codes, scales, g, first, acc); return;
-    default: int4_accumulate8_g<0>(codes, scales, g, first, acc);
+    case 8: int4_accumulate8_g<8>(codes, scales, g, sh, first, acc); return;
+    case 16: int4_accumulate8_g<16>(codes, scales, g, sh, first, acc); return;
+    case 32: int4_accumulate8_g<32>(codes, scales, g, sh, first, acc); return;
+    case 64: int4_accumulate8_g<64>(codes, scales, g, sh, first, acc); return;
+    case 128: int4_accumulate8_g<128>(codes, scales, g, sh, first, acc); return;
+    default: int4_accumulate8_g<0>(codes, scales, g, sh, first, acc);
   }
 }
 #endif
@@ -652,24 +677,31 @@ inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8
 }
 
 // acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
-inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, bool first, float* acc) {
+inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, const Shift& sh, bool first,
+                             float* acc) {
   if (c.format == kInt4) {
-    int4_accumulate(codes, scale, c.block, first, acc);
+    int4_accumulate(codes, scale, c.block, sh, first, acc);
     return;
   }
   float s;
   memcpy(&s, scale, 4);
+  const float f1 = sh.f1, f2 = sh.f2, top = sh.top;
+  const int n = c.block;
+  float v[kMaxTile];
+  for (int i = 0; i < n; ++i) v[i] = tpcomp::clamp_abs(kE4m3.v[codes[i]] * s * f1 * f2, top);
   if (first) {
-    for (int i = 0; i < c.block; ++i) acc[i] = kE4m3.v[codes[i]] * s;
+    for (int i = 0; i < n; ++i) acc[i] = v[i];
   } else {
-    for (int i = 0; i < c.block; ++i) acc[i] = acc[i] + kE4m3.v[codes[i]] * s;
+    for (int i = 0; i < n; ++i) acc[i] = acc[i] + v[i];
   }
 }
 
 int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
+// One super-block: lcm(block, rotation block, 4096); the library takes the formats where that is 4096.
 int tile_values(const Codec& c) {
-  return c.rot.block ? c.block / gcd(c.block, c.rot.block) * c.rot.block : (c.block < 256 ? 256 / c.block * c.block : c.block);
+  const int br = c.rot.block ? c.block / gcd(c.block, c.rot.block) * c.rot.block : c.block;
+  return br / gcd(br, kMaxTile) * kMaxTile;
 }
 
 // Values the quantizer sees: the input, zero-padded to the rotation block when there is one.
@@ -682,16 +714,58 @@ int threads_for(int64_t numel, int nthreads) {
   return numel < (1 << 16) || nthreads < 1 ? 1 : nthreads;
 }
 
-// Tile of the encode and decode loops: tile_values, times the smallest factor that makes it hold a multiple of 8
-// INT4 groups or FP8 blocks when that fits (int4_quantize8 and fp8_quantize8 take 8 at a time; int4:g32+had
-// would otherwise run tiles of lcm = 32 values, one group, and pay the per-tile overhead for every group). The tile only decides how the work
-// is cut: every value is computed the same way, so the bytes do not depend on it.
-int work_tile_values(const Codec& c) {
-  const int tile = tile_values(c);
-  const int eight = 8 * c.block;  // INT4 and FP8 alike: the AVX2 encoders take 8 blocks at a time
-  const int scaled = tile / gcd(tile, eight) * eight;  // lcm(tile, 8 groups)
-  return scaled <= kMaxTile ? scaled : tile;
+// Largest magnitude bits among the finite values of v[0, n) (non-finite values count as 0).
+inline uint32_t finite_amax_bits(const float* v, int n) {
+  uint32_t m = 0;
+  for (int i = 0; i < n; ++i) {
+    uint32_t b = float_as_bits(v[i]) & 0x7FFFFFFFu;
+    b = b < 0x7F800000u ? b : 0u;
+    m = b > m ? b : m;
+  }
+  return m;
 }
+
+// Largest amax of the finite blocks of `block` values in v[0, n) (scales.super_amax over finite_blocks).
+inline float finite_blocks_amax(const float* v, int n, int block) {
+  uint32_t m = 0;
+  for (int o = 0; o < n; o += block) {
+    bool finite;
+    const uint32_t b = float_as_bits(abs_max(v + o, block, &finite));
+    m = finite && b > m ? b : m;
+  }
+  return tpcomp::bits_as_float(m);
+}
+
+// v[0, n) *= 2^e as scales.pow2_mul: (v * f1) * f2 (f1 = 1 is skipped: v * 1 is v).
+inline void scale_by_pow2(float* v, int n, int e) {
+  float f1, f2;
+  tpcomp::pow2_factors(e, &f1, &f2);
+  if (f1 != 1.0f)
+    for (int i = 0; i < n; ++i) v[i] = v[i] * f1;
+  for (int i = 0; i < n; ++i) v[i] = v[i] * f2;
+}
+
+// Largest finite value of an output dtype: what decoded values are clamped to.
+inline float dtype_max(int dt) {
+  if (dt == kF32) return 3.40282347e38f;
+  return dt == kBF16 ? tpcomp::bf16_bits_to_float(0x7F7Fu) : tpcomp::kHalfMax;
+}
+
+inline Shift shift_of(int e, float top) {
+  Shift sh{1.0f, 1.0f, top};
+  tpcomp::pow2_factors(e, &sh.f1, &sh.f2);
+  return sh;
+}
+
+inline int16_t load_exponent(const uint8_t* payload, const Codec& c, int64_t t) {
+  int16_t k;
+  memcpy(&k, payload + c.exps_offset + 2 * t, 2);
+  return k;
+}
+
+// Tile of the encode and decode loops: one super-block (tile_values). It holds a multiple of 8 INT4 groups or
+// FP8 blocks for blocks up to 512 (int4_quantize8 and fp8_quantize8 take 8 at a time).
+int work_tile_values(const Codec& c) { return tile_values(c); }
 
 void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
   const int64_t inner = inner_numel(c, numel);
@@ -704,12 +778,24 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
     float buf[kMaxTile];
     const int64_t start = t * tile;
     const int64_t avail = numel - start < tile ? (numel - start > 0 ? numel - start : 0) : tile;
+    // Values of this tile the quantizer sees: whole blocks up to the (padded) end of the input.
+    const int64_t blocks_here = nblocks - start / c.block < tile / c.block ? nblocks - start / c.block : tile / c.block;
+    const int used = static_cast<int>(blocks_here) * c.block;
     load_tile(x, dt, start, avail, buf, tile);
+    int j = 0;
     if (c.rot.block) {
-      rotate_forward(buf, tile, c.rot);
+      // Pre-rotation normalization (codecs/hadamard.py): j from the largest finite |x| of the super-block.
+      j = tpcomp::range_exponent(tpcomp::bits_as_float(finite_amax_bits(buf, static_cast<int>(avail))), 0.0f);
+      const int rot_len = static_cast<int>((avail + c.rot.block - 1) / c.rot.block * c.rot.block);
+      if (j != 0) scale_by_pow2(buf, rot_len, -j);
+      rotate_forward(buf, rot_len, c.rot);
       // Values past the rotated input are the inner codec's zero padding (+0: fp8 keeps the sign of a zero).
       for (int64_t i = inner - start > 0 ? inner - start : 0; i < tile; ++i) buf[i] = 0.0f;
     }
+    const int k = tpcomp::range_exponent(finite_blocks_amax(buf, used, c.block), c.range_limit);
+    if (k != 0) scale_by_pow2(buf, used, -k);
+    const int16_t stored = static_cast<int16_t>(k + j);
+    memcpy(payload + c.exps_offset + 2 * t, &stored, 2);
     for (int o = 0; o < tile;) {
       const int64_t b = (start + o) / c.block;
       if (b >= nblocks) break;
@@ -731,16 +817,28 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
   }
 }
 
+constexpr int kMaxCount = 1 << 20;  // payloads per decode-sum (the collectives' world sizes are far below)
+
 void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbytes, int64_t numel, void* out, int dt,
                 int nthreads) {
   const int64_t inner = inner_numel(c, numel);
   const int64_t nblocks = (inner + c.block - 1) / c.block;
   const int tile = work_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
+  const float top = dtype_max(dt);
+  const float inf = tpcomp::bits_as_float(0x7F800000u);
 #pragma omp parallel for schedule(static) num_threads(threads_for(numel * count, nthreads))
   for (int64_t t = 0; t < ntiles; ++t) {
     float acc[kMaxTile];
     const int64_t start = t * tile;
+    // Rotated codecs add the payloads at the common exponent K = max_r k_r and clamp the sum; the others clamp
+    // each payload's values at its own exponent.
+    int common = -32768;
+    if (c.rot.block)
+      for (int r = 0; r < count; ++r) {
+        const int k = load_exponent(payloads + r * nbytes, c, t);
+        common = k > common ? k : common;
+      }
     int len = 0;
     for (int o = 0; o < tile;) {
       const int64_t b = (start + o) / c.block;
@@ -750,7 +848,9 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
         for (int r = 0; r < count; ++r) {
           const uint8_t* p = payloads + r * nbytes;
-          int4_accumulate8(p + b * (c.block / 2), p + c.scales_offset + b * 2, c.block, r == 0, acc + o);
+          const int k = load_exponent(p, c, t);
+          const Shift sh = c.rot.block ? shift_of(k - common, inf) : shift_of(k, top);
+          int4_accumulate8(p + b * (c.block / 2), p + c.scales_offset + b * 2, c.block, sh, r == 0, acc + o);
         }
         o += 8 * c.block;
         len = o;
@@ -759,7 +859,9 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
 #endif
       for (int r = 0; r < count; ++r) {
         const uint8_t* p = payloads + r * nbytes;
-        accumulate_block(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), r == 0,
+        const int k = load_exponent(p, c, t);
+        const Shift sh = c.rot.block ? shift_of(k - common, inf) : shift_of(k, top);
+        accumulate_block(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), sh, r == 0,
                          acc + o);
       }
       o += c.block;
@@ -767,7 +869,11 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
     }
     if (c.rot.block) {
       for (int i = len; i < tile; ++i) acc[i] = 0.0f;  // blocks past the payload: dropped below anyway
-      rotate_backward(acc, tile, c.rot);
+      const int64_t left = numel - start;
+      const int rot_len = static_cast<int>(left < tile ? (left + c.rot.block - 1) / c.rot.block * c.rot.block : tile);
+      rotate_backward(acc, rot_len, c.rot);
+      scale_by_pow2(acc, rot_len, common);
+      for (int i = 0; i < rot_len; ++i) acc[i] = tpcomp::clamp_abs(acc[i], top);
     }
     const int64_t n = numel - start < tile ? numel - start : tile;
     if (n > 0) store_tile(acc, n, dt, start, out);
@@ -780,12 +886,12 @@ bool valid(const Codec& c, int dt) {
   if (c.format != kInt4 && c.format != kFp8E4m3) return false;
   if (c.block < 1 || c.block > kMaxTile) return false;
   if (c.rot.block && (c.rot.block & (c.rot.block - 1))) return false;
-  return tile_values(c) <= kMaxTile;
+  return tile_values(c) == kMaxTile;  // one super-block per tile: block and rotation block divide 4096
 }
 
-Codec make(int format, int block, float scale_cap, int64_t scales_offset, int rot_block, const float* signs,
-           float rot_scale) {
-  return Codec{format, block, scale_cap, scales_offset, Rotation{rot_block, signs, rot_scale}};
+Codec make(int format, int block, float scale_cap, float range_limit, int64_t scales_offset, int64_t exps_offset,
+           int rot_block, const float* signs, float rot_scale) {
+  return Codec{format, block, scale_cap, range_limit, scales_offset, exps_offset, Rotation{rot_block, signs, rot_scale}};
 }
 
 }  // namespace
@@ -798,9 +904,10 @@ int tpc_cpu_max_tile() { return kMaxTile; }
 // Encode `numel` values of dtype `dt` (0 fp32, 1 bf16, 2 fp16) at `x` into `payload` (all of the payload's
 // code and scale bytes are written; the caller zeroes it so that alignment padding is zero). Returns 0, or -1
 // for an unsupported configuration.
-int tpc_cpu_encode(int format, int block, float scale_cap, int64_t scales_offset, int rot_block, const float* signs,
-                   float rot_scale, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
-  const Codec c = make(format, block, scale_cap, scales_offset, rot_block, signs, rot_scale);
+int tpc_cpu_encode(int format, int block, float scale_cap, float range_limit, int64_t scales_offset,
+                   int64_t exps_offset, int rot_block, const float* signs, float rot_scale, const void* x, int dt,
+                   int64_t numel, uint8_t* payload, int nthreads) {
+  const Codec c = make(format, block, scale_cap, range_limit, scales_offset, exps_offset, rot_block, signs, rot_scale);
   if (!valid(c, dt)) return -1;
   encode(c, x, dt, numel, payload, nthreads);
   return 0;
@@ -808,11 +915,11 @@ int tpc_cpu_encode(int format, int block, float scale_cap, int64_t scales_offset
 
 // Decode `count` payloads of `nbytes` each (laid end to end) of a `numel`-value tensor, add them in fp32 in
 // order 0..count-1, rotate back once, write dtype `dt` to `out`. Returns 0, or -1 for an unsupported configuration.
-int tpc_cpu_decode_sum(int format, int block, float scale_cap, int64_t scales_offset, int rot_block,
-                       const float* signs, float rot_scale, const uint8_t* payloads, int count, int64_t nbytes,
-                       int64_t numel, void* out, int dt, int nthreads) {
-  const Codec c = make(format, block, scale_cap, scales_offset, rot_block, signs, rot_scale);
-  if (!valid(c, dt) || count < 1) return -1;
+int tpc_cpu_decode_sum(int format, int block, float scale_cap, float range_limit, int64_t scales_offset,
+                       int64_t exps_offset, int rot_block, const float* signs, float rot_scale, const uint8_t* payloads,
+                       int count, int64_t nbytes, int64_t numel, void* out, int dt, int nthreads) {
+  const Codec c = make(format, block, scale_cap, range_limit, scales_offset, exps_offset, rot_block, signs, rot_scale);
+  if (!valid(c, dt) || count < 1 || count > kMaxCount) return -1;
   decode_sum(c, payloads, count, nbytes, numel, out, dt, nthreads);
   return 0;
 }

@@ -3,6 +3,17 @@
 // Everything here is `TPC_HD` (host + device) so that the exact arithmetic of the kernels can be compiled with
 // g++ and checked byte for byte against the torch reference (megatron_tpcomp/codecs/intx.py, spec int4:g<G>):
 //
+// Range (megatron_tpcomp/codecs/scales.py, "Second level"): every super-block of 4096 values (one CUDA block,
+// one CPU tile) is normalized first. amax_super = the largest amax of its finite groups;
+//   k      = range_exponent(amax_super, 7 * 65504)  the smallest k with amax_super <= 458528 * 2^k (0 for 0)
+//   y      = pow2_mul(x, -k)                        exact power-of-two scaling (two steps where 2^-k is not
+//                                                  one fp32 normal number); the rest runs on y
+//   exps   int16 k per super-block, right after the scales (2-byte aligned)
+//   decode value = pow2_mul((code - 8) * scale, k), clamped to the output dtype's finite range before it is
+//                  added to the sum (a finite fp16 65504 stays finite; a true overflow of the sum stays Inf).
+//                  Scaling the value, not the scale: s * 2^k may round past fp32's maximum, a value cannot
+//                  unless the input was there, and a zero code stays 0 (never 0 * Inf)
+//
 //   scale  = fp16_rne(min(amax / 7, 65504))        stored as fp16 bits; NaN (0x7E00) if the group is non-finite;
 //                                                  amax / 7 is a true fp32 division, as torch does it on the CPU
 //                                                  (torch on CUDA multiplies by 1/7: about 1 scale in 20000 is
@@ -10,14 +21,16 @@
 //   inv    = scale == 0 ? 0 : 1 / scale            fp32, IEEE division
 //   q      = clamp(rint(x * inv), -7, 7)           rint = round half to even
 //   code   = q + 8                                 two codes per byte, even index in the low nibble
-//   value  = (code - 8) * scale                    fp32
+//   value  = clamp(pow2_mul((code - 8) * scale, k)) fp32
 //   sum    = value_0 + value_1 + ... + value_{N-1} fp32, rank order (the one-shot all-reduce; every rank gets
 //                                                  the same bits because every rank adds in the same order)
 //
-// G is any even group size here (the CUDA kernels take 8, 16, 32, 64, 128 or 256).
-// Wire layout of a payload for `numel` values, ng = ceil(numel / G) groups (the last one zero-padded):
+// G is any even group size dividing 4096 here (the CUDA kernels take 8, 16, 32, 64, 128 or 256).
+// Wire layout of a payload for `numel` values, ng = ceil(numel / G) groups (the last one zero-padded),
+// ns = ceil(numel / 4096) super-blocks:
 //   [0, ng*G/2)                      codes
 //   [align16(ng*G/2), + 2*ng)        fp16 scales (little-endian)
+//   [scales end, + 2*ns)             int16 super-block exponents k (little-endian)
 //   total size aligned up to 16; padding bytes are zero.
 //
 // Multiplies, divides and adds go through mul_rn/div_rn/add_rn so that no compiler contracts `acc + c * s`
@@ -49,6 +62,8 @@ constexpr int kInt4Zero = 8;
 constexpr uint16_t kHalfNaN = 0x7E00;
 constexpr uint16_t kBf16NaN = 0x7FC0;
 constexpr float kHalfMax = 65504.0f;
+constexpr int kSuperValues = 4096;        // values per super-block (one int16 exponent each)
+constexpr float kInt4Limit = 458528.0f;  // 7 * 65504: the top-binade limit of int4 with fp16 scales
 
 TPC_HD uint32_t float_as_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -105,6 +120,59 @@ TPC_HD float div_rn(float a, float b) {
   volatile float r = a / b;
   return r;
 #endif
+}
+
+// 2^e for e in [-126, 127], from its bits (exact).
+TPC_HD float pow2_exact(int e) { return bits_as_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// Factors f1, f2 with (v * f1) * f2 = v * 2^e rounded once (scales.py pow2_mul): one fp32 power of two where
+// it exists, else 2^127 then 2^(e-127), or 2^(e+126) then 2^-126 (only the last product can leave the normal
+// range). e is clamped to [-252, 254].
+TPC_HD void pow2_factors(int e, float* f1, float* f2) {
+  e = e < -252 ? -252 : (e > 254 ? 254 : e);
+  if (e > 127) {
+    *f1 = pow2_exact(127);
+    *f2 = pow2_exact(e - 127);
+  } else if (e < -126) {
+    *f1 = pow2_exact(e + 126);
+    *f2 = pow2_exact(-126);
+  } else {
+    *f1 = 1.0f;
+    *f2 = pow2_exact(e);
+  }
+}
+
+struct Pow2 {
+  float f1, f2;
+};
+
+TPC_HD Pow2 pow2_of(int e) {
+  Pow2 p;
+  pow2_factors(e, &p.f1, &p.f2);
+  return p;
+}
+
+TPC_HD float pow2_apply(float v, Pow2 p) { return mul_rn(mul_rn(v, p.f1), p.f2); }
+
+TPC_HD float pow2_mul(float v, int e) { return pow2_apply(v, pow2_of(e)); }
+
+// Super-block exponent of scales.py choose_exponents: limit > 0 (narrow scale formats): the smallest k with
+// amax <= limit * 2^k; limit <= 0 (wide formats): 0 for amax in [2^-64, 2^64), else floor(log2 amax). 0 for
+// amax == 0. frexpf is exact on host and device.
+TPC_HD int range_exponent(float amax, float limit) {
+  if (!(amax > 0.0f)) return 0;
+  int e;
+  const float m = frexpf(amax, &e);
+  if (limit <= 0.0f) return (amax >= 0x1p-64f && amax < 0x1p64f) ? 0 : e - 1;
+  int le;
+  const float lm = frexpf(limit, &le);
+  return e - le + (m > lm ? 1 : 0);
+}
+
+// v clamped to [-top, top]; NaN stays NaN (the comparisons are false for it).
+TPC_HD float clamp_abs(float v, float top) {
+  v = v > top ? top : v;
+  return v < -top ? -top : v;
 }
 
 // Round half to even under the default rounding mode (rintf is exact for that on host and device).
@@ -200,18 +268,36 @@ TPC_HD float int4_value(uint32_t code, float scale) {
   return mul_rn(static_cast<float>(static_cast<int>(code) - kInt4Zero), scale);
 }
 
-// Decode one payload byte (two values) and add it to a running sum: acc = first ? value : acc + value.
+// Decode one payload byte (two values, scaled by 2^k of their super-block: `p`) and add it to a running sum:
+// acc = first ? value : acc + value, each value clamped to [-top, top] first (top: the output dtype's largest
+// finite value).
 // Copying the first rank's values (instead of 0 + value) is what the torch collective does; for payloads our
 // encoder writes the two agree bit for bit anyway (a decoded value is -0 only for a negative code with a zero
 // scale, which the encoder never writes).
-TPC_HD void int4_accumulate_byte(uint8_t byte, float scale, bool first, float* acc) {
-  const float lo = int4_value(byte & 0xFu, scale);
-  const float hi = int4_value(byte >> 4, scale);
+TPC_HD void int4_accumulate_byte(uint8_t byte, float scale, Pow2 p, float top, bool first, float* acc) {
+  const float lo = clamp_abs(pow2_apply(int4_value(byte & 0xFu, scale), p), top);
+  const float hi = clamp_abs(pow2_apply(int4_value(byte >> 4, scale), p), top);
   acc[0] = first ? lo : add_rn(acc[0], lo);
   acc[1] = first ? hi : add_rn(acc[1], hi);
 }
 
-// Quantize one group of `g` values (g even). Writes g/2 bytes to `codes` and returns the scale bits.
+// Largest amax of the finite groups of g values in x[0, n) (n a multiple of g): the super-block's amax.
+TPC_HD float int4_finite_amax(const float* x, int n, int g) {
+  float top = 0.0f;
+  for (int o = 0; o < n; o += g) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int i = o; i < o + g; ++i) {
+      finite &= is_finite(x[i]);
+      amax = amax_update(amax, x[i]);
+    }
+    if (finite && amax > top) top = amax;
+  }
+  return top;
+}
+
+// Quantize one group of `g` already normalized values (g even). Writes g/2 bytes to `codes` and returns the
+// scale bits.
 TPC_HD uint16_t int4_quantize_group(const float* x, int g, uint8_t* codes) {
   float amax = 0.0f;
   bool finite = true;
@@ -225,22 +311,30 @@ TPC_HD uint16_t int4_quantize_group(const float* x, int g, uint8_t* codes) {
   return scale;
 }
 
-// Decode one group of `g` values and add it to `acc` (first: overwrite), as int4_accumulate_byte.
-TPC_HD void int4_accumulate_group(const uint8_t* codes, uint16_t scale_bits, int g, bool first, float* acc) {
+// Decode one group of `g` values (super-block exponent k) and add it to `acc` (first: overwrite), as
+// int4_accumulate_byte.
+TPC_HD void int4_accumulate_group(const uint8_t* codes, uint16_t scale_bits, int k, float top, int g, bool first,
+                                  float* acc) {
   const float s = half_bits_to_float(scale_bits);
-  for (int i = 0; i < g; i += 2) int4_accumulate_byte(codes[i / 2], s, first, acc + i);
+  const Pow2 p = pow2_of(k);
+  for (int i = 0; i < g; i += 2) int4_accumulate_byte(codes[i / 2], s, p, top, first, acc + i);
 }
 
 TPC_HD int64_t int4_num_groups(int64_t numel, int g) { return (numel + g - 1) / g; }
 
+TPC_HD int64_t int4_num_supers(int64_t numel) { return (numel + kSuperValues - 1) / kSuperValues; }
+
 // Byte offset of the scales section (16-byte aligned, as PayloadLayout in codecs/base.py).
 TPC_HD int64_t int4_scales_offset(int64_t ngroups, int g) { return (ngroups * (g / 2) + 15) / 16 * 16; }
+
+// Byte offset of the exponents section: right after the scales (2-byte aligned, which they already are).
+TPC_HD int64_t int4_exps_offset(int64_t ngroups, int g) { return int4_scales_offset(ngroups, g) + 2 * ngroups; }
 
 // Total payload bytes (16-byte aligned end; 0 for an empty tensor), identical to PayloadLayout.nbytes.
 TPC_HD int64_t int4_payload_nbytes(int64_t numel, int g) {
   const int64_t ngroups = int4_num_groups(numel, g);
   if (ngroups == 0) return 0;
-  return (int4_scales_offset(ngroups, g) + 2 * ngroups + 15) / 16 * 16;
+  return (int4_exps_offset(ngroups, g) + 2 * int4_num_supers(numel) + 15) / 16 * 16;
 }
 
 }  // namespace tpcomp

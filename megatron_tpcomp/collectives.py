@@ -304,7 +304,7 @@ def _pipeline_chunks(x: torch.Tensor, codec: Codec) -> int:
 
 def _pipeline_per(numel: int, chunks: int, codec: Codec) -> int:
     """Values per chunk of the pipelined one-shot: rounded up to whole codec blocks."""
-    align = chunk_alignment(codec)
+    align = math.lcm(chunk_alignment(codec), codec.chunk_values)  # whole super-blocks: the same exponents
     return math.ceil(numel / chunks / align) * align
 
 

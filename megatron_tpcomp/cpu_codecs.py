@@ -12,7 +12,8 @@ Formats (everything else runs the torch reference):
 - ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``) and its ``+had`` form.
 
 The wire layout stays defined in Python (``IntCodec.layout``, ``Fp8Codec.layout``): this module passes the
-scales offset to the library, and the tests check every byte against the reference codecs.
+offsets of the scales and of the super-block exponents (``exps``) to the library, and the tests check every
+byte against the reference codecs. The library handles block sizes that divide 4096 (one super-block per tile).
 
 Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 5 s)
 into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
@@ -160,7 +161,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (RuntimeError, OSError) as exc:
         return None, str(exc)
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    codec_args = [i32, i32, f32, i64, i32, ptr, f32]
+    codec_args = [i32, i32, f32, f32, i64, i64, i32, ptr, f32]
     lib.tpc_cpu_encode.argtypes = [*codec_args, ptr, i32, i64, ptr, i32]
     lib.tpc_cpu_decode_sum.argtypes = [*codec_args, ptr, i32, i64, i64, ptr, i32, i32]
     return lib, ""
@@ -182,6 +183,8 @@ class NativeFormat:
         format: ``FORMAT_INT4`` or ``FORMAT_FP8_E4M3``.
         block: values per scale.
         scale_cap: fp8 only: the cap of the ideal scale (``Fp8Codec.scale_cap`` rounded to fp32).
+        range_limit: the top-binade limit of the super-block exponents (``scales.range_limit``), 0 for the
+            window rule of wide scale formats.
         rot_block: Hadamard block (0 = no rotation).
         signs: fp32 ``[rot_block]`` of +-1 (the rotation's random signs), or None.
         rot_scale: fp32 ``1 / sqrt(rot_block)`` exactly as the reference multiplies by it.
@@ -190,16 +193,28 @@ class NativeFormat:
     format: int
     block: int
     scale_cap: float = 0.0
+    range_limit: float = 0.0
     rot_block: int = 0
     signs: torch.Tensor | None = None
     rot_scale: float = 0.0
 
-    def args(self, scales_offset: int) -> tuple:
+    def args(self, scales_offset: int, exps_offset: int) -> tuple:
         signs = self.signs.data_ptr() if self.signs is not None else None
-        return (self.format, self.block, self.scale_cap, scales_offset, self.rot_block, signs, self.rot_scale)
+        return (
+            self.format,
+            self.block,
+            self.scale_cap,
+            self.range_limit,
+            scales_offset,
+            exps_offset,
+            self.rot_block,
+            signs,
+            self.rot_scale,
+        )
 
     def tile(self) -> int:
-        return math.lcm(self.block, self.rot_block or 1)
+        """Values per tile of the library: one super-block (``lcm(block, 4096)``; the rotation block divides it)."""
+        return math.lcm(self.block, self.rot_block or 1, 4096)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -236,8 +251,11 @@ def usable(fmt: NativeFormat | None, device: torch.device, dtype: torch.dtype) -
     return _library() is not None
 
 
-def encode_into(fmt: NativeFormat, x: torch.Tensor, payload: torch.Tensor, scales_offset: int) -> None:
-    """Write the codes and scales of ``x`` into ``payload`` (uint8, 1-D, contiguous, zeroed: padding stays 0).
+def encode_into(
+    fmt: NativeFormat, x: torch.Tensor, payload: torch.Tensor, scales_offset: int, exps_offset: int
+) -> None:
+    """Write the codes, scales and exponents of ``x`` into ``payload`` (uint8, 1-D, contiguous; alignment padding
+    zeroed by the caller).
 
     Args:
         x: CPU fp32/bf16/fp16 tensor, any shape (read row-major; non-contiguous input is copied first).
@@ -245,7 +263,12 @@ def encode_into(fmt: NativeFormat, x: torch.Tensor, payload: torch.Tensor, scale
     lib = _library()
     xc = x.contiguous()
     rc = lib.tpc_cpu_encode(
-        *fmt.args(scales_offset), xc.data_ptr(), _DTYPES[xc.dtype], xc.numel(), payload.data_ptr(), _threads()
+        *fmt.args(scales_offset, exps_offset),
+        xc.data_ptr(),
+        _DTYPES[xc.dtype],
+        xc.numel(),
+        payload.data_ptr(),
+        _threads(),
     )
     if rc != 0:
         raise ValueError(f"CPU codec library refused the format {fmt} for dtype {xc.dtype}")
@@ -257,6 +280,7 @@ def decode_sum(
     count: int,
     nbytes: int,
     scales_offset: int,
+    exps_offset: int,
     numel: int,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
@@ -267,12 +291,20 @@ def decode_sum(
         out: optional contiguous CPU ``dtype`` tensor of ``numel`` elements to write into (checked by the caller).
 
     Returns:
-        ``dtype`` ``[numel]`` (fp32/bf16/fp16), rounded once from the fp32 sum (``out`` flattened, if given).
+        ``dtype`` ``[numel]`` (fp32/bf16/fp16), rounded once from the fp32 sum (``out`` flattened, if given);
+        each payload's values are clamped to ``dtype``'s finite range before the sum (``+had``: the sum).
     """
     lib = _library()
     out = torch.empty(numel, dtype=dtype) if out is None else out.view(-1)
     rc = lib.tpc_cpu_decode_sum(
-        *fmt.args(scales_offset), payloads.data_ptr(), count, nbytes, numel, out.data_ptr(), _DTYPES[dtype], _threads()
+        *fmt.args(scales_offset, exps_offset),
+        payloads.data_ptr(),
+        count,
+        nbytes,
+        numel,
+        out.data_ptr(),
+        _DTYPES[dtype],
+        _threads(),
     )
     if rc != 0:
         raise ValueError(f"CPU codec library refused the format {fmt} for dtype {dtype}")

@@ -113,8 +113,19 @@ class CodecSpec:
 NONE = CodecSpec(kind="none")
 
 
+#: Longest piece of a spec quoted in an error message (a 100k-character spec must not make a 200 KB message).
+QUOTE_LIMIT = 80
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)``, or for a string longer than ``limit`` its first characters with "..." and the length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[: limit - 20]!r}... ({len(text)} characters)"
+
+
 def _err(spec: str, problem: str, expected: str) -> CodecError:
-    return CodecError(f"invalid codec spec {spec!r}: {problem}; expected {expected}")
+    return CodecError(f"invalid codec spec {quote(spec)}: {problem}; expected {expected}")
 
 
 def _small_int(digits: str) -> int:
@@ -146,7 +157,7 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
     if m:
         bits = _small_int(m.group(1))
         if bits == 8:
-            raise _err(spec, f"unknown fp8 variant {text!r}", "fp8, fp8-e4m3 or fp8-e5m2")
+            raise _err(spec, f"unknown fp8 variant {quote(text)}", "fp8, fp8-e4m3 or fp8-e5m2")
         if bits not in MINIFLOAT_FORMATS:
             raise _err(spec, f"minifloat width {bits} out of range", "fp3, fp4, fp5, fp6 or fp8")
         allowed = MINIFLOAT_FORMATS[bits]
@@ -158,12 +169,12 @@ def _parse_family(text: str, spec: str) -> CodecSpec:
                 names = ", ".join(f"fp{bits}-e{a}m{b}" for a, b in allowed)
                 raise _err(spec, f"fp{bits} has no element format e{e}m{mm}", names)
         return CodecSpec(kind="minifloat", bits=bits, exp_bits=e, man_bits=mm, **FAMILY_DEFAULTS["minifloat"])
-    raise _err(spec, f"unknown codec {text!r}", VALID_FAMILIES)
+    raise _err(spec, f"unknown codec {quote(text)}", VALID_FAMILIES)
 
 
 def _parse_size(value: str, what: str, spec: str) -> int:
     if not value.isdigit():
-        raise _err(spec, f"{what} {value!r} is not a positive integer", f"{what} like 32")
+        raise _err(spec, f"{what} {quote(value)} is not a positive integer", f"{what} like 32")
     n = _small_int(value)
     if not 1 <= n <= MAX_BLOCK:
         raise _err(spec, f"{what} {n} out of range", f"1 <= {what} <= {MAX_BLOCK}")
@@ -179,11 +190,26 @@ def _apply_option(cs: CodecSpec, opt: str, spec: str) -> CodecSpec:
         return replace(cs, asym=True)
     if opt.startswith("s") and opt[1:] in SCALE_FORMATS:
         return replace(cs, scale=opt[1:])
-    raise _err(spec, f"unknown option {opt!r}", VALID_OPTIONS)
+    raise _err(spec, f"unknown option {quote(opt)}", VALID_OPTIONS)
+
+
+def _check_repeats(name: str, opts: list[str], spec: str) -> None:
+    """Refuse a modifier option given twice (``+had:b32:b64``): a typo, never "the last one wins"."""
+    seen: dict[str, str] = {}
+    for opt in opts:
+        key = opt[:1]  # every modifier option is one letter and a value (b32, k9)
+        if key and key in seen:
+            raise _err(
+                spec,
+                f"option {quote(key)} of modifier {quote(name)} given twice ({quote(seen[key])} and {quote(opt)})",
+                "each option at most once",
+            )
+        seen[key] = opt
 
 
 def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
     name, *opts = mod.split(":")
+    _check_repeats(name, opts, spec)
     if name == "had":
         if cs.hadamard_block:
             raise _err(spec, "modifier 'had' given twice", VALID_MODIFIERS)
@@ -192,7 +218,7 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
             if opt.startswith("b"):
                 block = _parse_size(opt[1:], "Hadamard block", spec)
             else:
-                raise _err(spec, f"unknown Hadamard option {opt!r}", "+had or +had:b<N>")
+                raise _err(spec, f"unknown Hadamard option {quote(opt)}", "+had or +had:b<N>")
         if block & (block - 1) or block < 2:
             raise _err(spec, f"Hadamard block {block} is not a power of two >= 2", "2, 4, ..., 4096")
         return replace(cs, hadamard_block=block)
@@ -206,7 +232,7 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
             else:
                 raise _err(
                     spec,
-                    f"unknown outliers option {opt!r}",
+                    f"unknown outliers option {quote(opt)}",
                     f"+outliers or +outliers:k<K> with 1 <= K <= {MAX_OUTLIERS}",
                 )
         return replace(cs, outliers=True, outliers_k=k)
@@ -214,9 +240,9 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
         if cs.chscale:
             raise _err(spec, "modifier 'chscale' given twice", VALID_MODIFIERS)
         if opts:
-            raise _err(spec, f"'chscale' takes no options, got {':'.join(opts)!r}", "+chscale")
+            raise _err(spec, f"'chscale' takes no options, got {quote(':'.join(opts))}", "+chscale")
         return replace(cs, chscale=True)
-    raise _err(spec, f"unknown modifier {name!r}", VALID_MODIFIERS)
+    raise _err(spec, f"unknown modifier {quote(name)}", VALID_MODIFIERS)
 
 
 def _validate(cs: CodecSpec, spec: str) -> None:
@@ -265,7 +291,8 @@ def parse_spec(spec: str | CodecSpec) -> CodecSpec:
         # One setting per kind: "int4:g32:g64" is a typo, not "g64" (same rule as doubled modifiers).
         kind = "block size" if opt[:1] in ("b", "g") else "scale format" if opt[:1] == "s" else opt
         if kind in seen:
-            raise _err(spec, f"{kind} given twice ({seen[kind]!r} and {opt!r})", "each option at most once")
+            what = kind if len(kind) <= QUOTE_LIMIT else quote(kind)
+            raise _err(spec, f"{what} given twice ({quote(seen[kind])} and {quote(opt)})", "each option at most once")
         seen[kind] = opt
         cs = _apply_option(cs, opt, spec)
     for mod in mods:

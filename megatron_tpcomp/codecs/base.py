@@ -8,13 +8,24 @@ Payload layout conventions shared by all codecs (each codec module documents its
 
 - A payload is a sequence of *sections* (for example "codes" then "scales"), each starting at a byte offset
   that is a multiple of ``SECTION_ALIGN`` (16) so that it can be viewed as a typed tensor and loaded with
-  vector instructions. Padding bytes between sections are zero.
+  vector instructions. Padding bytes between sections are zero. The one exception is the small ``exps``
+  section of block codecs (one int16 per 4096 values), which follows the scales at 2-byte alignment so that
+  short messages do not grow by 16 bytes. The payload size is a multiple of 16.
 - Multi-byte values are little-endian (the byte order of every platform torch supports).
 - Block codecs group the *flattened, row-major* input into consecutive blocks of ``block`` values; the last
   block is zero-padded. Decoding drops the padding exactly.
 
 Non-finite input: a block containing NaN or +-Inf decodes entirely to NaN (its scale is stored as NaN). The
 damage is visible, never a silent finite value. ``check_finite=True`` on the collectives raises instead.
+
+Range (every block codec, see ``scales.py`` "Second level"): the input is normalized by a power of two per
+super-block of 4096 values before its block scales are formed, so no finite input value clips at a scale
+format's maximum or flushes because of its minimum; only blocks far below their super-block's largest (2^40
+for fp16 scales, 2^17.8 for e4m3) may flush, with an error below the largest block's own quantization step.
+Finite in, finite out: decoded values are clamped to the finite range of the output dtype (a finite fp16 65504
+whose int4 scale rounds up would otherwise decode to 65520 = Inf). ``decode_sum`` clamps each payload's decoded
+values before adding them, so a sum of ranks that truly overflows still overflows as the stock all-reduce
+would; ``+had`` adds the rotated payloads and rotates back once, so there the clamp applies to the sum.
 """
 
 from __future__ import annotations
@@ -66,14 +77,15 @@ class PayloadLayout:
     """Offsets of the sections of one payload, each aligned to ``SECTION_ALIGN`` bytes.
 
     Args:
-        sections: ``(name, dtype, count)`` triples in wire order.
+        sections: ``(name, dtype, count)`` triples in wire order, or ``(name, dtype, count, alignment)`` for a
+            section aligned to fewer than ``SECTION_ALIGN`` bytes (a multiple of the dtype's size).
     """
 
-    def __init__(self, sections: Sequence[tuple[str, torch.dtype, int]]):
+    def __init__(self, sections: Sequence[tuple[str, torch.dtype, int] | tuple[str, torch.dtype, int, int]]):
         offset = 0
         self.sections: dict[str, Section] = {}
-        for name, dtype, count in sections:
-            offset = align_up(offset)
+        for name, dtype, count, *align in sections:
+            offset = align_up(offset, align[0] if align else SECTION_ALIGN)
             sec = Section(name, dtype, int(count), offset)
             self.sections[name] = sec
             offset += sec.nbytes
@@ -168,6 +180,14 @@ def divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
     return t / torch.full_like(t, divisor)
 
 
+def clamp_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (fp32) clamped to the finite range of ``dtype`` (NaN stays NaN): a decoded value that rounding
+    pushed past the largest finite value of the output dtype (a finite fp16 65504 decoding to 65520) stays
+    finite instead of becoming Inf."""
+    top = torch.finfo(dtype).max
+    return t.clamp(-top, top)
+
+
 def nonfinite_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """Bool ``[nblocks]``: True where a block holds NaN or +-Inf (such blocks decode to NaN)."""
     return ~torch.isfinite(blocks).all(dim=1)
@@ -188,6 +208,9 @@ class Codec(ABC):
     #: then any split of a message on block boundaries encodes to the same blocks, and a collective may cut a
     #: message into pieces (the pipelined one-shot all-reduce) without changing a bit.
     block_local: bool = False
+    #: A block-local codec's pieces must start on multiples of this many values to encode as in the whole
+    #: message (its super-block, see ``scales.py``); collectives cut on multiples of it (``chunk_alignment``).
+    chunk_values: int = 1
 
     @abstractmethod
     def payload_nbytes(self, shape: Sequence[int]) -> int:
@@ -229,7 +252,8 @@ class Codec(ABC):
 
         Returns:
             contiguous ``dtype`` tensor of ``shape`` on ``payloads.device``; ``decode_sum(p, 1, ...) ==
-            decode(p, ...)``. Every caller on every rank gets the same bits for the same payloads.
+            decode(p, ...)``. Every caller on every rank gets the same bits for the same payloads. Each payload's
+            decoded values are clamped to the finite range of ``dtype`` before the sum (module docstring).
         """
         nbytes = self.payload_nbytes(shape)
         check_payload(payloads, count * nbytes, self.spec)
@@ -238,9 +262,9 @@ class Codec(ABC):
             native = native_decode_sum(self, payloads, count, shape, dtype, layout(shape), out)
             if native is not None:
                 return native
-        acc = self.decode(payloads[:nbytes], shape, torch.float32)
+        acc = clamp_to(self.decode(payloads[:nbytes], shape, torch.float32), dtype)
         for r in range(1, count):
-            acc += self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32)
+            acc += clamp_to(self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32), dtype)
         return _into(acc.to(dtype), out, shape)
 
     def native_format(self) -> NativeFormat | None:
@@ -279,9 +303,9 @@ def native_encode(codec: Codec, x: torch.Tensor, layout: PayloadLayout) -> torch
     fmt = codec.native_format()
     if not cpu_codecs.usable(fmt, x.device, x.dtype):
         return None
-    payload = layout.allocate_padding_zeroed(x.device)  # the library writes every code and scale byte
+    payload = layout.allocate_padding_zeroed(x.device)  # the library writes every code, scale and exponent byte
     if x.numel():
-        cpu_codecs.encode_into(fmt, x, payload, layout.sections["scales"].offset)
+        cpu_codecs.encode_into(fmt, x, payload, layout.sections["scales"].offset, layout.sections["exps"].offset)
     return payload
 
 
@@ -322,8 +346,9 @@ def native_decode_sum(
         check_out(out, dtype, n)
     if n == 0:
         return out.view(tuple(shape)) if out is not None else torch.empty(tuple(shape), dtype=dtype)
-    scales = layout.sections["scales"].offset
-    return cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, scales, n, dtype, out=out).view(tuple(shape))
+    scales, exps = layout.sections["scales"].offset, layout.sections["exps"].offset
+    result = cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, scales, exps, n, dtype, out=out)
+    return result.view(tuple(shape))
 
 
 class IdentityCodec(Codec):

@@ -99,6 +99,7 @@ class ChannelScaleCodec(Codec):
         self.row_length = self.h
         self.spec = f"{inner.spec}+chscale"
         self.block_local = inner.block_local  # blocks of the scaled tensor are the inner codec's blocks
+        self.chunk_values = inner.chunk_values
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property

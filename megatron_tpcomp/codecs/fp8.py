@@ -10,19 +10,24 @@ codes      uint8, nb*B          FP8 bit patterns, one byte per value: E4M3 "fn" 
                                 bias 7, no Inf, 0x7F/0xFF = NaN, max 448) or E5M2 (IEEE-like:
                                 bias 15, Inf/NaN encodings, max 57344)
 scales     scale fmt, nb        per-block scale ``s`` (default fp32; see ``scales.py``)
+exps       int16, nsuper        super-block exponents ``k`` (``blocks.py``; 2-byte aligned)
 =========  ===================  ===============================================================
 
-Encode (all fp32): ideal ``s = amax / fmax`` per block, stored with ``scales.quantize_scales`` (the quantizer
-uses the *decoded* scale); ``code = fp8(clamp(x * (1/s), -fmax, fmax))``, round to nearest, ties to even.
-The clamp makes the result independent of the cast's overflow behaviour (torch's E5M2 cast overflows to Inf,
-its E4M3 cast saturates in torch 2.13 but gave NaN in older versions) and of scale rounding (an fp16 scale may
-round below ``amax / fmax``). The ideal scale is capped at ``fp32_max / (2 * fmax)`` so that ``code * s`` never
-overflows to Inf at decode; only blocks with ``amax > fp32_max / 2`` clip because of it.
-Decode: ``x' = float(code) * s``.
+Range: each super-block of ``lcm(B, 4096)`` values is normalized first, ``y = x * 2^-k`` (``scales.py``,
+"Second level"): with fp16/e4m3 scales the largest ideal scale lands just below the format's maximum
+(``amax * 2^-k <= fmax * 65504`` or ``fmax * 448``; before, ``fp8-e5m2:b128:se4m3`` decoded N(0,1) data to
+zeros); with fp32/bf16/e8m0 scales ``k = 0`` for ``2^-64 <= amax < 2^64``.
+
+Encode (all fp32, on ``y``): ideal ``s = amax / fmax`` per block, stored with ``scales.quantize_scales`` (the
+quantizer uses the *decoded* scale); ``code = fp8(clamp(y * (1/s), -fmax, fmax))``, round to nearest, ties to
+even. The clamp makes the result independent of the cast's overflow behaviour (torch's E5M2 cast overflows to
+Inf, its E4M3 cast saturates in torch 2.13 but gave NaN in older versions) and of scale rounding (an fp16 scale
+may round below ``amax / fmax``). The ideal scale is capped at ``fp32_max / (2 * fmax)`` (a guard: normalized
+blocks stay far below it). Decode: ``x' = pow2_mul(float(code) * s, k)``, clamped to the output dtype's range.
 
 A block holding NaN/Inf gets a NaN scale and zero codes: it decodes to NaN. An all-zero block gets zero codes
 (and scale 0; e8m0, which has no zero, stores 2**-127) and decodes to exact zeros.
-Bits per value: ``8 + scale_bits / B`` (8.25 for the default ``fp8``).
+Bits per value: ``8 + scale_bits / B + 16 / 4096`` (8.25390625 for the default ``fp8``).
 
 Backends produce the same wire layout, so any rank decodes any rank's payload with :meth:`Fp8Codec.decode`:
 ``torch`` (this reference; CPU and GPU), ``te`` (Transformer Engine's FP8 cast kernel on CUDA tensors) and
@@ -31,24 +36,10 @@ Backends produce the same wire layout, so any rank decodes any rank's payload wi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from megatron_tpcomp.codecs.base import (
-    Codec,
-    CodecError,
-    PayloadLayout,
-    check_input,
-    check_payload,
-    divide,
-    finite_blocks,
-    from_blocks,
-    native_decode_sum,
-    native_encode,
-    numel_of,
-    to_blocks,
-)
+from megatron_tpcomp.codecs.base import CodecError, PayloadLayout, divide
+from megatron_tpcomp.codecs.blocks import BlockCodec
 from megatron_tpcomp.codecs.microscaling import FP32_MAX, FP32_TINY_SUB, half_ulp
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
 from megatron_tpcomp.cpu_codecs import FORMAT_FP8_E4M3, NativeFormat
@@ -73,7 +64,7 @@ FP8_FORMATS: dict[tuple[int, int], tuple[torch.dtype, float, int]] = {
 BACKENDS = ("auto", "torch", "te")
 
 
-class Fp8Codec(Codec):
+class Fp8Codec(BlockCodec):
     """FP8 E4M3/E5M2 with one scale per block of ``cs.block`` values.
 
     Args:
@@ -106,15 +97,10 @@ class Fp8Codec(Codec):
         self.spec = canonical(cs)
         # Cap of the ideal scale: fmax * s stays <= fp32_max / 2 even after e8m0 rounds s up (by < 2x).
         self.scale_cap = FP32_MAX / (2.0 * self.fmax)
+        self._init_range(self.fmax)
 
-    def layout(self, shape: Sequence[int]) -> PayloadLayout:
-        nblocks = -(-numel_of(shape) // self.block)
-        return PayloadLayout(
-            [("codes", torch.uint8, nblocks * self.block), ("scales", storage_dtype(self.scale_fmt), nblocks)]
-        )
-
-    def payload_nbytes(self, shape: Sequence[int]) -> int:
-        return self.layout(shape).nbytes
+    def _sections(self, nblocks: int) -> list[tuple[str, torch.dtype, int]]:
+        return [("codes", torch.uint8, nblocks * self.block), ("scales", storage_dtype(self.scale_fmt), nblocks)]
 
     def uses_te(self, x: torch.Tensor) -> bool:
         """Whether :meth:`encode` casts ``x`` with Transformer Engine (else with torch)."""
@@ -126,50 +112,32 @@ class Fp8Codec(Codec):
         return quantize_scales(ideal, self.scale_fmt, bad)
 
     def native_format(self) -> NativeFormat | None:
-        if self.fp8_dtype == torch.float8_e4m3fn and self.scale_fmt == "fp32":
+        if self.fp8_dtype == torch.float8_e4m3fn and self.scale_fmt == "fp32" and self.super_values <= 4096:
             cap = float(torch.tensor(self.scale_cap, dtype=torch.float32))  # what clamp(max=cap) compares with
-            return NativeFormat(FORMAT_FP8_E4M3, self.block, scale_cap=cap)
+            return NativeFormat(FORMAT_FP8_E4M3, self.block, scale_cap=cap, range_limit=self.range_limit or 0.0)
         return None
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x)
-        layout = self.layout(x.shape)
-        native = native_encode(self, x, layout)
-        if native is not None:
-            return native
-        payload = layout.allocate(x.device)
-        if x.numel() == 0:
-            return payload
-        blocks, bad = finite_blocks(x, self.block)  # fp32 [nblocks, block], NaN/Inf blocks zeroed
-        stored, s = self._scales(blocks, bad)
+    def _quantize(self, y: torch.Tensor, bad: torch.Tensor, payload: torch.Tensor, layout: PayloadLayout) -> None:
+        stored, s = self._scales(y, bad)
         inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
-        scaled = (blocks * inv).clamp(-self.fmax, self.fmax)
-        if self.uses_te(x):
-            if not x.is_cuda:
+        scaled = (y * inv).clamp(-self.fmax, self.fmax)
+        if self.uses_te(y):
+            if not y.is_cuda:
                 raise CodecError("fp8 backend 'te' needs a CUDA tensor; use backend 'torch' or 'auto' on CPU")
             codes = _te_cast(scaled, self.fp8_dtype)
         else:
             codes = scaled.to(self.fp8_dtype).view(torch.uint8)
         layout.view(payload, "codes").copy_(codes.reshape(-1))
         layout.view(payload, "scales").copy_(stored)
-        return payload
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        layout = self.layout(shape)
-        check_payload(payload, layout.nbytes, self.spec)
-        native = native_decode_sum(self, payload, 1, shape, dtype, layout)
-        if native is not None:
-            return native
-        if numel_of(shape) == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
-        codes = layout.view(payload, "codes").view(self.fp8_dtype).to(torch.float32).view(-1, self.block)
-        s = decode_scales(layout.view(payload, "scales"), self.scale_fmt).unsqueeze(1)
-        return from_blocks(codes * s, shape, dtype)
+    def _dequantize(self, payload: torch.Tensor, layout: PayloadLayout, nblocks: int) -> torch.Tensor:
+        codes = layout.view(payload, "codes").view(self.fp8_dtype).to(torch.float32).view(nblocks, self.block)
+        return codes * decode_scales(layout.view(payload, "scales"), self.scale_fmt).unsqueeze(1)
 
-    def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise bound on ``|decode(encode(x), fp32) - x|`` for finite ``x`` (fp32, shape of ``x``).
+    def _bound_normalized(self, y: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on the error of normalized finite blocks ``y`` (fp32 ``[nb, B]``).
 
-        With ``s`` the decoded block scale and ``v = |x| * (1/s)`` (as the encoder computes it):
+        With ``s`` the decoded block scale and ``v = |y| * (1/s)`` (as the encoder computes it):
 
         - rounding: round-to-nearest moves ``min(v, fmax)`` by at most half an FP8 ULP at that magnitude
           (``2**(e-m-1)`` in binade ``e``, the subnormal half-spacing below the smallest normal), times ``s``;
@@ -178,7 +146,7 @@ class Fp8Codec(Codec):
         - fp32 arithmetic: ``1/s``, ``x * (1/s)`` and ``code * s`` each round by ``<= 2**-24`` relative, in
           total below ``2**-20 * amax``, plus two fp32 subnormal spacings where products underflow.
         """
-        blocks = to_blocks(x, self.block)
+        blocks = y
         _, s = self._scales(blocks)
         inv = safe_reciprocal(s).unsqueeze(1)
         s = s.unsqueeze(1)
@@ -186,8 +154,7 @@ class Fp8Codec(Codec):
         mag = (blocks.abs() * inv).clamp(max=self.fmax)
         rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
         clip = (amax - self.fmax * s).clamp(min=0)
-        bound = rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
-        return from_blocks(bound, x.shape, torch.float32)
+        return rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
 
 
 def _te_cast(scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover - CUDA + TE only

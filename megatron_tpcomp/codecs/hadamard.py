@@ -20,13 +20,25 @@ on every device and with the fused CPU library, ``kernels/cpu_codecs.cpp``): ``R
 v[j] - v[j+h])``), every operation an fp32 elementwise op rounded on its own. ``log2(block)`` additions per value
 instead of a ``block``-long dot product: no summation order is left to a BLAS (or to TF32).
 
-Sum of N payloads (:meth:`HadamardCodec.decode_sum`, the all-reduce): the inner codec's fp32 decode-sum, then
-``R^T`` once (``R^T`` is linear: one rotation instead of N).
+Range (block codecs inside, ``blocks.py``): a rotation of fp32 values near 3.4e38 overflows (the butterflies
+add ``block`` of them) and one of fp32 subnormals rounds away their bits, so the rotation runs on normalized
+values: per super-block of the inner codec (``lcm(inner block, 4096)`` values, which the rotation blocks tile),
+``j = 0`` while its largest finite ``|x|`` lies in ``[2^-64, 2^64)`` (every real activation), else
+``floor(log2 max)``; the codec rotates ``x * 2^-j`` (``scales.pow2_mul``) and the inner codec stores its own
+exponent plus ``j``, so ``2^k`` of the payload undoes both.
+
+Sum of N payloads (:meth:`HadamardCodec.decode_sum`, the all-reduce): per super-block ``K = max_r k_r``; the
+inner codec's normalized values times ``2^(k_r - K)`` are added in fp32 in payload order, ``R^T`` runs
+once on that sum (``R^T`` is linear: one rotation instead of N), then ``x' = pow2_mul(., K)``, clamped to the
+output dtype's finite range. Scaling by powers of two commutes with rounding, so for normal numbers this is the
+sum of the N decodes rotated back, without overflow in the rotated domain. Because the payloads are added
+before rotating back, the clamp applies to the sum: a rotated sum past the dtype's maximum saturates (the
+plain codecs clamp each payload and let a true overflow of the sum become Inf).
 
 Wire layout: exactly the inner codec's payload for an fp32 input of shape ``(padded_numel,)`` holding the
-rotated blocks in order; nothing else. The rotation matrix is not sent: it is a function of ``(block, seed)``,
-and both are part of the codec's configuration (``block`` is in the spec string, ``seed`` must be equal on
-every rank, see ``make_codec(hadamard_seed=...)``).
+rotated (normalized) blocks in order; nothing else. The rotation matrix is not sent: it is a function of
+``(block, seed)``, and both are part of the codec's configuration (``block`` is in the spec string, ``seed``
+must be equal on every rank, see ``make_codec(hadamard_seed=...)``).
 
 Memory passes (torch reference, per direction): the padded fp32 copy, ``log2(block)`` butterfly stages and the
 scaling each make a pass, then the inner codec makes its own. On CPU tensors the fused library does it all in
@@ -35,9 +47,8 @@ one pass per direction (``megatron_tpcomp/cpu_codecs.py``) for int4 and fp8-e4m3
 Non-finite input: a NaN/Inf anywhere in a rotation block spreads to every rotated value of that block, the inner
 codec's rule turns each of its quantization blocks that holds one into NaN, and ``R^T`` spreads those back over
 every rotation block they touch. The damage therefore decodes to NaN (never a silent finite value) and stays
-within the union of the rotation and quantization blocks around the bad value. Finite inputs whose block L2
-norm exceeds the fp32 maximum (|x| above about ``3.4e38 / sqrt(block)``) overflow in the rotation and decode to
-NaN as well.
+within the union of the rotation and quantization blocks around the bad value. Finite inputs of any magnitude
+stay finite (the normalization above).
 """
 
 from __future__ import annotations
@@ -56,12 +67,15 @@ from megatron_tpcomp.codecs.base import (
     _into,
     check_input,
     check_payload,
+    clamp_to,
     from_blocks,
     native_decode_sum,
     native_encode,
     numel_of,
     to_blocks,
 )
+from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
 from megatron_tpcomp.cpu_codecs import NativeFormat
 
 _FP32_EPS = 2.0**-24  # unit round-off of fp32
@@ -168,6 +182,7 @@ class HadamardCodec(Codec):
         rotation_signs(block, seed)  # validates block (and warms the cache)
         self.inner = inner
         self.block_local = inner.block_local  # rotation blocks tile the inner codec's blocks (chunk_alignment)
+        self.chunk_values = math.lcm(inner.chunk_values, block)
         self.block = block
         self.seed = seed
         self.spec = f"{inner.spec}+had:b{block}"
@@ -181,6 +196,27 @@ class HadamardCodec(Codec):
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``[padded_numel / block, block]``: the zero-padded blocks of ``x``, each rotated (``R v``)."""
         return rotate(to_blocks(x, self.block), self.seed)
+
+    def _super(self) -> int:
+        return int(self.inner.super_values) if isinstance(self.inner, BlockCodec) else 0
+
+    def _by_super(self, flat: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001 - a tensor -> tensor function
+        """Apply ``fn`` to fp32 ``flat`` viewed as ``[nsuper, S]`` (zero-padded) and return it flat again."""
+        size = self._super()
+        n = flat.numel()
+        padded = torch.nn.functional.pad(flat, (0, (-n) % size))
+        return fn(padded.view(-1, size)).reshape(-1)[:n]
+
+    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 ``[padded_numel / block, block]`` blocks of ``x`` times ``2^-j``, int32 ``j`` ``[nsuper]``): the
+        pre-rotation normalization of the module docstring (``j`` from the largest finite ``|x|``)."""
+        flat = to_blocks(x, self.block).reshape(-1)
+        size = self._super()
+        padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % size)).view(-1, size)
+        top = torch.where(torch.isfinite(padded), padded.abs(), torch.zeros_like(padded)).amax(dim=1)
+        j = choose_exponents(top, None)
+        y = self._by_super(flat, lambda v: pow2_mul(v, -j.unsqueeze(1)))
+        return y.view(-1, self.block), j
 
     def native_format(self) -> NativeFormat | None:
         inner = self.inner.native_format()
@@ -204,7 +240,12 @@ class HadamardCodec(Codec):
             payload = native_encode(self, x, layout)
             if payload is not None:
                 return payload
-        return self.inner.encode(self._rotate(x).reshape(-1))
+        if not isinstance(self.inner, BlockCodec):
+            return self.inner.encode(self._rotate(x).reshape(-1))
+        if x.numel() == 0:
+            return self.inner.encode(torch.empty(self._padded(x.shape), device=x.device))
+        y, j = self._normalized(x)
+        return self.inner.encode_prescaled(rotate(y, self.seed).reshape(-1), j)
 
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return self.decode_sum(payload, 1, shape, dtype)
@@ -223,9 +264,24 @@ class HadamardCodec(Codec):
             native = native_decode_sum(self, payloads, count, shape, dtype, layout, out)
             if native is not None:
                 return native
-        flat = self.inner.decode_sum(payloads, count, self._padded(shape), torch.float32)  # [padded_numel] fp32
-        result = from_blocks(unrotate(flat.view(-1, self.block), self.seed), shape, dtype)  # padding dropped
-        return _into(result, out, shape)
+        inner_shape = self._padded(shape)
+        if not isinstance(self.inner, BlockCodec):
+            flat = self.inner.decode_sum(payloads, count, inner_shape, torch.float32)  # [padded_numel] fp32
+            result = from_blocks(unrotate(flat.view(-1, self.block), self.seed), shape, dtype)  # padding dropped
+            return _into(result, out, shape)
+        n = inner_shape[0]
+        if n == 0:
+            return _into(torch.empty(tuple(shape), dtype=dtype, device=payloads.device), out, shape)
+        nbytes = self.inner.payload_nbytes(inner_shape)
+        parts = [payloads[r * nbytes : (r + 1) * nbytes] for r in range(count)]
+        ks = torch.stack([self.inner.exponents(p, inner_shape) for p in parts])  # [count, nsuper]
+        top = ks.amax(dim=0)
+        acc = self.inner.shifted_values(parts[0], inner_shape, ks[0] - top)
+        for r in range(1, count):
+            acc += self.inner.shifted_values(parts[r], inner_shape, ks[r] - top)
+        u = unrotate(acc[:n].view(-1, self.block), self.seed).reshape(-1)
+        x = self._by_super(u, lambda v: pow2_mul(v, top.unsqueeze(1)))
+        return _into(from_blocks(clamp_to(x, dtype), shape, dtype), out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """Elementwise bound on ``|decode(encode(x), fp32) - x|`` (fp32, shape of ``x``), constant per rotation block.
@@ -244,17 +300,22 @@ class HadamardCodec(Codec):
         Returns None when the inner codec states no bound.
         """
         check_input(x)
-        rotated = self._rotate(x)  # bit-identical to what encode hands the inner codec
-        inner = self.inner.max_abs_error_bound(rotated.reshape(-1))
+        if isinstance(self.inner, BlockCodec):
+            blocks, j = self._normalized(x)  # bit-identical to what encode rotates
+        else:
+            blocks, j = to_blocks(x, self.block), None
+        inner = self.inner.max_abs_error_bound(rotate(blocks, self.seed).reshape(-1))
         if inner is None:
             return None
         u = _FP32_EPS
         gamma = 1.1 * self.block * u
-        blocks = to_blocks(x, self.block)
         l2_inner = _scaled_l2(inner.view(-1, self.block))  # [nb, 1]
         l1_input = blocks.abs().sum(dim=1, keepdim=True)  # [nb, 1]
-        per_block = (1 + gamma + 2 * u) * l2_inner + (2 * gamma + 3 * u) * l1_input
-        return from_blocks(per_block.expand_as(blocks), x.shape, torch.float32)
+        per_block = ((1 + gamma + 2 * u) * l2_inner + (2 * gamma + 3 * u) * l1_input).expand_as(blocks)
+        if j is not None:  # back from the normalized domain: exact but for fp32 subnormal results
+            per_block = self._by_super(per_block.reshape(-1), lambda v: pow2_mul(v, j.unsqueeze(1)))
+            per_block = per_block.view(-1, self.block) + 2 * FP32_TINY_SUB
+        return from_blocks(per_block, x.shape, torch.float32)
 
     def __eq__(self, other: object) -> bool:
         # The seed changes the payload but is not in the spec string: codecs with different seeds differ.

@@ -16,7 +16,15 @@ codes         uint8, nb*B*bits/8   element codes, bit-packed as in ``bitpack.py`
                                    per byte, even index in the low nibble)
 scales        scale fmt, nb        per-block scale (mxfp4 and fpN: e8m0; nvfp4: e4m3)
 tensor_scale  float32, 1           nvfp4 only: the second-level, per-tensor scale ``t``
+exps          int16, nsuper        super-block exponents ``k`` (``blocks.py``; 2-byte aligned)
 ============  ===================  ============================================================
+
+Range: each super-block of ``lcm(B, 4096)`` values is normalized first, ``y = x * 2^-k`` (``scales.py``,
+"Second level"), and everything below runs on ``y``: fp16/e4m3 block scales without a tensor scale put the
+largest ideal scale just below the format's maximum (``amax * 2^-k <= emax * max``); e8m0, and nvfp4 (whose
+tensor scale already adapts to the message), keep ``k = 0`` for ``2^-64 <= amax < 2^64``. Decoding multiplies
+the decoded values by ``2^k`` (``pow2_mul``) and clamps them to the output dtype's range (mxfp4 rounds a
+finite fp16 65504 to 4 * 2^14 = 65536, which was Inf).
 
 Encode (all fp32), ``emax`` = largest element value (6 for E2M1):
 
@@ -25,46 +33,41 @@ Encode (all fp32), ``emax`` = largest element value (6 for E2M1):
 - nvfp4 (two-level): ``t = amax_tensor / (emax * 448)``, so the largest block scale is e4m3's maximum 448.
   Block scale stored as ``e4m3(amax_block / emax / t)``; effective scale ``s = e4m3_value * t``. An all-zero
   (or all non-finite) tensor has ``t = 1`` and block scales 0. ``t`` is kept >= ``2**-117`` so that every
-  nonzero ``s`` (>= ``2**-9 * t``, e4m3's smallest) is >= ``2**-126`` and has a finite fp32 reciprocal;
-  blocks of a tensor whose largest value is below about ``1.6e-32`` may then flush to zero.
+  nonzero ``s`` (>= ``2**-9 * t``, e4m3's smallest) is >= ``2**-126`` and has a finite fp32 reciprocal (a
+  guard: normalized super-blocks have ``amax >= 2^-64``, far above that).
 - ``v = x * (1/s)`` is rounded to the nearest element value, ties to the even multiple of the grid step
   (= even code for ``m >= 1``; for ``m = 0`` a tie between ``2**k`` and ``2**(k+1)`` goes up), and saturates
   at ``+-emax``. Negative values that round to 0 encode as +0.
 
-Ideal scales (and ``t``) are capped so that ``emax * s <= fp32_max / 2``: decode never overflows to Inf; only
-blocks with ``amax > fp32_max / 2`` clip because of it. Decode: ``x' = value(code) * s``.
+Ideal scales (and ``t``) are capped so that ``emax * s <= fp32_max / 2`` (a guard; normalized blocks stay far
+below). Decode: ``x' = pow2_mul(value(code) * s, k)``, clamped to the output dtype's finite range.
 
 A block holding NaN/Inf gets a NaN scale (e8m0 0xFF, e4m3 0x7F) and zero codes: it decodes to NaN; it does not
-take part in nvfp4's ``amax_tensor``. Bits per value: ``bits + scale_bits / B``, plus 128 bits per message for
-nvfp4's tensor scale with its alignment (mxfp4 4.25, nvfp4 4.5 + 128/n, fp5:b32 5.25, fp6:b32 6.25).
+take part in nvfp4's ``amax_tensor``. Bits per value: ``bits + scale_bits / B + 16 / 4096``, plus 128 bits per
+message for nvfp4's tensor scale with its alignment (mxfp4 4.2539, nvfp4 4.5039 + 128/n, fp5:b32 5.2539).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import torch
 
 from megatron_tpcomp.codecs import bitpack
-from megatron_tpcomp.codecs.base import (
-    Codec,
-    CodecError,
-    PayloadLayout,
-    check_input,
-    check_payload,
-    divide,
-    finite_blocks,
-    from_blocks,
-    numel_of,
-    to_blocks,
+from megatron_tpcomp.codecs.base import CodecError, PayloadLayout, divide
+from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.scales import (
+    E4M3_MAX,
+    FP32_TINY_SUB,
+    decode_scales,
+    quantize_scales,
+    safe_reciprocal,
+    storage_dtype,
 )
-from megatron_tpcomp.codecs.scales import E4M3_MAX, decode_scales, quantize_scales, safe_reciprocal, storage_dtype
 from megatron_tpcomp.spec import CodecSpec, canonical
 
 FP32_MAX = torch.finfo(torch.float32).max
-#: Smallest fp32 subnormal: products that land in fp32's subnormal range round to a multiple of it.
-FP32_TINY_SUB = 2.0**-149
+__all__ = ["FP32_MAX", "FP32_TINY_SUB", "MinifloatCodec", "element_values", "half_ulp"]
 
 
 def half_ulp(mag: torch.Tensor, min_exp: int, man_bits: int) -> torch.Tensor:
@@ -96,7 +99,7 @@ def element_values(exp_bits: int, man_bits: int) -> tuple[float, ...]:
     return tuple(values)
 
 
-class MinifloatCodec(Codec):
+class MinifloatCodec(BlockCodec):
     """Block minifloat EeMm with one scale per ``cs.block`` values (and NVFP4's extra per-tensor scale).
 
     Args:
@@ -122,19 +125,20 @@ class MinifloatCodec(Codec):
         # Caps of the ideal scales: emax * s <= fp32_max / 2, even after e8m0 rounds s up (by < 2x).
         self.scale_cap = FP32_MAX / (2.0 * self.emax)
         self.tensor_scale_cap = FP32_MAX / (2.0 * self.emax * E4M3_MAX)
+        self._init_range(self.emax, tensor_scale=cs.tensor_scale)
 
-    def layout(self, shape: Sequence[int]) -> PayloadLayout:
-        nblocks = -(-numel_of(shape) // self.block)
+    def _sections(self, nblocks: int) -> list[tuple[str, torch.dtype, int]]:
         sections = [
             ("codes", torch.uint8, bitpack.packed_nbytes(nblocks * self.block, self.bits)),
             ("scales", storage_dtype(self.scale_fmt), nblocks),
         ]
         if self.tensor_scale:
             sections.append(("tensor_scale", torch.float32, 1))
-        return PayloadLayout(sections)
+        return sections
 
-    def payload_nbytes(self, shape: Sequence[int]) -> int:
-        return self.layout(shape).nbytes
+    def _init_payload(self, payload: torch.Tensor, layout: PayloadLayout) -> None:
+        if self.tensor_scale:
+            layout.view(payload, "tensor_scale").fill_(1.0)  # the value for empty and all-zero tensors
 
     def _scales(
         self, blocks: torch.Tensor, bad: torch.Tensor | None = None
@@ -170,43 +174,28 @@ class MinifloatCodec(Codec):
         sign = ((v < 0) & (code > 0)).to(torch.int32) * self.sign_bit  # -0 encodes as +0
         return (code | sign).to(torch.uint8)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x)
-        layout = self.layout(x.shape)
-        payload = layout.allocate(x.device)
-        if self.tensor_scale:
-            layout.view(payload, "tensor_scale").fill_(1.0)  # the value for empty and all-zero tensors
-        if x.numel() == 0:
-            return payload
-        blocks, bad = finite_blocks(x, self.block)  # fp32 [nblocks, block], NaN/Inf blocks zeroed
-        stored, s, t = self._scales(blocks, bad)
+    def _quantize(self, y: torch.Tensor, bad: torch.Tensor, payload: torch.Tensor, layout: PayloadLayout) -> None:
+        stored, s, t = self._scales(y, bad)
         inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
-        codes = self._codes(blocks * inv)
+        codes = self._codes(y * inv)
         layout.view(payload, "codes").copy_(bitpack.pack(codes.reshape(-1), self.bits))
         layout.view(payload, "scales").copy_(stored)
         if t is not None:
             layout.view(payload, "tensor_scale").copy_(t)
-        return payload
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        layout = self.layout(shape)
-        check_payload(payload, layout.nbytes, self.spec)
-        n = numel_of(shape)
-        if n == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
-        nblocks = -(-n // self.block)
+    def _dequantize(self, payload: torch.Tensor, layout: PayloadLayout, nblocks: int) -> torch.Tensor:
         codes = bitpack.unpack(layout.view(payload, "codes"), nblocks * self.block, self.bits).to(torch.int64)
         mag = self.values.to(payload.device)[codes & (self.sign_bit - 1)]
         vals = torch.where(codes >= self.sign_bit, -mag, mag).view(nblocks, self.block)
         s = decode_scales(layout.view(payload, "scales"), self.scale_fmt)
         if self.tensor_scale:
             s = s * layout.view(payload, "tensor_scale")  # the same fp32 product as the encoder's
-        return from_blocks(vals * s.unsqueeze(1), shape, dtype)
+        return vals * s.unsqueeze(1)
 
-    def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise bound on ``|decode(encode(x), fp32) - x|`` for finite ``x`` (fp32, shape of ``x``).
+    def _bound_normalized(self, y: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on the error of normalized finite blocks ``y`` (fp32 ``[nb, B]``).
 
-        With ``s`` the effective block scale and ``v = |x| * (1/s)`` (as the encoder computes it):
+        With ``s`` the effective block scale and ``v = |y| * (1/s)`` (as the encoder computes it):
 
         - rounding: half the element grid step at ``min(v, emax)`` (``2**(e-m-1)`` in binade ``e``, the
           subnormal half-step below ``2**min_exp``), times ``s``;
@@ -215,7 +204,7 @@ class MinifloatCodec(Codec):
         - fp32 arithmetic: ``1/s``, ``x * (1/s)`` and ``value * s`` each round by ``<= 2**-24`` relative, in
           total below ``2**-20 * amax``, plus two fp32 subnormal spacings where products underflow.
         """
-        blocks = to_blocks(x, self.block)
+        blocks = y
         _, s, _ = self._scales(blocks)
         inv = safe_reciprocal(s).unsqueeze(1)
         s = s.unsqueeze(1)
@@ -223,5 +212,4 @@ class MinifloatCodec(Codec):
         mag = (blocks.abs() * inv).clamp(max=self.emax)
         rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
         clip = (amax - self.emax * s).clamp(min=0)
-        bound = rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
-        return from_blocks(bound, x.shape, torch.float32)
+        return rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB

@@ -19,18 +19,25 @@ Wire layout for ``[rows, h]`` and K outlier channels (sections at 16-byte offset
 section    type, count             content
 =========  ======================  ==============================================================
 indices    int16, K                dynamic mode only: the chosen channels, ascending (so h <= 32768)
-outliers   bfloat16, rows*K        the outlier channels, row-major ``[rows, K]``, channels ascending
+outliers   bfloat16, rows*K        the outlier channels times ``2^-e``, row-major ``[rows, K]``,
+                                   channels ascending
+out_exp    int16, 1                ``e`` (2-byte aligned, right after the outliers)
 inner      uint8, inner bytes      inner codec payload for the other channels, an input of shape
                                    ``(rows, h - K)`` with the channels in ascending order
 =========  ======================  ==============================================================
 
-Exact bits per value: ``(16 * rows * K + 8 * inner_bytes (+ 16 * K dynamic) + alignment) / numel``; for a large
-``[rows, 1024]`` int4:g32 message with K = 9, ``(9 * 16 + 1015 * 4.5) / 1024 = 4.60``.
+Range: ``e = 0`` while the largest finite outlier magnitude lies in ``[2^-64, 2^64)`` (the bf16 bytes are the
+values themselves), else ``floor(log2 max)`` (``scales.choose_exponents``' window rule), so fp32 values beyond
+bf16's range (above 3.39e38, or fp32 subnormals below bf16's 9.2e-41) keep bf16's 8 significant bits.
+Decoding multiplies by ``2^e`` and clamps to the output dtype's finite range (bf16 rounds a finite fp16
+65504 to 65536, which is Inf in fp16).
+
+Exact bits per value: ``(16 * rows * K + 16 + 8 * inner_bytes (+ 16 * K dynamic) + alignment) / numel``; for a
+large ``[rows, 1024]`` int4:g32 message with K = 9, ``(9 * 16 + 1015 * 4.504) / 1024 = 4.60``.
 
 Non-finite input: NaN/+-Inf in an outlier channel travels as is in BF16 (it stays alone: NaN stays NaN, Inf
 keeps its sign); elsewhere the inner codec's rule applies (its block decodes to NaN). Dynamic selection ranks
 NaN/Inf channels first, so a non-finite value only reaches the inner codec when more than K channels hold one.
-Finite fp32 values beyond the BF16 range are clamped to +-BF16 max (error below ``|x| * 2^-8``), not turned to Inf.
 """
 
 from __future__ import annotations
@@ -40,7 +47,16 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_tpcomp.codecs.base import Codec, CodecError, PayloadLayout, check_input, check_payload, numel_of
+from megatron_tpcomp.codecs.base import (
+    Codec,
+    CodecError,
+    PayloadLayout,
+    check_input,
+    check_payload,
+    clamp_to,
+    numel_of,
+)
+from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
 
 #: Indices travel as int16: dynamic mode needs every channel index to fit.
 MAX_DYNAMIC_HIDDEN = 32768
@@ -161,6 +177,7 @@ class OutlierCodec(Codec):
         if not self.static:
             sections.append(("indices", torch.int16, self.k))
         sections.append(("outliers", torch.bfloat16, rows * self.k))
+        sections.append(("out_exp", torch.int16, 1, 2))
         sections.append(("inner", torch.uint8, self.inner.payload_nbytes((rows, max(h - self.k, 0)))))
         return PayloadLayout(sections)
 
@@ -200,11 +217,14 @@ class OutlierCodec(Codec):
         chosen, rest = self._select(x2d)
         if not self.static:
             layout.view(payload, "indices").copy_(chosen.to(torch.int16))
-        outl = x2d[:, chosen]  # [rows, K] gather
-        if outl.dtype == torch.float32:
-            # fp32 beyond the bf16 range would round to Inf; clamp finite values (error < |x| * 2^-8).
-            outl = torch.where(torch.isinf(outl), outl, outl.clamp(-_BF16_MAX, _BF16_MAX))
-        layout.view(payload, "outliers").copy_(outl.to(torch.bfloat16).reshape(-1))
+        outl = x2d[:, chosen].float()  # [rows, K] gather
+        top = torch.where(torch.isfinite(outl), outl.abs(), torch.zeros_like(outl)).amax().reshape(1)
+        e = choose_exponents(top, None)  # 0 unless the outliers leave [2^-64, 2^64): see the module docstring
+        scaled = pow2_mul(outl, -e)
+        # Guard: a normalized finite value never reaches bf16's maximum, but never let one round to Inf.
+        scaled = torch.where(torch.isinf(scaled), scaled, scaled.clamp(-_BF16_MAX, _BF16_MAX))
+        layout.view(payload, "outliers").copy_(scaled.to(torch.bfloat16).reshape(-1))
+        layout.view(payload, "out_exp").copy_(e.to(torch.int16))
         layout.view(payload, "inner").copy_(self.inner.encode(x2d[:, rest]))  # [rows, h - K] gather
         return payload
 
@@ -229,14 +249,19 @@ class OutlierCodec(Codec):
                     f"{self.k} ascending channels in [0, {h})"
                 )
             rest = _complement(h, chosen)
-        out[:, chosen] = layout.view(payload, "outliers").view(rows, self.k).to(dtype)
+        e = layout.view(payload, "out_exp").to(torch.int32)
+        stored = layout.view(payload, "outliers").view(rows, self.k).float()
+        outl = pow2_mul(stored, e)
+        # A sent Inf stays Inf; a finite value that rounding pushed past the dtype's maximum is clamped.
+        out[:, chosen] = torch.where(torch.isinf(stored), stored, clamp_to(outl, dtype)).to(dtype)
         out[:, rest] = self.inner.decode(layout.view(payload, "inner"), (rows, h - self.k), dtype)
         return out.reshape(tuple(shape))
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Elementwise bound (fp32, shape of ``x``): ``|x| * 2^-8`` in the outlier channels (BF16 round to
-        nearest keeps 8 significant bits; the clamp at BF16 max stays within it), the inner codec's bound on the
-        ``[rows, h - K]`` rest elsewhere. None when the inner codec states no bound."""
+        """Elementwise bound (fp32, shape of ``x``): ``|x| * 2^-8`` plus two fp32 subnormal steps in the outlier
+        channels (BF16 round to nearest keeps 8 significant bits of the normalized value; scaling back rounds
+        only in fp32's subnormal range), the inner codec's bound on the ``[rows, h - K]`` rest elsewhere. None
+        when the inner codec states no bound."""
         check_input(x)
         rows, h = self._rows_h(x.shape)
         bound = torch.zeros((rows, h), dtype=torch.float32, device=x.device)
@@ -247,7 +272,7 @@ class OutlierCodec(Codec):
         inner = self.inner.max_abs_error_bound(x2d[:, rest])
         if inner is None:
             return None
-        bound[:, chosen] = x2d[:, chosen].float().abs() * 2.0**-8
+        bound[:, chosen] = x2d[:, chosen].float().abs() * 2.0**-8 + 2 * FP32_TINY_SUB
         bound[:, rest] = inner
         return bound.reshape(x.shape)
 

@@ -23,9 +23,45 @@ other formats cannot go that low.
 A NaN scale marks a block whose input held NaN/Inf: the whole block decodes to NaN.
 Quantizers compute ``x * inv`` with ``inv = 1 / decoded_scale`` (0 where the decoded scale is 0), in fp32:
 this is what the CUDA kernels and Transformer Engine do, so every backend rounds identically.
+
+Second level: super-block exponents
+-----------------------------------
+A block scale format alone cannot hold the range of the input dtypes: fp16 scales end at 65504 (int4 clipped
+everything above 7 * 65504) and flush below 2^-24, e4m3 scales span only 448 / 2^-9 (int4:se4m3 zeroed blocks
+below ~0.007 and clipped above 3,136), and fp32 inputs reach 2^128 and 2^-149. So every block codec (integers,
+fp8, minifloats) normalizes its input by a power of two per *super-block* of ``SUPER_VALUES`` (4096) values
+(``lcm(block, 4096)`` for block sizes that do not divide 4096) and sends the exponent:
+
+- ``y = x * 2^-k`` (exact: a power of two, computed by :func:`pow2_mul`), the block codec quantizes ``y``;
+  the decoder multiplies each decoded block scale by ``2^k`` (``s_eff = pow2_mul(s, k)``, one rounding, exact
+  unless ``s_eff`` is an fp32 subnormal).
+- ``k`` is an int16 in the section ``exps`` (one per super-block, right after the scales at 2-byte alignment,
+  so most small messages keep their size). It is chosen from the super-block's ``amax`` over its finite blocks
+  (:func:`choose_exponents`):
+
+  * narrow scale formats (fp16, e4m3; not nvfp4, whose fp32 tensor scale already adapts): the smallest ``k``
+    with ``amax * 2^-k <= limit``, ``limit = element max * scale format max`` (int4:g32: 7 * 65504; the largest
+    ideal block scale then lands in the format's top binade, below its maximum: no block can clip, and the
+    smaller blocks keep the format's full dynamic range below it);
+  * wide formats (fp32, bf16, e8m0, and nvfp4's two-level scale): ``k = 0`` while ``2^-64 <= amax < 2^64``
+    (every real activation: the bytes of the scales are those of the plain format), else ``floor(log2 amax)``.
+
+  Scaling by a power of two commutes with rounding, so a block whose scale is a normal number rounds exactly
+  as it would with an unlimited exponent range: ``k`` changes which blocks fit, never how they round.
+- What may still flush: a block whose ideal scale is below the format's smallest subnormal *relative to its
+  super-block's largest*: for fp16 scales blocks more than 2^40 * qmax below the super-block maximum, for
+  e4m3 more than 2^17.8 * qmax below (fp16: 2^-24 / 65504, e4m3: 2^-9 / 448). Such a block's values are at most
+  ``amax_super * 2^-40`` (fp16) or ``amax_super * 2^-17.8`` (e4m3) in magnitude, below half the quantization
+  step of the super-block's largest block (``amax_super / (2 qmax)``) for every supported element format
+  (the e4m3 case: 2^-17.8 < 1 / (2 * 57344), the widest element range): the error stays below the step the
+  largest block already pays. tests/reliability/test_codec_range.py checks it.
+- Super-blocks keep codecs block-local on ``lcm(block, 4096)``-value boundaries (``Codec.chunk_values``): a
+  collective that cuts a message there gets the same bytes as for the whole message.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,6 +78,8 @@ FP16_MAX = 65504.0
 E4M3_MAX = 448.0
 BF16_MAX = torch.finfo(torch.bfloat16).max
 MIN_NORMAL = torch.finfo(torch.float32).tiny  # 2**-126: 1 / MIN_NORMAL = 2**126 is still finite
+#: Smallest fp32 subnormal: products that land in fp32's subnormal range round to a multiple of it.
+FP32_TINY_SUB = 2.0**-149
 
 
 def storage_dtype(fmt: str) -> torch.dtype:
@@ -115,3 +153,85 @@ def safe_reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """``1 / scale`` in fp32, 0 where the scale is 0 (all-zero block: every code becomes 0, no NaN)."""
     inv = torch.reciprocal(scale)
     return torch.where(scale == 0, torch.zeros_like(inv), inv)
+
+
+# ------------------------------------------------------------------------------------- second-level exponents
+
+#: Values per super-block (one int16 exponent each) for block sizes dividing it; else ``lcm(block, 4096)``.
+SUPER_VALUES = 4096
+#: Largest finite stored value of the scale formats whose range needs the top-binade rule.
+NARROW_FORMAT_MAX = {"fp16": FP16_MAX, "e4m3": E4M3_MAX}
+#: Wide formats keep ``k = 0`` while the super-block maximum lies in ``[2^-WIDE_WINDOW, 2^WIDE_WINDOW)``.
+WIDE_WINDOW = 64
+#: Exponents applied by :func:`pow2_mul` are clamped to this range (beyond it every fp32 result is 0 or Inf).
+POW2_MIN, POW2_MAX = -252, 254
+
+
+def super_values(block: int) -> int:
+    """Values per super-block for quantization blocks of ``block`` values: ``lcm(block, 4096)``."""
+    return math.lcm(int(block), SUPER_VALUES)
+
+
+def range_limit(scale_fmt: str, element_max: float, tensor_scale: bool = False) -> float | None:
+    """``limit`` of the top-binade rule (see the module docstring): the largest ``amax`` a super-block may have
+    after normalization, ``element_max * format max``, or None for wide formats (the window rule)."""
+    if tensor_scale or scale_fmt not in NARROW_FORMAT_MAX:
+        return None
+    limit = float(element_max) * NARROW_FORMAT_MAX[scale_fmt]
+    assert float(torch.tensor(limit, dtype=torch.float32)) == limit, "limit must be exact in fp32"
+    return limit
+
+
+def choose_exponents(amax: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Super-block exponents ``k`` (int32 ``[nsuper]``) from the super-blocks' fp32 ``amax`` (finite, >= 0).
+
+    ``limit`` set (narrow formats): the smallest ``k`` with ``amax <= limit * 2^k``. None (wide): 0 when
+    ``2^-64 <= amax < 2^64``, else ``floor(log2 amax)``. ``amax == 0`` gives 0. Exact (``frexp``), the same
+    integer rule as ``kernels/int4_core.h`` (``tpc_range_exponent``).
+    """
+    amax = amax.to(torch.float32)
+    mant, exp = torch.frexp(amax)  # amax = mant * 2^exp, mant in [0.5, 1)
+    exp = exp.to(torch.int32)
+    if limit is None:
+        inside = (amax >= 2.0**-WIDE_WINDOW) & (amax < 2.0**WIDE_WINDOW)
+        k = torch.where(inside, torch.zeros_like(exp), exp - 1)
+    else:
+        lim_mant, lim_exp = math.frexp(limit)
+        k = exp - lim_exp + (mant > lim_mant).to(torch.int32)
+    return torch.where(amax > 0, k, torch.zeros_like(k))
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """fp32 ``2^e`` for int32 ``e`` in [-126, 127], built from its bits (exact on every device)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def pow2_factors(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(f1, f2)`` with ``v * f1 * f2`` = ``v * 2^e`` rounded once (see :func:`pow2_mul`)."""
+    e = e.to(torch.int32).clamp(POW2_MIN, POW2_MAX)
+    big, small = e > 127, e < -126
+    f1 = torch.where(big, _pow2(torch.full_like(e, 127)), torch.where(small, _pow2(e + 126), _pow2(e * 0)))
+    f2 = torch.where(big, _pow2(e - 127), torch.where(small, _pow2(torch.full_like(e, -126)), _pow2(e)))
+    return f1, f2
+
+
+def pow2_mul(v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``v * 2^e`` (fp32; ``e`` int, broadcast against ``v``), rounded once: the exponent is applied in two exact
+    fp32 steps ``(v * f1) * f2`` where it leaves the range of one fp32 power of two (``e > 127``: ``2^127`` then
+    ``2^(e-127)``; ``e < -126``: ``2^(e+126)`` then ``2^-126``, so only the last product can leave the normal
+    range). Every backend (``kernels/``) computes these two products. ``e`` is clamped to [-252, 254]."""
+    f1, f2 = pow2_factors(e)
+    return v * f1 * f2
+
+
+def expand_super(k: torch.Tensor, blocks_per_super: int, nblocks: int) -> torch.Tensor:
+    """Per-super-block values ``[nsuper]`` repeated for each of the ``nblocks`` blocks: ``[nblocks]``."""
+    return k.repeat_interleave(blocks_per_super)[:nblocks]
+
+
+def super_amax(block_amax: torch.Tensor, blocks_per_super: int) -> torch.Tensor:
+    """fp32 ``[nsuper]``: the largest of each super-block's block maxima (``[nblocks]``, finite, >= 0)."""
+    nb = block_amax.numel()
+    pad = (-nb) % blocks_per_super
+    padded = torch.nn.functional.pad(block_amax.to(torch.float32), (0, pad))
+    return padded.view(-1, blocks_per_super).amax(dim=1) if padded.numel() else padded

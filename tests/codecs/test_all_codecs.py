@@ -38,38 +38,40 @@ STATIC_CHANNELS = {"int4:g32+outliers": [0, 3]}
 # - +had: orthonormal rotation of Gaussian data is Gaussian: same as the base codec.
 # - +outliers: the outlier channels are nearly exact (bf16), so at most the base codec's error.
 #
-# Nominal bits: element bits + scale bits / block (+ offset bits / block for asym); outliers at the nominal
+# Nominal bits: element bits + scale bits / block (+ offset bits / block for asym) + EXP; outliers at the nominal
 # shape [2^20, 1024]: K bf16 channels plus the base codec on the other 1024 - K channels. Per-message constants
 # (nvfp4's tensor scale, outlier indices, section alignment) amortize to < 1e-6 bits there.
+#: One int16 super-block exponent per 4096 values (codecs/scales.py, "Second level").
+EXP = 16 / 4096
 CODECS: dict[str, tuple[float, float]] = {
-    "int4:g32": (0.12, 4 + 16 / 32),
-    "int8:g32": (0.0066, 8 + 16 / 32),
-    "int3:g64:asym": (0.24, 3 + 32 / 64),
-    "int2:g16:sbf16": (0.7, 2 + 16 / 16),
-    "int5:g32:se8m0": (0.088, 5 + 8 / 32),
-    "int6:g32:asym": (0.024, 6 + 32 / 32),
-    "int7:g128:sfp32": (0.017, 7 + 32 / 128),
-    "fp8": (0.032, 8 + 32 / 128),
-    "fp8-e5m2:b128": (0.064, 8 + 32 / 128),
-    "fp8:b32:sfp16": (0.03, 8 + 16 / 32),
-    "mxfp4": (0.145, 4 + 8 / 32),
-    "nvfp4": (0.12, 4 + 8 / 16),
-    "fp3": (0.40, 3 + 8 / 32),
-    "fp4:b16:sfp16": (0.12, 4 + 16 / 16),
-    "fp4-e1m2:b32": (0.18, 4 + 8 / 32),
-    "fp5:b32": (0.072, 5 + 8 / 32),
-    "fp5-e3m1:b64:sbf16": (0.13, 5 + 16 / 64),
-    "fp6": (0.036, 6 + 8 / 32),
-    "fp6-e3m2:b32": (0.066, 6 + 8 / 32),
-    "int4:g32+had": (0.12, 4.5),
-    "int4:g32+had:b128": (0.12, 4.5),  # rotation block larger than the quantization group
-    "fp8+had:b64": (0.032, 8.25),  # rotation block smaller than the quantization block
-    "nvfp4+had:b16": (0.12, 4.5),
-    "int4:g32+outliers:k4": (0.12, (4 * 16 + 1020 * 4.5) / 1024),
-    "int4:g32+outliers": (0.12, (2 * 16 + 1022 * 4.5) / 1024),  # static table of 2 channels
-    "fp8+outliers:k2": (0.032, (2 * 16 + 1022 * 8.25) / 1024),
-    "mxfp4+outliers:k1": (0.145, (1 * 16 + 1023 * 4.25) / 1024),
-    "int4:g32+had+outliers:k4": (0.12, (4 * 16 + 1020 * 4.5) / 1024),
+    "int4:g32": (0.12, 4 + 16 / 32 + EXP),
+    "int8:g32": (0.0066, 8 + 16 / 32 + EXP),
+    "int3:g64:asym": (0.24, 3 + 32 / 64 + EXP),
+    "int2:g16:sbf16": (0.7, 2 + 16 / 16 + EXP),
+    "int5:g32:se8m0": (0.088, 5 + 8 / 32 + EXP),
+    "int6:g32:asym": (0.024, 6 + 32 / 32 + EXP),
+    "int7:g128:sfp32": (0.017, 7 + 32 / 128 + EXP),
+    "fp8": (0.032, 8 + 32 / 128 + EXP),
+    "fp8-e5m2:b128": (0.064, 8 + 32 / 128 + EXP),
+    "fp8:b32:sfp16": (0.03, 8 + 16 / 32 + EXP),
+    "mxfp4": (0.145, 4 + 8 / 32 + EXP),
+    "nvfp4": (0.12, 4 + 8 / 16 + EXP),
+    "fp3": (0.40, 3 + 8 / 32 + EXP),
+    "fp4:b16:sfp16": (0.12, 4 + 16 / 16 + EXP),
+    "fp4-e1m2:b32": (0.18, 4 + 8 / 32 + EXP),
+    "fp5:b32": (0.072, 5 + 8 / 32 + EXP),
+    "fp5-e3m1:b64:sbf16": (0.13, 5 + 16 / 64 + EXP),
+    "fp6": (0.036, 6 + 8 / 32 + EXP),
+    "fp6-e3m2:b32": (0.066, 6 + 8 / 32 + EXP),
+    "int4:g32+had": (0.12, 4.5 + EXP),
+    "int4:g32+had:b128": (0.12, 4.5 + EXP),  # rotation block larger than the quantization group
+    "fp8+had:b64": (0.032, 8.25 + EXP),  # rotation block smaller than the quantization block
+    "nvfp4+had:b16": (0.12, 4.5 + EXP),
+    "int4:g32+outliers:k4": (0.12, (4 * 16 + 1020 * (4.5 + EXP)) / 1024),
+    "int4:g32+outliers": (0.12, (2 * 16 + 1022 * (4.5 + EXP)) / 1024),  # static table of 2 channels
+    "fp8+outliers:k2": (0.032, (2 * 16 + 1022 * (8.25 + EXP)) / 1024),
+    "mxfp4+outliers:k1": (0.145, (1 * 16 + 1023 * (4.25 + EXP)) / 1024),
+    "int4:g32+had+outliers:k4": (0.12, (4 * 16 + 1020 * (4.5 + EXP)) / 1024),
 }
 SPECS = list(CODECS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

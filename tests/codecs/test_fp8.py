@@ -77,13 +77,15 @@ def test_hand_computed_e4m3_payload() -> None:
 
 
 def test_hand_computed_e5m2_payload() -> None:
-    # fp8-e5m2:b4:sfp16, [57344, -2, 0.75, 0]: scale fp16(1.0) = 3C00. E5M2 (bias 15): 57344 = 1.75 * 2^15 ->
-    # 0 11110 11 = 0x7B; -2 -> 1 10000 00 = 0xC0; 0.75 = 1.5 * 2^-1 -> 0 01110 10 = 0x3A; 0 -> 0x00.
+    # fp8-e5m2:b4:sfp16, [57344, -2, 0.75, 0]: the super-block exponent is the smallest k with
+    # 57344 <= 57344 * 65504 * 2^k, k = -15, so y = x * 2^15 and the scale is fp16(57344 * 2^15 / 57344) = 32768
+    # (7800, the top binade of fp16); y / 32768 = x. E5M2 (bias 15): 57344 = 1.75 * 2^15 -> 0 11110 11 = 0x7B;
+    # -2 -> 1 10000 00 = 0xC0; 0.75 = 1.5 * 2^-1 -> 0 01110 10 = 0x3A; 0 -> 0x00. int16 -15 at offset 18.
     codec = make_codec("fp8-e5m2:b4:sfp16")
     payload = codec.encode(torch.tensor([57344.0, -2.0, 0.75, 0.0]))
     expected = torch.zeros(32, dtype=torch.uint8)
     expected[:4] = torch.tensor([0x7B, 0xC0, 0x3A, 0x00], dtype=torch.uint8)
-    expected[16:18] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)
+    expected[16:20] = torch.tensor([0x00, 0x78, 0xF1, 0xFF], dtype=torch.uint8)
     assert torch.equal(payload, expected)
 
 
@@ -95,14 +97,17 @@ def test_hand_computed_e5m2_payload() -> None:
 def test_codes_equal_torch_float8_cast_of_x_times_inverse_scale(spec: str, dtype: torch.dtype) -> None:
     codec = make_codec(spec)
     fp8_dtype, fmax = fp8_dtype_of(spec), FMAX[fp8_dtype_of(spec)]
-    # Rows of very different magnitudes (2^-8 .. 2^12, inside fp16's range): some scales underflow in the
-    # narrow scale formats (e5m2 with e4m3 scales), which must send zeros.
+    # Rows of very different magnitudes (2^-8 .. 2^12, inside fp16's range), normalized by the super-block's
+    # power of two (one super-block here) before the scales are formed.
     x = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
     x = (x * torch.ldexp(torch.ones(6, 1), torch.arange(6).unsqueeze(1) * 4 - 8)).to(dtype)
     assert torch.isfinite(x).all()
     payload = codec.encode(x)
     layout = codec.layout(x.shape)
-    blocks = x.float().reshape(-1, codec.block)
+    (k,) = codec.exponents(payload, x.shape).tolist()
+    if codec.scale_fmt == "fp32":
+        assert k == 0  # wide formats keep the input as it is for 2^-64 <= amax < 2^64
+    blocks = torch.ldexp(x.float(), torch.tensor(-k)).reshape(-1, codec.block)  # exact: no underflow here
     stored = layout.view(payload, "scales")
     s = decode_scales(stored, codec.scale_fmt)
     if codec.scale_fmt == "fp32":  # stored exactly as the ideal scale
@@ -200,8 +205,9 @@ def test_values_on_the_grid_round_trip_exactly(spec: str, dtype: torch.dtype) ->
 )
 def test_exact_bits_per_value(spec: str, bits: float) -> None:
     codec = make_codec(spec)
-    assert codec.bits_per_value((1024, 1024)) == bits
-    assert codec.nominal_bits_per_value() == bits
+    exp_bits = 16 / 4096  # one int16 super-block exponent per 4096 values
+    assert codec.bits_per_value((1024, 1024)) == bits + exp_bits
+    assert codec.nominal_bits_per_value() == bits + exp_bits
     assert bits == 8 + SCALE_BITS[codec.scale_fmt] / codec.block
 
 
@@ -211,7 +217,9 @@ def test_payload_size_of_unaligned_shapes(spec: str, shape: tuple[int, ...]) -> 
     codec = make_codec(spec)
     n = torch.Size(shape).numel()
     nb = -(-n // codec.block)
-    expected = align_up(align_up(nb * codec.block) + nb * SCALE_BITS[codec.scale_fmt] // 8)
+    nsuper = -(-nb // (codec.super_values // codec.block))
+    scales_end = align_up(nb * codec.block) + nb * SCALE_BITS[codec.scale_fmt] // 8
+    expected = align_up(align_up(scales_end, 2) + 2 * nsuper)  # int16 exponents right after the scales
     assert codec.payload_nbytes(shape) == expected
     assert codec.bits_per_value(shape) == 8 * expected / n
 

@@ -18,21 +18,25 @@ SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
 
 
 def test_hand_computed_int4_payload() -> None:
-    # int4:g4, one group [1, -2, 3.5, 7]: amax 7, scale = fp16(7/7) = 1.0 (0x3C00); q = rint(x) = 1, -2, 4, 7
-    # (3.5 ties to even: 4); codes = q + 8 = 9, 6, 12, 15 -> byte0 = 9 | 6<<4 = 0x69, byte1 = 12 | 15<<4 = 0xFC.
-    # Layout: codes at 0 (2 bytes), scales at 16 (2 bytes), total aligned to 32.
+    # int4:g4, one group [1, -2, 3.5, 7]. Super-block exponent: the smallest k with 7 <= 7 * 65504 * 2^k; 7 =
+    # 0.875 * 2^3, 458528 = 0.8746 * 2^19, so k = 3 - 19 + 1 = -15 and y = x * 2^15. amax_y = 229376, scale =
+    # fp16(229376 / 7) = 32768 (0x7800, the top binade); q = rint(y / 32768) = rint(x) = 1, -2, 4, 7 (3.5 ties
+    # to even: 4); codes = q + 8 = 9, 6, 12, 15 -> byte0 = 9 | 6<<4 = 0x69, byte1 = 12 | 15<<4 = 0xFC.
+    # Layout: codes at 0 (2 bytes), scales at 16 (2 bytes), exps at 18 (int16 -15 = 0xFFF1), total 32.
     codec = make_codec("int4:g4")
     payload = codec.encode(torch.tensor([1.0, -2.0, 3.5, 7.0]))
     expected = torch.zeros(32, dtype=torch.uint8)
     expected[0], expected[1] = 0x69, 0xFC
-    expected[16], expected[17] = 0x00, 0x3C  # fp16 1.0, little-endian
+    expected[16], expected[17] = 0x00, 0x78  # fp16 32768, little-endian
+    expected[18], expected[19] = 0xF1, 0xFF  # int16 -15
     assert torch.equal(payload, expected)
     assert torch.equal(codec.decode(payload, (4,), torch.float32), torch.tensor([1.0, -2.0, 4.0, 7.0]))
 
 
 def test_hand_computed_int3_payload() -> None:
-    # int3:g8, [0, 1, 2, 3, -1, -2, -3, 0.5]: qmax 3, amax 3 -> scale 1.0; q = 0,1,2,3,-1,-2,-3,0 (0.5 ties to
-    # even: 0); codes = q + 4 = 4,5,6,7,3,2,1,4. Bit stream, each code LSB first:
+    # int3:g8, [0, 1, 2, 3, -1, -2, -3, 0.5]: qmax 3, amax 3 = 0.75 * 2^2 against 3 * 65504 = 0.7496 * 2^18:
+    # k = -15, scale fp16(3 * 2^15 / 3) = 32768; q = 0,1,2,3,-1,-2,-3,0 (0.5 ties to even: 0);
+    # codes = q + 4 = 4,5,6,7,3,2,1,4. Bit stream, each code LSB first:
     #   4:001 5:101 6:011 7:111 3:110 2:010 1:100 4:001
     #   stream bits 0..7   = 0,0,1,1,0,1,0,1 -> 0b10101100 = 0xAC
     #   stream bits 8..15  = 1,1,1,1,1,1,0,0 -> 0b00111111 = 0x3F
@@ -41,18 +45,22 @@ def test_hand_computed_int3_payload() -> None:
     payload = codec.encode(torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, -2.0, -3.0, 0.5]))
     expected = torch.zeros(32, dtype=torch.uint8)
     expected[0], expected[1], expected[2] = 0xAC, 0x3F, 0x85
-    expected[16], expected[17] = 0x00, 0x3C
+    expected[16], expected[17] = 0x00, 0x78  # fp16 32768
+    expected[18], expected[19] = 0xF1, 0xFF  # k = -15
     assert torch.equal(payload, expected)
 
 
 def test_hand_computed_asymmetric_payload() -> None:
-    # int2:g4:asym, [0, 1, 2, 3]: min 0, scale (3-0)/3 = 1 -> codes 0,1,2,3 packed LSB first: 0b11100100 = 0xE4.
-    # Sections: codes (1 byte) at 0, scales at 16, mins at 32 (fp16 0.0), total 48.
+    # int2:g4:asym, [0, 1, 2, 3]: the minimum is stored in fp16 too, so the limit is 65504 = 0.9995 * 2^16;
+    # amax 3 = 0.75 * 2^2 -> k = -14, y = x * 2^14: min 0, scale (49152 - 0)/3 = 16384 (0x7400) -> codes 0,1,2,3
+    # packed LSB first: 0b11100100 = 0xE4. Sections: codes (1 byte) at 0, scales at 16, mins at 32 (fp16 0.0),
+    # exps at 34 (int16 -14 = 0xFFF2), total 48.
     codec = make_codec("int2:g4:asym")
     payload = codec.encode(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     expected = torch.zeros(48, dtype=torch.uint8)
     expected[0] = 0xE4
-    expected[17] = 0x3C  # fp16 1.0 at offset 16; the fp16 0.0 minimum at offset 32 is all zero bytes
+    expected[17] = 0x74  # fp16 16384 at offset 16; the fp16 0.0 minimum at offset 32 is all zero bytes
+    expected[34], expected[35] = 0xF2, 0xFF
     assert torch.equal(payload, expected)
     assert torch.equal(codec.decode(payload, (4,), torch.float32), torch.tensor([0.0, 1.0, 2.0, 3.0]))
 
@@ -111,6 +119,10 @@ def test_property_grid_values_round_trip_exactly(bits: int, group: int, groups: 
 # --- sizes --------------------------------------------------------------------------------------------------------
 
 
+#: One int16 super-block exponent per 4096 values.
+EXP_BITS = 16 / 4096
+
+
 @pytest.mark.parametrize(
     ("spec", "bits"),
     [
@@ -127,8 +139,8 @@ def test_property_grid_values_round_trip_exactly(bits: int, group: int, groups: 
 )
 def test_exact_bits_per_value(spec: str, bits: float) -> None:
     codec = make_codec(spec)
-    assert codec.bits_per_value((4096, 576)) == bits
-    assert codec.nominal_bits_per_value() == bits
+    assert codec.bits_per_value((4096, 576)) == bits + EXP_BITS
+    assert codec.nominal_bits_per_value() == bits + EXP_BITS
 
 
 @pytest.mark.parametrize(
@@ -143,20 +155,24 @@ def test_exact_bits_per_value(spec: str, bits: float) -> None:
     ],
 )
 def test_bits_per_value_formula(bits: int, group: int, scale: str, asym: bool) -> None:
-    # b bits per value plus one scale per group, plus one offset per group when asymmetric.
+    # b bits per value plus one scale per group, plus one offset per group when asymmetric, plus one exponent
+    # per super-block.
     codec = make_codec(f"int{bits}:g{group}:s{scale}" + (":asym" if asym else ""))
-    expected = bits + SCALE_BITS[scale] * (2 if asym else 1) / group
+    expected = bits + SCALE_BITS[scale] * (2 if asym else 1) / group + EXP_BITS
     assert codec.bits_per_value((512, 1024)) == expected  # 2^19 values: whole groups, 16-byte aligned sections
 
 
 def test_small_messages_pay_a_whole_group_and_alignment() -> None:
-    # 1 value of int4:g32: 16 code bytes, fp16 scale at offset 16, end aligned to 32 bytes.
+    # 1 value of int4:g32: 16 code bytes, fp16 scale at offset 16, the int16 exponent at 18, end aligned to 32.
     assert make_codec("int4:g32").payload_nbytes((1,)) == 32
-    # 576 values (one decode token of SmolLM2): 288 code bytes, 18 scales at 288 -> 324 -> 336 bytes.
+    # 576 values (one decode token of SmolLM2): 288 code bytes, 18 scales at 288 -> 324, exponent -> 326 -> 336
+    # bytes: the exponent costs nothing here, since it is not 16-byte aligned.
     assert make_codec("int4:g32").payload_nbytes((1, 576)) == 336
-    # asym adds a third section: 288 codes, 18 scales at 288 (-> 324), 18 mins at 336 (-> 372) -> 384.
+    # asym adds a third section: 288 codes, 18 scales at 288 (-> 324), 18 mins at 336 (-> 372), exp -> 374 -> 384.
     assert make_codec("int4:g32:asym").payload_nbytes((1, 576)) == 384
     assert make_codec("int4:g32").payload_nbytes((0, 576)) == 0
+    layout = make_codec("int4:g32").layout((3, 4096))  # 3 super-blocks
+    assert layout.sections["exps"].count == 3 and layout.sections["exps"].offset == 6144 + 768
 
 
 # --- error bound --------------------------------------------------------------------------------------------------
@@ -219,12 +235,14 @@ def test_property_error_within_stated_bound(
     assert bool(((y - x.float()).abs() <= codec.max_abs_error_bound(x)).all())
 
 
-def test_scale_saturates_instead_of_overflowing() -> None:
+def test_values_beyond_the_fp16_scale_range_do_not_saturate() -> None:
+    # Before the super-block exponent, every value clipped at 7 * 65504 = 458528.
     codec = make_codec("int4:g32")
     x = torch.full((32,), 1e6)
     y = codec.decode(codec.encode(x), x.shape, torch.float32)
     assert torch.isfinite(y).all()
-    assert torch.allclose(y, torch.full_like(y, 65504.0 * 7))  # documented: fp16 scale clamps at 65504
+    assert torch.allclose(y, x, rtol=2.0**-10)  # only the fp16 rounding of the scale (2^-11) remains
+    assert bool(((y - x).abs() <= codec.max_abs_error_bound(x)).all())
 
 
 @pytest.mark.parametrize("scale", ["fp16", "bf16"])

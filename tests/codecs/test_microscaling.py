@@ -359,8 +359,10 @@ def test_e8m0_scales_cost_accuracy_against_fp16_scales() -> None:
 )
 def test_exact_bits_per_value(spec: str, bits: float) -> None:
     codec = codec_of(spec)
-    assert codec.bits_per_value((1024, 1024)) == bits
-    assert abs(codec.nominal_bits_per_value() - (codec.bits + SCALE_BITS[codec.scale_fmt] / codec.block)) < 1e-6
+    exp_bits = 16 / 4096  # one int16 super-block exponent per 4096 values
+    assert codec.bits_per_value((1024, 1024)) == bits + exp_bits
+    nominal = codec.bits + SCALE_BITS[codec.scale_fmt] / codec.block + exp_bits
+    assert abs(codec.nominal_bits_per_value() - nominal) < 1e-6
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -369,9 +371,11 @@ def test_payload_size_of_unaligned_shapes(spec: str, shape: tuple[int, ...]) -> 
     codec = codec_of(spec)
     n = torch.Size(shape).numel()
     nb = -(-n // codec.block)
-    size = align_up(align_up(nb * codec.block * codec.bits // 8) + nb * SCALE_BITS[codec.scale_fmt] // 8)
+    nsuper = -(-nb // (codec.super_values // codec.block))
+    end = align_up(nb * codec.block * codec.bits // 8) + nb * SCALE_BITS[codec.scale_fmt] // 8
     if codec.tensor_scale:
-        size += 16
+        end = align_up(end) + 4  # the fp32 tensor scale in its own 16-byte aligned section
+    size = align_up(align_up(end, 2) + 2 * nsuper)  # int16 exponents at 2-byte alignment
     assert codec.payload_nbytes(shape) == size
     assert codec.bits_per_value(shape) == 8 * size / n
 

@@ -155,9 +155,10 @@ def test_wire_layout(dynamic: bool) -> None:
         assert payload[:6].view(torch.int16).tolist() == INJECTED
         assert not payload[6:16].any()
         offset = 16
-    n_out = 6 * 3 * 2  # "outliers": bf16 [rows, K] row-major
+    n_out = 6 * 3 * 2  # "outliers": bf16 [rows, K] row-major (times 2^0: their max is within [2^-64, 2^64))
     assert torch.equal(payload[offset : offset + n_out].view(torch.bfloat16).view(6, 3), x[:, INJECTED])
-    offset = align_up(offset + n_out)
+    assert payload[offset + n_out : offset + n_out + 2].view(torch.int16).tolist() == [0]  # "out_exp", int16
+    offset = align_up(offset + n_out + 2)
     # "inner": the inner payload of the other channels as a [rows, h - K] tensor, ascending channel order.
     inner_payload = inner.encode(x[:, rest])
     assert torch.equal(payload[offset : offset + inner_payload.numel()], inner_payload)
@@ -168,12 +169,16 @@ def test_exact_bits_per_value() -> None:
     shape = (4096, 576)
     static = make_codec("int4:g32+outliers", outlier_channels=INJECTED)
     dynamic = make_codec("int4:g32+outliers:k9")
-    # [4096, 576]: every section is a multiple of 16 bytes here, so the sizes are exact sums.
-    assert static.payload_nbytes(shape) == 4096 * 3 * 2 + make_codec("int4:g32").payload_nbytes((4096, 573))
-    assert static.bits_per_value(shape) == (3 * 16 + 573 * 4.5) / 576
-    assert dynamic.payload_nbytes(shape) == 32 + 4096 * 9 * 2 + make_codec("int4:g32").payload_nbytes((4096, 567))
-    assert dynamic.bits_per_value(shape) == 8 * (32 + 4096 * (9 * 2 + 567 * 4.5 / 8)) / (4096 * 576)
-    assert abs(dynamic.nominal_bits_per_value() - (9 * 16 + 1015 * 4.5) / 1024) < 1e-6
+    # [4096, 576]: the outlier sections are multiples of 16 bytes here, so the sizes are exact sums.
+    inner_static = make_codec("int4:g32").payload_nbytes((4096, 573))
+    inner_dynamic = make_codec("int4:g32").payload_nbytes((4096, 567))
+    # The outliers' int16 exponent follows them at 2-byte alignment and costs 16 bytes with the padding.
+    assert static.payload_nbytes(shape) == 4096 * 3 * 2 + 16 + inner_static
+    assert static.bits_per_value(shape) == 8 * (4096 * 3 * 2 + 16 + inner_static) / (4096 * 576)
+    assert dynamic.payload_nbytes(shape) == 32 + 4096 * 9 * 2 + 16 + inner_dynamic
+    assert dynamic.bits_per_value(shape) == 8 * (32 + 4096 * 9 * 2 + 16 + inner_dynamic) / (4096 * 576)
+    int4_bits = 4.5 + 16 / 4096  # codes, fp16 scales and one int16 exponent per 4096 values
+    assert abs(dynamic.nominal_bits_per_value() - (9 * 16 + 1015 * int4_bits) / 1024) < 1e-6
     x = torch.randn(7, 45)  # unaligned: bits_per_value is still exactly the payload
     assert dynamic.bits_per_value(x.shape) == 8 * dynamic.encode(torch.randn(7, 45)).numel() / x.numel()
 
@@ -263,7 +268,7 @@ def test_bound_is_exact_bf16_rounding_in_the_outlier_channels() -> None:
     assert float((err / bound).max()) > 0.99
 
 
-def test_fp32_beyond_the_bf16_range_is_clamped_not_inf() -> None:
+def test_fp32_beyond_the_bf16_range_stays_finite_and_accurate() -> None:
     x = torch.zeros(2, 40)
     x[0, 3] = torch.finfo(torch.float32).max  # rounds to +inf as a plain bf16 cast
     x[1, 3] = -3.3960e38
@@ -272,6 +277,26 @@ def test_fp32_beyond_the_bf16_range_is_clamped_not_inf() -> None:
     y = roundtrip(codec, x)
     assert torch.isfinite(y[:, 3]).all() and y[1, 17] == float("inf")
     assert bool(((y - x).abs()[:, 3] <= codec.max_abs_error_bound(x)[:, 3]).all())
+    # Normalized by 2^-127 before the bf16 cast: 8 significant bits (it used to clamp at bf16's maximum).
+    assert abs(float(y[1, 3]) / -3.3960e38 - 1) < 2.0**-8
+
+
+def test_fp32_subnormal_outliers_keep_their_bits() -> None:
+    x = torch.zeros(2, 40)
+    x[:, 3] = torch.tensor([3e-44, -1e-42])  # below bf16's smallest subnormal (9.2e-41): it used to send 0
+    codec = make_codec("int4:g32+outliers", outlier_channels=[3, 17])
+    y = roundtrip(codec, x)
+    assert torch.equal(y[:, 3], x[:, 3].bfloat16().float()) or bool((y[:, 3] != 0).all())
+    assert bool(((y - x).abs() <= codec.max_abs_error_bound(x)).all())
+
+
+def test_fp16_maximum_in_an_outlier_channel_stays_finite() -> None:
+    # bf16 rounds 65504 to 65536, which is Inf in fp16: decoding clamps to the dtype's largest finite value.
+    x = torch.zeros(2, 40, dtype=torch.float16)
+    x[:, 3] = torch.tensor([65504.0, -65504.0])
+    codec = make_codec("int4:g32+outliers", outlier_channels=[3, 17])
+    y = codec.decode(codec.encode(x), x.shape, torch.float16)
+    assert torch.equal(y[:, 3], x[:, 3])
 
 
 @settings(max_examples=50, deadline=None)
