@@ -8,18 +8,20 @@
 //                         (codecs/hadamard.py: v -> fwht(v * signs) * c, c = fp32(1/sqrt(H)); inverse
 //                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
 //
-// A tile is one super-block of 4096 values (codecs/scales.py, "Second level"; G and H must divide 4096).
-// Encode reads a tile of input values (fp32/bf16/fp16) into a float buffer; with a rotation it normalizes the
-// tile by 2^-j (j from its largest finite |x|, the wide window rule) and rotates it in place; then it finds the
-// super-block exponent k from the largest amax of its finite blocks, scales the buffer by 2^-k, quantizes its
-// groups (on AVX2: eight groups at a time) and writes codes, scales and the int16 k + j: the input is read once
-// and the payload written once.
-// Decode-sum reads the tile's codes from each of N payloads and adds the decoded values in fp32 in payload order
-// (the one-shot all-reduce, every rank the same bits): without a rotation each block scale is multiplied by
-// 2^k_r and each payload's values are clamped to the output dtype's finite range before they are added; with a
-// rotation the scales are multiplied by 2^(k_r - K), K = max_r k_r, the sum is rotated back once (the rotation is
-// linear: the reference defines it this way too), multiplied by 2^K and clamped. Then the output dtype is
-// written, rounding once. Tiles are split over `nthreads` OpenMP threads.
+// Encode works one super-block of 4096 values at a time (codecs/scales.py, "Second level"; G and H must divide
+// 4096): it reads the tile's input values (fp32/bf16/fp16) into a float buffer, rotates them in place (+had),
+// takes the largest magnitude of each block once (block_maxima), derives the super-block exponent k from the
+// largest finite one, and quantizes the blocks (on AVX2: eight at a time) with 2^-k folded into each block's
+// amax and reciprocal (INT4; exact, see kInt4FoldMin) or applied to the tile first (other cases, rare). It writes
+// codes, scales and the int16 exponent: the input is read once and the payload written once. +had's pre-rotation
+// normalization 2^-j needs no look at the input unless the rotated maximum says it might be nonzero.
+// Decode-sum reads the codes of each of N payloads tile by tile and adds the decoded values in fp32 in payload
+// order (the one-shot all-reduce, every rank the same bits): without a rotation each value is pow2_mul(q * s,
+// k_r) (2^k_r folded into the block scale where exact) clamped to the output dtype's finite range before it is
+// added; with a rotation the values are scaled by 2^(k_r - K), K = max_r k_r, the sum is rotated back once (the
+// rotation is linear: the reference defines it this way too), scaled by 2^K (folded into the rotation's
+// constant where exact) and clamped. Then the output dtype is written, rounding once. Tiles are split over
+// `nthreads` OpenMP threads.
 //
 // Built by megatron_tpcomp/cpu_codecs.py with g++ -O3 -ffp-contract=off (never -ffast-math): every multiply and
 // add is rounded on its own, exactly as torch's elementwise kernels do, so the bytes match the reference.
@@ -113,7 +115,11 @@ inline void store8_f16(const float* v, uint16_t* p) {
 }
 #endif
 
-void store_tile(const float* buf, int64_t n, int dt, int64_t start, void* out) {
+// Write buf[0, n) as dtype `dt` at out[start, start + n), each value clamped to [-top, top] first (+inf: no
+// clamp; NaN stays NaN).
+void store_tile(float* buf, int64_t n, int dt, int64_t start, void* out, float top) {
+  if (top < tpcomp::bits_as_float(0x7F800000u))
+    for (int64_t i = 0; i < n; ++i) buf[i] = tpcomp::clamp_abs(buf[i], top);
   if (dt == kF32) {
     memcpy(static_cast<float*>(out) + start, buf, static_cast<size_t>(n) * sizeof(float));
     return;
@@ -230,15 +236,24 @@ inline void rotate_forward_fixed(float* buf, int len, const float* signs, float 
 
 // w <- fwht(w) * c * signs ((w * c) * s, left to right) for each block of N values in buf[0, len).
 template <int N>
-inline void rotate_backward_fixed(float* buf, int len, const float* signs, float scale) {
+// Then each result is clamped to [-top, top] in registers (top = +inf: unchanged; NaN stays NaN: its
+// comparisons are false).
+inline void rotate_backward_fixed(float* buf, int len, const float* signs, float scale, float top) {
   const v8f c = {scale, scale, scale, scale, scale, scale, scale, scale};
+  const v8f hi = {top, top, top, top, top, top, top, top};
+  const v8f lo = -hi;
   for (int o = 0; o < len; o += N) {
     v8f r[N / 8];
 #pragma GCC unroll 8
     for (int i = 0; i < N / 8; ++i) r[i] = load8(buf + o + 8 * i);
     fwht_regs<N>(r);
 #pragma GCC unroll 8
-    for (int i = 0; i < N / 8; ++i) store8(buf + o + 8 * i, r[i] * c * load8(signs + 8 * i));
+    for (int i = 0; i < N / 8; ++i) {
+      v8f v = r[i] * c * load8(signs + 8 * i);
+      v = v > hi ? hi : v;
+      v = v < lo ? lo : v;
+      store8(buf + o + 8 * i, v);
+    }
   }
 }
 #define TPC_FIXED_ROTATIONS 1
@@ -272,20 +287,21 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
   }
 }
 
-void rotate_backward(float* buf, int len, const Rotation& r) {
+// w <- clamp(fwht(w) * c * signs, top) for each block of r.block values in buf[0, len).
+void rotate_backward(float* buf, int len, const Rotation& r, float top) {
 #if defined(TPC_FIXED_ROTATIONS)
   switch (r.block) {
-    case 8: rotate_backward_fixed<8>(buf, len, r.signs, r.scale); return;
-    case 16: rotate_backward_fixed<16>(buf, len, r.signs, r.scale); return;
-    case 32: rotate_backward_fixed<32>(buf, len, r.signs, r.scale); return;
-    case 64: rotate_backward_fixed<64>(buf, len, r.signs, r.scale); return;
+    case 8: rotate_backward_fixed<8>(buf, len, r.signs, r.scale, top); return;
+    case 16: rotate_backward_fixed<16>(buf, len, r.signs, r.scale, top); return;
+    case 32: rotate_backward_fixed<32>(buf, len, r.signs, r.scale, top); return;
+    case 64: rotate_backward_fixed<64>(buf, len, r.signs, r.scale, top); return;
     default: break;
   }
 #endif
   for (int o = 0; o < len; o += r.block) {
     float* v = buf + o;
     fwht_any(v, r.block);
-    for (int i = 0; i < r.block; ++i) v[i] = v[i] * r.scale * r.signs[i];  // (v * c) * s: left to right
+    for (int i = 0; i < r.block; ++i) v[i] = tpcomp::clamp_abs(v[i] * r.scale * r.signs[i], top);  // (v*c)*s
   }
 }
 
@@ -358,20 +374,30 @@ inline float abs_max(const float* v, int n, bool* finite) {
   return tpcomp::bits_as_float(m);
 }
 
+// The super-block exponent folded into the INT4 quantizers: they read the raw values v and a factor f = 2^-k
+// (k in [-103, 110], see kInt4FoldMin/Max), and compute what the reference computes on y = v * 2^-k:
+//   amax_y = amax * f            max |v * f| is (max |v|) * f: rounding is monotonic and odd
+//   codes  = rint(v * (inv * f)) inv * f is exact (a power of two times inv in [2^-16, 2^24] stays normal), so
+//                                v * (inv * f) rounds the same real number as (v * f) * inv; where v * f would
+//                                be subnormal (|v| < 2^-126 * 2^k) both products are below 2^-102 and round to 0.
+// f = 1 (k = 0) is the plain codec.
+constexpr int kInt4FoldMin = -103, kInt4FoldMax = 110;
+
 // int4_core.h's int4_quantize_group, with the codes formed in one loop and packed in another (the core's pair
 // loop does not vectorize). Same operations, same bits.
+// `amax_bits`: the group's largest magnitude bits (block_maxima; >= 0x7F800000 for a NaN/Inf group).
 template <int G>  // G > 0: the group size known at compile time (loops unroll); 0: runtime `g`
-inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8_t* scale) {
+inline void int4_quantize_g(const float* v, int g_runtime, uint32_t amax_bits, float f, uint8_t* codes,
+                            uint8_t* scale) {
   const int g = G > 0 ? G : g_runtime;
-  bool finite;
-  const float amax = abs_max(v, g, &finite);
-  const uint16_t s = tpcomp::int4_scale_bits(amax, finite);
+  const bool finite = amax_bits < 0x7F800000u;
+  const uint16_t s = tpcomp::int4_scale_bits(tpcomp::bits_as_float(amax_bits) * f, finite);
   memcpy(scale, &s, 2);
   if (!finite) {
     memset(codes, tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4), static_cast<size_t>(g / 2));
     return;
   }
-  const float inv = tpcomp::int4_inverse_scale(s);
+  const float inv = tpcomp::int4_inverse_scale(s) * f;
   uint8_t q[kMaxTile];
   for (int i = 0; i < g; ++i) {
     float r = rintf(v[i] * inv);
@@ -385,10 +411,15 @@ inline void int4_quantize_g(const float* v, int g_runtime, uint8_t* codes, uint8
 // a fixed G like int4_quantize: measured, that makes decode slower.) On AVX2, int4_accumulate8 below takes the
 // runs of eight groups; this handles the rest.
 // Scaling of one payload in one tile: each decoded value v becomes (v * f1) * f2 (= pow2_mul(v, e)), then it is
-// clamped to [-top, top] (top = +inf: no clamp).
+// clamped to [-top, top] (top = +inf: no clamp). `fold`: the factor may be applied to the block scale instead
+// (s * f2 is exact and q * (s * f2) rounds the same real number as (q * s) * f2; INT4: q * s is exact, fp16
+// scales times 2^e with e in [-102, 111] stay normal; FP8: e == 0 only), which costs nothing per value.
 struct Shift {
   float f1, f2, top;
+  bool fold;
 };
+
+constexpr int kInt4DecodeFoldMin = -102, kInt4DecodeFoldMax = 111;
 
 inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, const Shift& sh, bool first,
                             float* acc) {
@@ -402,7 +433,12 @@ inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, c
     q[2 * i + 1] = static_cast<int8_t>((codes[i] >> 4) - tpcomp::kInt4Zero);
   }
   float v[kMaxTile];
-  for (int i = 0; i < g; ++i) v[i] = tpcomp::clamp_abs(static_cast<float>(q[i]) * s * f1 * f2, top);
+  if (sh.fold) {
+    const float sf = s * f2;
+    for (int i = 0; i < g; ++i) v[i] = tpcomp::clamp_abs(static_cast<float>(q[i]) * sf, top);
+  } else {
+    for (int i = 0; i < g; ++i) v[i] = tpcomp::clamp_abs(static_cast<float>(q[i]) * s * f1 * f2, top);
+  }
   if (first) {
     for (int i = 0; i < g; ++i) acc[i] = v[i];
   } else {
@@ -463,15 +499,23 @@ inline __m128i int4_pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
   return _mm_unpacklo_epi16(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
 }
 
-template <int G>
-inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint8_t* scales) {
-  const int g = G > 0 ? G : g_runtime;
+// The largest magnitude bits of eight consecutive groups of g values (g a multiple of 8), lane j for group j.
+inline __m256i absmax8(const float* v, int g) {
   __m256i partial[8];
   for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits(v + j * g, g);
-  const __m256i amax_bits = hmax8x8(partial);
-  const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));  // NaN/Inf in the group
+  return hmax8x8(partial);
+}
 
-  __m256 ideal = _mm256_div_ps(_mm256_castsi256_ps(amax_bits), _mm256_set1_ps(static_cast<float>(tpcomp::kInt4Qmax)));
+// `amax_bits`: absmax8 of the eight groups (block_maxima computed it for the super-block's exponent).
+template <int G>
+inline void int4_quantize8_g(const float* v, int g_runtime, __m256i amax_bits, float f, uint8_t* codes,
+                             uint8_t* scales) {
+  const int g = G > 0 ? G : g_runtime;
+  const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));  // NaN/Inf in the group
+  const __m256 vf = _mm256_set1_ps(f);  // 2^-k, folded in as int4_quantize_g does
+
+  __m256 ideal = _mm256_div_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax_bits), vf),
+                               _mm256_set1_ps(static_cast<float>(tpcomp::kInt4Qmax)));
   ideal = _mm256_min_ps(ideal, _mm256_set1_ps(tpcomp::kHalfMax));
   const __m128i half = _mm256_cvtps_ph(ideal, _MM_FROUND_TO_NEAREST_INT);
   const __m128i bad16 = _mm_packs_epi32(_mm256_castsi256_si128(bad), _mm256_extracti128_si256(bad, 1));
@@ -481,7 +525,7 @@ inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint
   const __m256 s = _mm256_cvtph_ps(half);
   const __m256 nonzero = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_NEQ_OQ);
   alignas(32) float inv[8];
-  _mm256_store_ps(inv, _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), s), nonzero));
+  _mm256_store_ps(inv, _mm256_mul_ps(_mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), s), nonzero), vf));
 
   const __m256 lo = _mm256_set1_ps(-7.0f), hi = _mm256_set1_ps(7.0f);
   // 8 * g values = g vectors of 8, packed 4 vectors (32 values, 16 bytes) at a time; vector k is in group k / (g / 8).
@@ -501,14 +545,14 @@ inline void int4_quantize8_g(const float* v, int g_runtime, uint8_t* codes, uint
 }
 
 // Quantize groups v[0, 8g) (g a multiple of 8) into codes[0, 4g) and scales[0, 16).
-inline void int4_quantize8(const float* v, int g, uint8_t* codes, uint8_t* scales) {
+inline void int4_quantize8(const float* v, int g, __m256i amax, float f, uint8_t* codes, uint8_t* scales) {
   switch (g) {
-    case 8: int4_quantize8_g<8>(v, g, codes, scales); return;
-    case 16: int4_quantize8_g<16>(v, g, codes, scales); return;
-    case 32: int4_quantize8_g<32>(v, g, codes, scales); return;
-    case 64: int4_quantize8_g<64>(v, g, codes, scales); return;
-    case 128: int4_quantize8_g<128>(v, g, codes, scales); return;
-    default: int4_quantize8_g<0>(v, g, codes, scales);
+    case 8: int4_quantize8_g<8>(v, g, amax, f, codes, scales); return;
+    case 16: int4_quantize8_g<16>(v, g, amax, f, codes, scales); return;
+    case 32: int4_quantize8_g<32>(v, g, amax, f, codes, scales); return;
+    case 64: int4_quantize8_g<64>(v, g, amax, f, codes, scales); return;
+    case 128: int4_quantize8_g<128>(v, g, amax, f, codes, scales); return;
+    default: int4_quantize8_g<0>(v, g, amax, f, codes, scales);
   }
 }
 
@@ -525,7 +569,19 @@ inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int 
                                float* acc) {
   const int g = G > 0 ? G : g_runtime;
   alignas(32) float s[8];
-  _mm256_store_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))));
+  const __m256 raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+  const bool fold = sh.fold;
+  const __m256 scaled = fold ? _mm256_mul_ps(raw, _mm256_set1_ps(sh.f2)) : raw;
+  _mm256_store_ps(s, scaled);
+  // The clamp can only bite where 7 * |scale| exceeds top (a NaN scale takes the clamping path, which keeps it;
+  // top = +inf, the rotated codecs' accumulation, never clamps).
+  bool clamp = !fold;
+  if (fold && sh.top < tpcomp::bits_as_float(0x7F800000u)) {
+    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
+    const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(7.0f)), _mm256_set1_ps(sh.top),
+                                      _CMP_NLE_UQ);
+    clamp = _mm256_movemask_ps(over) != 0;
+  }
   const __m256 f1 = _mm256_set1_ps(sh.f1), f2 = _mm256_set1_ps(sh.f2);
   const __m256 top = _mm256_set1_ps(sh.top), bottom = _mm256_set1_ps(-sh.top);
   const __m128i nibble = _mm_set1_epi8(0x0F), zero_code = _mm_set1_epi8(tpcomp::kInt4Zero);
@@ -538,9 +594,11 @@ inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int 
     const __m128i q[4] = {q01, _mm_srli_si128(q01, 8), q23, _mm_srli_si128(q23, 8)};
     for (int u = 0; u < 4; ++u) {
       const __m256 scale = _mm256_broadcast_ss(s + (k + u) / vecs_per_group);
-      const __m256 product = _mm256_mul_ps(
-          _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale), f1), f2);
-      const __m256 value = _mm256_max_ps(bottom, _mm256_min_ps(top, product));
+      __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale);
+      if (clamp) {
+        if (!fold) value = _mm256_mul_ps(_mm256_mul_ps(value, f1), f2);
+        value = _mm256_max_ps(bottom, _mm256_min_ps(top, value));
+      }
       float* a = acc + 8 * (k + u);
       _mm256_storeu_ps(a, first ? value : _mm256_add_ps(_mm256_loadu_ps(a), value));
     }
@@ -560,12 +618,12 @@ inline void int4_accumulate8(const uint8_t* codes, const uint8_t* scales, int g,
 }
 #endif
 
-inline void int4_quantize(const float* v, int g, uint8_t* codes, uint8_t* scale) {
+inline void int4_quantize(const float* v, int g, uint32_t amax, float f, uint8_t* codes, uint8_t* scale) {
   switch (g) {
-    case 32: int4_quantize_g<32>(v, g, codes, scale); return;
-    case 64: int4_quantize_g<64>(v, g, codes, scale); return;
-    case 128: int4_quantize_g<128>(v, g, codes, scale); return;
-    default: int4_quantize_g<0>(v, g, codes, scale);
+    case 32: int4_quantize_g<32>(v, g, amax, f, codes, scale); return;
+    case 64: int4_quantize_g<64>(v, g, amax, f, codes, scale); return;
+    case 128: int4_quantize_g<128>(v, g, amax, f, codes, scale); return;
+    default: int4_quantize_g<0>(v, g, amax, f, codes, scale);
   }
 }
 
@@ -617,10 +675,8 @@ inline int fp8_codes32(const float* v, int n, float inv, uint8_t* codes) {
 //   tiny         0 < s < 2^-126 -> 2^-126
 //   1 / s        vdivps; 0 where s == 0
 // Non-finite blocks get the NaN scale and zero codes, written after the fact as in int4_quantize8_g.
-inline void fp8_quantize8(const float* v, int b, float scale_cap, uint8_t* codes, uint8_t* scales) {
-  __m256i partial[8];
-  for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits(v + j * b, b);
-  const __m256i amax_bits = hmax8x8(partial);
+inline void fp8_quantize8(const float* v, int b, __m256i amax_bits, float scale_cap, uint8_t* codes,
+                          uint8_t* scales) {
   const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));
   __m256 s = _mm256_div_ps(_mm256_castsi256_ps(amax_bits), _mm256_set1_ps(kE4m3Max));
   const __m256 cap = _mm256_set1_ps(scale_cap);
@@ -639,13 +695,14 @@ inline void fp8_quantize8(const float* v, int b, float scale_cap, uint8_t* codes
 }
 #endif
 
-inline void quantize_block(const Codec& c, const float* v, uint8_t* codes, uint8_t* scale) {
+inline void quantize_block(const Codec& c, const float* v, uint32_t amax_bits, float f, uint8_t* codes,
+                           uint8_t* scale) {
   if (c.format == kInt4) {
-    int4_quantize(v, c.block, codes, scale);
+    int4_quantize(v, c.block, amax_bits, f, codes, scale);
     return;
   }
-  bool finite;
-  const float amax = abs_max(v, c.block, &finite);
+  const bool finite = amax_bits < 0x7F800000u;
+  const float amax = tpcomp::bits_as_float(amax_bits);
   uint32_t stored_bits;
   float inv = 0.0f;
   if (!finite) {
@@ -688,7 +745,11 @@ inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t
   const float f1 = sh.f1, f2 = sh.f2, top = sh.top;
   const int n = c.block;
   float v[kMaxTile];
-  for (int i = 0; i < n; ++i) v[i] = tpcomp::clamp_abs(kE4m3.v[codes[i]] * s * f1 * f2, top);
+  if (sh.fold && 448.0f * tpcomp::abs_f(s) <= top) {  // f1 = f2 = 1 and no value can pass top: the plain decode
+    for (int i = 0; i < n; ++i) v[i] = kE4m3.v[codes[i]] * s;
+  } else {
+    for (int i = 0; i < n; ++i) v[i] = tpcomp::clamp_abs(kE4m3.v[codes[i]] * s * f1 * f2, top);
+  }
   if (first) {
     for (int i = 0; i < n; ++i) acc[i] = v[i];
   } else {
@@ -725,17 +786,6 @@ inline uint32_t finite_amax_bits(const float* v, int n) {
   return m;
 }
 
-// Largest amax of the finite blocks of `block` values in v[0, n) (scales.super_amax over finite_blocks).
-inline float finite_blocks_amax(const float* v, int n, int block) {
-  uint32_t m = 0;
-  for (int o = 0; o < n; o += block) {
-    bool finite;
-    const uint32_t b = float_as_bits(abs_max(v + o, block, &finite));
-    m = finite && b > m ? b : m;
-  }
-  return tpcomp::bits_as_float(m);
-}
-
 // v[0, n) *= 2^e as scales.pow2_mul: (v * f1) * f2 (f1 = 1 is skipped: v * 1 is v).
 inline void scale_by_pow2(float* v, int n, int e) {
   float f1, f2;
@@ -751,9 +801,10 @@ inline float dtype_max(int dt) {
   return dt == kBF16 ? tpcomp::bf16_bits_to_float(0x7F7Fu) : tpcomp::kHalfMax;
 }
 
-inline Shift shift_of(int e, float top) {
-  Shift sh{1.0f, 1.0f, top};
+inline Shift shift_of(const Codec& c, int e, float top) {
+  Shift sh{1.0f, 1.0f, top, false};
   tpcomp::pow2_factors(e, &sh.f1, &sh.f2);
+  sh.fold = c.format == kInt4 ? (e >= kInt4DecodeFoldMin && e <= kInt4DecodeFoldMax) : e == 0;
   return sh;
 }
 
@@ -763,9 +814,50 @@ inline int16_t load_exponent(const uint8_t* payload, const Codec& c, int64_t t) 
   return k;
 }
 
-// Tile of the encode and decode loops: one super-block (tile_values). It holds a multiple of 8 INT4 groups or
-// FP8 blocks for blocks up to 512 (int4_quantize8 and fp8_quantize8 take 8 at a time).
+// Magnitude bits bounding the pre-rotation proxy of encode(): 2^-57 and 2^57.
+constexpr uint32_t kProxyLow = (127u - 57u) << 23, kProxyHigh = (127u + 57u) << 23;
+
+// amax[l] = the largest magnitude bits of block l of v (nbt blocks of c.block values; >= 0x7F800000 for a block
+// with NaN/Inf, which sets *bad). Returns the largest among the finite blocks (scales.super_amax).
+inline uint32_t block_maxima(const Codec& c, const float* v, int nbt, uint32_t* amax, bool* bad) {
+  int l = 0;
+#if defined(TPC_INT4_AVX2)
+  if (c.block % 8 == 0)
+    for (; l + 8 <= nbt; l += 8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(amax + l), absmax8(v + l * c.block, c.block));
+#endif
+  for (; l < nbt; ++l) {
+    bool finite;
+    amax[l] = float_as_bits(abs_max(v + l * c.block, c.block, &finite));
+  }
+  uint32_t top = 0;
+  bool any_bad = false;
+  for (l = 0; l < nbt; ++l) {
+    const uint32_t a = amax[l];
+    const bool finite = a < 0x7F800000u;
+    any_bad |= !finite;
+    top = finite && a > top ? a : top;
+  }
+  *bad = any_bad;
+  return top;
+}
+
+// Tile of the encode loop: one super-block (tile_values), whose exponent must be known before its blocks are
+// quantized. It holds a multiple of 8 INT4 groups or FP8 blocks for blocks up to 512 (int4_quantize8 and
+// fp8_quantize8 take 8 at a time).
 int work_tile_values(const Codec& c) { return tile_values(c); }
+
+// Tile of the decode loop: lcm(block, rotation block) (256 values at least), times the smallest factor that
+// makes it hold 8 INT4 groups or FP8 blocks (int4_accumulate8); it divides 4096, so a tile lies inside one
+// super-block. Smaller than a super-block: the accumulator stays small in L1 (measured: 4096-value tiles
+// decode about 15% slower). The tile only decides how the work is cut: the bits do not depend on it.
+int decode_tile_values(const Codec& c) {
+  const int base = c.rot.block ? c.block / gcd(c.block, c.rot.block) * c.rot.block
+                               : (c.block < 256 ? 256 / c.block * c.block : c.block);
+  const int eight = 8 * c.block;
+  const int scaled = base / gcd(base, eight) * eight;
+  return scaled <= kMaxTile ? scaled : base;
+}
 
 void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
   const int64_t inner = inner_numel(c, numel);
@@ -781,38 +873,64 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
     // Values of this tile the quantizer sees: whole blocks up to the (padded) end of the input.
     const int64_t blocks_here = nblocks - start / c.block < tile / c.block ? nblocks - start / c.block : tile / c.block;
     const int used = static_cast<int>(blocks_here) * c.block;
+    const int nbt = static_cast<int>(blocks_here);
+    const int rot_len = static_cast<int>((avail + c.rot.block - 1) / (c.rot.block ? c.rot.block : 1) *
+                                         (c.rot.block ? c.rot.block : 1));
     load_tile(x, dt, start, avail, buf, tile);
-    int j = 0;
     if (c.rot.block) {
-      // Pre-rotation normalization (codecs/hadamard.py): j from the largest finite |x| of the super-block.
-      j = tpcomp::range_exponent(tpcomp::bits_as_float(finite_amax_bits(buf, static_cast<int>(avail))), 0.0f);
-      const int rot_len = static_cast<int>((avail + c.rot.block - 1) / c.rot.block * c.rot.block);
-      if (j != 0) scale_by_pow2(buf, rot_len, -j);
       rotate_forward(buf, rot_len, c.rot);
       // Values past the rotated input are the inner codec's zero padding (+0: fp8 keeps the sign of a zero).
       for (int64_t i = inner - start > 0 ? inner - start : 0; i < tile; ++i) buf[i] = 0.0f;
     }
-    const int k = tpcomp::range_exponent(finite_blocks_amax(buf, used, c.block), c.range_limit);
-    if (k != 0) scale_by_pow2(buf, used, -k);
+    // Per-block maxima, computed once: they give the super-block's exponent and then the blocks' scales.
+    uint32_t amax[kMaxTile / 2];
+    bool bad = false;
+    uint32_t top = block_maxima(c, buf, nbt, amax, &bad);
+    int j = 0;
+    if (c.rot.block && (bad || (top != 0 && (top < kProxyLow || top >= kProxyHigh)))) {
+      // Pre-rotation normalization (codecs/hadamard.py): j from the largest finite |x| of the super-block. The
+      // common case needs no look at the input: with every rotated block finite and its largest value in
+      // [2^-57, 2^57), the input's largest is within sqrt(H) <= 2^6 of it (|Rv|max <= |v|2 <= sqrt(H) |v|max
+      // and |v|max <= |v|2 = |Rv|2 <= sqrt(H) |Rv|max), inside [2^-64, 2^64): j = 0. Otherwise redo the tile.
+      load_tile(x, dt, start, avail, buf, tile);
+      j = tpcomp::range_exponent(tpcomp::bits_as_float(finite_amax_bits(buf, static_cast<int>(avail))), 0.0f);
+      if (j != 0) scale_by_pow2(buf, rot_len, -j);
+      rotate_forward(buf, rot_len, c.rot);
+      for (int64_t i = inner - start > 0 ? inner - start : 0; i < tile; ++i) buf[i] = 0.0f;
+      top = block_maxima(c, buf, nbt, amax, &bad);
+    }
+    const int k = tpcomp::range_exponent(tpcomp::bits_as_float(top), c.range_limit);
+    float f = 1.0f;  // 2^-k folded into the INT4 quantizers; otherwise the tile is scaled first (exactly)
+    if (k != 0) {
+      if (c.format == kInt4 && k >= kInt4FoldMin && k <= kInt4FoldMax) {
+        f = tpcomp::pow2_exact(-k);
+      } else {
+        scale_by_pow2(buf, used, -k);
+        block_maxima(c, buf, nbt, amax, &bad);
+      }
+    }
     const int16_t stored = static_cast<int16_t>(k + j);
     memcpy(payload + c.exps_offset + 2 * t, &stored, 2);
-    for (int o = 0; o < tile;) {
-      const int64_t b = (start + o) / c.block;
-      if (b >= nblocks) break;
+    const int64_t b0 = start / c.block;
+    for (int l = 0; l < nbt;) {
+      const int64_t b = b0 + l;
+      const int o = l * c.block;
 #if defined(TPC_INT4_AVX2)
-      if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
-        int4_quantize8(buf + o, c.block, payload + b * (c.block / 2), scales + b * 2);
-        o += 8 * c.block;
+      if (c.format == kInt4 && c.block % 8 == 0 && l + 8 <= nbt) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(amax + l));
+        int4_quantize8(buf + o, c.block, a, f, payload + b * (c.block / 2), scales + b * 2);
+        l += 8;
         continue;
       }
-      if (c.format == kFp8E4m3 && c.block % 32 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
-        fp8_quantize8(buf + o, c.block, c.scale_cap, payload + b * c.block, scales + b * 4);
-        o += 8 * c.block;
+      if (c.format == kFp8E4m3 && c.block % 32 == 0 && l + 8 <= nbt) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(amax + l));
+        fp8_quantize8(buf + o, c.block, a, c.scale_cap, payload + b * c.block, scales + b * 4);
+        l += 8;
         continue;
       }
 #endif
-      quantize_block(c, buf + o, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
-      o += c.block;
+      quantize_block(c, buf + o, amax[l], f, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
+      ++l;
     }
   }
 }
@@ -823,7 +941,7 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
                 int nthreads) {
   const int64_t inner = inner_numel(c, numel);
   const int64_t nblocks = (inner + c.block - 1) / c.block;
-  const int tile = work_tile_values(c);
+  const int tile = decode_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
   const float top = dtype_max(dt);
   const float inf = tpcomp::bits_as_float(0x7F800000u);
@@ -831,13 +949,15 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
   for (int64_t t = 0; t < ntiles; ++t) {
     float acc[kMaxTile];
     const int64_t start = t * tile;
+    const int64_t super = start / kMaxTile;  // the super-block this tile lies in
     // Rotated codecs add the payloads at the common exponent K = max_r k_r and clamp the sum; the others clamp
     // each payload's values at its own exponent.
-    int common = -32768;
+    int common = -32768, lowest = 32767;
     if (c.rot.block)
       for (int r = 0; r < count; ++r) {
-        const int k = load_exponent(payloads + r * nbytes, c, t);
+        const int k = load_exponent(payloads + r * nbytes, c, super);
         common = k > common ? k : common;
+        lowest = k < lowest ? k : lowest;
       }
     int len = 0;
     for (int o = 0; o < tile;) {
@@ -848,8 +968,8 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
         for (int r = 0; r < count; ++r) {
           const uint8_t* p = payloads + r * nbytes;
-          const int k = load_exponent(p, c, t);
-          const Shift sh = c.rot.block ? shift_of(k - common, inf) : shift_of(k, top);
+          const int k = load_exponent(p, c, super);
+          const Shift sh = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
           int4_accumulate8(p + b * (c.block / 2), p + c.scales_offset + b * 2, c.block, sh, r == 0, acc + o);
         }
         o += 8 * c.block;
@@ -859,8 +979,8 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
 #endif
       for (int r = 0; r < count; ++r) {
         const uint8_t* p = payloads + r * nbytes;
-        const int k = load_exponent(p, c, t);
-        const Shift sh = c.rot.block ? shift_of(k - common, inf) : shift_of(k, top);
+        const int k = load_exponent(p, c, super);
+        const Shift sh = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
         accumulate_block(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), sh, r == 0,
                          acc + o);
       }
@@ -871,12 +991,27 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       for (int i = len; i < tile; ++i) acc[i] = 0.0f;  // blocks past the payload: dropped below anyway
       const int64_t left = numel - start;
       const int rot_len = static_cast<int>(left < tile ? (left + c.rot.block - 1) / c.rot.block * c.rot.block : tile);
-      rotate_backward(acc, rot_len, c.rot);
-      scale_by_pow2(acc, rot_len, common);
-      for (int i = 0; i < rot_len; ++i) acc[i] = tpcomp::clamp_abs(acc[i], top);
+      // 2^K folded into the rotation's constant c where that is exact: c * 2^K is a power-of-two multiple of c,
+      // and (fwht * (c * 2^K)) * sign rounds the same real number as the reference's ((fwht * c) * sign) * 2^K
+      // unless fwht * c or the result is subnormal. With every payload's shift folded into its scales (exact
+      // products), nonzero sums are multiples of m = 2^(lowest - K - 24) (fp16 scales are multiples of 2^-24),
+      // so fwht * c >= m * 2^-6 (c >= 2^-6) and the result >= 2^(lowest - 30): both normal when lowest - K and
+      // lowest are >= -96. FP8's fp32 scales have no such granularity: only K = k_r = 0 (the plain rotation).
+      const bool fold = c.format == kInt4 ? (lowest - common >= -96 && lowest >= -96 && common <= 100)
+                                          : (lowest == 0 && common == 0);
+      if (fold) {
+        Rotation r2 = c.rot;
+        r2.scale = c.rot.scale * tpcomp::pow2_exact(common);
+        rotate_backward(acc, rot_len, r2, top);  // the clamp of the rotated sum, in registers
+      } else {
+        rotate_backward(acc, rot_len, c.rot, inf);
+        scale_by_pow2(acc, rot_len, common);
+        for (int i = 0; i < rot_len; ++i) acc[i] = tpcomp::clamp_abs(acc[i], top);
+      }
     }
     const int64_t n = numel - start < tile ? numel - start : tile;
-    if (n > 0) store_tile(acc, n, dt, start, out);
+    // The rotated sum is clamped above; the others clamped each payload's values already.
+    if (n > 0) store_tile(acc, n, dt, start, out, inf);
   }
 }
 

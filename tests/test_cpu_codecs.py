@@ -126,6 +126,59 @@ def test_random_messages_match_the_reference(spec: str, numel: int, log_scale: f
     assert same_bits(ref_sum, got_sum)
 
 
+def range_extremes(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[5, 4096]: one super-block each of N(0,1) scaled to the dtype's largest values, to 1e-30 (fp32; 1e-4 and
+    its smallest normals otherwise), to subnormals, to 1 with a 24,000 spike and exact maxima (fp16's 65504
+    decodes past its maximum without the clamp), and mixed decades inside one super-block: every super-block gets
+    its own exponent, including the two-step powers of two (|k| > 126) for fp32."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    x = torch.randn(5, 4096, generator=g)
+    x[0] = (x[0] / 5).clamp(-1, 1) * fi.max
+    x[0, :8] = torch.tensor([1.0, -1.0] * 4) * fi.max
+    x[1] *= 1e-30 if dtype == torch.float32 else fi.tiny * 64
+    sub = float(torch.tensor(1, dtype=torch.int32 if dtype == torch.float32 else torch.int16).view(dtype))
+    x[2] = torch.randint(-9, 10, (4096,), generator=g).float() * sub
+    x[3, 100] = 24000.0
+    x[3, 200:216] = 65504.0
+    x[4] *= torch.logspace(-12, 12, 4096) if dtype == torch.float32 else torch.logspace(-3, 3, 4096)
+    x = x.to(dtype)
+    assert torch.isfinite(x).all()
+    x[4, 7] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("spec", NATIVE_SPECS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_range_extremes_match_the_reference(monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype) -> None:
+    codec = make_codec(spec)
+    xs = [range_extremes(dtype, seed) for seed in range(3)]
+    xs[1] = xs[1].flip(0)  # the ranks' super-blocks get different exponents: the rotated sum's common one differs
+    ref = [with_mode(monkeypatch, "off", lambda x=x: codec.encode(x)) for x in xs]
+    got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in xs]
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(r, g), f"{spec}: {int((r != g).sum())} of {r.numel()} payload bytes differ"
+    block = codec.inner if hasattr(codec, "inner") else codec
+    exps = block.exponents(ref[0], (xs[0].numel(),))
+    if block.range_limit is not None or dtype != torch.float16:  # fp32 scales keep k = 0 for all of fp16's range
+        assert len(set(exps.tolist())) >= 3, exps  # the super-blocks really do carry different exponents
+    for count in (1, 3):
+        for out_dtype in DTYPES:
+            args = (torch.cat(ref[:count]), count, xs[0].shape, out_dtype)
+            want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
+            have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
+            assert same_bits(want, have), f"{spec} decode_sum({count}) -> {out_dtype}"
+            if count == 1:
+                assert torch.isfinite(want[:4]).all()  # finite in, finite out (row 4 holds the NaN)
+
+
+def test_block_sizes_that_do_not_divide_the_super_block_are_left_to_the_reference() -> None:
+    # The library runs one 4096-value super-block per tile; lcm(96, 4096) = 12288 does not fit.
+    assert make_codec("int4:g96").native_format() is None
+    assert make_codec("fp8:b96").native_format() is None
+    assert make_codec("int4:g32").native_format() is not None
+
+
 def test_non_contiguous_input_is_read_row_major(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)).bfloat16().t()  # a transposed view
     codec = make_codec("int4:g32+had")

@@ -129,16 +129,53 @@ def test_dequantize_matches_reference_bits(shape: tuple[int, ...], dtype: torch.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [32, 128])
 def test_dequantize_sum_matches_reference_bits(ranks: int, dtype: torch.dtype, group: int) -> None:
-    """decode(p0) + ... + decode(p_{N-1}) in fp32 left to right, cast once (collectives._decode_sum)."""
+    """decode(p0) + ... + decode(p_{N-1}) in fp32 left to right, each clamped to dtype's finite range, cast once
+    (Codec.decode_sum)."""
     codec = make_codec(f"int4:g{group}")
     shape = (301, 577)  # numel not a multiple of 8 or of the group: tail lanes and a padded group
     parts = [make_input(shape, torch.float32, seed=10 + r) * (r + 1) for r in range(ranks)]
     payloads = [codec.encode(p) for p in parts]
-    ref = codec.decode(payloads[0], shape, torch.float32)
+    top = torch.finfo(dtype).max
+    ref = codec.decode(payloads[0], shape, torch.float32).clamp(-top, top)
     for p in payloads[1:]:
-        ref = ref + codec.decode(p, shape, torch.float32)
+        ref = ref + codec.decode(p, shape, torch.float32).clamp(-top, top)
     got = kernels.int4_dequantize_sum_cuda(torch.stack(payloads).cuda(), shape, group, dtype)
     assert_same_bits(got, ref.to(dtype))
+    assert_same_bits(got, codec.decode_sum(torch.cat(payloads), ranks, shape, dtype))
+
+
+def range_extremes(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[5, 4096] (five super-blocks, one thread block each): the dtype's largest values, 1e-30 (fp32) or
+    small normals, subnormals, a 24,000 spike with fp16's 65504, and twelve decades inside one super-block."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    x = torch.randn(5, 4096, generator=g)
+    x[0] = (x[0] / 5).clamp(-1, 1) * fi.max
+    x[1] *= 1e-30 if dtype == torch.float32 else fi.tiny * 64
+    sub = float(torch.tensor(1, dtype=torch.int32 if dtype == torch.float32 else torch.int16).view(dtype))
+    x[2] = torch.randint(-9, 10, (4096,), generator=g).float() * sub
+    x[3, 100] = 24000.0
+    x[3, 200:216] = 65504.0
+    x[4] *= torch.logspace(-6, 6, 4096)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_range_extremes_match_reference(dtype: torch.dtype, group: int) -> None:
+    """Super-block exponents (block-wide max through shared memory), the two-step powers of two and the
+    per-payload clamp, byte for byte and bit for bit."""
+    codec = make_codec(f"int4:g{group}")
+    parts = [range_extremes(dtype, seed) for seed in range(3)]
+    ref = [codec.encode(p) for p in parts]
+    for p, r in zip(parts, ref, strict=True):
+        assert_same_bytes(kernels.int4_quantize_cuda(p.cuda(), group), r)
+    for ranks in (1, 3):
+        got = kernels.int4_dequantize_sum_cuda(torch.stack(ref[:ranks]).cuda(), parts[0].shape, group, dtype)
+        want = codec.decode_sum(torch.cat(ref[:ranks]), ranks, parts[0].shape, dtype)
+        assert_same_bits(got, want)
+        if ranks == 1:
+            assert torch.isfinite(got).all()
 
 
 def test_dequantize_sum_of_payload_views_inside_one_buffer() -> None:
