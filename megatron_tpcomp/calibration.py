@@ -158,11 +158,13 @@ def calibrate(
     """
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.cliutil import check_model_and_tp
     from megatron_tpcomp.launch import run_distributed
     from megatron_tpcomp.tokenizer import TextTokenizer
 
     if context < 2 or tokens < context:
         raise ValueError(f"need tokens >= context >= 2, got tokens={tokens}, context={context}")
+    check_model_and_tp(model, tp)  # before anything is converted
     ckpt = assets.ensure_checkpoint(model, tp)
     meta = read_metadata(ckpt)
     hidden = meta.model_config.hidden_size
@@ -422,6 +424,8 @@ def _default_candidates() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_tpcomp.cliutil import int_at_least, nonnegative_float, nonnegative_int, positive_int
+
     p = argparse.ArgumentParser(
         prog="tpcomp calibrate",
         description=(
@@ -431,15 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
-    p.add_argument("--tp", type=int, default=3, help="tensor-parallel size (default 3)")
-    p.add_argument("--k", type=int, default=None, help="outlier channels per site (default hidden/64)")
+    p.add_argument("--tp", type=positive_int, default=3, help="tensor-parallel size (default 3)")
+    p.add_argument("--k", type=positive_int, default=None, help="outlier channels per site (default hidden/64)")
     p.add_argument("--spec", default="int4:g32", help="format of the non-outlier channels (default int4:g32)")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    p.add_argument("--heldout-tokens", type=int, default=1024, help="held-out tokens for the overlap (0: skip)")
-    p.add_argument("--context", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument(
+        "--heldout-tokens", type=nonnegative_int, default=1024, help="held-out tokens for the overlap (0: skip)"
+    )
+    p.add_argument("--context", type=int_at_least(2), default=512, help="window length (default 512)")
     p.add_argument("--text-file", help="calibration text (default: State of the Union 1961-2000)")
-    p.add_argument("--out", required=True, help="per-layer config to write (JSON)")
-    p.add_argument("--stats-json", help="also write the full statistics (per-channel absmax and rms) as JSON")
+    p.add_argument(
+        "--out", required=True, help="per-layer config to write (JSON; checked before the run, written atomically)"
+    )
+    p.add_argument(
+        "--stats-json",
+        help="also write the full statistics (per-channel absmax and rms) as JSON (checked before the run)",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--search",
@@ -447,10 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose a codec per layer and block (from --candidates or none) minimising bits under --kl-budget "
         "or --ppl-budget",
     )
-    p.add_argument("--kl-budget", type=float, default=0.01, help="summed KL allowed by --search (nats/token)")
+    p.add_argument(
+        "--kl-budget", type=nonnegative_float, default=0.01, help="summed KL allowed by --search (nats/token)"
+    )
     p.add_argument(
         "--ppl-budget",
-        type=float,
+        type=nonnegative_float,
         metavar="PCT",
         help="instead of a KL budget: perplexity increase allowed (percent) on held-out calibration text; the KL "
         "budget is searched from --kl-budget by verified bisection (--budget-steps)",
@@ -468,12 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="what --search minimises: payload bits per value (default) or bytes on the wire per rank (one-shot "
         "sends N/2 times what two-shot sends)",
     )
-    p.add_argument("--search-tokens", type=int, default=512, help="calibration tokens for the sensitivity runs")
+    p.add_argument(
+        "--search-tokens", type=positive_int, default=512, help="calibration tokens for the sensitivity runs"
+    )
     p.add_argument("--verify", action="store_true", help="with --kl-budget: also verify on held-out calibration text")
     p.add_argument(
-        "--verify-tokens", type=int, default=4096, help="held-out calibration tokens per verification (default 4096)"
+        "--verify-tokens",
+        type=positive_int,
+        default=4096,
+        help="held-out calibration tokens per verification (default 4096)",
     )
-    p.add_argument("--budget-steps", type=int, default=6, help="verified KL budgets at most for --ppl-budget")
+    p.add_argument("--budget-steps", type=positive_int, default=6, help="verified KL budgets at most for --ppl-budget")
     p.add_argument(
         "--sensitivity-json",
         help="reuse the sensitivities of an earlier --stats-json (skips the sensitivity pass; same model, TP, "
@@ -487,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
+    from megatron_tpcomp.cliutil import atomic_write_json, check_output_file
     from megatron_tpcomp.codecs import make_codec
     from megatron_tpcomp.search import candidate_bits
 
@@ -497,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and not args.force:
             raise ValueError(f"{out} already exists; pass --force to replace it")
+        check_output_file(out, "--out")  # before the run: a bad path must not cost it
+        if args.stats_json:
+            check_output_file(args.stats_json, "--stats-json")
         make_codec(args.spec)  # a bad spec fails before the model runs
         if args.search:
             if not candidates:
@@ -559,12 +581,10 @@ def main(argv: list[str] | None = None) -> int:
             if b["type"] == "ppl":
                 line += f" (ppl budget {b['ppl_budget_pct']}%: {'met' if b['met'] else 'NOT met'})"
         print(f"{line}; verify with tpcomp eval --config {out}")
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(out)  # atomic: an interrupted run never leaves a truncated config
+    atomic_write_json(out, config)  # an interrupted run never leaves a truncated config
     print(f"wrote {out}")
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(result) + "\n")
+        atomic_write_json(args.stats_json, result, indent=None)
     if any(math.isnan(s["peak_ratio"]) for s in result["sites"].values()):
         logger.warning("megatron-tpcomp: some sites saw NaN activations during calibration")
     return 0

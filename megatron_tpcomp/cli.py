@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_tpcomp.cliutil import positive_int
 from megatron_tpcomp.spec import describe_grammar
 
 PRESETS = (
@@ -47,8 +48,10 @@ def _cmd_specs(argv: list[str]) -> int:
         description="List codec presets, or validate SPEC and print its canonical form. " + describe_grammar(),
     )
     parser.add_argument("spec", nargs="?", help="a codec spec to check, e.g. int4:g32+had")
-    parser.add_argument("--hidden", type=int, default=576, help="hidden size used for bits/value (default 576)")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens used for bits/value (default 512)")
+    parser.add_argument(
+        "--hidden", type=positive_int, default=576, help="hidden size used for bits/value (default 576)"
+    )
+    parser.add_argument("--tokens", type=positive_int, default=512, help="tokens used for bits/value (default 512)")
     args = parser.parse_args(argv)
 
     from megatron_tpcomp.codecs import CodecError, sizing_codec
@@ -159,7 +162,66 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"tpcomp: unknown subcommand {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd](rest)
+    try:
+        return COMMANDS[cmd](rest)
+    except Exception as exc:
+        if not isinstance(exc, _project_errors()):
+            raise  # a bug: the full traceback is the useful report
+        return _report_error(cmd, exc)
+
+
+def _project_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error types: a bad input or a failed run, reported in one line (not a bug)."""
+    from megatron_tpcomp.assets import AssetError
+    from megatron_tpcomp.checkpoint import CheckpointError
+    from megatron_tpcomp.cliutil import OutputPathError
+    from megatron_tpcomp.codecs import CodecError
+    from megatron_tpcomp.collectives import CollectiveError
+    from megatron_tpcomp.config import ConfigError
+    from megatron_tpcomp.launch import DistributedRunError
+    from megatron_tpcomp.megatron.compat import MegatronCompatError
+
+    return (
+        AssetError,
+        CheckpointError,
+        OutputPathError,
+        CodecError,
+        CollectiveError,
+        ConfigError,
+        DistributedRunError,
+        MegatronCompatError,
+    )
+
+
+def _report_error(cmd: str, exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr and return 1; the full traceback (every rank's, for a failed
+    distributed run) goes to a log file named in the line, and to stderr too with ``TPCOMP_DEBUG=1``."""
+    import os
+    import time
+    import traceback
+
+    from megatron_tpcomp.launch import DistributedRunError
+
+    full = "".join(traceback.format_exception(exc))
+    if os.environ.get("TPCOMP_DEBUG", "") not in ("", "0"):
+        print(full, file=sys.stderr, end="")
+    if isinstance(exc, DistributedRunError):
+        line = exc.one_line()
+    else:
+        text = str(exc).strip()
+        line = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    try:
+        from megatron_tpcomp.assets import cache_dir
+
+        logs = cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"tpcomp-{cmd}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log.write_text(f"tpcomp {cmd}\n{full}")
+        where = f"full traceback in {log}"
+    except OSError:
+        where = "TPCOMP_DEBUG=1 shows the full traceback"
+    print(f"tpcomp {cmd}: error: {line} ({where})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

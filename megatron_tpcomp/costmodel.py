@@ -28,7 +28,8 @@ at the smallest size measured for the path, where it dominates; without such rec
 
 Parameters come from a performance table (JSON, written by :func:`fit` from the benchmark outputs of
 ``tpcomp bench codecs`` and ``tpcomp bench collectives``), keyed by device, dtype and world size. Without a
-table the model uses :data:`DEFAULTS`, published figures, and says so in ``source``. Nothing is measured here.
+table the model uses :data:`DEFAULTS`, published figures, and says so in ``source``; a table path that does not
+exist is an error, not the defaults. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -224,9 +225,19 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path | None) -> CostModel:
-        """The table at ``path``; None or a missing file gives :meth:`default`."""
-        if path is None or not Path(path).is_file():
+        """The table at ``path`` (relative paths from the current directory); None gives :meth:`default`.
+
+        Raises:
+            ValueError: ``path`` is given but is not a file (a typo must not silently mean the published
+                defaults), or it is not a valid table.
+        """
+        if path is None:
             return cls.default()
+        if not Path(path).is_file():
+            raise ValueError(
+                f"perf_table {str(path)!r} (resolved: {Path(path).resolve()}) does not exist; write one with "
+                "`tpcomp bench perf-table`, or leave perf_table out to use the published defaults"
+            )
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:

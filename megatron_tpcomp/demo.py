@@ -94,12 +94,19 @@ def run(
     """Run the demo and return rank 0's measurements (also printed by :func:`main`)."""
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.cliutil import check_model_and_tp
     from megatron_tpcomp.codecs import make_codec
     from megatron_tpcomp.launch import run_distributed
     from megatron_tpcomp.tokenizer import TextTokenizer
 
     make_codec(spec)  # a bad spec fails before anything is converted or started
+    if tp < 1 or gen_tokens < 1 or ppl_tokens < 1:
+        raise ValueError(f"need tp, gen_tokens and ppl_tokens >= 1, got {tp}, {gen_tokens}, {ppl_tokens}")
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ValueError(f"--prompt {empty[0] + 1} is empty; every prompt needs text to continue")
+    check_model_and_tp(model, tp)  # a TP size that does not divide the model fails before a conversion
     print(f"[demo] step 1/3: the model ({model}, converted for TP={tp} once, then cached)", flush=True)
     ckpt = assets.ensure_checkpoint(model, tp)
     meta = read_metadata(ckpt)
@@ -144,14 +151,16 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_tpcomp.cliutil import positive_int
+
     p = argparse.ArgumentParser(prog="tpcomp demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
-    p.add_argument("--tp", type=int, default=3, help="tensor-parallel size (default 3)")
+    p.add_argument("--tp", type=positive_int, default=3, help="tensor-parallel size (default 3)")
     p.add_argument(
         "--spec", default="int4:g32+had", help="codec spec to compare with uncompressed (default int4:g32+had)"
     )
-    p.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens per prompt (default 24)")
-    p.add_argument("--ppl-tokens", type=int, default=512, help="tokens of held-out text for perplexity")
+    p.add_argument("--gen-tokens", type=positive_int, default=24, help="greedy tokens per prompt (default 24)")
+    p.add_argument("--ppl-tokens", type=positive_int, default=512, help="tokens of held-out text for perplexity")
     p.add_argument("--prompt", action="append", help="a prompt (repeat); default: four fixed prompts")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

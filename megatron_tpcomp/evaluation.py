@@ -116,6 +116,65 @@ def prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _report(
+    meta: Any,
+    world_size: int,
+    context: int,
+    windows: int,
+    done: int,
+    todo: list[Variant],
+    configs: dict[str, Any],
+    sums: dict[str, dict[str, float]],
+    prompts: list[str],
+    gen_tokens: int,
+    generated: dict[str, list[list[int]]],
+    baseline_text: list[str],
+    complete: bool,
+) -> dict[str, Any]:
+    """The report over the first ``done`` of ``windows`` windows (``complete``: every window and generation)."""
+    n = done * context
+    cfg = meta.model_config
+    base_ppl = math.exp(sums["none"]["nll"] / n)
+    records = []
+    for name in ["none", *configs]:
+        s = sums[name]
+        ppl = math.exp(s["nll"] / n)
+        rec = {
+            "spec": name,
+            "algo": "-" if name == "none" else next(v.algo for v in todo if v.name == name),
+            "bits_per_value": UNCOMPRESSED_BITS
+            if name == "none"
+            else bits_per_value(configs[name], cfg.num_layers, (context, cfg.hidden_size)),
+            "ppl": ppl,
+            "ppl_increase_pct": 100.0 * (ppl / base_ppl - 1.0),
+            "kld": s["kl"] / n,
+            "top1_agreement": s["top1"] / n,
+            "greedy_prefix_mean": None,
+            "forward_s": s["time_s"],
+        }
+        if name in generated and "none" in generated:
+            rec["greedy_prefix_mean"] = sum(
+                prefix_len(a, b) for a, b in zip(generated["none"], generated[name], strict=True)
+            ) / len(prompts)
+        records.append(rec)
+    return {
+        "model": meta.source.get("name") or str(meta.path),
+        "checkpoint": str(meta.path),
+        "tp": world_size,
+        "tokens": n,
+        "context": context,
+        "windows": done,
+        "baseline_ppl": base_ppl,
+        "gen_tokens": gen_tokens if generated else 0,
+        "prompts": list(prompts),
+        "baseline_generations": baseline_text,
+        "records": records,
+        # False in the PATH.partial file rewritten while the run goes on: windows_planned says how far it got.
+        "complete": complete,
+        "windows_planned": windows,
+    }
+
+
 def _eval_worker(
     rank: int,
     world_size: int,
@@ -126,10 +185,17 @@ def _eval_worker(
     prompts: list[str],
     gen_tokens: int,
     progress: bool,
+    partial: str | None = None,
 ) -> dict[str, Any] | None:
+    """Evaluate every variant of ``todo`` against the uncompressed run on ``token_ids`` (one rank's part).
+
+    ``partial``: rank 0 rewrites this JSON file atomically after each window and each generation, with the
+    report so far (``"complete": false``), so an interrupted run keeps what it finished.
+    """
     from tqdm import tqdm
 
     from megatron_tpcomp.checkpoint import load_model
+    from megatron_tpcomp.cliutil import atomic_write_json
     from megatron_tpcomp.megatron import cpu, intercept
     from megatron_tpcomp.megatron import model as M
     from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
@@ -144,6 +210,15 @@ def _eval_worker(
     pos = torch.arange(context)[None]  # [1, s]
     sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "time_s": 0.0} for name in ["none", *configs]}
     lead = rank == 0
+    generated: dict[str, list[list[int]]] = {}
+    baseline_text: list[str] = []
+
+    def report(done: int, complete: bool) -> dict[str, Any]:
+        return _report(
+            meta, world_size, context, windows, done, todo, configs, sums, prompts, gen_tokens, generated,
+            baseline_text, complete,
+        )  # fmt: skip
+
     bar = tqdm(range(windows), desc=f"eval TP={world_size}", unit="window", disable=not (progress and lead))
     with torch.no_grad():
         for w in bar:
@@ -169,9 +244,9 @@ def _eval_worker(
                 sums[name]["top1"] += top1
             if lead:
                 bar.set_postfix(ppl=f"{math.exp(sums['none']['nll'] / ((w + 1) * context)):.2f}")
+                if partial:
+                    atomic_write_json(partial, report(w + 1, False))
         intercept.disable(model)
-        generated: dict[str, list[list[int]]] = {}
-        baseline_text: list[str] = []
         if prompts and gen_tokens > 0:
             tok = TextTokenizer.from_checkpoint(meta)
             engine = build_static_engine(
@@ -188,49 +263,34 @@ def _eval_worker(
                 else:
                     intercept.enable(model, configs[name])
                 generated[name] = greedy_generate(engine, list(prompts), gen_tokens)
+                if name == "none":
+                    baseline_text = [tok.detokenize(g) for g in generated["none"]]
+                if lead and partial:
+                    atomic_write_json(partial, report(windows, False))
             intercept.disable(model)
-            baseline_text = [tok.detokenize(g) for g in generated["none"]]
     M.destroy_parallel()
     if not lead:
         return None
-    n = windows * context
-    cfg = meta.model_config
-    base_ppl = math.exp(sums["none"]["nll"] / n)
-    records = []
-    for name in ["none", *configs]:
-        s = sums[name]
-        ppl = math.exp(s["nll"] / n)
-        rec = {
-            "spec": name,
-            "algo": "-" if name == "none" else next(v.algo for v in todo if v.name == name),
-            "bits_per_value": UNCOMPRESSED_BITS
-            if name == "none"
-            else bits_per_value(configs[name], cfg.num_layers, (context, cfg.hidden_size)),
-            "ppl": ppl,
-            "ppl_increase_pct": 100.0 * (ppl / base_ppl - 1.0),
-            "kld": s["kl"] / n,
-            "top1_agreement": s["top1"] / n,
-            "greedy_prefix_mean": None,
-            "forward_s": s["time_s"],
-        }
-        if generated:
-            rec["greedy_prefix_mean"] = sum(
-                prefix_len(a, b) for a, b in zip(generated["none"], generated[name], strict=True)
-            ) / len(prompts)
-        records.append(rec)
-    return {
-        "model": meta.source.get("name") or str(meta.path),
-        "checkpoint": str(meta.path),
-        "tp": world_size,
-        "tokens": n,
-        "context": context,
-        "windows": windows,
-        "baseline_ppl": base_ppl,
-        "gen_tokens": gen_tokens if generated else 0,
-        "prompts": list(prompts),
-        "baseline_generations": baseline_text,
-        "records": records,
-    }
+    return report(windows, True)
+
+
+def check_request(model: str, tp: int, todo: list[Variant]) -> Any:
+    """Everything about a request that can be checked in the launching process before a model is converted or a
+    rank is spawned: the TP size against the model's heads, KV groups, FFN and vocabulary (and a checkpoint's own
+    TP size), every config against the model (layers, hidden size, tables, perf_table file).
+
+    Returns:
+        the model's :class:`~megatron_tpcomp.megatron.model.ModelConfig`.
+
+    Raises:
+        ValueError, ConfigError, CheckpointError, AssetError: one line naming the bad value.
+    """
+    from megatron_tpcomp.cliutil import check_config_for_model, check_model_and_tp
+
+    model_cfg = check_model_and_tp(model, tp)
+    for v in todo:
+        check_config_for_model(v.config(), model_cfg, tp, v.source)
+    return model_cfg
 
 
 def evaluate(
@@ -247,6 +307,7 @@ def evaluate(
     gen_tokens: int = 32,
     progress: bool = True,
     timeout_s: float = 24 * 3600,
+    partial: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation on ``tp`` local gloo processes and return the report (see the module docstring).
 
@@ -256,9 +317,11 @@ def evaluate(
         tokens: predicted tokens to evaluate (rounded down to whole windows of ``context``).
         text: the text (default: the held-out State of the Union text, see :mod:`megatron_tpcomp.assets`).
         prompts, gen_tokens: greedy generation comparison (``gen_tokens=0`` skips it).
+        partial: a JSON file rewritten (atomically) with the report so far after each window and generation.
 
     Raises:
-        ValueError: too little text for one window, or bad sizes.
+        ValueError: too little text for one window, bad sizes, an empty prompt, a TP size that does not divide the
+            model; ConfigError: a config that does not fit the model. All before anything is converted or started.
     """
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import read_metadata
@@ -267,9 +330,16 @@ def evaluate(
 
     if context < 2 or tokens < context:
         raise ValueError(f"need tokens >= context >= 2, got tokens={tokens}, context={context}")
+    if tp < 1 or gen_tokens < 0:
+        raise ValueError(f"need tp >= 1 and gen_tokens >= 0, got tp={tp}, gen_tokens={gen_tokens}")
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty and gen_tokens > 0:
+        raise ValueError(f"prompt {empty[0]} is empty; every prompt needs text to continue")
     todo = variants(specs or ["none"], configs or [], algos or ["config"])
     for v in todo:
         v.config()  # bad specs and config files fail here, before any conversion or process starts
+    check_request(model, tp, todo)
     ckpt = assets.ensure_checkpoint(model, tp, progress=progress)
     meta = read_metadata(ckpt)
     if context > meta.model_config.max_sequence_length:
@@ -289,9 +359,10 @@ def evaluate(
         ids[:need],
         context,
         todo,
-        list(DEFAULT_PROMPTS if prompts is None else prompts),
+        prompts,
         gen_tokens,
         progress,
+        None if partial is None else str(partial),
         timeout_s=timeout_s,
     )[0]
 
@@ -316,6 +387,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_tpcomp.cliutil import int_at_least, nonnegative_int, positive_int
     from megatron_tpcomp.collectives import ALGOS
 
     p = argparse.ArgumentParser(
@@ -326,8 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
-    p.add_argument("--tp", type=int, default=3, help="tensor-parallel size (default 3)")
-    p.add_argument("--specs", default="none,fp8,int8:g32,int4:g32", help="comma-separated codec specs")
+    p.add_argument("--tp", type=positive_int, default=3, help="tensor-parallel size (default 3)")
+    p.add_argument(
+        "--specs",
+        default="none,fp8,int8:g32,int4:g32",
+        help="comma-separated codec specs (none: the baseline, always run); an empty list is an error",
+    )
     p.add_argument("--config", action="append", default=[], metavar="LAYERS.json", help="per-layer config (repeat)")
     p.add_argument(
         "--algo",
@@ -335,12 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated all-reduce algorithms of {', '.join(ALGOS)}, or config (the default: each config "
         "file's own, per-site ones included; auto for specs); an algorithm given here replaces every site's",
     )
-    p.add_argument("--tokens", type=int, default=4096, help="predicted tokens to evaluate (default 4096)")
-    p.add_argument("--context", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="predicted tokens to evaluate (default 4096)")
+    p.add_argument("--context", type=int_at_least(2), default=512, help="window length (default 512)")
     p.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
     p.add_argument("--wikitext", action="store_true", help="WikiText-2 test split via `datasets` (needs the hub)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt (0: skip generation)")
-    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument(
+        "--gen-tokens", type=nonnegative_int, default=32, help="greedy tokens per prompt (0: skip generation)"
+    )
+    p.add_argument(
+        "--json",
+        metavar="OUT",
+        help="write the report as JSON (checked before the run; its folder is created). While the run goes on, "
+        "OUT.partial holds the report of the windows finished so far ('complete': false); OUT appears, "
+        "complete, at the end",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -362,15 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
+    from megatron_tpcomp.cliutil import atomic_write_json, check_output_file, partial_path, split_list
     from megatron_tpcomp.collectives import ALGOS
     from megatron_tpcomp.config import ConfigError
+    from megatron_tpcomp.launch import DistributedRunError
 
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    bad = [a for a in algos if a not in (*ALGOS, "config")]
+    bad = [a for a in algos if a not in (*ALGOS, "config")] or ([] if algos else [args.algo])
     if bad:
         print(f"tpcomp eval: error: unknown algo {bad}; expected {', '.join(ALGOS)} or config", file=sys.stderr)
         return 2
+    partial = None
     try:
+        specs = split_list(args.specs, "--specs")
+        if args.json:
+            check_output_file(args.json, "--json")  # before the run: a bad path must not cost it
+            partial = partial_path(args.json)
         text = None
         if args.text_file:
             try:
@@ -382,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(
             args.model,
             args.tp,
-            [s.strip() for s in args.specs.split(",") if s.strip()],
+            specs,
             configs=args.config,
             algos=algos,
             tokens=args.tokens,
@@ -390,12 +481,20 @@ def main(argv: list[str] | None = None) -> int:
             text=text,
             gen_tokens=args.gen_tokens,
             progress=not args.quiet,
+            partial=partial,
         )
     except (ValueError, ConfigError, CheckpointError, AssetError) as exc:
         print(f"tpcomp eval: error: {exc}", file=sys.stderr)
         return 2
+    except (DistributedRunError, KeyboardInterrupt):
+        if partial is not None and partial.is_file():
+            done = json.loads(partial.read_text()).get("windows", 0)
+            logger.warning("tpcomp eval: the report of the %d window(s) finished is in %s", done, partial)
+        raise
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.json, report)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         print(f"wrote {args.json}")
     return 0

@@ -23,6 +23,10 @@ How it works:
   rank gets ``cpus // world_size`` torch threads so that N ranks do not oversubscribe a small machine.
 - Hang guard: if a rank raises, dies or the run exceeds ``timeout_s``, every rank is terminated (then
   killed) and :class:`DistributedRunError` names the ranks and carries the failing ranks' tracebacks.
+- Blame: the error tells the ranks that failed by themselves (raised, died, stalled outside any collective)
+  from those that were only waiting on them (a communication error after a peer failed, or blocked in a
+  collective). A rank still running at the deadline is asked for its Python stack (``faulthandler`` on
+  ``SIGUSR1``) before it is stopped: that is how a stalled rank is told from one blocked in a collective.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import multiprocessing
 import os
 import pickle
 import queue
+import re
 import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -45,16 +51,92 @@ from typing import Any
 FAILURE_GRACE_S = 3.0
 
 
+#: Phrases of the errors a rank gets when a peer died or stalled under it (gloo, NCCL, the TCP store): such a
+#: rank was waiting on the peer, it did not fail by itself.
+_PEER_ERROR_PATTERNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "DistBackendError",
+    "DistNetworkError",
+    "Timed out waiting",
+    "timed out",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+    "Connection refused",
+)
+
+
+def _is_peer_error(text: str) -> bool:
+    return any(p in text for p in _PEER_ERROR_PATTERNS)
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a traceback (its exception), with the exception's module path left out."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else text.strip()
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*:)", "", last)
+
+
 class DistributedRunError(RuntimeError):
     """A rank failed, died or hung; the message names the ranks and includes the tracebacks.
 
+    The first line of the message is :meth:`one_line`: the rank(s) that failed by themselves (``culprits``)
+    with their last exception line, and the ranks that were waiting on them (``waiting``).
+
     Attributes:
         failures: rank -> traceback text or a one-line reason, for every rank that did not return.
+        culprits: ranks that raised an error of their own, died, or stalled outside any collective (in the order
+            the launcher learned of them).
+        waiting: ranks that failed only because of a peer: a communication error after a peer failed, blocked in
+            a collective at the deadline, or stopped after the grace period.
+        world_size: ranks of the run.
     """
 
-    def __init__(self, message: str, failures: dict[int, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        failures: dict[int, str] | None = None,
+        *,
+        culprits: list[int] | None = None,
+        waiting: list[int] | None = None,
+        world_size: int | None = None,
+        what: str = "distributed run",
+    ):
         super().__init__(message)
         self.failures = dict(failures or {})
+        self.culprits = list(culprits if culprits is not None else list(self.failures)[:1])
+        self.waiting = list(waiting or [])
+        self.world_size = world_size
+        self.what = what
+
+    @property
+    def first_rank(self) -> int | None:
+        """The rank to look at first: the first culprit, else the first rank reported."""
+        if self.culprits:
+            return self.culprits[0]
+        return next(iter(self.failures), None)
+
+    def one_line(self) -> str:
+        """One line: who failed first and how (its last exception line), and who was waiting on whom."""
+        first = self.first_rank
+        if first is None:
+            return _last_line(str(self))
+        reason = _last_line(self.failures.get(first, ""))
+        if self.culprits:
+            head = f"{self.what} failed: rank {first}: {reason}"
+            others = [r for r in self.culprits if r != first]
+            if others:
+                head += f"; also failed: rank(s) {others}"
+        else:
+            return (
+                f"{self.what} failed: ranks {sorted(self.failures)} were all blocked in collectives (a deadlock, or "
+                f"ranks calling collectives in different orders); rank {first}: {reason}"
+            )
+        if self.waiting:
+            head += f"; rank(s) {self.waiting} were waiting on {'it' if len(self.culprits) == 1 else 'them'}"
+        return head
 
 
 def free_port() -> int:
@@ -88,6 +170,7 @@ def _worker(
     args: tuple,
     kwargs: dict,
     results: Any,
+    stack_file: str,
 ) -> None:
     # A forkserver child inherits the server's environment, which may be older than the caller's.
     os.environ.clear()
@@ -95,6 +178,11 @@ def _worker(
     import torch
     import torch.distributed as dist
 
+    # On SIGUSR1 the launcher gets this rank's Python stacks: where a rank that did not finish was (in a collective
+    # waiting on a peer, or elsewhere). faulthandler writes from its C signal handler, so it works while the rank
+    # is blocked in C++ (a gloo wait) too.
+    dump = open(stack_file, "w")  # noqa: SIM115 - open for the life of the process
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     try:
         # N ranks on a few cores: one intra-op thread each, or they fight over the cores (4 ranks x 2 threads on
         # 2 cores made the collective tests 2x slower).
@@ -200,10 +288,25 @@ def run_distributed(
         )
         listener.detach()
     results = ctx.Queue()
+    stacks = tempfile.TemporaryDirectory(prefix="tpcomp-stacks-")
+    stacks_dir = stacks.name
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, backend, pg_timeout, threads_per_rank, environ, fn, args, kwargs, results),
+            args=(
+                rank,
+                world_size,
+                port,
+                backend,
+                pg_timeout,
+                threads_per_rank,
+                environ,
+                fn,
+                args,
+                kwargs,
+                results,
+                os.path.join(stacks_dir, f"rank{rank}.txt"),
+            ),
             daemon=True,
             name=f"rank{rank}",
         )
@@ -211,22 +314,18 @@ def run_distributed(
     ]
     values: dict[int, bytes] = {}
     failures: dict[int, str] = {}
+    kinds: dict[int, str] = {}
     try:
         for p in procs:
             p.start()
-        _collect(procs, results, values, failures, timeout_s)
+        _collect(procs, results, values, failures, timeout_s, kinds, stacks_dir)
     finally:
         _stop(procs)
         results.close()
         del store  # stops the store's server
+        stacks.cleanup()
     if failures:
-        parts = [f"rank {r}: {failures[r].rstrip()}" for r in sorted(failures)]
-        first = next(iter(failures))  # in the order the parent learned of them
-        raise DistributedRunError(
-            f"distributed run of {getattr(fn, '__qualname__', fn)} failed on ranks {sorted(failures)} "
-            f"(world size {world_size}; first reported: rank {first}):\n" + "\n".join(parts),
-            failures,
-        )
+        raise _run_error(getattr(fn, "__qualname__", str(fn)), world_size, failures, kinds)
     out = []
     for r in range(world_size):
         try:
@@ -240,11 +339,99 @@ def run_distributed(
     return out
 
 
+#: Failure kinds of a rank that failed by itself; the others (peer-error, in-collective, stopped) were waiting on a
+#: peer.
+_OWN = ("raised", "died", "stalled")
+
+
+def _run_error(what: str, world_size: int, failures: dict[int, str], kinds: dict[int, str]) -> DistributedRunError:
+    """The error of a failed run: culprits and waiting ranks told apart (see :class:`DistributedRunError`)."""
+    culprits = [r for r in failures if kinds.get(r, "raised") in _OWN]
+    if not culprits:
+        # Only communication errors: with nobody else to blame, the first to report one failed by itself (e.g. a
+        # store it could not reach), unless every rank was blocked in a collective (a deadlock: no culprit).
+        errors = [r for r in failures if kinds.get(r) == "peer-error"]
+        culprits = errors[:1]
+    waiting = sorted(r for r in failures if r not in culprits)
+    parts = [f"rank {r}: {failures[r].rstrip()}" for r in sorted(failures)]
+    err = DistributedRunError(
+        "",
+        failures,
+        culprits=culprits,
+        waiting=waiting,
+        world_size=world_size,
+        what=f"distributed run of {what}",
+    )
+    header = (
+        f"{err.one_line()} (world size {world_size}; failed on ranks {sorted(failures)}; "
+        f"first reported: rank {next(iter(failures))})"
+    )
+    err.args = (header + ":\n" + "\n".join(parts),)
+    return err
+
+
+def _main_stack(text: str) -> list[str]:
+    """The ``File ...`` lines (innermost first) of the thread that runs :func:`_worker` in a faulthandler dump."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x", "Stack (most recent call first)")):
+            blocks.append([])
+        elif line.strip().startswith("File ") and blocks:
+            blocks[-1].append(line.strip())
+    for frames in blocks:
+        if any(f.endswith(" in _worker") and "launch.py" in f for f in frames):
+            return frames
+    return blocks[0] if blocks else []
+
+
+def _where(procs: list[Any], ranks: list[int], stacks_dir: str | None) -> dict[int, tuple[bool, str]]:
+    """Ask ``ranks`` for their Python stacks: rank -> (blocked in a torch.distributed call, innermost frame of
+    the user's code). Ranks that do not answer within a second are left out."""
+    if not stacks_dir or not ranks:
+        return {}
+    for r in ranks:
+        if procs[r].is_alive() and procs[r].pid is not None:
+            try:
+                os.kill(procs[r].pid, signal.SIGUSR1)
+            except OSError:
+                pass
+    out: dict[int, tuple[bool, str]] = {}
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and len(out) < len(ranks):
+        time.sleep(0.05)
+        for r in ranks:
+            if r in out:
+                continue
+            try:
+                with open(os.path.join(stacks_dir, f"rank{r}.txt")) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if "File " not in text:
+                continue
+            frames = _main_stack(text)
+            in_dist = any("torch/distributed/" in f or "torch\\distributed\\" in f for f in frames)
+            mine = [f for f in frames if "site-packages" not in f and "/torch/" not in f and "/lib/python" not in f]
+            out[r] = (in_dist, (mine or frames or ["?"])[0])
+    return out
+
+
 def _collect(
-    procs: list[Any], results: Any, values: dict[int, bytes], failures: dict[int, str], timeout_s: float
+    procs: list[Any],
+    results: Any,
+    values: dict[int, bytes],
+    failures: dict[int, str],
+    timeout_s: float,
+    kinds: dict[int, str] | None = None,
+    stacks_dir: str | None = None,
 ) -> None:
-    """Gather ``(rank, ok, payload)`` messages until every rank reported, one died, or time ran out."""
+    """Gather ``(rank, ok, payload)`` messages until every rank reported, one died, or time ran out.
+
+    ``kinds`` gets, per failed rank, how it failed: raised, died, stalled (running at the deadline outside any
+    collective), peer-error (a communication error), in-collective (blocked in one at the deadline) or stopped
+    (running, not in a collective, after a peer failed)."""
     world_size = len(procs)
+    kinds = {} if kinds is None else kinds
     deadline = time.monotonic() + timeout_s
     dead_since: dict[int, float] = {}
 
@@ -254,15 +441,29 @@ def _collect(
     while pending():
         now = time.monotonic()
         if now > deadline:
-            failed = sorted(failures)
-            for r in pending():
-                if failed:
+            failed = list(failures)
+            left = pending()
+            where = _where(procs, left, stacks_dir)
+            for r in left:
+                in_dist, frame = where.get(r, (False, ""))
+                at = f"; at {frame}" if frame else ""
+                if in_dist:
+                    kinds[r] = "in-collective"
+                    waited = f"on rank(s) {failed}" if failed else "on a peer"
+                    failures[r] = f"blocked in a collective waiting {waited}{at}"
+                elif failed:
+                    kinds[r] = "stopped"
                     failures[r] = (
-                        f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) {failed} failed "
-                        "(probably blocked in a collective with a failed peer)"
+                        f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) {sorted(failed)} failed{at}"
                     )
                 else:
-                    failures[r] = f"did not finish within {timeout_s:g} s (hung)"
+                    kinds[r] = "stalled"
+                    failures[r] = f"did not finish within {timeout_s:g} s (hung) outside any collective{at}"
+            stalled = [r for r in left if kinds[r] == "stalled"]
+            if stalled and not failed:  # those blocked in a collective were waiting on the stalled ones
+                for r in left:
+                    if kinds[r] == "in-collective":
+                        failures[r] = failures[r].replace("waiting on a peer", f"waiting on rank(s) {stalled}")
             return
         try:
             rank, ok, payload = results.get(timeout=0.1)
@@ -273,6 +474,7 @@ def _collect(
                     since = dead_since.setdefault(r, now)
                     if now - since > 1.0:
                         failures[r] = f"process exited with code {procs[r].exitcode} without a result"
+                        kinds[r] = "died"
             if failures:
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
             continue
@@ -280,6 +482,7 @@ def _collect(
             values[rank] = payload
         else:
             failures[rank] = payload
+            kinds[rank] = "peer-error" if _is_peer_error(_last_line(payload)) else "raised"
             # Its peers are probably blocked in a collective: give them a moment to report, then stop.
             deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
 

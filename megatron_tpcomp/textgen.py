@@ -7,8 +7,14 @@ Every process is one tensor-parallel rank (``torchrun``'s ``RANK``/``WORLD_SIZE`
 checkpoint is one written by ``tpcomp convert`` at the TP size used here; when it records a per-layer compression
 config and no ``--tp-comm-compression*`` flag is given, that config is used. Generation runs through
 megatron-core's static inference engine in batches of ``--micro-batch-size`` requests. Rank 0 writes one JSONL
-record per prompt (text, token ids, time to first token, tokens per second) and, at the end, a compression
-summary (bytes sent per layer and collective against Megatron's uncompressed collectives).
+record per prompt (text, token ids, time to first token, tokens per second) as soon as its batch is done and, at
+the end, a compression summary (bytes sent per layer and collective against Megatron's uncompressed collectives).
+
+Bad requests cost nothing: output paths, the compression config (against the checkpoint's layers, hidden size
+and TP size) and every prompt are checked on every rank before the process group forms. A prompt that is empty
+(no tokens) or whose tokens plus ``--num-tokens-to-generate`` exceed ``--inference-max-seq-length`` is reported
+(one line naming its index and why) and skipped: its output record carries ``"error"`` instead of a generation,
+and the other prompts are generated as usual (one such prompt would otherwise fail its whole batch).
 """
 
 from __future__ import annotations
@@ -31,34 +37,54 @@ logger = logging.getLogger("megatron_tpcomp")
 
 def build_parser() -> argparse.ArgumentParser:
     import megatron_tpcomp
+    from megatron_tpcomp.cliutil import nonnegative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(
         prog="run_text_generation.py",
         description=__doc__.split("\n\n")[0] + " Start one process per TP rank with torchrun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Bad prompts: an empty prompt, or one whose tokens plus --num-tokens-to-generate exceed "
+        "--inference-max-seq-length, is reported (its index and why) and skipped; its output record has an 'error' "
+        "key instead of a generation. If no prompt is usable, the request is refused before any work.",
     )
     g = p.add_argument_group("model (Megatron names)")
     g.add_argument("--load", required=True, help="checkpoint directory written by `tpcomp convert`")
     g.add_argument(
         "--tensor-model-parallel-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="TP size; must equal the checkpoint's and torchrun's world size (default: the checkpoint's)",
     )
-    g.add_argument("--micro-batch-size", type=int, default=4, help="requests generated together (static batch)")
+    g.add_argument(
+        "--micro-batch-size", type=positive_int, default=4, help="requests generated together (static batch)"
+    )
     g.add_argument("--bf16", action="store_true", help="compute in bfloat16 (default: the checkpoint's dtype)")
-    g.add_argument("--inference-max-seq-length", type=int, default=1024, help="prompt + generated tokens, max")
+    g.add_argument(
+        "--inference-max-seq-length",
+        type=positive_int,
+        default=1024,
+        help="prompt + generated tokens, max; a longer request is skipped with an error record",
+    )
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="a prompt (repeat for several); an empty one is skipped with an error record",
+    )
     g.add_argument("--prompts-file", help='JSONL file, one {"prompt": "..."} per line (other keys are copied)')
-    g.add_argument("--num-tokens-to-generate", type=int, default=32, help="tokens to generate per prompt")
-    g.add_argument("--top-k", type=int, default=1, help="1 = greedy")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--num-tokens-to-generate", type=positive_int, default=32, help="tokens to generate per prompt")
+    g.add_argument("--top-k", type=nonnegative_int, default=1, help="1 = greedy")
+    g.add_argument("--temperature", type=positive_float, default=1.0)
     g.add_argument("--seed", type=int, default=1234, help="sampling seed (same on every rank)")
     g = p.add_argument_group("output")
-    g.add_argument("--output", help="JSONL file of results (rank 0); default: print them")
+    g.add_argument(
+        "--output",
+        help="JSONL file of results (rank 0; checked before the run, its folder created); records are appended to "
+        "OUTPUT.partial as each batch finishes, renamed to OUTPUT at the end; default: print them",
+    )
     g.add_argument("--summary-json", help="write the compression summary as JSON (rank 0)")
-    g.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    g.add_argument("--dist-timeout", type=positive_float, default=600.0, help="seconds before a stuck collective fails")
     megatron_tpcomp.add_arguments(p)
     return p
 
@@ -85,6 +111,27 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not records:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
     return records
+
+
+def check_prompts(records: list[dict[str, Any]], tokenizer: Any, gen_tokens: int, max_seq_len: int) -> dict[int, str]:
+    """Prompts the static engine cannot generate: index -> why (one line).
+
+    Mirrors megatron-core's checks: the controller strips leading BOS tokens, a prompt of no tokens fails the
+    attention's reshape, and a batch whose longest prompt plus ``gen_tokens`` exceeds ``max_seq_len`` raises
+    ``MaxSequenceLengthOverflowError`` (and leaves the engine unusable for the next batch).
+    """
+    bad: dict[int, str] = {}
+    for i, rec in enumerate(records):
+        ids = tokenizer.tokenize(rec["prompt"])
+        while ids and tokenizer.bos is not None and ids[0] == tokenizer.bos:
+            ids.pop(0)
+        if not ids:
+            bad[i] = "empty prompt (no tokens)"
+        elif len(ids) + gen_tokens > max_seq_len:
+            bad[i] = (
+                f"{len(ids)} prompt tokens + {gen_tokens} to generate exceed --inference-max-seq-length {max_seq_len}"
+            )
+    return bad
 
 
 class _FirstForwardTimer:
@@ -116,6 +163,7 @@ def _init_distributed(timeout_s: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_tpcomp.checkpoint import load_model, read_metadata
+    from megatron_tpcomp.cliutil import ResultsFile, atomic_write_json, check_config_for_model, check_output_file
     from megatron_tpcomp.config import CompressionConfig
     from megatron_tpcomp.megatron import cpu, intercept
     from megatron_tpcomp.megatron import model as M
@@ -123,10 +171,38 @@ def run(args: argparse.Namespace) -> int:
     from megatron_tpcomp.megatron.generate import build_static_engine
     from megatron_tpcomp.tokenizer import TextTokenizer
 
-    meta = read_metadata(args.load)  # every rank: a bad checkpoint fails before the process group forms
+    # Every rank checks the whole request before the process group forms: a bad one fails on all of them at once
+    # (one rank failing alone would leave the others waiting in the rendezvous).
+    if args.output:
+        check_output_file(args.output, "--output")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
+    meta = read_metadata(args.load)
     prompts = read_prompts(args)
     config = config_from_args(args)
     tp = args.tensor_model_parallel_size or meta.tp_size
+    if tp != meta.tp_size:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp}: {args.load} is sharded for TP={meta.tp_size}; reshard it with "
+            f"`tpcomp convert {args.load} OUT --tp {tp}`"
+        )
+    world_env = os.environ.get("WORLD_SIZE")
+    if world_env is not None and world_env.isdigit() and int(world_env) != tp:
+        raise ValueError(f"torchrun started {world_env} processes but the TP size is {tp} (--nproc-per-node {tp})")
+    where = getattr(args, "tp_comm_compression_config", None) or getattr(args, "tp_comm_compression", None) or "flags"
+    if config is None and meta.compression:
+        config = CompressionConfig.from_dict(meta.compression, source=f"{args.load}")
+        where = f"{args.load} (its recorded compression config)"
+        source = "checkpoint"
+    else:
+        source = "flags"
+    if config is not None:
+        check_config_for_model(config, meta.model_config, tp, where)
+    tok = TextTokenizer.from_checkpoint(meta)
+    bad = check_prompts(prompts, tok, args.num_tokens_to_generate, args.inference_max_seq_length)
+    if len(bad) == len(prompts):
+        i = min(bad)
+        raise ValueError(f"no prompt can be generated: prompt {i}: {bad[i]} (and {len(bad) - 1} more)")
     _init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:
@@ -140,16 +216,12 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.load, dtype=torch.bfloat16 if args.bf16 else None)
     if torch.cuda.is_available():
         model = model.cuda()
-    source = "flags"
-    if config is None and meta.compression:
-        config, source = CompressionConfig.from_dict(meta.compression, source=f"{args.load}"), "checkpoint"
     if config is not None:
         intercept.enable(model, config, telemetry=True)
         if rank == 0:
             logger.info("compression from %s: default %s, algo %s", source, config.default.spec, config.algo)
     elif rank == 0:
         logger.info("compression off (Megatron's own collectives)")
-    tok = TextTokenizer.from_checkpoint(meta)
     engine = build_static_engine(
         model,
         tok,
@@ -165,31 +237,61 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, num_tokens_to_generate=args.num_tokens_to_generate
     )
     timer = _FirstForwardTimer(model)
-    out_records = []
     torch.manual_seed(args.seed)
-    for start in range(0, len(prompts), args.micro_batch_size):
-        batch = prompts[start : start + args.micro_batch_size]
-        timer.reset()
-        results = engine.generate(prompts=[r["prompt"] for r in batch], sampling_params=params)
-        total = time.perf_counter() - timer.start
-        ttft = (timer.first_end or time.perf_counter()) - timer.start
-        for rec, res in zip(batch, results, strict=True):
-            ids = [int(t) for t in res.generated_tokens]
-            out_records.append(
-                {
-                    **rec,
+    if rank == 0:
+        for i in sorted(bad):
+            logger.warning("prompt %d skipped: %s", i, bad[i])
+    # Records in input order; a skipped prompt's error record goes out as soon as the records before it are done.
+    out = ResultsFile(args.output) if rank == 0 and args.output else None
+    emitted = 0
+
+    def emit(records: dict[int, dict[str, Any]]) -> None:
+        nonlocal emitted
+        while emitted in records:
+            if rank == 0:
+                if out is not None:
+                    out.write(records[emitted])
+                else:
+                    sys.stdout.write(json.dumps(records[emitted]) + "\n")
+                    sys.stdout.flush()
+            emitted += 1
+
+    done: dict[int, dict[str, Any]] = {i: {**prompts[i], "error": why} for i, why in bad.items()}
+    todo = [i for i in range(len(prompts)) if i not in bad]
+    emit(done)
+    try:
+        for start in range(0, len(todo), args.micro_batch_size):
+            batch = todo[start : start + args.micro_batch_size]
+            timer.reset()
+            results = engine.generate(prompts=[prompts[i]["prompt"] for i in batch], sampling_params=params)
+            total = time.perf_counter() - timer.start
+            ttft = (timer.first_end or time.perf_counter()) - timer.start
+            for i, res in zip(batch, results, strict=True):
+                ids = [int(t) for t in res.generated_tokens]
+                done[i] = {
+                    **prompts[i],
                     "generated_text": tok.detokenize(ids),
                     "generated_tokens": ids,
                     "ttft_ms": 1000.0 * ttft,
                     "tokens_per_s": len(ids) / total if total > 0 else None,
                     "batch_size": len(batch),
                 }
-            )
-        if rank == 0:
-            logger.info("generated %d/%d prompts", min(start + len(batch), len(prompts)), len(prompts))
+            emit(done)
+            if rank == 0:
+                logger.info("generated %d/%d prompts", min(start + len(batch), len(todo)), len(todo))
+    except BaseException:
+        if out is not None:
+            out.close()
+            logger.warning("the %d record(s) finished are in %s", out.count, out.partial)
+        raise
     summary = _summary(config, meta, intercept.telemetry_summary())
     if rank == 0:
-        _write_outputs(args, out_records, summary)
+        if out is not None:
+            out.commit()
+            logger.info("wrote %d results to %s", out.count, args.output)
+        _log_summary(summary)
+        if args.summary_json:
+            atomic_write_json(args.summary_json, summary)
     intercept.disable(model)
     M.destroy_parallel()
     dist.destroy_process_group()
@@ -214,13 +316,7 @@ def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]]) -> di
     }
 
 
-def _write_outputs(args: argparse.Namespace, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    if args.output:
-        Path(args.output).write_text(lines)
-        logger.info("wrote %d results to %s", len(records), args.output)
-    else:
-        sys.stdout.write(lines)
+def _log_summary(summary: dict[str, Any]) -> None:
     if summary["compression"] is None:
         logger.info("compression summary: off")
     else:
@@ -233,19 +329,32 @@ def _write_outputs(args: argparse.Namespace, records: list[dict[str, Any]], summ
             summary["bytes_saved_per_rank"] / 1e6,
             ", ".join(codecs),
         )
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
+    from megatron_tpcomp.collectives import CollectiveError
+    from megatron_tpcomp.megatron.compat import MegatronCompatError
 
     try:
         return run(args)
-    except (ValueError, CheckpointError) as exc:  # ConfigError and CodecError are ValueErrors
+    except (ValueError, CheckpointError) as exc:  # ConfigError, CodecError, OutputPathError are ValueErrors
         print(f"run_text_generation: error: {exc}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
+    except (CollectiveError, MegatronCompatError, AssetError, dist.DistError) as exc:
+        # One line per rank (a peer's failure shows up on every rank as a communication error); the traceback
+        # with TPCOMP_DEBUG=1.
+        if os.environ.get("TPCOMP_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "?")
+        text = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {text[0] if text else ''}"
+        print(f"run_text_generation: rank {rank}: error: {line}", file=sys.stderr)
+        return 1

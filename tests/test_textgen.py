@@ -89,5 +89,11 @@ def test_launcher_errors_are_clear(real_ckpt: Path, tmp_path: Path, capsys: pyte
     bad.write_text('{"text": "no prompt key"}\n')
     assert textgen.main(["--load", str(real_ckpt), "--prompts-file", str(bad)]) == 2
     assert 'p.jsonl:1: expected an object with a string "prompt"' in capsys.readouterr().err
-    assert textgen.main(["--load", str(real_ckpt), "--prompt", "x", "--tp-comm-compression", "int4:g3x"]) == 2
-    assert "int4:g3x" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # the flag's own type check: a usage error
+        textgen.main(["--load", str(real_ckpt), "--prompt", "x", "--tp-comm-compression", "int4:g3x"])
+    assert info.value.code == 2 and "int4:g3x" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        textgen.main(["--load", str(real_ckpt), "--prompt", "x", "--micro-batch-size", "0"])
+    assert info.value.code == 2 and "argument --micro-batch-size: expected an integer >= 1, got '0'" in (
+        capsys.readouterr().err
+    )

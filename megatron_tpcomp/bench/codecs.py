@@ -15,8 +15,6 @@ Use ``tpcomp bench codecs`` or ``python tools/bench_codecs.py``; from Python, :f
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -181,10 +179,27 @@ def format_table(records: list[dict]) -> str:
 
 def write_json(records: list[dict], path: str) -> None:
     """Write ``records`` as a JSON list, atomically (never a half-written file under the final name)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    from megatron_tpcomp.cliutil import atomic_write_json, partial_path
+
+    atomic_write_json(path, records, indent=1)
+    partial_path(path).unlink(missing_ok=True)  # the records of the unfinished run, now complete
+
+
+def check_json_path(path: str | None) -> None:
+    """Check ``--json FILE`` before any timing (a bad path must not cost the run); its folder is created."""
+    if path:
+        from megatron_tpcomp.cliutil import check_output_file
+
+        check_output_file(path, "--json")
+
+
+def partial_writer(path: str | None) -> Callable[[list[dict]], None] | None:
+    """A callback that rewrites ``FILE.partial`` (atomically) with the records finished so far, or None."""
+    if not path:
+        return None
+    from megatron_tpcomp.cliutil import atomic_write_json, partial_path
+
+    return lambda records: atomic_write_json(partial_path(path), records, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 pass  # a family whose module is missing: run() skips it with a note
         sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+        check_json_path(args.json)
     except (CodecError, ValueError) as exc:
         parser.error(str(exc))
     if args.reps < 1:

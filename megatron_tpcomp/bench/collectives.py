@@ -44,7 +44,15 @@ from pathlib import Path
 
 import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import DTYPES, parse_size, report, size_label, split_list
+from megatron_tpcomp.bench.codecs import (
+    DTYPES,
+    check_json_path,
+    parse_size,
+    partial_writer,
+    report,
+    size_label,
+    split_list,
+)
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.launch import free_port
@@ -200,6 +208,7 @@ def run(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     perf_table: str | None = None,
     log: Callable[[str], None] = print,
+    on_records: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Time every case on every (world size, link); one launch of ``world_size`` processes per pair.
 
@@ -222,6 +231,7 @@ def run(
         perf_table: performance table of the cost model for ``auto`` (``tpcomp bench perf-table``); None: the
             published defaults.
         log: progress and link messages (the ranks print their per-case progress lines themselves).
+        on_records: called with every record so far after each launch (``--json`` keeps them in FILE.partial).
 
     Returns:
         One record per case and link with the keys :data:`REQUIRED_KEYS` (``link`` is the rate actually used,
@@ -268,6 +278,8 @@ def run(
                 with tempfile.TemporaryDirectory(prefix="tpcomp-bench-") as workdir:
                     raw = _launch(n, shaped, plan, workdir, timeout_s)
                 records += [_finish(r, label, info, threads) for r in raw]
+                if on_records is not None:
+                    on_records(records)
     return records
 
 
@@ -388,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         limit = parse_size(args.limit) if args.limit else None
         if burst is not None and limit is not None and limit < burst:
             raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
+        check_json_path(args.json)
     except (CodecError, ValueError) as exc:
         parser.error(str(exc))
     if args.reps < 1:
@@ -418,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=limit,
             timeout_s=args.timeout,
             log=lambda msg: print(msg, flush=True),
+            on_records=partial_writer(args.json),
         )
     except (BenchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

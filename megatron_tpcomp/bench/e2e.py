@@ -46,7 +46,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import report, split_list
+from megatron_tpcomp.bench.codecs import check_json_path, partial_writer, report, split_list
 from megatron_tpcomp.bench.collectives import (
     NS_MASTER_PORT,
     BenchError,
@@ -208,8 +208,10 @@ def resolve_model(model: str | None, tp: int) -> str:
     SmolLM2 converted for ``tp`` (once, into the cache). Raises ValueError when it is unusable at ``tp``."""
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import CheckpointError, read_metadata
+    from megatron_tpcomp.cliutil import check_model_and_tp
 
     try:
+        check_model_and_tp(model or assets.DEFAULT_MODEL, tp)  # a TP that does not divide it: before converting
         path = assets.ensure_checkpoint(model or assets.DEFAULT_MODEL, tp, progress=False)
         meta = read_metadata(path)
     except (assets.AssetError, CheckpointError, OSError) as exc:
@@ -255,6 +257,7 @@ def run(
     limit: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     log: Callable[[str], None] = print,
+    on_records: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Measure every (link, prompt length, spec); one launch of ``tp`` rank processes per link.
 
@@ -274,6 +277,7 @@ def run(
         burst, limit: tbf parameters in bytes (default: :mod:`megatron_tpcomp.bench.link`'s).
         timeout_s: wall-clock limit per launch (also the process-group timeout).
         log: progress and link messages (rank 0 prints its per-run lines to stderr itself).
+        on_records: called with every record so far after each link (``--json`` keeps them in FILE.partial).
 
     Returns:
         One record per (link, prompt_len, spec) with :data:`REQUIRED_KEYS` plus ``ideal_speedup`` (the TTFT
@@ -327,6 +331,8 @@ def run(
                 )
                 result = _launch(tp, shaped, plan, workdir, timeout_s)
             records += aggregate(result, label, info, tp)
+            if on_records is not None:
+                on_records(records)
     return records
 
 
@@ -486,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         limit = parse_size(args.limit) if args.limit else None
         if burst is not None and limit is not None and limit < burst:
             raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
+        check_json_path(args.json)
         model = resolve_model(args.model, args.tp)
     except ValueError as exc:
         parser.error(str(exc))
@@ -516,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=limit,
             timeout_s=args.timeout,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),  # progress on stderr, results on stdout
+            on_records=partial_writer(args.json),
         )
     except (BenchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

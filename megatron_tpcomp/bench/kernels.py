@@ -56,7 +56,7 @@ from functools import partial
 import torch
 
 from megatron_tpcomp import kernels as kern
-from megatron_tpcomp.bench.codecs import _time, message, parse_size, report, size_label, split_list
+from megatron_tpcomp.bench.codecs import _time, check_json_path, message, parse_size, report, size_label, split_list
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.spec import parse_spec
@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--group must be one of {kern.INT4_CUDA_GROUPS}, got {args.group}")
         if parse_spec(args.fp8_spec).kind != "fp8":
             raise ValueError(f"--fp8-spec {args.fp8_spec!r} is not an fp8 spec")
+        check_json_path(args.json)
     except (CodecError, ValueError) as exc:
         parser.error(str(exc))
     if args.reps is not None and args.reps < 1:

@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="device name recorded in the table (default cpu)")
     p.add_argument("--out", required=True, help="performance table to write (JSON)")
     args = p.parse_args(argv)
+    from megatron_tpcomp.cliutil import atomic_write_json, check_output_file
+
     try:
+        check_output_file(args.out, "--out")
         codec_records = _load_records(args.codecs)
         coll = _load_records(args.collectives) if args.collectives else []
         links = sorted({str(r.get("link")) for r in coll})
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as exc:
         print(f"tpcomp bench perf-table: error: {exc}", file=sys.stderr)
         return 2
-    Path(args.out).write_text(json.dumps(model.to_json(), indent=2) + "\n")
+    atomic_write_json(args.out, model.to_json())
     for n, link in sorted(model.links.items()):
         gbit = link.beta_bytes_per_s * 8 / 1e9
         print(f"link N={n}: {link.alpha_s * 1e6:.1f} us per step, {gbit:.3f} Gbit/s ({link.source})")

@@ -398,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.collectives is None and args.e2e is None:
         parser.error("give --collectives FILE and/or --e2e FILE")
+    from megatron_tpcomp.cliutil import OutputPathError, check_output_dir
+
+    try:
+        check_output_dir(args.out_dir, "--out-dir")  # before reading and plotting
+    except OutputPathError as exc:
+        parser.error(str(exc))
     try:
         written = plot(args.collectives, args.e2e, args.out_dir)
     except PlotError as exc:
