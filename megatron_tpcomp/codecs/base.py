@@ -25,7 +25,8 @@ for fp16 scales, 2^17.8 for e4m3) may flush, with an error below the largest blo
 Finite in, finite out: decoded values are clamped to the finite range of the output dtype (a finite fp16 65504
 whose int4 scale rounds up would otherwise decode to 65520 = Inf). ``decode_sum`` clamps each payload's decoded
 values before adding them, so a sum of ranks that truly overflows still overflows as the stock all-reduce
-would; ``+had`` adds the rotated payloads and rotates back once, so there the clamp applies to the sum.
+would; ``+had`` adds the rotated payloads and rotates back once (``+chscale`` scales the inner sum per channel),
+so there the clamp applies to the sum.
 """
 
 from __future__ import annotations

@@ -18,10 +18,13 @@ small integers in the config file. :func:`exponents_from_rms` computes them from
 Wire format: exactly the inner codec's payload for the scaled input ``x * w`` (fp32), viewed as ``[rows, h]`` with
 ``h = len(exponents)`` = the last dimension, or flat with ``numel`` a multiple of ``h`` (the pipelined all-reduce
 cuts messages on multiples of ``h``: :func:`megatron_tpcomp.collectives.chunk_alignment`). Decoding multiplies
-by ``2^-e_c`` in fp32 and rounds to the output dtype once.
+by ``2^-e_c`` in fp32, clamps to the output dtype's finite range and rounds to it once (the sum of the payloads
+is clamped, as for ``+had``: the scaling comes after the inner codec's sum).
 
-Non-finite values travel as the inner codec handles them (scaling keeps NaN and Inf). Finite values scaled by
-``2^e`` stay finite for ``|x| * 2^MAX_EXPONENT`` below fp32 max (any bf16/fp16 activation).
+Non-finite values travel as the inner codec handles them (scaling keeps NaN and Inf). Range: the inner codec
+handles any finite scaled value (``scales.py``, "Second level"), but ``x * 2^e`` itself must be finite: values
+with ``|x| * 2^e`` above fp32's maximum (``|x| > 2^112`` for ``e = 16``: fp32 or bf16 inputs only, never an fp16
+one) become Inf and their block decodes to NaN, visibly (the collectives' ``check_finite`` reports it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_tpcomp.codecs.base import Codec, CodecError, _into, check_input, numel_of
+from megatron_tpcomp.codecs.base import Codec, CodecError, _into, check_input, clamp_to, numel_of
 
 #: Largest |exponent| of a channel scale (2^16: more evens out nothing a real activation has).
 MAX_EXPONENT = 16
@@ -153,7 +156,9 @@ class ChannelScaleCodec(Codec):
         _, down = self._factors(payloads.device)
         acc = self.inner.decode_sum(payloads, count, shape, torch.float32).reshape(rows, self.h)
         acc *= down  # exact; the one rounding to dtype follows
-        return _into(acc.to(dtype), out, shape)
+        # The inner sum is formed before the per-channel scaling, so (as for +had) the clamp to the dtype's finite
+        # range applies to the sum: a finite fp16 65504 whose decode rounds past it stays finite.
+        return _into(clamp_to(acc, dtype).to(dtype), out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """The inner codec's bound on ``x * w``, divided by ``w`` per channel (None if the inner has none)."""

@@ -33,8 +33,9 @@ fp8, minifloats) normalizes its input by a power of two per *super-block* of ``S
 (``lcm(block, 4096)`` for block sizes that do not divide 4096) and sends the exponent:
 
 - ``y = x * 2^-k`` (exact: a power of two, computed by :func:`pow2_mul`), the block codec quantizes ``y``;
-  the decoder multiplies each decoded block scale by ``2^k`` (``s_eff = pow2_mul(s, k)``, one rounding, exact
-  unless ``s_eff`` is an fp32 subnormal).
+  the decoder forms each value on ``y``'s scale and multiplies it by ``2^k`` (``pow2_mul``, one rounding:
+  exact unless the result is an fp32 subnormal). Scaling the values rather than the scales matters at the top:
+  ``s * 2^k`` may round past fp32's maximum, a value only where the input was there (then the clamp below).
 - ``k`` is an int16 in the section ``exps`` (one per super-block, right after the scales at 2-byte alignment,
   so most small messages keep their size). It is chosen from the super-block's ``amax`` over its finite blocks
   (:func:`choose_exponents`):
@@ -48,13 +49,17 @@ fp8, minifloats) normalizes its input by a power of two per *super-block* of ``S
 
   Scaling by a power of two commutes with rounding, so a block whose scale is a normal number rounds exactly
   as it would with an unlimited exponent range: ``k`` changes which blocks fit, never how they round.
-- What may still flush: a block whose ideal scale is below the format's smallest subnormal *relative to its
-  super-block's largest*: for fp16 scales blocks more than 2^40 * qmax below the super-block maximum, for
-  e4m3 more than 2^17.8 * qmax below (fp16: 2^-24 / 65504, e4m3: 2^-9 / 448). Such a block's values are at most
-  ``amax_super * 2^-40`` (fp16) or ``amax_super * 2^-17.8`` (e4m3) in magnitude, below half the quantization
-  step of the super-block's largest block (``amax_super / (2 qmax)``) for every supported element format
-  (the e4m3 case: 2^-17.8 < 1 / (2 * 57344), the widest element range): the error stays below the step the
-  largest block already pays. tests/reliability/test_codec_range.py checks it.
+- What may still flush (narrow formats; ``M`` = the super-block's largest ``|x|``, ``q`` = the element max):
+  after normalization ``M * 2^-k`` lies in ``(limit / 2, limit]``, so a block's ideal scale rounds to 0 only
+  when its ``amax < M * min_pos / fmt_max``: ``M * 2^-40`` for fp16 (2^-24 / 65504), ``M * 2^-17.8`` for e4m3
+  (2^-9 / 448). Blocks between that and the format's smallest normal scale keep a coarser scale. Either way
+  such a block's error is at most ``4 * min_normal / fmt_max * M``: ``2^-28 M`` (fp16) or ``2^-12.8 M`` (e4m3),
+  far below the quantization error of the super-block's largest block (``M / (2 q)`` for integers, at least
+  ``2^-8 M`` even for int8; ``2^-(m+1) M`` for m-bit float elements, at least ``2^-4 M``). Every other block
+  rounds as with an unlimited exponent range. nvfp4's e4m3 block scales hang off its per-message tensor scale
+  (the format's own second level), so there ``M`` is the whole message's maximum and the ratio 2^-18.8.
+  tests/reliability/test_codec_range.py checks these bounds.
+- Decoded values are clamped to the output dtype's finite range (``base.clamp_to``).
 - Super-blocks keep codecs block-local on ``lcm(block, 4096)``-value boundaries (``Codec.chunk_values``): a
   collective that cuts a message there gets the same bytes as for the whole message.
 """

@@ -7,8 +7,10 @@ import torch
 
 from megatron_tpcomp.codecs import CodecError
 from megatron_tpcomp.codecs.scales import (
+    choose_exponents,
     decode_scales,
     encode_scales,
+    pow2_mul,
     quantize_scales,
     safe_reciprocal,
     storage_dtype,
@@ -123,3 +125,38 @@ def test_unknown_format_is_rejected() -> None:
 
 def test_safe_reciprocal_of_zero_is_zero() -> None:
     assert safe_reciprocal(torch.tensor([0.0, 4.0, 0.5])).tolist() == [0.0, 0.25, 2.0]
+
+
+# --- second level: super-block exponents --------------------------------------------------------------------------
+
+
+def test_pow2_mul_rounds_once_over_the_whole_exponent_range() -> None:
+    # Against float64, where v * 2^e is exact: the result must be that value rounded once to fp32, for every
+    # exponent the codecs use (two-step factors beyond +-126 included) and values from subnormal to near max.
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat(
+        [
+            torch.randn(2000, generator=g) * 2.0 ** torch.randint(-149, 128, (2000,), generator=g).float(),
+            torch.tensor([2.0**-149, 3 * 2.0**-149, 1.0, -1.5, torch.finfo(torch.float32).max]),
+        ]
+    )
+    v = v[torch.isfinite(v)]
+    for e in [-252, -200, -160, -149, -127, -126, -100, -1, 0, 1, 100, 127, 128, 200, 254]:
+        got = pow2_mul(v, torch.tensor(e))
+        want = (v.double() * 2.0**e).float()  # one rounding (overflow to Inf as fp32 would)
+        assert torch.equal(got, want), f"e = {e}"
+    assert torch.equal(pow2_mul(torch.tensor([1.0]), torch.tensor(1000)), torch.tensor([float("inf")]))  # clamped e
+
+
+def test_choose_exponents_narrow_rule_is_the_smallest_k_that_fits() -> None:
+    limit = 7 * 65504.0
+    amax = torch.tensor([0.0, 7.0, limit, limit * 1.0001, 2.0**-149, 3.4e38, 1e-30, 1.0])
+    k = choose_exponents(amax, limit)
+    assert k[0] == 0  # an all-zero super-block
+    for a, kk in zip(amax.tolist()[1:], k.tolist()[1:], strict=True):
+        assert a <= limit * 2.0**kk and a > limit * 2.0 ** (kk - 1), (a, kk)  # exact in float64
+
+
+def test_choose_exponents_wide_rule_keeps_real_activations_unscaled() -> None:
+    amax = torch.tensor([0.0, 2.0**-64, 1.0, 6e4, 2.0**64 * 0.999, 2.0**64, 3.4e38, 2.0**-65, 2.0**-149])
+    assert choose_exponents(amax, None).tolist() == [0, 0, 0, 0, 0, 64, 127, -65, -149]

@@ -286,3 +286,47 @@ def test_rotated_fp32_maximum_stays_finite() -> None:
     y = codec.decode(codec.encode(x), x.shape, torch.float32)
     assert torch.isfinite(y).all()
     assert float((y - x).abs().max()) <= max_element_bound(codec, x)
+
+
+#: ``4 * min_normal / fmt_max`` of the narrow scale formats: the stated bound (``scales.py``) on the error of a
+#: block far below its super-block's maximum, relative to that maximum.
+FAR_BELOW = {"fp16": 4 * 2.0**-14 / 65504, "e4m3": 4 * 2.0**-6 / 448}
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int8:g32", "int4:g32:se4m3", "fp8:b32:sfp16", "fp8-e5m2:b32:se4m3"])
+def test_blocks_far_below_their_super_block_stay_within_the_stated_bound(spec: str) -> None:
+    # One super-block: block 0 has max 1, block i has max 2^-2i (down to 2^-250, the fp32 subnormals). Each block
+    # either rounds as with an unlimited exponent range (its own format bound) or, far below, loses at most
+    # FAR_BELOW * 1; blocks above the flush ratio never decode to zeros. (Before: fp16 scales had an absolute
+    # floor of 2^-24, e4m3 of 2^-9: blocks 2^-10 below 1 lost everything with int4:g32:se4m3.)
+    codec = make_codec(spec)
+    base = _base(codec)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(128, 32, generator=g) * 2 - 1
+    x[:, 0] = 1.0
+    x = x * torch.ldexp(torch.ones(128, 1), -2 * torch.arange(128).unsqueeze(1))  # 2^-254: underflows to 0 at the end
+    x = x.reshape(-1)
+    y = codec.decode(codec.encode(x), x.shape, torch.float32).view(128, 32)
+    x = x.view(128, 32)
+    far = FAR_BELOW[base.scale_fmt]
+    for i in range(128):
+        amax = float(x[i].abs().max())
+        if amax == 0:
+            continue
+        err = float((y[i] - x[i]).abs().max())
+        own = amax * format_bound(codec) * (1 + 2.0**-20) + 2.0**-149
+        assert err <= max(own, far * 1.0), f"block {i} (max 2^{-2 * i}): error {err:.3g}"
+        if amax > 2 * far:  # well above the flush ratio (which is below `far`)
+            assert bool((y[i] != 0).any()), f"block {i} (max 2^{-2 * i}) decoded to zeros"
+
+
+@pytest.mark.parametrize("exponent", [0, 3])
+def test_finite_fp16_maximum_stays_finite_through_channel_scales(exponent: int) -> None:
+    # Was: exponent 0 decoded 65504 to Inf (65520 rounds up in fp16); exponent 3 saturated the fp16 scale at
+    # 8 * 65504 and decoded 57,316 (12% low).
+    codec = make_codec("int4:g32+chscale", channel_scale_exponents=[exponent] * 64)
+    x = torch.full((2, 64), 65504.0, dtype=torch.float16)
+    x[1] = -65504.0
+    y = codec.decode(codec.encode(x), x.shape, torch.float16)
+    assert torch.isfinite(y).all()
+    assert float((y.float() - x.float()).abs().max()) <= 65504.0 * (1 / 14 + 2.0**-11)
