@@ -333,6 +333,21 @@ def check_config_for_model(config: Any, model_config: Any, tp: int, where: str) 
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError(message if str(where) in message else f"{where}: {message}") from None
+    # Each codec sized for a message of this model (the layers' collectives carry [tokens, hidden]): a spec that
+    # cannot encode it (more outlier channels than the model has, ...) fails here, not in every rank.
+    from megatron_tpcomp.codecs import CodecError
+
+    seen: set[str] = set()
+    for layer in range(model_config.num_layers):
+        for site in ("attention", "mlp"):
+            try:
+                codec = config.codec_for(site, layer)
+                if codec is None or codec.spec in seen:
+                    continue
+                seen.add(codec.spec)
+                codec.payload_nbytes((max(tp, 1), model_config.hidden_size))
+            except (CodecError, ConfigError) as exc:
+                raise ConfigError(f"{where}: layer {layer} {site}: {exc}") from None
     table = getattr(config, "perf_table", None)
     if table is not None and not Path(table).is_file():
         raise ConfigError(

@@ -241,6 +241,18 @@ def check_specs(specs: Sequence[str]) -> list[str]:
     return [BASELINE, *out]
 
 
+def check_specs_for_model(specs: Sequence[str], ckpt: str, tp: int) -> None:
+    """Each spec's config checked against the checkpoint in this process, before any rank is spawned (ValueError
+    naming the spec)."""
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.cliutil import check_config_for_model
+    from megatron_tpcomp.config import CompressionConfig
+
+    model_cfg = read_metadata(ckpt).model_config
+    for s in specs:
+        check_config_for_model(CompressionConfig.from_spec(s), model_cfg, tp, f"--specs {s}")
+
+
 def run(
     links: Sequence[str] | None = None,
     prompt_lens: Sequence[int] = (128, 512, 1024),
@@ -494,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
         check_json_path(args.json)
         model = resolve_model(args.model, args.tp)
+        check_specs_for_model(specs, model, args.tp)
     except ValueError as exc:
         parser.error(str(exc))
     reason = linkmod.unavailable_reason()

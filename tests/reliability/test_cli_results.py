@@ -213,6 +213,14 @@ def test_a_config_for_another_model_is_refused_before_any_rank(real_ckpt: Path, 
     assert str(cfg) in err and "layer 30" in err
 
 
+def test_a_spec_the_model_cannot_carry_is_refused_before_any_rank(real_ckpt: Path, capsys) -> None:
+    # 600 outlier channels of a 576-wide model: every rank used to fail in its first encode.
+    argv = ["--model", str(real_ckpt), "--specs", "int8:g32,int4:g32+outliers:k600", *SMALL[2:]]
+    assert evaluation.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "tpcomp eval: error:")
+    assert "int4:g32+outliers:k600: layer 0 attention" in line and "576 channels" in line
+
+
 def test_a_missing_perf_table_is_an_error_naming_the_config_and_the_path(
     real_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
