@@ -41,15 +41,16 @@ RECORD_KEYS = {
 
 def test_traffic_by_hand() -> None:
     # 4096 bf16 values: 8192 bytes in. int4:g32: 128 groups -> 2048 code bytes, then 128 fp16 scales (256 bytes) at
-    # offset 2048 (already 16-aligned): 2304 bytes, a multiple of 16.
-    assert make_codec("int4:g32").payload_nbytes((4096,)) == 2304
-    assert bench.traffic("int4_quantize", 4096, torch.bfloat16, group=32) == (8192, 2304)
-    assert bench.traffic("int4_dequantize", 4096, torch.bfloat16, group=32) == (2304, 8192)
-    assert bench.traffic("int4_dequantize_sum", 4096, torch.bfloat16, group=32, n_payloads=4) == (4 * 2304, 8192)
+    # offset 2048 (already 16-aligned), then one int16 super-block exponent per 4096 values (2 bytes, padded to 16):
+    # 2320 bytes, a multiple of 16.
+    assert make_codec("int4:g32").payload_nbytes((4096,)) == 2320
+    assert bench.traffic("int4_quantize", 4096, torch.bfloat16, group=32) == (8192, 2320)
+    assert bench.traffic("int4_dequantize", 4096, torch.bfloat16, group=32) == (2320, 8192)
+    assert bench.traffic("int4_dequantize_sum", 4096, torch.bfloat16, group=32, n_payloads=4) == (4 * 2320, 8192)
     assert bench.traffic("copy", 4096, torch.bfloat16) == (8192, 8192)
-    # fp8 (e4m3, blocks of 128, fp32 scales): 4096 code bytes + 32 scales * 4 bytes = 4224 bytes.
-    assert bench.traffic("fp8_encode", 4096, torch.bfloat16, fp8_spec="fp8") == (8192, 4224)
-    assert bench.traffic("fp8_decode", 4096, torch.float32, fp8_spec="fp8") == (4224, 16384)
+    # fp8 (e4m3, blocks of 128, fp32 scales): 4096 code bytes + 32 scales * 4 bytes + 16 (the exponent, padded) = 4240.
+    assert bench.traffic("fp8_encode", 4096, torch.bfloat16, fp8_spec="fp8") == (8192, 4240)
+    assert bench.traffic("fp8_decode", 4096, torch.float32, fp8_spec="fp8") == (4240, 16384)
     with pytest.raises(ValueError, match="unknown kernel"):
         bench.traffic("int4_bogus", 4096, torch.bfloat16)
 
