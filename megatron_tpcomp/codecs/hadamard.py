@@ -77,6 +77,7 @@ from megatron_tpcomp.codecs.base import (
 from megatron_tpcomp.codecs.blocks import BlockCodec
 from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
 from megatron_tpcomp.cpu_codecs import NativeFormat
+from megatron_tpcomp.gpu import dispatch as gpu_dispatch
 
 _FP32_EPS = 2.0**-24  # unit round-off of fp32
 
@@ -234,6 +235,9 @@ class HadamardCodec(Codec):
         return layout(self._padded(shape)) if layout is not None else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        fused = gpu_dispatch.encode(self, x)  # fused GPU kernel where one runs this format (gpu/dispatch.py)
+        if fused is not None:
+            return fused
         check_input(x)
         layout = self._inner_layout(x.shape)
         if layout is not None:
@@ -258,6 +262,9 @@ class HadamardCodec(Codec):
         dtype: torch.dtype,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        fused = gpu_dispatch.decode_sum(self, payloads, count, shape, dtype, out)
+        if fused is not None:
+            return fused
         check_payload(payloads, count * self.payload_nbytes(shape), self.spec)
         layout = self._inner_layout(shape)
         if layout is not None:

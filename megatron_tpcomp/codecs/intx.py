@@ -35,6 +35,8 @@ Exact bits per value for aligned sizes: ``b + 16/G + 16/4096`` (int4:g32 = 4.503
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from megatron_tpcomp.codecs import bitpack
@@ -47,6 +49,7 @@ from megatron_tpcomp.codecs.scales import (
     storage_dtype,
 )
 from megatron_tpcomp.cpu_codecs import FORMAT_INT4, NativeFormat
+from megatron_tpcomp.gpu import dispatch as gpu_dispatch
 from megatron_tpcomp.spec import CodecSpec, canonical
 
 
@@ -68,6 +71,25 @@ class IntCodec(BlockCodec):
         self.zero_code = 1 << (cs.bits - 1)
         # Asymmetric groups store their minimum in the scale format too: it reaches amax, not amax / qmax.
         self._init_range(1.0 if cs.asym else self.qmax)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        fused = gpu_dispatch.encode(self, x)  # fused GPU kernel where one runs this format (gpu/dispatch.py)
+        return fused if fused is not None else super().encode(x)
+
+    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        fused = gpu_dispatch.decode_sum(self, payload, 1, shape, dtype)
+        return fused if fused is not None else super().decode(payload, shape, dtype)
+
+    def decode_sum(
+        self,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fused = gpu_dispatch.decode_sum(self, payloads, count, shape, dtype, out)
+        return fused if fused is not None else super().decode_sum(payloads, count, shape, dtype, out)
 
     def _sections(self, nblocks: int) -> list[tuple[str, torch.dtype, int]]:
         sections = [

@@ -23,6 +23,7 @@ Kernels are created in interpreter mode when ``TRITON_INTERPRET=1`` is set befor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -151,11 +152,17 @@ def _encode_kernel(
     LIM_EXP: tl.constexpr,
     HB: tl.constexpr,
     LOG_HB: tl.constexpr,
+    IN_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     base = pid.to(tl.int64) * TILE_
     offs = tl.arange(0, TILE_)
-    v = tl.load(x_ptr + base + offs, mask=base + offs < n, other=0.0).to(tl.float32)
+    raw = tl.load(x_ptr + base + offs, mask=base + offs < n, other=0)
+    if IN_BF16:
+        # bf16 arrives as its int16 bits: widening is a shift (the interpreter's bf16 cast is wrong for subnormals).
+        v = ((raw.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        v = raw.to(tl.float32)
     j = 0
     if HB > 0:
         # Pre-rotation normalization (hadamard._normalized): wide rule on the largest finite |x|.
@@ -346,10 +353,17 @@ def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _signs_on(block: int, seed: int, device: str) -> torch.Tensor:
+    # Cached per device: no host-to-device copy per call (and none inside a captured CUDA graph).
+    return rotation_signs(block, seed).to(device) if block else torch.ones(1, dtype=torch.float32, device=device)
+
+
 def _signs(had: HadamardCodec | None, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(fp32 ``[block]`` rotation signs on ``device``, ``c = fp32(1/sqrt(block))``); a dummy for plain codecs."""
     if had is None:
-        return torch.ones(1, dtype=torch.float32, device=device), 1.0
-    return rotation_signs(had.block, had.seed).to(device), rotation_scale(had.block)
+        return _signs_on(0, 0, str(device)), 1.0
+    return _signs_on(had.block, had.seed, str(device)), rotation_scale(had.block)
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -372,8 +386,9 @@ def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
     signs, c = _signs(had, x.device)
     cx = _constexprs(inner, had)
     cx.pop("TILE_")
+    flat = x.contiguous().view(-1)
     _encode_kernel[grid](
-        x.contiguous().view(-1),
+        flat.view(torch.int16) if x.dtype == torch.bfloat16 else flat,
         payload,
         signs,
         n,
@@ -382,6 +397,7 @@ def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
         layout.sections["exps"].offset,
         c,
         TILE_=TILE,
+        IN_BF16=x.dtype == torch.bfloat16,
         **cx,
         **_launch_opts(x.device),
     )

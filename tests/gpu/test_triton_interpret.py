@@ -1,0 +1,226 @@
+"""Triton codec kernels (``megatron_tpcomp/gpu/triton_codecs.py``) against the torch reference, bit for bit.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` is set while the kernel module is
+imported): the whole kernel (loads, Hadamard butterflies, super-block exponent, group scales, rounding, packing,
+unpacking, the rank-ordered fp32 sum, the clamp and the casts) executes on CPU tensors. With ``TRITON_INTERPRET``
+unset and CUDA present (``scripts/gpu_check.sh``) the same tests compile the kernels for the GPU and run them on
+CUDA tensors against the reference computed on the same device.
+
+Every test goes through the product path: ``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_GPU_KERNELS=triton``
+(the dispatch layer routes to the kernel) against the same calls with ``TPCOMP_GPU_KERNELS=reference`` and the fused
+CPU library off (the torch definition of the wire format).
+
+What the equality pins (no tolerance: payloads byte-equal, decodes bit-equal):
+- IEEE division (``tl.math.div_rn``) for ``amax / qmax`` and ``1 / s``; round half to even of ``y * (1/s)``;
+- fp16 scale rounding (the cast) and E4M3 scale rounding/decoding by integer bit operations;
+- frexp-based super-block exponents and ``pow2_mul``'s two exact power-of-two products, fp32 subnormals included;
+- the butterfly order of the rotation and the order of the fp32 sum over payloads (no FMA contraction);
+- the bf16 output rounding (integer round to nearest even) and the fp16 output cast.
+NaN decodes are compared as NaN at the same positions: the format defines "decodes to NaN", not NaN payload bits
+(torch's own CPU and CUDA casts produce different NaN bits).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_tpcomp.codecs import make_codec
+from megatron_tpcomp.codecs.base import CodecError
+from megatron_tpcomp.gpu import dispatch
+
+ON_GPU = torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
+
+
+def _import_kernels():
+    """The kernel module, built for the interpreter unless the tests run on a GPU (env restored after import;
+    :func:`_interpreter_env` sets it again while this module's tests run: triton reads it at launch too)."""
+    if ON_GPU:
+        return dispatch.triton_module()
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return dispatch.triton_module()
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+tc = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+pytestmark = [
+    pytest.mark.skipif(tc is None, reason=f"triton not importable: {dispatch.triton_unavailable_reason()}"),
+    # The interpreter evaluates both sides of every tl.where in numpy: overflow/NaN warnings of discarded lanes.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+#: The search's default candidates (int part) and the order of priority in the issue.
+PRIORITY = (
+    "int4:g32",
+    "int4:g32+had",
+    "int5:g64:se4m3+had",
+    "int4:g64:se4m3+had",
+    "int4:g32:se4m3+had",
+    "int6:g128+had:b128",
+)
+#: Every format the kernels implement (with the default 32-value rotation where rotated).
+ALL_FORMATS = tuple(
+    f"int{b}:g{g}{s}{h}" for b in (4, 5, 6, 8) for g in (32, 64, 128) for s in ("", ":se4m3") for h in ("", "+had")
+)
+
+
+@pytest.fixture
+def triton_mode(monkeypatch):
+    """Returns ``run(mode, fn)``: ``fn()`` with ``TPCOMP_GPU_KERNELS=mode`` (reference: CPU library off too)."""
+
+    def run(mode: str, fn):  # noqa: ANN001, ANN202
+        with monkeypatch.context() as m:
+            m.setenv(dispatch.ENV, mode)
+            if mode == "reference":
+                m.setenv("TPCOMP_CPU_KERNELS", "off")
+            return fn()
+
+    return run
+
+
+def make_input(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """``n`` values of ``dtype`` on DEVICE: gaussian with outliers; from 600 values on a NaN block, an Inf block,
+    a zero block, tiny values (dtype subnormals) and the dtype's max; past 4096 a second super-block of tiny
+    values only (its exponent differs from the first's)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x[::97] *= 300.0
+    info = torch.finfo(dtype)
+    x = x.to(dtype)
+    if n >= 600:
+        x[40] = float("nan")
+        x[130] = float("-inf")
+        x[200] = float("inf")
+        x[256:384] = 0.0
+        x[384:416] = info.smallest_normal * torch.linspace(-0.9, 0.9, 32).to(dtype)  # subnormals
+        x[450] = info.max
+        x[451] = -info.max
+        x[520:552] = info.tiny * 3
+    if n > 4096 + 64:
+        x[4096:] = x[4096:] * 1e-30 if dtype == torch.float32 else x[4096:] * info.tiny
+    return x.to(DEVICE)
+
+
+def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype}{tuple(got.shape)} vs {ref.dtype}"
+    nan_g, nan_r = torch.isnan(got), torch.isnan(ref)
+    assert torch.equal(nan_g, nan_r), f"{what}: NaN at {torch.nonzero(nan_g ^ nan_r).flatten()[:8].tolist()}"
+    view = INT_VIEW[ref.dtype]
+    g, r = got.masked_fill(nan_g, 0).view(view), ref.masked_fill(nan_r, 0).view(view)
+    bad = torch.nonzero(g != r).flatten()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.numel()} values differ, first at {bad[:4].tolist()}: "
+        f"{got.flatten()[bad[:4]]} vs {ref.flatten()[bad[:4]]}"
+    )
+
+
+def check(triton_mode, spec: str, shape: tuple[int, ...], dtype: torch.dtype, count: int, seed: int = 0, **kw):  # noqa: ANN001
+    """Encode ``count`` inputs and decode-sum them in both modes: bytes equal, decode bits equal."""
+    codec = make_codec(spec, **kw)
+    n = int(torch.tensor(shape).prod()) if shape else 1
+    xs = [make_input(n, dtype, seed + r).view(shape) * (r + 1) for r in range(count)]
+    ref = [triton_mode("reference", lambda x=x: codec.encode(x)) for x in xs]
+    got = [triton_mode("triton", lambda x=x: codec.encode(x)) for x in xs]
+    for r, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert a.device == b.device and a.numel() == b.numel(), f"{spec} {dtype} n={n}: payload size"
+        diff = torch.nonzero(a != b).flatten()
+        assert diff.numel() == 0, (
+            f"{spec} {dtype} n={n} payload {r}: {diff.numel()} bytes differ, first {diff[:6].tolist()}"
+        )
+    payloads = torch.cat(ref)
+    for out_dtype in {dtype, torch.float32}:
+        want = triton_mode("reference", lambda d=out_dtype: codec.decode_sum(payloads, count, shape, d))
+        have = triton_mode("triton", lambda d=out_dtype: codec.decode_sum(payloads, count, shape, d))
+        assert_bits_equal(have, want, f"{spec} decode_sum x{count} {dtype}->{out_dtype} n={n}")
+
+
+@pytest.mark.parametrize("spec", PRIORITY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_interpret_priority_formats_every_dtype(triton_mode, spec, dtype):
+    """The searched formats: sizes across the group and 4096 boundaries, edge values, 1-3 payloads."""
+    for n, count in ((1, 1), (45, 2), (700, 3), (4096 + 200, 2)):
+        check(triton_mode, spec, (n,), dtype, count)
+
+
+@pytest.mark.parametrize("spec", ALL_FORMATS)
+def test_interpret_every_format(triton_mode, spec):
+    """Every implemented format once: one input across a 4096 boundary with NaN/Inf/zero/tiny/max blocks."""
+    i = ALL_FORMATS.index(spec)
+    check(triton_mode, spec, (3, 1400 + 8 * i), DTYPES[i % 3], 1 + i % 3, seed=i)
+
+
+@pytest.mark.parametrize("spec", ["int4:g32+had:b16", "int5:g64:se4m3+had:b64", "int8:g128+had:b128"])
+def test_interpret_other_rotation_blocks_and_seed(triton_mode, spec):
+    """Other rotation blocks and a non-zero seed (the signs differ; the kernel must load the codec's)."""
+    check(triton_mode, spec, (700,), torch.bfloat16, 2, hadamard_seed=7)
+
+
+def test_interpret_overflowing_sums_and_saturation(triton_mode):
+    """fp16 max in every payload: plain codecs clamp each payload and the fp32 sum rounds to Inf in fp16; +had
+    clamps the rotated sum (saturates). Both must match the reference exactly."""
+    for spec in ("int4:g32", "int5:g64:se4m3+had"):
+        codec = make_codec(spec)
+        x = torch.full((300,), 65504.0, dtype=torch.float16, device=DEVICE)
+        payload = triton_mode("triton", lambda c=codec, x=x: c.encode(x))
+        two = torch.cat([payload, payload])
+        want = triton_mode("reference", lambda c=codec, p=two: c.decode_sum(p, 2, (300,), torch.float16))
+        have = triton_mode("triton", lambda c=codec, p=two: c.decode_sum(p, 2, (300,), torch.float16))
+        assert_bits_equal(have, want, spec)
+
+
+def test_interpret_empty_noncontiguous_and_out(triton_mode):
+    """Empty input, a transposed (non-contiguous) input and ``out=`` behave as in the reference."""
+    codec = make_codec("int4:g32+had")
+    empty = torch.empty(0, 8, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(
+        triton_mode("triton", lambda: codec.encode(empty)), triton_mode("reference", lambda: codec.encode(empty))
+    )
+    x = make_input(40 * 20, torch.float32).view(40, 20).t()
+    p_ref = triton_mode("reference", lambda: codec.encode(x))
+    assert torch.equal(triton_mode("triton", lambda: codec.encode(x)), p_ref)
+    out = torch.empty(20, 40, dtype=torch.bfloat16, device=DEVICE)
+    res = triton_mode("triton", lambda: codec.decode_sum(p_ref, 1, (20, 40), torch.bfloat16, out=out))
+    assert res.data_ptr() == out.data_ptr()
+    want = triton_mode("reference", lambda: codec.decode_sum(p_ref, 1, (20, 40), torch.bfloat16))
+    assert_bits_equal(res, want, "out=")
+
+
+def test_interpret_dispatch_routes_and_refuses(triton_mode, monkeypatch):
+    """The dispatch layer: ``triton`` routes supported formats to the kernels, ``reference`` and unsupported
+    formats do not, a bad mode or a wrong payload size is a one-line CodecError."""
+    supported, other = make_codec("int4:g32"), make_codec("int3:g32")
+    assert triton_mode("triton", lambda: dispatch._use_triton(supported, DEVICE)) is True
+    assert triton_mode("triton", lambda: dispatch._use_triton(other, DEVICE)) is False
+    assert triton_mode("reference", lambda: dispatch._use_triton(supported, DEVICE)) is False
+    assert dispatch.encode(supported, torch.ones(3, device=DEVICE)) is None or ON_GPU  # auto: CPU -> reference
+    monkeypatch.setenv(dispatch.ENV, "fast")
+    with pytest.raises(CodecError, match="TPCOMP_GPU_KERNELS='fast'"):
+        supported.encode(torch.ones(3))
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    with pytest.raises(CodecError, match="payload has shape"):
+        supported.decode_sum(torch.zeros(5, dtype=torch.uint8, device=DEVICE), 1, (3,), torch.float32)
+    with pytest.raises(CodecError, match="count=0"):
+        supported.decode_sum(torch.zeros(0, dtype=torch.uint8, device=DEVICE), 0, (3,), torch.float32)
