@@ -175,6 +175,10 @@ def _worker(
     # A forkserver child inherits the server's environment, which may be older than the caller's.
     os.environ.clear()
     os.environ.update(environ)
+    # Before anything imports megatron-core: its missing-TE/apex notices would print ~10 lines per rank.
+    from megatron_tpcomp.rankwarnings import quiet_rank_warnings
+
+    quiet_rank_warnings()
     import torch
     import torch.distributed as dist
 

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_tpcomp.rankwarnings import quiet_rank_warnings
+
 logger = logging.getLogger("megatron_tpcomp")
 
 
@@ -332,6 +334,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_rank_warnings()  # every torchrun rank runs main(): no missing-TE/apex notices per rank
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     from megatron_tpcomp.assets import AssetError
