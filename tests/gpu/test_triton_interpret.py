@@ -22,6 +22,7 @@ NaN decodes are compared as NaN at the same positions: the format defines "decod
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -224,3 +225,17 @@ def test_interpret_dispatch_routes_and_refuses(triton_mode, monkeypatch):
         supported.decode_sum(torch.zeros(5, dtype=torch.uint8, device=DEVICE), 1, (3,), torch.float32)
     with pytest.raises(CodecError, match="count=0"):
         supported.decode_sum(torch.zeros(0, dtype=torch.uint8, device=DEVICE), 0, (3,), torch.float32)
+
+
+def test_interpret_bench_module_writes_json(tmp_path):
+    """``python -m megatron_tpcomp.gpu.bench`` (the GPU check's benchmark) on the decode size: one row per spec
+    with positive GB/s and the copy bandwidth it is compared with."""
+    from megatron_tpcomp.gpu import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--specs", "int4:g32+had", "--sizes", "decode", "--reps", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["copy_gbps"] > 0
+    (row,) = result["results"]
+    assert row["spec"] == "int4:g32:sfp16+had:b32" and row["shape"] == [1, 576]
+    assert row["encode_gbps"] > 0 and row["decode_sum_gbps"] > 0 and row["reference_encode_us"] > 0
