@@ -239,3 +239,43 @@ def test_interpret_bench_module_writes_json(tmp_path):
     (row,) = result["results"]
     assert row["spec"] == "int4:g32:sfp16+had:b32" and row["shape"] == [1, 576]
     assert row["encode_gbps"] > 0 and row["decode_sum_gbps"] > 0 and row["reference_encode_us"] > 0
+
+
+def _division_sensitive_maxima(qmax: int, count: int) -> torch.Tensor:
+    """fp32 group maxima ``a`` whose fp16 scale differs between IEEE ``a / qmax`` and ``a * fp32(1 / qmax)``."""
+    g = torch.Generator().manual_seed(qmax)
+    a = torch.rand(1 << 20, generator=g) * 900 + 100
+    exact = (a / torch.full_like(a, float(qmax))).to(torch.float16)
+    approx = (a * torch.tensor(1.0 / qmax, dtype=torch.float32)).to(torch.float16)
+    hits = a[exact != approx]
+    assert hits.numel() >= count, f"only {hits.numel()} division-sensitive maxima for qmax {qmax}"
+    return hits[:count]
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int5:g32", "int4:g32:se4m3", "int5:g64:se4m3+had"])
+def test_interpret_pins_division_rounding_and_ties(triton_mode, spec):
+    """Planted values where a shortcut would change bytes: group maxima whose scale differs between IEEE division
+    and multiplying by the reciprocal; groups whose values sit exactly on .5 ties of ``y * (1/s)`` (round half to
+    even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2); group maxima whose ideal E4M3 scale is exactly halfway between two E4M3
+    values (normal and subnormal ties, round to even). Super-block 0 holds a value that fixes ``k = 0``."""
+    codec = make_codec(spec)
+    inner = codec.inner if hasattr(codec, "inner") else codec
+    qmax, g = inner.qmax, inner.group
+    limit = qmax * (448.0 if inner.scale_fmt == "e4m3" else 65504.0)
+    groups = [torch.zeros(g) for _ in range(128)]
+    groups[0][0] = limit * 0.9  # k = 0: the super-block maximum lies in (limit / 2, limit]
+    for i, a in enumerate(_division_sensitive_maxima(qmax, 40)):
+        groups[1 + i][:3] = torch.stack([a, -a * 0.37, a * 0.11])
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -3.5])
+    groups[50][0] = float(qmax)  # scale exactly 1: y * (1/s) = y
+    groups[50][1 : 1 + ties.numel()] = ties
+    e4m3_ties = [1.0625, 1.1875, 3.25 * 2**-1, 2.5 * 2**-9, 3.5 * 2**-9, 0.5 * 2**-9, 1.5 * 2**-9, 13.5 * 2**-9]
+    for i, t in enumerate(e4m3_ties):
+        groups[60 + i][0] = t * qmax
+    x = torch.cat(groups).to(DEVICE)
+    ref = triton_mode("reference", lambda: codec.encode(x))
+    got = triton_mode("triton", lambda: codec.encode(x))
+    diff = torch.nonzero(got != ref).flatten()
+    assert diff.numel() == 0, f"{spec}: {diff.numel()} bytes differ, first {diff[:6].tolist()}"
+    want = triton_mode("reference", lambda: codec.decode_sum(ref, 1, x.shape, torch.float32))
+    assert_bits_equal(triton_mode("triton", lambda: codec.decode_sum(ref, 1, x.shape, torch.float32)), want, spec)
