@@ -2,16 +2,23 @@
 
     tpcomp bench collectives --link none,1gbit --sizes 64KiB,1MiB,8MiB --json coll.json
     tpcomp bench e2e ... --json e2e.json
-    tpcomp bench plot --collectives coll.json --e2e e2e.json --out-dir docs/img
+    tpcomp bench plot --collectives coll.json [coll_ws3.json ...] --e2e e2e.json --out-dir docs/img
 
 Writes, in ``--out-dir`` (default ``docs/img``):
 
-- ``collectives_speedup.png`` (from ``--collectives``): speedup = stock / compressed (codec time included) vs the
-  per-rank message size (log axis), one panel per (link, operation, world size), one line per codec spec (and
-  all-reduce algorithm when the file has several), a dashed line at 1.0 (no gain).
+- ``collectives_speedup.png`` (from ``--collectives``, one or more files): speedup = stock / compressed (codec time
+  included) vs the per-rank message size (log axis), one panel per (link, operation, world size), one line per
+  codec spec (and all-reduce algorithm when the files have several), a dashed line at 1.0 (no gain). Error bars:
+  the interquartile range of the per-repetition speedups (``baseline_times_ms[i] / times_ms[i]``: the benchmark
+  alternates stock and compressed within a repetition). On shaped links a dotted line per spec shows the ideal,
+  ``baseline_wire_bytes / wire_bytes`` (the speedup if the link were the only cost); loopback gets none, as the
+  link is nearly free there. The y axis spans the drawn values and 1.0, not 0 to the maximum.
 - ``e2e_ttft.png`` (from ``--e2e``): time to first token vs prompt length, one panel per (link, world size), one
   line per spec (spec ``none``, the uncompressed run, black dashed; without such records the ``baseline_ttft_ms`` they
   carry), and below it the TTFT speedup (``speedup``, or ``baseline_ttft_ms / ttft_ms``) where the records have it.
+  Error bars: IQR of ``ttft_times_ms`` (top) and of the per-repetition speedups against the ``none`` record's
+  repetitions (bottom); dotted on shaped links: the records' ``ideal_speedup`` (measured communication time
+  scaled by the byte ratio, codec free).
 
 Inputs are the files ``--json`` writes: a JSON list of records, or an object whose ``records`` is that list.
 Records without the keys a plot needs are left out; a file that cannot be read, is not JSON or has no usable
@@ -180,6 +187,76 @@ def _median_by_x(points: Sequence[tuple[float, float]]) -> tuple[list[float], li
     return xs, [statistics.median(by_x[x]) for x in xs]
 
 
+def _iqr(values: Sequence[float]) -> tuple[float, float] | None:
+    """(25th, 75th percentile) of ``values`` (linear interpolation between the sorted values, so 2 values give
+    the points a quarter of the way in from each end), or None for fewer than 2 values."""
+    vals = sorted(v for v in values if math.isfinite(v))
+    if len(vals) < 2:
+        return None
+    q = statistics.quantiles(vals, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _ratio_spread(base_times: Any, times: Any, base_median: float | None) -> tuple[float, float] | None:
+    """IQR of the per-repetition speedups ``base_times[i] / times[i]`` (the benchmarks alternate the stock and
+    the compressed run within each repetition, so repetition i of both saw the same machine state); with unequal
+    or missing baseline repetitions, ``base_median / times[i]``. None without at least 2 repetitions."""
+    if not isinstance(times, list) or len(times) < 2:
+        return None
+    t = [_finite(v) for v in times]
+    if isinstance(base_times, list) and len(base_times) == len(times):
+        b = [_finite(v) for v in base_times]
+        ratios = [bi / ti for bi, ti in zip(b, t, strict=True) if bi is not None and ti]
+    elif base_median is not None:
+        ratios = [base_median / ti for ti in t if ti]
+    else:
+        return None
+    return _iqr(ratios)
+
+
+def _merge_by_x(
+    points: Sequence[tuple[float, float, tuple[float, float] | None]],
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Points (x, y, IQR or None) sorted by x, repeated x merged (median y, widest IQR); returns xs, ys and the
+    error-bar lengths below and above each y (0 where there is no spread)."""
+    by_x: dict[float, list[tuple[float, tuple[float, float] | None]]] = {}
+    for x, y, q in points:
+        by_x.setdefault(x, []).append((y, q))
+    xs = sorted(by_x)
+    ys, lo, hi = [], [], []
+    for x in xs:
+        y = statistics.median(v for v, _ in by_x[x])
+        qs = [q for _, q in by_x[x] if q is not None]
+        ys.append(y)
+        lo.append(max(0.0, y - min(q[0] for q in qs)) if qs else 0.0)
+        hi.append(max(0.0, max(q[1] for q in qs) - y) if qs else 0.0)
+    return xs, ys, lo, hi
+
+
+def _speedup_ylim(ax: Any, values: Sequence[float]) -> None:
+    """A speedup axis spanning the drawn values (error bars and ideal lines included) and 1.0 with a small
+    margin: the range that matters, not 0 to the maximum."""
+    vals = [v for v in values if math.isfinite(v)] + [1.0]
+    lo, hi = min(vals), max(vals)
+    pad = 0.08 * (hi - lo) if hi > lo else 0.1
+    ax.set_ylim(max(0.0, lo - pad), hi + pad)
+
+
+def _draw(ax: Any, points: Sequence[tuple[float, float, tuple[float, float] | None]], **style: Any) -> list[float]:
+    """A line with IQR error bars (capped) where the points have them; returns every y drawn (bar ends too)."""
+    xs, ys, lo, hi = _merge_by_x(points)
+    if any(lo) or any(hi):
+        ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, elinewidth=1, **style)
+    else:
+        ax.plot(xs, ys, **style)
+    return [y - d for y, d in zip(ys, lo, strict=True)] + [y + d for y, d in zip(ys, hi, strict=True)]
+
+
+def _ideal_legend(ax: Any) -> None:
+    """One legend entry for the dotted ideal lines (they share the colors of their specs)."""
+    ax.plot([], [], color="0.35", linestyle=":", linewidth=1.5, label="ideal: stock / compressed bytes")
+
+
 def _link_text(link: Any, info: Mapping[str, Any] | None = None) -> str:
     if link is None:
         return "link ?"
@@ -209,6 +286,12 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------ plots
+
+
+def _shaped(recs: Sequence[Mapping[str, Any]], link: Any) -> bool:
+    """Whether the records ran on a shaped (slow) link: their ``shaped`` flag, else a link other than none."""
+    flags = [r["shaped"] for r in recs if isinstance(r.get("shaped"), bool)]
+    return any(flags) if flags else str(link) != "none"
 
 
 def _algo(rec: Mapping[str, Any]) -> str:
@@ -242,7 +325,8 @@ def plot_collectives(records: Sequence[Mapping[str, Any]], path: str) -> str:
     colors = _colors(labels)
     dtypes = sorted({str(r["dtype"]) for r in records if r.get("dtype")})
     title = (
-        "Compressed vs stock collectives: speedup = stock / compressed time (codec work included); "
+        "Compressed vs stock collectives: speedup = stock / compressed time (codec work included), median and IQR "
+        "over the repetitions; dotted: the byte ratio (shaped links); "
         f"world size {', '.join(map(str, worlds))}; {', '.join(_link_text(lk) for lk in links)}"
         + (f"; {', '.join(dtypes)} messages" if dtypes else "")
     )
@@ -251,19 +335,41 @@ def plot_collectives(records: Sequence[Mapping[str, Any]], path: str) -> str:
     for i, (lk, op, n) in enumerate(panels):
         ax = axes[i // ncols][i % ncols]
         recs = [r for r in records if str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n]
-        all_x = []
+        all_x: list[float] = []
+        drawn: list[float] = []
+        shaped = _shaped(recs, lk)
+        any_ideal = False
         for lab in labels:
-            pts = [
-                (float(r.get("requested_bytes") or r["bytes"]), float(r["speedup"])) for r in recs if label(r) == lab
-            ]
-            if not pts:
+            mine = [r for r in recs if label(r) == lab]
+            if not mine:
                 continue
-            xs, ys = _median_by_x(pts)
-            all_x += xs
-            ax.plot(xs, ys, marker="o", color=colors[lab], label=lab)
+            pts = [
+                (
+                    float(r.get("requested_bytes") or r["bytes"]),
+                    float(r["speedup"]),
+                    _ratio_spread(r.get("baseline_times_ms"), r.get("times_ms"), _finite(r.get("baseline_median_ms"))),
+                )
+                for r in mine
+            ]
+            drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
+            all_x += [p[0] for p in pts]
+            # Ideal on a shaped link: the link is the cost and the codec free, so time scales with the bytes.
+            # On loopback the link is nearly free and the bytes say nothing about time: no ideal drawn.
+            ideal = [
+                (float(r.get("requested_bytes") or r["bytes"]), b / w)
+                for r in mine
+                if (b := _finite(r.get("baseline_wire_bytes"))) and (w := _finite(r.get("wire_bytes")))
+            ]
+            if shaped and ideal:
+                xs, ys = _median_by_x(ideal)
+                ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
+                drawn += ys
+                any_ideal = True
         ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+        if shaped and any_ideal:
+            _ideal_legend(ax)
         _log2_x(ax, all_x, size_text)
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1.1))
+        _speedup_ylim(ax, drawn)
         ax.set_xlabel("message size per rank", fontsize=9)
         ax.set_ylabel("speedup (stock / compressed)", fontsize=9)
         info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
@@ -300,7 +406,8 @@ def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
     links = list(dict.fromkeys(_link_text(lk) for lk, _ in groups))
     models = sorted({str(r["model"]) for r in records if r.get("model")})
     title = (
-        f"End to end{f' ({models[0]})' if len(models) == 1 else ''}: time to first token vs prompt length; "
+        f"End to end{f' ({models[0]})' if len(models) == 1 else ''}: time to first token vs prompt length (median "
+        "and IQR over the repetitions; dotted: ideal speedup, shaped links); "
         f"world size {', '.join(worlds)}; {', '.join(links)}"
     )
     ncols, nrows = len(groups), 2 if with_speedup else 1
@@ -310,16 +417,21 @@ def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
         info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
         head = f"world size {n if n is not None else '?'}, {_link_text(lk, info)}"
         ax = axes[0][col]
-        all_x = []
+        all_x: list[float] = []
+        # The baseline's repetitions per prompt length: the spread of each spec's speedup pairs with them.
+        base_times = {r["prompt_len"]: r.get("ttft_times_ms") for r in recs if str(r["spec"]) == E2E_BASELINE_SPEC}
         for lab in labels:
-            pts = [(float(r["prompt_len"]), float(r["ttft_ms"])) for r in recs if str(r["spec"]) == lab]
+            pts = [
+                (float(r["prompt_len"]), float(r["ttft_ms"]), _iqr([float(v) for v in r.get("ttft_times_ms") or []]))
+                for r in recs
+                if str(r["spec"]) == lab
+            ]
             if pts:
-                xs, ys = _median_by_x(pts)
-                all_x += xs
+                all_x += [p[0] for p in pts]
                 if lab == E2E_BASELINE_SPEC:
-                    ax.plot(xs, ys, marker="s", linestyle="--", color="black", label=name(lab))
+                    _draw(ax, pts, marker="s", linestyle="--", color="black", label=name(lab))
                 else:
-                    ax.plot(xs, ys, marker="o", color=colors[lab], label=name(lab))
+                    _draw(ax, pts, marker="o", color=colors[lab], label=name(lab))
         base = [(float(r["prompt_len"]), b) for r in recs if (b := _finite(r.get("baseline_ttft_ms"))) is not None]
         if base and not any(r["spec"] == E2E_BASELINE_SPEC for r in recs):
             xs, ys = _median_by_x(base)
@@ -334,20 +446,38 @@ def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
         if not with_speedup:
             continue
         ax = axes[1][col]
+        drawn: list[float] = []
+        shaped = _shaped(recs, lk)
+        any_ideal = False
         for lab in labels:
             if lab == E2E_BASELINE_SPEC:
                 continue  # the dashed line at 1.0
+            mine = [r for r in recs if str(r["spec"]) == lab and _e2e_speedup(r) is not None]
             pts = [
-                (float(r["prompt_len"]), s)
-                for r in recs
-                if str(r["spec"]) == lab and (s := _e2e_speedup(r)) is not None
+                (
+                    float(r["prompt_len"]),
+                    float(_e2e_speedup(r)),  # type: ignore[arg-type]
+                    _ratio_spread(
+                        base_times.get(r["prompt_len"]), r.get("ttft_times_ms"), _finite(r.get("baseline_ttft_ms"))
+                    ),
+                )
+                for r in mine
             ]
             if pts:
-                xs, ys = _median_by_x(pts)
-                ax.plot(xs, ys, marker="o", color=colors[lab], label=lab)
+                drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
+            # ideal_speedup: the TTFT if the codec were free and the measured communication time scaled with the
+            # bytes sent; meaningful where the link is the cost (shaped).
+            ideal = [(float(r["prompt_len"]), v) for r in mine if (v := _finite(r.get("ideal_speedup"))) is not None]
+            if shaped and ideal:
+                xs, ys = _median_by_x(ideal)
+                ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
+                drawn += ys
+                any_ideal = True
         ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+        if any_ideal:
+            ax.plot([], [], color="0.35", linestyle=":", linewidth=1.5, label="ideal: comm. time x bytes ratio")
         _log2_x(ax, all_x, lambda v: f"{v:.0f}")
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1.1))
+        _speedup_ylim(ax, drawn)
         ax.set_xlabel("prompt length (tokens)", fontsize=9)
         ax.set_ylabel("TTFT speedup (stock / compressed)", fontsize=9)
         ax.set_title(f"TTFT speedup, {head}", fontsize=9)
@@ -357,12 +487,13 @@ def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
 
 
 def plot(
-    collectives: str | os.PathLike | None = None,
+    collectives: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     e2e: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
 ) -> list[str]:
     """Read the given benchmark files (all of them first: a bad one writes nothing), draw, and return the paths
-    of the PNGs written in ``out_dir`` (created if missing).
+    of the PNGs written in ``out_dir`` (created if missing). ``collectives`` may be several files (e.g. one run
+    per world size): their records are drawn together.
 
     Raises:
         PlotError: neither file given, an unusable file, or matplotlib missing.
@@ -371,7 +502,8 @@ def plot(
         raise PlotError("nothing to plot: give --collectives FILE and/or --e2e FILE")
     coll = e2e_recs = None
     if collectives is not None:
-        coll = load_records(collectives, "collectives", COLLECTIVES_KEYS, "tpcomp bench collectives")
+        files = [collectives] if isinstance(collectives, str | os.PathLike) else list(collectives)
+        coll = [r for f in files for r in load_records(f, "collectives", COLLECTIVES_KEYS, "tpcomp bench collectives")]
     if e2e is not None:
         e2e_recs = load_records(e2e, "e2e", E2E_KEYS, "tpcomp bench e2e")
     _matplotlib()  # fail before creating the output folder
@@ -392,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         "`tpcomp bench collectives --json`) and time to first token vs prompt length (--e2e, from "
         "`tpcomp bench e2e --json`).",
     )
-    parser.add_argument("--collectives", metavar="FILE", help=f"collectives records -> {COLLECTIVES_PNG}")
+    parser.add_argument(
+        "--collectives", metavar="FILE", nargs="+", help=f"collectives records (one or more files) -> {COLLECTIVES_PNG}"
+    )
     parser.add_argument("--e2e", metavar="FILE", help=f"end-to-end records -> {E2E_PNG}")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"output folder (default {DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)

@@ -202,3 +202,66 @@ def test_missing_matplotlib_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     err = capsys.readouterr().err
     assert "needs the package matplotlib" in err and "pip install matplotlib==" in err
     assert not (tmp_path / "img").exists()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_iqr_of_per_repetition_speedups() -> None:
+    # ratios 20/10, 20/20, 20/30, 20/40 = 2, 1, 0.667, 0.5; inclusive quartiles of the sorted 4 values:
+    # q1 = 0.5 + 0.75 * (0.667 - 0.5) = 0.625, q3 = 1 + 0.25 * (2 - 1) = 1.25.
+    q1, q3 = plots._ratio_spread([20.0] * 4, [10.0, 20.0, 30.0, 40.0], None)
+    assert q1 == pytest.approx(0.625) and q3 == pytest.approx(1.25)
+    # Unequal repetition counts: the baseline's median over each compressed repetition.
+    assert plots._ratio_spread([1.0], [10.0, 40.0], 20.0) == pytest.approx((20 / 40 + 0.25 * 1.5, 2 - 0.25 * 1.5))
+    assert plots._ratio_spread([20.0], [10.0], 20.0) is None  # one repetition: no spread to show
+
+
+def _figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the plots draw (kept when they are saved), to look at their lines and axes."""
+    figs: list = []
+    real_save = plots._save
+
+    def keep(fig, path):  # noqa: ANN001, ANN202 - same signature as plots._save
+        figs.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figs
+
+
+def test_committed_runs_plot_with_iqr_bars_ideal_lines_and_a_useful_y_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figs = _figures(monkeypatch)
+    bench = ROOT / "docs" / "bench"
+    written = plots.plot(
+        collectives=[bench / "coll_ws2_v2.json", bench / "coll_ws3.json"], e2e=bench / "e2e_v2.json", out_dir=tmp_path
+    )
+    assert_png(Path(written[0]), 3, 1)  # (1gbit, N=2), (1gbit, N=3), (loopback, N=3)
+    assert_png(Path(written[1]), 2, 2)
+    coll, e2e = figs
+    titles = [ax.get_title() for ax in coll.axes]
+    assert titles == [
+        "all_reduce, world size 2, link 1gbit",
+        "all_reduce, world size 3, link 1gbit",
+        "all_reduce, world size 3, link none (loopback, unshaped)",
+    ]
+    shaped, _, loopback = coll.axes
+    # Ideal = stock / compressed bytes: INT4 one-shot at N=2 sends 3.56x fewer bytes, fp8 1.94x (the JSON's
+    # baseline_wire_bytes / wire_bytes); dotted, on shaped links only.
+    dotted = [line for line in shaped.lines if line.get_linestyle() == ":" and len(line.get_ydata())]
+    ideal = sorted({round(float(line.get_ydata()[0]), 2) for line in dotted})
+    assert 1.94 in ideal and 3.56 in ideal, ideal
+    assert not [line for line in loopback.lines if line.get_linestyle() == ":" and len(line.get_xdata())]
+    # IQR error bars: matplotlib draws them as LineCollections, one per spec line with spread.
+    assert len(shaped.collections) >= 3
+    # The y range spans the data and 1.0 (the N=2 shaped speedups are 1.66-3.16, ideal 3.56), not 0..max.
+    lo, hi = shaped.get_ylim()
+    assert 0.5 < lo < 1.0 and 3.56 < hi < 4.0, (lo, hi)
+    # e2e: the speedup panel of the shaped link starts near 1, not at 0 (speedups 1.2-1.36, ideal 1.54).
+    speed_1gbit = e2e.axes[2]
+    assert speed_1gbit.get_title() == "TTFT speedup, world size 3, link 1gbit"
+    lo, hi = speed_1gbit.get_ylim()
+    assert 0.9 < lo < 1.0 and 1.54 < hi < 1.7, (lo, hi)
+    assert len(speed_1gbit.collections) >= 3  # IQR bars of the three specs
