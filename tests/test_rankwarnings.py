@@ -94,11 +94,30 @@ def test_only_the_named_messages_and_categories_are_ignored() -> None:
             FutureWarning,
             stacklevel=1,
         )
+        warnings.warn("full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.", stacklevel=1)
+        warnings.warn(
+            "The static engine will be deprecated and removed in the future version of megatron-core. Switch to "
+            "DynamicInferenceEngine.",
+            stacklevel=1,
+        )
         # Same words, another category or another message: still shown.
         warnings.warn("Apex is not installed. Falling back to Torch Norm", RuntimeWarning, stacklevel=1)
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. ", UserWarning, stacklevel=1)
         warnings.warn("Transformer Engine is too old for fp8", UserWarning, stacklevel=1)
         warnings.warn("`torch.distributed.broadcast_object_list` is deprecated. ", FutureWarning, stacklevel=1)
+    # The CUDA_DEVICE_MAX_CONNECTIONS hint is dropped only on machines without CUDA (advice that matters on GPUs).
+    import torch
+
+    with warnings.catch_warnings(record=True) as hint:
+        warnings.simplefilter("always")
+        quiet_rank_warnings()
+        warnings.warn(
+            "When using async grad allreduce it is recommended to set the environment variable "
+            "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup",
+            UserWarning,
+            stacklevel=1,
+        )
+    assert len(hint) == (1 if torch.cuda.is_available() else 0)
     assert [str(w.message)[:30] for w in caught] == [
         "Apex is not installed. Falling",
         "`torch.distributed.all_gather_",
