@@ -120,8 +120,7 @@ def _fwht(v, TILE_: tl.constexpr, HB: tl.constexpr, LOG_HB: tl.constexpr):
     """Unnormalized Walsh-Hadamard butterflies of every ``HB`` block of fp32 ``v`` ``[TILE_]``: stage ``h`` maps
     ``(v[j], v[j+h])`` of every ``2h`` chunk to ``(a + b, a - b)``, ``h = 1, 2, 4, ...`` (``hadamard.fwht``)."""
     for stage in tl.static_range(LOG_HB):
-        h: tl.constexpr = 1 << stage
-        w = tl.reshape(v, [TILE_ // (2 * h), 2, h])
+        w = tl.reshape(v, [TILE_ // (2 << stage), 2, 1 << stage])  # [chunks of 2h, (a, b), h]
         w = tl.permute(w, [0, 2, 1])
         a, b = tl.split(w)
         w = tl.join(a + b, a - b)
