@@ -13,7 +13,8 @@ Control: ``TPCOMP_GPU_KERNELS``
 - ``reference``: always the torch reference.
 
 The choice depends only on the codec, the device type and the mode (never on data), is remembered per
-``(codec, device type, mode)`` and logged once.
+``(codec, device type, mode)`` and logged once. In ``auto`` mode a kernel that fails on its first call (it does
+not compile for this GPU, say) turns that pair over to the reference, with one warning.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ MODES = ("auto", "triton", "reference")
 
 _log = logging.getLogger(__name__)
 _choices: dict[tuple, bool] = {}
+_verified: set[tuple] = set()  # (codec, device type, mode) whose Triton kernel has run once without error
 _triton: ModuleType | None = None
 _triton_error: str | None = None
 
@@ -97,13 +99,31 @@ def _use_triton(codec: object, device: torch.device) -> bool:
     return choice
 
 
+def _first_call(codec: object, device: torch.device, fn):  # noqa: ANN001, ANN202 - returns fn()'s result or None
+    """``fn()``; in ``auto`` mode the first call per codec and device type that raises (a Triton compile error on an
+    unsupported GPU, say) switches that pair to the reference for good, logged once, and returns None."""
+    key = (type(codec).__name__, getattr(codec, "spec", "?"), getattr(codec, "seed", None), device.type, mode())
+    if key[-1] != "auto" or key in _verified:
+        return fn()
+    try:
+        result = fn()
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any kernel failure: the reference still gives the right bytes
+        _choices[key] = False
+        _log.warning("%s on %s: Triton kernel failed (%s); using the torch reference", key[1], device.type, exc)
+        return None
+    _verified.add(key)
+    return result
+
+
 def encode(codec: object, x: torch.Tensor) -> torch.Tensor | None:
     """The payload of ``x`` from the Triton kernel, or None when the reference should run (same contract as
     ``codec.encode``: uint8, 1-D, ``codec.payload_nbytes(x.shape)`` bytes, on ``x.device``)."""
     if not isinstance(x, torch.Tensor) or not _use_triton(codec, x.device):
         return None
     check_input(x)
-    return triton_module().encode(codec, x)
+    return _first_call(codec, x.device, lambda: triton_module().encode(codec, x))
 
 
 def decode_sum(
@@ -126,4 +146,6 @@ def decode_sum(
         check_out(out, dtype, numel_of(shape))
         if out.device != payloads.device:
             raise CodecError(f"out is on {out.device}; expected the payloads' device {payloads.device}")
-    return triton_module().decode_sum(codec, payloads, count, shape, dtype, out)
+    return _first_call(
+        codec, payloads.device, lambda: triton_module().decode_sum(codec, payloads, count, shape, dtype, out)
+    )

@@ -279,3 +279,27 @@ def test_interpret_pins_division_rounding_and_ties(triton_mode, spec):
     assert diff.numel() == 0, f"{spec}: {diff.numel()} bytes differ, first {diff[:6].tolist()}"
     want = triton_mode("reference", lambda: codec.decode_sum(ref, 1, x.shape, torch.float32))
     assert_bits_equal(triton_mode("triton", lambda: codec.decode_sum(ref, 1, x.shape, torch.float32)), want, spec)
+
+
+def test_interpret_auto_mode_falls_back_after_a_failing_first_call(monkeypatch, caplog):
+    """``auto``: a kernel that raises on its first call (a compile error on an unsupported GPU) hands that codec and
+    device type to the reference for good, with one warning; a CodecError (bad input) is raised, never hidden;
+    ``triton`` (forced) raises whatever the kernel raised."""
+    codec = make_codec("int4:g64:se4m3+had")
+    cpu = torch.device("cpu")
+
+    def broken():  # noqa: ANN202
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_70")
+
+    monkeypatch.setattr(dispatch, "_choices", {})
+    monkeypatch.setattr(dispatch, "_verified", set())
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    with caplog.at_level("WARNING", logger=dispatch.__name__):
+        assert dispatch._first_call(codec, cpu, broken) is None
+    assert "Triton kernel failed" in caplog.text and "sm_70" in caplog.text
+    assert dispatch._choices[(type(codec).__name__, codec.spec, 0, "cpu", "auto")] is False
+    with pytest.raises(CodecError, match="bad"):
+        dispatch._first_call(make_codec("int4:g32"), cpu, lambda: (_ for _ in ()).throw(CodecError("bad")))
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    with pytest.raises(RuntimeError, match="sm_70"):
+        dispatch._first_call(codec, cpu, broken)
