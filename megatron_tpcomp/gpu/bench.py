@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
 from megatron_tpcomp.codecs import make_codec
+from megatron_tpcomp.codecs.base import CodecError
 from megatron_tpcomp.gpu import dispatch
 
 DEFAULT_SPECS = (
@@ -149,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--sizes: {s!r} is not one of {', '.join(SIZES)}")
     if args.count < 1 or args.reps < 1:
         parser.error(f"--count {args.count} / --reps {args.reps}: expected integers >= 1")
-    result = run([s for s in args.specs.split(",") if s], sizes, args.count, args.reps, not args.no_reference)
+    try:
+        result = run([s for s in args.specs.split(",") if s], sizes, args.count, args.reps, not args.no_reference)
+    except (RuntimeError, CodecError) as exc:  # no device / no triton: one line, not a traceback
+        print(f"megatron_tpcomp.gpu.bench: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_tpcomp.codecs.base import numel_of
+from megatron_tpcomp.codecs.base import CodecError, numel_of
 from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotation_scale, rotation_signs
 from megatron_tpcomp.codecs.intx import IntCodec
 from megatron_tpcomp.codecs.scales import NARROW_FORMAT_MAX
@@ -335,6 +335,16 @@ def supports(codec: object) -> bool:
     return _split(codec) is not None
 
 
+def _parts(codec: object) -> tuple[IntCodec, HadamardCodec | None]:
+    parts = _split(codec)
+    if parts is None:
+        raise CodecError(
+            f"no Triton kernel for {getattr(codec, 'spec', codec)!r}; expected int<N>:g<G> with N in {BITS}, "
+            f"G in {GROUPS}, symmetric, fp16 or e4m3 scales, optionally +had"
+        )
+    return parts
+
+
 def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
     lim_mant, lim_exp = math.frexp(inner.qmax * NARROW_FORMAT_MAX[inner.scale_fmt])
     lim_mant_bits = int(torch.tensor(lim_mant, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
@@ -373,7 +383,7 @@ def _launch_opts(device: torch.device) -> dict:
 def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
     """Payload (uint8, 1-D, the codec's ``payload_nbytes(x.shape)``) of bf16/fp16/fp32 ``x`` (any shape), on
     ``x.device``: byte-identical to ``codec.encode(x)``'s torch reference."""
-    inner, had = _split(codec)
+    inner, had = _parts(codec)
     n = x.numel()
     inner_n = -(-n // had.block) * had.block if had is not None else n
     layout = inner.layout((inner_n,))
@@ -413,7 +423,7 @@ def decode_sum(
 ) -> torch.Tensor:
     """Sum of the decodes of ``count`` payloads (uint8 ``[count * nbytes]``, checked by the caller) as a contiguous
     ``dtype`` tensor of ``shape`` (or written into ``out``): bit-identical to the torch reference's decode_sum."""
-    inner, had = _split(codec)
+    inner, had = _parts(codec)
     n = numel_of(shape)
     inner_n = -(-n // had.block) * had.block if had is not None else n
     layout = inner.layout((inner_n,))
