@@ -387,9 +387,11 @@ def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     inner_n = -(-n // had.block) * had.block if had is not None else n
     layout = inner.layout((inner_n,))
-    payload = layout.allocate(x.device)
     if n == 0:
-        return payload
+        return layout.allocate(x.device)
+    # The kernel writes every code, scale and exponent byte (one program per super-block = per exponent), so
+    # only the alignment padding needs zeroing: no memset pass over the payload.
+    payload = layout.allocate_padding_zeroed(x.device)
     nblocks = -(-inner_n // inner.group)
     grid = (-(-inner_n // TILE),)
     signs, c = _signs(had, x.device)

@@ -303,3 +303,24 @@ def test_interpret_auto_mode_falls_back_after_a_failing_first_call(monkeypatch, 
     monkeypatch.setenv(dispatch.ENV, "triton")
     with pytest.raises(RuntimeError, match="sm_70"):
         dispatch._first_call(codec, cpu, broken)
+
+
+def test_interpret_encode_writes_every_payload_byte(triton_mode, monkeypatch):
+    """The kernel's payload is allocated without a memset (only the alignment padding is zeroed): with fresh uint8
+    allocations poisoned to 0xAB the bytes still equal the reference, so every code, scale and exponent byte is
+    written, including partial last super-blocks."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        t = real_empty(*args, **kwargs)
+        return t.fill_(0xAB) if t.dtype == torch.uint8 else t
+
+    for spec in ("int4:g32", "int5:g64:se4m3+had", "int6:g128+had:b128"):
+        codec = make_codec(spec)
+        for n in (45, 4096 + 200):
+            x = make_input(n, torch.float32, seed=n)
+            ref = triton_mode("reference", lambda c=codec, x=x: c.encode(x))
+            with monkeypatch.context() as m:
+                m.setattr(torch, "empty", poisoned)
+                got = triton_mode("triton", lambda c=codec, x=x: c.encode(x))
+            assert torch.equal(got, ref), f"{spec} n={n}: {int((got != ref).sum())} bytes differ"
