@@ -17,8 +17,13 @@ the supported groups), so the super-block exponent is chosen, applied and stored
 Bit-exactness rules (what the interpreter tests pin): every division is ``tl.math.div_rn``; rounding to an integer
 is ``(t + 2^23) - 2^23`` on ``|t| < 2^22`` (round half to even in fp32); powers of two are built from their bits;
 kernels are launched with ``enable_fp_fusion=False`` so no multiply-add is contracted into an FMA on the GPU.
+Inputs in bf16 arrive as their int16 bits and are widened by a shift, and bf16 outputs are rounded on the bits:
+Triton's interpreter converts bf16 subnormals wrongly and does not round fp32 -> bf16 to nearest even (on the GPU
+the shift and the integer rounding are as cheap as the casts). NaN outputs are NaN (bf16 0x7FC0; their bits are
+not part of the contract).
 Kernels are created in interpreter mode when ``TRITON_INTERPRET=1`` is set before this module is imported
-(:data:`INTERPRETED`); then they run on CPU tensors only.
+(:data:`INTERPRETED`); then they run on CPU tensors only. tests/gpu/test_gpu_check.py compiles them for sm_80 and
+sm_90 (no GPU needed) and checks the PTX for FMA and approximate division.
 """
 
 from __future__ import annotations
