@@ -339,3 +339,26 @@ def test_interpret_plain_decode_goes_through_the_kernel(triton_mode, monkeypatch
     monkeypatch.setattr(tc, "decode_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert_bits_equal(triton_mode("triton", lambda: codec.decode(payload, x.shape, torch.float16)), want, spec)
     assert calls == [1], "codec.decode did not reach the Triton kernel"
+
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "nonzero")
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int5:g64:se4m3+had", "int6:g128+had:b128"])
+def test_interpret_no_sync_triton_path(triton_mode, monkeypatch, spec):
+    """After warm-up, encode and decode-sum through the dispatch and the Triton kernels call no host-sync entry
+    point (``Tensor.item/tolist/__bool__/cpu/nonzero`` patched to raise): graph-capturable. The torch reference
+    does sync (its NaN-scale mask uses ``bool(bad.any())``), which shows the patch bites."""
+    codec = make_codec(spec)
+    x = make_input(5000, torch.bfloat16)
+    payload = triton_mode("triton", lambda: codec.encode(x))
+    triton_mode("triton", lambda: codec.decode_sum(torch.cat([payload, payload]), 2, x.shape, torch.bfloat16))
+    two = torch.cat([payload, payload])
+    with monkeypatch.context() as m:
+        for name in HOST_SYNCS:
+            m.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host sync: Tensor.{_n}"))
+        again = triton_mode("triton", lambda: codec.encode(x))
+        triton_mode("triton", lambda: codec.decode_sum(two, 2, x.shape, torch.bfloat16))
+        with pytest.raises(pytest.fail.Exception, match="host sync"):
+            triton_mode("reference", lambda: codec.encode(x))
+    assert torch.equal(again, payload)
