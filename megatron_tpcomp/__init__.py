@@ -25,7 +25,7 @@ from megatron_tpcomp.config import CompressionConfig, ConfigError
 from megatron_tpcomp.spec import CodecSpec, describe_grammar, parse_spec
 
 # The package's one version: pyproject.toml reads it from here (tool.setuptools.dynamic), `tpcomp --version` prints it.
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Codec",
