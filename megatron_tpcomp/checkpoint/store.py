@@ -674,8 +674,12 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMeta:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not meta_path.is_file():
+        from megatron_tpcomp.checkpoint.torch_dist import is_torch_dist
+
+        hint = f"; it is a Megatron torch_dist checkpoint: `tpcomp convert {path} OUT --tp N` converts it"
         raise CheckpointError(
             f"{meta_path} is missing: {path} is not a megatron-tpcomp checkpoint (or its conversion did not finish)"
+            + (hint if is_torch_dist(path) else "")
         )
     size = meta_path.stat().st_size
     if size > MAX_META_BYTES:
@@ -746,7 +750,8 @@ def load_model(
     """Build the checkpoint's GPTModel on this rank and load this rank's shard.
 
     Megatron's parallel state must be initialised with the checkpoint's TP size (reshard with ``tpcomp
-    convert`` for another one). On a machine without CUDA call ``megatron_tpcomp.megatron.cpu.enable_cpu()``
+    convert`` for another one); a Megatron ``torch_dist`` checkpoint loads at any TP size that divides the model
+    (:mod:`.torch_dist`). On a machine without CUDA call ``megatron_tpcomp.megatron.cpu.enable_cpu()``
     first.
 
     Returns:
@@ -757,8 +762,13 @@ def load_model(
     """
     from megatron.core import parallel_state
 
+    from megatron_tpcomp.checkpoint import torch_dist
     from megatron_tpcomp.megatron.model import build_gpt_model
 
+    if torch_dist.find_checkpoint(ckpt_dir) is not None:  # Megatron's torch_dist format: loads at any TP size
+        return torch_dist.load_model(
+            ckpt_dir, dtype=dtype, parallel_output=parallel_output, sequence_parallel=sequence_parallel
+        )
     meta = read_metadata(ckpt_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != meta.tp_size:

@@ -52,6 +52,27 @@ the megatron-core wheel does not ship):
       ["allocated_bytes.all.peak"]``                                    allocated)
 ====  ================================================================  ========================================
 
+Two more tables, each installed only when asked for:
+
+====  ================================================================  ========================================
+ #    megatron-core code that assumes CUDA                              patch
+====  ================================================================  ========================================
+ D1   the dynamic inference engine and the ``torch_dist`` saver call    returns at once: no CUDA stream exists,
+      ``torch.cuda.synchronize()`` (``enable_cpu(dynamic=True)`` or    nothing is pending
+      ``enable_cpu(checkpoint=True)``)
+ D2   (dynamic) ``TextGenerationController._init_dynamic_sampling_      Megatron's method, with
+      tensors`` allocates the CPU-side request metadata with            ``torch.empty_like(pin_memory=True)``
+      ``pin_memory=True``, which torch refuses without a device         making an ordinary CPU tensor while it
+                                                                        runs
+====  ================================================================  ========================================
+
+With D1/D2 megatron-core 0.16.1's dynamic engine builds its context, controller and engine on CPU and starts its
+warm-up steps; it then stops for good in attention: under dynamic batching ``Attention.forward`` requires
+flash-attn (>= 2.7.3, or FA3) and computes attention over the paged KV cache only with flash-attn's CUDA kernels
+(``flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` with a block table), which have no CPU
+implementation. Megatron-LM's ``StaticInferenceEngine`` then falls back to the legacy static engine (its own
+``try``/``except``, with a warning naming the missing module).
+
 "One device" in T3/T4 is scoped: ``torch.cuda.device_count`` answers 1 only while that one Megatron function
 runs (after the gloo group exists, so nothing calls ``torch.cuda.set_device``), and answers 0 again after.
 
@@ -338,6 +359,47 @@ def _cpu_memory_stats(device: Any = None) -> collections.defaultdict[str, int]:
     return collections.defaultdict(int)
 
 
+# ------------------------------------------------------------------- dynamic engine and torch_dist saver (D1-D2)
+
+
+def _cpu_synchronize(device: Any = None) -> None:
+    """``torch.cuda.synchronize`` without CUDA (patch D1): no CUDA stream exists, so there is nothing to wait
+    for. megatron-core calls it around the dynamic engine's steps and after its checkpoint saver's
+    device-to-host copies (``non_blocking=True``, which on CPU tensors are ordinary copies)."""
+    return None
+
+
+@contextlib.contextmanager
+def _unpinned_empty_like() -> Iterator[None]:
+    """``torch.empty_like(..., pin_memory=True)`` returns an ordinary CPU tensor inside the block (patch D2).
+
+    Pinned (page-locked) host memory exists only to speed up copies to a device; torch has no allocator for it
+    without one and raises. The tensor's device, dtype, shape and contents are the same either way.
+    """
+    original = torch.empty_like
+
+    def empty_like(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        return original(*args, **kwargs)
+
+    torch.empty_like = empty_like
+    try:
+        yield
+    finally:
+        torch.empty_like = original
+
+
+def _make_init_dynamic_sampling_tensors(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``TextGenerationController._init_dynamic_sampling_tensors`` on CPU (patch D2): Megatron's own method, with
+    its CPU-side request metadata (temperature, top-k, top-p, ...) in ordinary instead of pinned host memory."""
+
+    def _init_dynamic_sampling_tensors(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _unpinned_empty_like():
+            return original(self, *args, **kwargs)
+
+    _init_dynamic_sampling_tensors.__wrapped__ = original  # type: ignore[attr-defined]
+    return _init_dynamic_sampling_tensors
+
+
 # ------------------------------------------------------------------------------------------------ patch table
 
 
@@ -390,6 +452,23 @@ TRAINING_PATCHES: tuple[PatchSpec, ...] = (
     PatchSpec("megatron.training.checkpointing", "read_metadata", _make_read_metadata),
     PatchSpec("torch.cuda", "memory_stats", lambda _: _cpu_memory_stats),
 )
+
+
+_SYNCHRONIZE = PatchSpec("torch.cuda", "synchronize", lambda _: _cpu_synchronize)
+
+#: megatron-core's dynamic inference engine (``DynamicInferenceEngine``; also what Megatron-LM 0.16's
+#: ``StaticInferenceEngine`` runs unless ``--use-legacy-static-engine``), installed by ``enable_cpu(dynamic=True)``.
+DYNAMIC_PATCHES: tuple[PatchSpec, ...] = (
+    _SYNCHRONIZE,
+    PatchSpec(
+        "megatron.core.inference.text_generation_controllers.text_generation_controller",
+        "TextGenerationController._init_dynamic_sampling_tensors",
+        _make_init_dynamic_sampling_tensors,
+    ),
+)
+
+#: megatron-core's ``torch_dist`` checkpoint saver (``dist_checkpointing.save``), ``enable_cpu(checkpoint=True)``.
+CHECKPOINT_PATCHES: tuple[PatchSpec, ...] = (_SYNCHRONIZE,)
 
 
 @dataclass
@@ -467,7 +546,9 @@ def _restore(qualnames: tuple[str, ...] | list[str]) -> None:
             setattr(entry.owner, entry.name, entry.own_entry)
 
 
-def enable_cpu(*, inference: bool = True, training: bool = False) -> CpuPatches:
+def enable_cpu(
+    *, inference: bool = True, training: bool = False, dynamic: bool = False, checkpoint: bool = False
+) -> CpuPatches:
     """Install the CPU patches (idempotent: what is already installed stays as it is).
 
     Args:
@@ -476,6 +557,8 @@ def enable_cpu(*, inference: bool = True, training: bool = False) -> CpuPatches:
             models.
         training: also patch Megatron-LM's ``megatron.training`` (:data:`TRAINING_PATCHES`), for its own
             scripts (``python -m megatron_tpcomp.megatron_lm``); needs Megatron-LM's source importable.
+        dynamic: also patch megatron-core's dynamic inference engine (:data:`DYNAMIC_PATCHES`).
+        checkpoint: also patch megatron-core's ``torch_dist`` saver (:data:`CHECKPOINT_PATCHES`).
 
     Returns:
         A :class:`CpuPatches` handle listing every installed patch.
@@ -487,7 +570,9 @@ def enable_cpu(*, inference: bool = True, training: bool = False) -> CpuPatches:
     if torch.cuda.is_available():
         raise RuntimeError("enable_cpu() is for machines without CUDA; this one has CUDA: run on the GPU")
     table = PATCHES + (TRAINING_PATCHES if training else ())
+    table += (DYNAMIC_PATCHES if dynamic else ()) + (CHECKPOINT_PATCHES if checkpoint else ())
     todo = [s for s in table if s.qualname not in _installed and (inference or not s.inference_only)]
+    todo = list({s.qualname: s for s in todo}.values())  # one attribute shared by two tables: patched once
     # Resolve everything before touching anything: a moved attribute must not leave half the patches on.
     resolved = [(spec, *_resolve(spec)) for spec in todo]
     for spec, owner, name, original in resolved:
@@ -526,10 +611,12 @@ def patched_attributes() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def cpu_megatron(*, inference: bool = True, training: bool = False) -> Iterator[CpuPatches]:
+def cpu_megatron(
+    *, inference: bool = True, training: bool = False, dynamic: bool = False, checkpoint: bool = False
+) -> Iterator[CpuPatches]:
     """``with cpu_megatron(): ...``: the block runs with the CPU patches; on exit only the patches this block
     installed are removed (an enclosing ``enable_cpu()`` stays in force)."""
-    handle = enable_cpu(inference=inference, training=training)
+    handle = enable_cpu(inference=inference, training=training, dynamic=dynamic, checkpoint=checkpoint)
     try:
         yield handle
     finally:
