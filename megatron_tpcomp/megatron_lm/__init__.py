@@ -375,7 +375,7 @@ def run_script(script: str | Path, argv: list[str]) -> None:
     if not torch.cuda.is_available():
         from megatron_tpcomp.megatron import cpu
 
-        cpu.enable_cpu(inference=True, training=True)
+        cpu.enable_cpu(inference=True, training=True, dynamic=True)
     install_hooks()
     sys.argv = [str(path), *argv]
     runpy.run_path(str(path), run_name="__main__")
