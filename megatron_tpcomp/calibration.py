@@ -424,18 +424,28 @@ def _default_candidates() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_tpcomp.cliutil import int_at_least, nonnegative_float, nonnegative_int, positive_int
+    from megatron_tpcomp.cliutil import (
+        HelpFormatter,
+        add_load_argument,
+        add_quiet_argument,
+        add_tp_argument,
+        int_at_least,
+        nonnegative_float,
+        nonnegative_int,
+        positive_int,
+    )
 
     p = argparse.ArgumentParser(
         prog="tpcomp calibrate",
+        formatter_class=HelpFormatter,
         description=(
             "Record per-layer statistics of the TP collectives on calibration text (uncompressed run), pick the top-k "
             "outlier channels per layer and block, report their consistency across windows and on held-out text, "
             "and write a per-layer compression config using SPEC+outliers."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
-    p.add_argument("--tp", type=positive_int, default=3, help="tensor-parallel size (default 3)")
+    add_load_argument(p)
+    add_tp_argument(p, 3)
     p.add_argument("--k", type=positive_int, default=None, help="outlier channels per site (default hidden/64)")
     p.add_argument("--spec", default="int4:g32", help="format of the non-outlier channels (default int4:g32)")
     p.add_argument("--tokens", type=positive_int, default=4096, help="calibration tokens (default 4096)")
@@ -471,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--candidates",
         default=None,
-        help="comma-separated SPEC or SPEC@ALGO (ALGO one-shot (default) or two-shot) for --search; +outliers uses "
-        "the calibrated channels (default: " + ",".join(_default_candidates()) + ")",
+        help="comma-separated SPEC or SPEC@ALGO (ALGO: one-shot when omitted, or two-shot) for --search; +outliers "
+        "uses the calibrated channels (default: " + ",".join(_default_candidates()) + ")",
     )
     p.add_argument(
         "--objective",
@@ -497,12 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the sensitivities of an earlier --stats-json (skips the sensitivity pass; same model, TP, "
         "candidates and search tokens)",
     )
+    add_quiet_argument(p, "no progress bars; log warnings only")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
     from megatron_tpcomp.cliutil import atomic_write_json, check_output_file
@@ -557,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.budget_steps,
                 verify=args.verify,
                 sensitivity=sensitivity,
+                progress=not args.quiet,
             )
             result["sensitivity"] = sens
         else:

@@ -5,6 +5,8 @@ Subcommands:
     megatron-args   the Megatron-LM flags (architecture, TP, tokenizer) that load a converted checkpoint
     calibrate       per-layer statistics of the TP collectives, outlier channels, a per-layer config
     eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
+    generate        text generation through megatron-core's static engine with compressed TP communication: starts
+                    one local process per TP rank (or, under torchrun, is one rank); Megatron-LM's flag names
     demo            the main job: SmolLM2-135M at TP=3 over local gloo processes, generating with and without INT4
     collectives-demo
                     compressed all-reduce over several local processes (gloo), side by side with the stock one
@@ -17,6 +19,10 @@ Subcommands:
     bench e2e       SmolLM2-135M at TP=3 through the static engine on a shaped link: TTFT/TPOT per codec vs stock
     bench kernels   GPU kernel bandwidth (INT4 CUDA, FP8 TE/torch) vs the device's memory bandwidth
     bench plot      PNG plots from the collectives / e2e benchmark JSON
+
+Shared options are spelled alike everywhere: Megatron-LM's names first, the older ones as aliases
+(--tensor-model-parallel-size / --tp, --load / --model, --num-tokens-to-generate / --gen-tokens,
+--specs / --spec), --json FILE for reports, --out FILE for artifacts, --quiet for no progress output.
 """
 
 from __future__ import annotations
@@ -123,6 +129,27 @@ def _cmd_megatron_args(argv: list[str]) -> int:
     return megatron_args.main(argv)
 
 
+def _cmd_generate(argv: list[str]) -> int:
+    """``tpcomp generate``: under torchrun (``RANK``/``WORLD_SIZE`` set) this process is one rank; otherwise start
+    one local rank per TP rank with torchrun's launcher and wait for them."""
+    import os
+    import subprocess
+
+    from megatron_tpcomp import textgen
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return textgen.main(argv, prog="tpcomp generate")
+    args = textgen.build_parser("tpcomp generate").parse_args(argv)  # --help and usage errors before any spawn
+    tp = args.tp
+    if tp is None:
+        from megatron_tpcomp.checkpoint import read_metadata
+
+        tp = read_metadata(args.model).tp_size
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
+    cmd += ["-m", "megatron_tpcomp.textgen", *argv]
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _cmd_calibrate(argv: list[str]) -> int:
     from megatron_tpcomp import calibration
 
@@ -139,6 +166,7 @@ COMMANDS = {
     "convert": _cmd_convert,
     "megatron-args": _cmd_megatron_args,
     "eval": _cmd_eval,
+    "generate": _cmd_generate,
     "calibrate": _cmd_calibrate,
     "demo": _cmd_demo,
     "collectives-demo": _cmd_collectives_demo,

@@ -81,6 +81,109 @@ def split_list(text: str, flag: str) -> list[str]:
     return items
 
 
+# ----------------------------------------------------------------------------------- one flag convention
+# Every subcommand spells shared options the same way: Megatron-LM's name first, the project's older name as an
+# alias (both parse to the same ``dest``), so a Megatron user's muscle memory and the older README commands both
+# work. Reports are ``--json FILE``; artifacts (configs, tables, results) are ``--out FILE``.
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help once: not when the help already speaks of its default (any
+    "default" in it), and not for a default that says nothing (``None``, ``False`` of a switch, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or not action.option_strings:
+            return action.help
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class AliasedStore(argparse.Action):
+    """Stores ``convert(value)`` for an option with several spellings; a bad value's error names the spelling the
+    user typed (``argument --tp: expected an integer >= 1, got '0'``), where argparse would name them all."""
+
+    def __init__(self, option_strings: list[str], dest: str, convert: Callable[[str], Any] = str, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.convert = convert
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        try:
+            value = self.convert(values)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(None, f"argument {option_string}: {exc}") from None
+        except ValueError:
+            name = getattr(self.convert, "__name__", "")
+            raise argparse.ArgumentError(None, f"argument {option_string}: invalid {name} value: {values!r}") from None
+        setattr(namespace, self.dest, value)
+
+
+def add_tp_argument(
+    parser: argparse.ArgumentParser | Any,
+    default: int | None,
+    help: str = "tensor-parallel size",
+    *,
+    type: Callable[[str], int] = positive_int,
+) -> None:
+    """``--tensor-model-parallel-size N`` (Megatron's name), alias ``--tp``; parsed into ``args.tp``."""
+    parser.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        action=AliasedStore,
+        convert=type,
+        default=default,
+        metavar="N",
+        help=help,
+    )
+
+
+def add_load_argument(
+    parser: argparse.ArgumentParser | Any,
+    default: str | None = "smollm2-135m",
+    help: str = "checkpoint directory (tpcomp convert), or smollm2-135m: the embedded SmolLM2-135M",
+    *,
+    required: bool = False,
+) -> None:
+    """``--load CKPT`` (Megatron's name), alias ``--model``; parsed into ``args.model``."""
+    parser.add_argument(
+        "--load", "--model", dest="model", default=default, required=required, metavar="CKPT", help=help
+    )
+
+
+def add_specs_argument(parser: argparse.ArgumentParser | Any, default: str | None, help: str) -> None:
+    """``--specs A,B,...``, alias ``--spec`` (a list of one is a list); parsed into ``args.specs``."""
+    parser.add_argument("--specs", "--spec", dest="specs", default=default, metavar="SPECS", help=help)
+
+
+def add_gen_tokens_argument(
+    parser: argparse.ArgumentParser | Any,
+    default: int,
+    help: str,
+    *,
+    type: Callable[[str], int] = positive_int,
+) -> None:
+    """``--num-tokens-to-generate N`` (Megatron's name), alias ``--gen-tokens``; parsed into ``args.gen_tokens``."""
+    parser.add_argument(
+        "--num-tokens-to-generate",
+        "--gen-tokens",
+        dest="gen_tokens",
+        action=AliasedStore,
+        convert=type,
+        default=default,
+        metavar="N",
+        help=help,
+    )
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser | Any, help: str = "no progress bars or progress lines") -> None:
+    """``--quiet``: results and errors only."""
+    parser.add_argument("--quiet", "-q", action="store_true", help=help)
+
+
 # ------------------------------------------------------------------------------------------------- outputs
 
 

@@ -387,22 +387,33 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_tpcomp.cliutil import int_at_least, nonnegative_int, positive_int
+    from megatron_tpcomp.cliutil import (
+        HelpFormatter,
+        add_gen_tokens_argument,
+        add_load_argument,
+        add_quiet_argument,
+        add_specs_argument,
+        add_tp_argument,
+        int_at_least,
+        nonnegative_int,
+        positive_int,
+    )
     from megatron_tpcomp.collectives import ALGOS
 
     p = argparse.ArgumentParser(
         prog="tpcomp eval",
+        formatter_class=HelpFormatter,
         description=(
             "Quality cost of compressed TP communication: perplexity, KL divergence and top-1 agreement against the "
             "uncompressed run on the same tokens, and greedy-generation agreement. Runs TP local gloo processes."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or smollm2-135m (default)")
-    p.add_argument("--tp", type=positive_int, default=3, help="tensor-parallel size (default 3)")
-    p.add_argument(
-        "--specs",
-        default="none,fp8,int8:g32,int4:g32",
-        help="comma-separated codec specs (none: the baseline, always run); an empty list is an error",
+    add_load_argument(p)
+    add_tp_argument(p, 3)
+    add_specs_argument(
+        p,
+        "none,fp8,int8:g32,int4:g32",
+        "comma-separated codec specs (none: the baseline, always run); an empty list is an error",
     )
     p.add_argument("--config", action="append", default=[], metavar="LAYERS.json", help="per-layer config (repeat)")
     p.add_argument(
@@ -415,9 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int_at_least(2), default=512, help="window length (default 512)")
     p.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
     p.add_argument("--wikitext", action="store_true", help="WikiText-2 test split via `datasets` (needs the hub)")
-    p.add_argument(
-        "--gen-tokens", type=nonnegative_int, default=32, help="greedy tokens per prompt (0: skip generation)"
-    )
+    add_gen_tokens_argument(p, 32, "greedy tokens per prompt (0: skip generation)", type=nonnegative_int)
     p.add_argument(
         "--json",
         metavar="OUT",
@@ -425,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT.partial holds the report of the windows finished so far ('complete': false); OUT appears, "
         "complete, at the end",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(p, "no progress bars")
     return p
 
 

@@ -1,7 +1,12 @@
 """Megatron-Core text generation launcher with compressed TP communication (run it with ``torchrun``).
 
-    torchrun --nproc-per-node 3 examples/run_text_generation.py --load CKPT --tensor-model-parallel-size 3 \\
-        --tp-comm-compression int4:g32+had --prompt "The state of our union is" --output out.jsonl
+    torchrun --nproc-per-node 3 -m megatron_tpcomp.textgen --load CKPT --tensor-model-parallel-size 3 \\
+        --tp-comm-compression int4:g32+had --prompts "The state of our union is" --output-path out.jsonl
+
+``tpcomp generate --nproc-per-node 3 --load CKPT ...`` starts the same ranks itself (local, one machine); the
+flags are Megatron-LM's where the two overlap (``--prompts``, ``--prompt-file`` with key ``text``, ``--top_k``,
+``--output-path``, ``--distributed-timeout-minutes``), with the older names (``--prompt``, ``--prompts-file``,
+``--top-k``, ``--output``, ``--dist-timeout``) kept as aliases.
 
 Every process is one tensor-parallel rank (``torchrun``'s ``RANK``/``WORLD_SIZE``; gloo on CPU, NCCL on GPU). The
 checkpoint is one written by ``tpcomp convert`` at the TP size used here; when it records a per-layer compression
@@ -36,26 +41,56 @@ from megatron_tpcomp.rankwarnings import quiet_rank_warnings
 
 logger = logging.getLogger("megatron_tpcomp")
 
+# At TP=1 Megatron's TP collectives are identities: there are no bytes to compress, so a "1.00x" summary would
+# read as "compression did nothing useful" instead of "there was nothing to do".
+NOOP_AT_TP1 = "compression is a no-op at TP=1 (nothing is exchanged)"
 
-def build_parser() -> argparse.ArgumentParser:
+
+class _StoreNamingFlag(argparse.Action):
+    """Stores the value and the option string the user typed (``args.<dest>_flag``), so that an error about the
+    value names the spelling on the command line (``--output`` or ``--output-path``)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
+def build_parser(prog: str = "run_text_generation.py") -> argparse.ArgumentParser:
+    """The launcher's options: Megatron-LM's names where the two overlap (``--load``,
+    ``--tensor-model-parallel-size``, ``--prompts``, ``--prompt-file``, ``--num-tokens-to-generate``, ``--top_k``,
+    ``--output-path``, ``--distributed-timeout-minutes``), the project's older names as aliases."""
     import megatron_tpcomp
-    from megatron_tpcomp.cliutil import nonnegative_int, positive_float, positive_int
+    from megatron_tpcomp.cliutil import (
+        AliasedStore,
+        HelpFormatter,
+        add_gen_tokens_argument,
+        add_load_argument,
+        add_quiet_argument,
+        add_tp_argument,
+        nonnegative_int,
+        positive_float,
+        positive_int,
+    )
 
     p = argparse.ArgumentParser(
-        prog="run_text_generation.py",
-        description=__doc__.split("\n\n")[0] + " Start one process per TP rank with torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog,
+        description="Megatron-Core text generation (static engine) with compressed TP communication. "
+        + (
+            "Starts one local process per TP rank (torchrun's launcher); under torchrun, this process is one rank."
+            if prog == "tpcomp generate"
+            else "Start one process per TP rank with torchrun."
+        ),
+        formatter_class=HelpFormatter,
         epilog="Bad prompts: an empty prompt, or one whose tokens plus --num-tokens-to-generate exceed "
         "--inference-max-seq-length, is reported (its index and why) and skipped; its output record has an 'error' "
         "key instead of a generation. If no prompt is usable, the request is refused before any work.",
     )
     g = p.add_argument_group("model (Megatron names)")
-    g.add_argument("--load", required=True, help="checkpoint directory written by `tpcomp convert`")
-    g.add_argument(
-        "--tensor-model-parallel-size",
-        type=positive_int,
-        default=None,
-        help="TP size; must equal the checkpoint's and torchrun's world size (default: the checkpoint's)",
+    add_load_argument(g, None, "checkpoint directory written by `tpcomp convert`", required=True)
+    add_tp_argument(
+        g, None, "TP size; must equal the checkpoint's and torchrun's world size (default: the checkpoint's)"
     )
     g.add_argument(
         "--micro-batch-size", type=positive_int, default=4, help="requests generated together (static batch)"
@@ -69,37 +104,105 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("generation")
     g.add_argument(
+        "--prompts",
+        dest="prompt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PROMPT",
+        help="one or more prompts (Megatron-LM's flag); an empty one is skipped with an error record",
+    )
+    g.add_argument(
         "--prompt",
+        dest="prompt",
         action="append",
         default=[],
-        help="a prompt (repeat for several); an empty one is skipped with an error record",
+        help="one prompt (repeat for several; adds to --prompts)",
     )
-    g.add_argument("--prompts-file", help='JSONL file, one {"prompt": "..."} per line (other keys are copied)')
-    g.add_argument("--num-tokens-to-generate", type=positive_int, default=32, help="tokens to generate per prompt")
-    g.add_argument("--top-k", type=nonnegative_int, default=1, help="1 = greedy")
-    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument(
+        "--prompt-file",
+        "--prompts-file",
+        dest="prompts_file",
+        metavar="FILE",
+        help='JSONL file, one object per line with the prompt under "text" (Megatron-LM\'s key) or "prompt"; '
+        "the other keys are copied to the output record",
+    )
+    add_gen_tokens_argument(g, 32, "tokens to generate per prompt")
+    g.add_argument(
+        "--top_k",
+        "--top-k",
+        dest="top_k",
+        action=AliasedStore,
+        convert=nonnegative_int,
+        default=1,
+        metavar="K",
+        help="1 = greedy",
+    )
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     g.add_argument("--seed", type=int, default=1234, help="sampling seed (same on every rank)")
     g = p.add_argument_group("output")
     g.add_argument(
+        "--output-path",
+        "--out",
         "--output",
-        help="JSONL file of results (rank 0; checked before the run, its folder created); records are appended to "
-        "OUTPUT.partial as each batch finishes, renamed to OUTPUT at the end; default: print them",
+        dest="output",
+        action=_StoreNamingFlag,
+        metavar="FILE",
+        help="JSONL file of results, one record per prompt (rank 0; checked before the run, its folder created); "
+        "records are appended to FILE.partial as each batch finishes, renamed to FILE at the end (default: print "
+        "them)",
     )
-    g.add_argument("--summary-json", help="write the compression summary as JSON (rank 0)")
-    g.add_argument("--dist-timeout", type=positive_float, default=600.0, help="seconds before a stuck collective fails")
+    g.add_argument(
+        "--json",
+        "--summary-json",
+        dest="summary_json",
+        action=_StoreNamingFlag,
+        metavar="FILE",
+        help="write the compression summary as JSON (rank 0)",
+    )
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=positive_float,
+        default=None,
+        metavar="MIN",
+        help="minutes before a stuck collective fails (default: 10, as Megatron-LM)",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="the same in seconds (older name; give one of the two) (default: 600)",
+    )
+    add_quiet_argument(g, "rank 0 logs warnings and the summary only (no per-batch progress)")
     megatron_tpcomp.add_arguments(p)
     return p
 
 
+def dist_timeout_s(args: argparse.Namespace) -> float:
+    """Seconds before a stuck collective fails: ``--distributed-timeout-minutes`` or ``--dist-timeout``."""
+    minutes, seconds = args.distributed_timeout_minutes, args.dist_timeout
+    if minutes is not None and seconds is not None:
+        raise ValueError(
+            f"--distributed-timeout-minutes {minutes:g} and --dist-timeout {seconds:g}: give one of the two"
+        )
+    if minutes is not None:
+        return 60.0 * minutes
+    return 600.0 if seconds is None else seconds
+
+
 def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Prompts from ``--prompt`` and ``--prompts-file``, as records ``{"prompt": str, ...}``."""
+    """Prompts from ``--prompts``/``--prompt`` and ``--prompt-file``, as records ``{"prompt": str, ...}``.
+
+    A file's line carries its prompt under ``"prompt"`` or, as Megatron-LM's ``--prompt-file``, ``"text"``
+    (``"prompt"`` wins when both are there); the record keeps every key of the line."""
     records: list[dict[str, Any]] = [{"prompt": p} for p in args.prompt]
     if args.prompts_file:
         path = Path(args.prompts_file)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read --prompts-file {path}: {exc}") from None
+            raise ValueError(f"cannot read --prompt-file {path}: {exc}") from None
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -107,11 +210,14 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON: {exc}") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: expected an object with a string "prompt", got {line[:80]!r}')
-            records.append(rec)
+            text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(
+                    f'{path}:{n}: expected an object with a string "text" (or "prompt"), got {line[:80]!r}'
+                )
+            records.append({**rec, "prompt": text})
     if not records:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
+        raise ValueError("no prompts: give --prompts TEXT [TEXT ...], --prompt TEXT or --prompt-file FILE.jsonl")
     return records
 
 
@@ -176,36 +282,37 @@ def run(args: argparse.Namespace) -> int:
     # Every rank checks the whole request before the process group forms: a bad one fails on all of them at once
     # (one rank failing alone would leave the others waiting in the rendezvous).
     if args.output:
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, getattr(args, "output_flag", "--output-path"))
     if args.summary_json:
-        check_output_file(args.summary_json, "--summary-json")
-    meta = read_metadata(args.load)
+        check_output_file(args.summary_json, getattr(args, "summary_json_flag", "--json"))
+    timeout_s = dist_timeout_s(args)
+    meta = read_metadata(args.model)
     prompts = read_prompts(args)
     config = config_from_args(args)
-    tp = args.tensor_model_parallel_size or meta.tp_size
+    tp = args.tp or meta.tp_size
     if tp != meta.tp_size:
         raise ValueError(
-            f"--tensor-model-parallel-size {tp}: {args.load} is sharded for TP={meta.tp_size}; reshard it with "
-            f"`tpcomp convert {args.load} OUT --tp {tp}`"
+            f"--tensor-model-parallel-size {tp}: {args.model} is sharded for TP={meta.tp_size}; reshard it with "
+            f"`tpcomp convert {args.model} OUT --tp {tp}`"
         )
     world_env = os.environ.get("WORLD_SIZE")
     if world_env is not None and world_env.isdigit() and int(world_env) != tp:
         raise ValueError(f"torchrun started {world_env} processes but the TP size is {tp} (--nproc-per-node {tp})")
     where = getattr(args, "tp_comm_compression_config", None) or getattr(args, "tp_comm_compression", None) or "flags"
     if config is None and meta.compression:
-        config = CompressionConfig.from_dict(meta.compression, source=f"{args.load}")
-        where = f"{args.load} (its recorded compression config)"
+        config = CompressionConfig.from_dict(meta.compression, source=f"{args.model}")
+        where = f"{args.model} (its recorded compression config)"
         source = "checkpoint"
     else:
         source = "flags"
     if config is not None:
         check_config_for_model(config, meta.model_config, tp, where)
     tok = TextTokenizer.from_checkpoint(meta)
-    bad = check_prompts(prompts, tok, args.num_tokens_to_generate, args.inference_max_seq_length)
+    bad = check_prompts(prompts, tok, args.gen_tokens, args.inference_max_seq_length)
     if len(bad) == len(prompts):
         i = min(bad)
         raise ValueError(f"no prompt can be generated: prompt {i}: {bad[i]} (and {len(bad) - 1} more)")
-    _init_distributed(args.dist_timeout)
+    _init_distributed(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story; the others report problems
@@ -215,12 +322,14 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         cpu.enable_cpu_inference()
     M.init_parallel(tp, seed=args.seed)
-    model, meta = load_model(args.load, dtype=torch.bfloat16 if args.bf16 else None)
+    model, meta = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
     if torch.cuda.is_available():
         model = model.cuda()
     if config is not None:
         intercept.enable(model, config, telemetry=True)
-        if rank == 0:
+        if rank == 0 and tp == 1:
+            logger.info("%s (from %s: default %s)", NOOP_AT_TP1, source, config.default.spec)
+        elif rank == 0:
             logger.info("compression from %s: default %s, algo %s", source, config.default.spec, config.algo)
     elif rank == 0:
         logger.info("compression off (Megatron's own collectives)")
@@ -235,9 +344,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from megatron.core.inference.sampling_params import SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, num_tokens_to_generate=args.num_tokens_to_generate
-    )
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, num_tokens_to_generate=args.gen_tokens)
     timer = _FirstForwardTimer(model)
     torch.manual_seed(args.seed)
     if rank == 0:
@@ -279,14 +386,14 @@ def run(args: argparse.Namespace) -> int:
                     "batch_size": len(batch),
                 }
             emit(done)
-            if rank == 0:
+            if rank == 0 and not args.quiet:
                 logger.info("generated %d/%d prompts", min(start + len(batch), len(todo)), len(todo))
     except BaseException:
         if out is not None:
             out.close()
             logger.warning("the %d record(s) finished are in %s", out.count, out.partial)
         raise
-    summary = _summary(config, meta, intercept.telemetry_summary())
+    summary = _summary(config, meta, intercept.telemetry_summary(), tp)
     if rank == 0:
         if out is not None:
             out.commit()
@@ -300,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]]) -> dict[str, Any]:
+def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]], tp: int) -> dict[str, Any]:
     wire = sum(r["wire_bytes"] for r in traffic.values())
     base = sum(r["baseline_wire_bytes"] for r in traffic.values())
     layers = {}
@@ -309,6 +416,7 @@ def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]]) -> di
             layers[str(layer)] = {b: config.setting_for(b, layer).spec for b in ("attention", "mlp")}
     return {
         "compression": config.to_dict() if config is not None else None,
+        "tp": tp,
         "per_layer_codec": layers,
         "wire_bytes_per_rank": wire,
         "uncompressed_bytes_per_rank": base,
@@ -321,6 +429,8 @@ def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]]) -> di
 def _log_summary(summary: dict[str, Any]) -> None:
     if summary["compression"] is None:
         logger.info("compression summary: off")
+    elif summary.get("tp") == 1:
+        logger.info("compression summary: %s", NOOP_AT_TP1)
     else:
         codecs = sorted({s for blocks in summary["per_layer_codec"].values() for s in blocks.values()})
         logger.info(
@@ -333,10 +443,12 @@ def _log_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "run_text_generation.py") -> int:
+    """Parse the launcher's flags and run this rank; 2 for a bad request, 1 for a failed run."""
     quiet_rank_warnings()  # every torchrun rank runs main(): no missing-TE/apex notices per rank
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    name = prog.removesuffix(".py")
     from megatron_tpcomp.assets import AssetError
     from megatron_tpcomp.checkpoint import CheckpointError
     from megatron_tpcomp.collectives import CollectiveError
@@ -345,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, CheckpointError) as exc:  # ConfigError, CodecError, OutputPathError are ValueErrors
-        print(f"run_text_generation: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
@@ -359,5 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "?")
         text = str(exc).strip().splitlines()
         line = f"{type(exc).__name__}: {text[0] if text else ''}"
-        print(f"run_text_generation: rank {rank}: error: {line}", file=sys.stderr)
+        print(f"{name}: rank {rank}: error: {line}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m megatron_tpcomp.textgen --load CKPT ...
+    raise SystemExit(main(prog="python -m megatron_tpcomp.textgen"))

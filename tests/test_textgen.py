@@ -86,9 +86,9 @@ def test_launcher_errors_are_clear(real_ckpt: Path, tmp_path: Path, capsys: pyte
     assert textgen.main(["--load", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "p.jsonl"
-    bad.write_text('{"text": "no prompt key"}\n')
+    bad.write_text('{"txt": "neither text nor prompt"}\n')
     assert textgen.main(["--load", str(real_ckpt), "--prompts-file", str(bad)]) == 2
-    assert 'p.jsonl:1: expected an object with a string "prompt"' in capsys.readouterr().err
+    assert 'p.jsonl:1: expected an object with a string "text" (or "prompt")' in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # the flag's own type check: a usage error
         textgen.main(["--load", str(real_ckpt), "--prompt", "x", "--tp-comm-compression", "int4:g3x"])
     assert info.value.code == 2 and "int4:g3x" in capsys.readouterr().err
@@ -97,3 +97,97 @@ def test_launcher_errors_are_clear(real_ckpt: Path, tmp_path: Path, capsys: pyte
     assert info.value.code == 2 and "argument --micro-batch-size: expected an integer >= 1, got '0'" in (
         capsys.readouterr().err
     )
+
+
+# ------------------------------------------------------------------- Megatron-LM's flag names, installed launcher
+
+
+def _value(argv: list[str], dest: str) -> object:
+    return getattr(textgen.build_parser().parse_args(["--load", "ck", *argv]), dest)
+
+
+@pytest.mark.parametrize(
+    ("dest", "megatron", "older"),
+    [
+        ("prompt", ["--prompts", "a", "b c"], ["--prompt", "a", "--prompt", "b c"]),
+        ("prompts_file", ["--prompt-file", "p.jsonl"], ["--prompts-file", "p.jsonl"]),
+        ("top_k", ["--top_k", "5"], ["--top-k", "5"]),
+        ("output", ["--output-path", "o.jsonl"], ["--output", "o.jsonl"]),
+        ("output", ["--output-path", "o.jsonl"], ["--out", "o.jsonl"]),
+        ("summary_json", ["--json", "s.json"], ["--summary-json", "s.json"]),
+        ("tp", ["--tensor-model-parallel-size", "2"], ["--tp", "2"]),
+        ("gen_tokens", ["--num-tokens-to-generate", "7"], ["--gen-tokens", "7"]),
+        ("quiet", ["--quiet"], ["-q"]),
+    ],
+)
+def test_launcher_aliases_parse_to_the_same_value(dest: str, megatron: list[str], older: list[str]) -> None:
+    assert _value(megatron, dest) == _value(older, dest)
+    assert _value(megatron, dest) != _value([], dest)  # the flag set something other than the default
+
+
+def test_launcher_load_alias_and_prompts_mix() -> None:
+    p = textgen.build_parser()
+    assert p.parse_args(["--model", "ck"]).model == p.parse_args(["--load", "ck"]).model == "ck"
+    # --prompts (Megatron-LM, several at once) and --prompt (repeatable) add to one list, in command-line order
+    assert p.parse_args(["--load", "ck", "--prompt", "x", "--prompts", "y", "z"]).prompt == ["x", "y", "z"]
+
+
+def test_launcher_timeout_in_minutes_or_seconds() -> None:
+    p = textgen.build_parser()
+    assert textgen.dist_timeout_s(p.parse_args(["--load", "ck"])) == 600.0  # Megatron-LM's default, 10 minutes
+    assert textgen.dist_timeout_s(p.parse_args(["--load", "ck", "--distributed-timeout-minutes", "2"])) == 120.0
+    assert textgen.dist_timeout_s(p.parse_args(["--load", "ck", "--dist-timeout", "90"])) == 90.0
+    both = p.parse_args(["--load", "ck", "--distributed-timeout-minutes", "2", "--dist-timeout", "90"])
+    with pytest.raises(ValueError, match="give one of the two"):
+        textgen.dist_timeout_s(both)
+
+
+def test_prompt_file_takes_megatron_lms_text_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"text": "Hello", "id": 3}) + "\n\n" + json.dumps({"prompt": "Bye", "text": "x"}) + "\n")
+    args = textgen.build_parser().parse_args(["--load", "ck", "--prompts", "first", "--prompt-file", str(path)])
+    assert textgen.read_prompts(args) == [
+        {"prompt": "first"},
+        {"text": "Hello", "id": 3, "prompt": "Hello"},  # the line's keys are kept, the prompt under "prompt" too
+        {"prompt": "Bye", "text": "x"},  # "prompt" wins when a line has both
+    ]
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [["-m", "megatron_tpcomp.cli", "generate", "--help"], ["-m", "megatron_tpcomp.textgen", "--help"]],
+    ids=["tpcomp generate", "python -m megatron_tpcomp.textgen"],
+)
+def test_installed_launcher_help(cmd: list[str]) -> None:
+    # Both run from the installed package, not from examples/: the working directory is not the repository.
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in ("--prompts", "--prompt-file", "--top_k", "--output-path", "--distributed-timeout-minutes"):
+        assert flag in proc.stdout
+    assert proc.stdout.count("(default: the checkpoint's)") == 1 and "(default: None)" not in proc.stdout
+
+
+def test_tpcomp_generate_at_tp1_says_compression_is_a_no_op(real_assets: None, tmp_path: Path) -> None:
+    # One real rank (TP=1) through `tpcomp generate`, which starts torchrun itself, with Megatron-LM's flag names.
+    from megatron_tpcomp import assets
+
+    ckpt = assets.ensure_checkpoint(assets.DEFAULT_MODEL, 1, progress=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": PROMPTS[1], "id": "file"}) + "\n")
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    argv = ["generate", "--load", str(ckpt), "--tensor-model-parallel-size", "1", "--prompts", PROMPTS[0]]
+    argv += ["--prompt-file", str(prompts), "--num-tokens-to-generate", "3", "--top_k", "1"]
+    argv += ["--output-path", str(out), "--json", str(summary), "--distributed-timeout-minutes", "5"]
+    argv += ["--tp-comm-compression", "int4:g32+had"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_tpcomp.cli", *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in records] == [None, "file"]
+    assert all(len(r["generated_tokens"]) == 3 for r in records)
+    # Before: "compression from flags: default int4:g32+had" and "compression summary: 0.00 MB ... (1.00x, ...)"
+    assert proc.stderr.count("compression is a no-op at TP=1 (nothing is exchanged)") >= 2, proc.stderr[-3000:]
+    assert "1.00x" not in proc.stderr and "compression enabled" not in proc.stderr
+    s = json.loads(summary.read_text())
+    assert s["tp"] == 1 and s["wire_bytes_per_rank"] == 0 and s["uncompressed_bytes_per_rank"] == 0

@@ -203,12 +203,15 @@ def partial_writer(path: str | None) -> Callable[[list[dict]], None] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_tpcomp.cliutil import HelpFormatter, add_specs_argument
+
     parser = argparse.ArgumentParser(
         prog="tpcomp bench codecs",
+        formatter_class=HelpFormatter,
         description="Codec encode/decode throughput (GB/s of input) vs torch.clone of the same tensor, medians "
         "of alternating runs. Messages are [tokens, 576] (SmolLM2 hidden size) with one outlier channel.",
     )
-    parser.add_argument("--specs", default=DEFAULT_SPECS, help=f"comma-separated codec specs (default {DEFAULT_SPECS})")
+    add_specs_argument(parser, DEFAULT_SPECS, "comma-separated codec specs")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")

@@ -332,8 +332,11 @@ def target_lines(records: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench collectives``: parse options, :func:`run`, print the table, write ``--json``."""
+    from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_specs_argument
+
     parser = argparse.ArgumentParser(
         prog="tpcomp bench collectives",
+        formatter_class=HelpFormatter,
         description="Compressed vs stock collectives (gloo, separate processes), measured alternately in the same "
         "run, optionally over a tc-shaped link between network namespaces (needs root). Reports medians, "
         "speedup = stock / compressed (codec included), bytes on the wire and the ideal time bytes/rate.",
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "none,1gbit as root, none otherwise",
     )
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"per-rank message sizes (default {DEFAULT_SIZES})")
-    parser.add_argument("--specs", default=DEFAULT_SPECS, help=f"codec specs (default {DEFAULT_SPECS})")
+    add_specs_argument(parser, DEFAULT_SPECS, "comma-separated codec specs, or auto (the cost model decides)")
     parser.add_argument(
         "--algo", default=DEFAULT_ALGOS, help=f"all-reduce algorithms: {', '.join(ALGOS)} (default {DEFAULT_ALGOS})"
     )
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 1800)")
     parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
+    add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
     args = parser.parse_args(argv)
 
     from megatron_tpcomp.codecs import CodecError, make_codec
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             burst=burst,
             limit=limit,
             timeout_s=args.timeout,
-            log=lambda msg: print(msg, flush=True),
+            log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
             on_records=partial_writer(args.json),
         )
     except (BenchError, ValueError) as exc:

@@ -416,8 +416,18 @@ def _ints(text: str, what: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench e2e``: parse options, :func:`run`, print the table and the targets, write ``--json``."""
+    from megatron_tpcomp.cliutil import (
+        HelpFormatter,
+        add_gen_tokens_argument,
+        add_load_argument,
+        add_quiet_argument,
+        add_specs_argument,
+        add_tp_argument,
+    )
+
     parser = argparse.ArgumentParser(
         prog="tpcomp bench e2e",
+        formatter_class=HelpFormatter,
         description="End-to-end TTFT and TPOT of a TP model through megatron-core's static inference engine, "
         "uncompressed vs each compression spec vs auto, alternating in one run (one gloo process per rank, "
         "optionally over a tc-shaped link between network namespaces; needs root). Reports medians, speedups "
@@ -427,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{INT4_SPEC} TTFT >= {INT4_TTFT_GOAL}x on the comm-bound link; auto within "
         f"{100 * AUTO_TOLERANCE:.0f}% of none on the fast link and in decode.",
     )
-    parser.add_argument("--tp", type=int, default=3, help="tensor-parallel size = rank processes (default 3)")
+    add_tp_argument(parser, 3, "tensor-parallel size = rank processes, >= 2", type=int)
     parser.add_argument(
         "--link",
         default=None,
@@ -437,24 +447,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt-lens", default=DEFAULT_PROMPT_LENS, help=f"prompt lengths in tokens (default {DEFAULT_PROMPT_LENS})"
     )
-    parser.add_argument(
-        "--gen-tokens",
+    add_gen_tokens_argument(
+        parser,
+        DEFAULT_GEN_TOKENS,
+        "tokens generated per run, >= 2; TPOT is the median decode step",
         type=int,
-        default=DEFAULT_GEN_TOKENS,
-        help=f"tokens generated per run, >= 2; TPOT is the median decode step (default {DEFAULT_GEN_TOKENS})",
     )
-    parser.add_argument(
-        "--specs",
-        default=DEFAULT_SPECS,
-        help=f"compression specs; none = uncompressed baseline (added when missing), auto = policy auto "
-        f"(default {DEFAULT_SPECS})",
+    add_specs_argument(
+        parser,
+        DEFAULT_SPECS,
+        "comma-separated compression specs; none = uncompressed baseline (added when missing), auto = policy auto",
     )
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed repetitions (default {DEFAULT_REPS})")
     parser.add_argument(
         "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed passes, shortest prompt (default {DEFAULT_WARMUP})"
     )
-    parser.add_argument(
-        "--model", default=None, help="checkpoint directory (tpcomp convert) at --tp; default SmolLM2-135M from assets"
+    add_load_argument(
+        parser, None, "checkpoint directory (tpcomp convert) at --tp (default: SmolLM2-135M from the assets cache)"
     )
     parser.add_argument(
         "--dtype",
@@ -475,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 3600)")
     parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
+    add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
     args = parser.parse_args(argv)
 
     from megatron_tpcomp.bench.codecs import parse_size
@@ -535,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             burst=burst,
             limit=limit,
             timeout_s=args.timeout,
-            log=lambda msg: print(msg, file=sys.stderr, flush=True),  # progress on stderr, results on stdout
+            # progress on stderr, results on stdout
+            log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
             on_records=partial_writer(args.json),
         )
     except (BenchError, ValueError) as exc:

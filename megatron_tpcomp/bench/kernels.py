@@ -401,8 +401,11 @@ def target_lines(records: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench kernels``: parse options, :func:`run`, print the table and the targets, write ``--json``."""
+    from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument
+
     parser = argparse.ArgumentParser(
         prog="tpcomp bench kernels",
+        formatter_class=HelpFormatter,
         description="GB/s of the INT4 CUDA kernels and the FP8 encode/decode (Transformer Engine and torch) vs "
         "the device's nominal memory bandwidth and a measured copy, at decode and prefill sizes. Bytes are the "
         "compulsory traffic (inputs read once, outputs written once); see the module docstring.",
@@ -421,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flush-l2", action="store_true", help="do not zero 256 MiB before each timed CUDA call")
     parser.add_argument("--nominal-gbps", type=float, default=None, help="nominal bandwidth (default: table lookup)")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list to FILE")
+    add_quiet_argument(parser, "no progress or skip lines (the table and errors only)")
     args = parser.parse_args(argv)
     try:
         sizes = [parse_size(s) for s in split_list(args.sizes)]
@@ -483,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         flush_l2=not args.no_flush_l2,
         nominal_gbps=args.nominal_gbps,
-        log=lambda msg: print(msg, flush=True),
+        log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
     )
     return report(records, format_table(records), target_lines(records), args.json)
 

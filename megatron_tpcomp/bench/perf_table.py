@@ -63,7 +63,11 @@ def _load_records(path: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tpcomp bench perf-table", description=__doc__.split("\n\n")[0])
+    from megatron_tpcomp.cliutil import HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="tpcomp bench perf-table", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--codecs", required=True, help="JSON of `tpcomp bench codecs` (two or more sizes per spec)")
     p.add_argument("--collectives", help="JSON of `tpcomp bench collectives` (link fit and prediction errors)")
     p.add_argument("--link", help="which link setting of the collective records to fit (e.g. 1gbit, none)")

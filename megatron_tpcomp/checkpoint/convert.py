@@ -185,8 +185,11 @@ def export_hf(ckpt: str | Path, output: str | Path, *, force: bool = False) -> P
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_tp_argument
+
     parser = argparse.ArgumentParser(
         prog="tpcomp convert",
+        formatter_class=HelpFormatter,
         description=(
             "Convert a Hugging Face Llama-family model (Llama, Mistral, Qwen2, SmolLM; safetensors + config.json), "
             "a GGUF file, or the embedded default 'smollm2-135m' into a Megatron-Core checkpoint sharded for "
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="HF model directory, .gguf file, megatron-tpcomp checkpoint, or smollm2-135m")
     parser.add_argument("output", help="directory to create")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for (default 1)")
+    add_tp_argument(parser, 1, "tensor-parallel size to shard for", type=int)
     parser.add_argument("--to", choices=["megatron", "hf"], default="megatron", help="output format")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored dtype (default fp32)")
     parser.add_argument(
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace OUTPUT if it is a checkpoint or HF export written by tpcomp (anything else is refused)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(parser, "no progress bars")
     return parser
 
 

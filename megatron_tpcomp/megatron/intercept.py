@@ -389,7 +389,9 @@ def enable(
     state.handles.append(model.register_forward_pre_hook(lambda m, a: _site_stack.clear()))
     _state[id(model)] = state
     logger.info(
-        "megatron-tpcomp: compression enabled: default %s, %d per-layer overrides",
+        "megatron-tpcomp: compression is a no-op at TP=1 (nothing is exchanged): default %s, %d per-layer overrides"
+        if state.tp_size == 1
+        else "megatron-tpcomp: compression enabled: default %s, %d per-layer overrides",
         config.default.spec,
         sum(len(v) for v in config.layers.values()),
     )

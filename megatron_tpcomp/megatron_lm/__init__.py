@@ -106,6 +106,7 @@ class LaunchState:
     chunks: list[Any] = field(default_factory=list)
     num_layers: int = 0
     rank: int = 0
+    tp: int = 0
     summary_path: str | None = None
     summary_done: bool = False
     warned: set[str] = field(default_factory=set)
@@ -231,6 +232,7 @@ def apply_to(model: Any) -> None:
     state.config = config
     state.chunks = model_chunks(model)
     state.num_layers = int(args.num_layers)
+    state.tp = int(getattr(args, "tensor_model_parallel_size", 0) or 0)
     if state.rank == 0:
         print(
             f"megatron-tpcomp: compression from {source} on {len(state.chunks)} model chunk(s): default "
@@ -347,7 +349,9 @@ def report() -> dict[str, Any] | None:
         return None
     state.summary_done = True
     result = summary(state.config, state.num_layers, intercept.telemetry_summary())
-    if state.rank == 0:
+    if state.rank == 0 and state.tp == 1:  # TP collectives are identities: "1.00x" would misread as "no gain"
+        print("megatron-tpcomp: compression summary: compression is a no-op at TP=1 (nothing is exchanged)")
+    elif state.rank == 0:
         codecs = sorted({s for blocks in result["per_layer_codec"].values() for s in blocks.values()})
         print(
             f"megatron-tpcomp: compression summary: {result['wire_bytes_per_rank'] / 1e6:.2f} MB sent per rank "
