@@ -6,8 +6,10 @@ and falls back to the legacy static engine. On a CPU the CUDA-only calls before 
 (megatron_tpcomp.megatron.cpu D1/D2: ``torch.cuda.synchronize``, pinned sampling metadata); what remains is
 attention itself: under dynamic batching megatron-core computes it over the paged KV cache only with
 flash-attn's CUDA kernels. These tests pin that boundary (the fallback must name flash-attn, never a CUDA call we
-could redirect), check that the script's default command still generates the launcher's tokens and bytes with
-compression, and, on a CUDA machine with flash-attn, run the dynamic engine itself through the zero-edit launch.
+could redirect); check that the script's default command, on a Megatron ``torch_dist`` checkpoint (written by
+megatron-core's own saver, read by Megatron-LM's own loader with ``--use-checkpoint-args``), still generates the
+launcher's tokens and bytes with compression; and, on a CUDA machine with flash-attn, run the dynamic engine
+itself through the zero-edit launch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from megatron_tpcomp.checkpoint import megatron_args, read_metadata
 from megatron_tpcomp.launch import run_distributed
+from tests.checkpoint.test_torch_dist import export
 from tests.megatron_lm.test_static_inference import PROMPTS, SPEC, TOKENS, _launcher, _static_script
 
 pytestmark = pytest.mark.megatron
@@ -66,18 +69,29 @@ def test_on_cpu_the_dynamic_engine_stops_only_at_flash_attention() -> None:
 
 @CPU_ONLY
 @pytest.mark.slow
-def test_the_scripts_default_engine_with_compression_equals_the_launcher(
+def test_the_scripts_default_engine_on_a_torch_dist_checkpoint_with_compression_equals_the_launcher(
     megatron_lm_dir: Path, described_ckpt: Path, tmp_path: Path
 ) -> None:
-    """What a user types: no --use-legacy-static-engine, the dynamic engine's buffer flag, compression on."""
+    """What a user holding a Megatron torch_dist checkpoint types: its --load with --use-checkpoint-args, the
+    dynamic engine's buffer flag (no --use-legacy-static-engine), and the one compression flag."""
+    pytest.importorskip("psutil", reason="megatron-core's torch_dist saver needs psutil (pip install psutil)")
+    td = tmp_path / "td"
+    written = export(described_ckpt, td, 3)  # megatron-core's own saver, 3 gloo ranks
+    assert written.returncode == 0, written.stderr[-3000:]
     meta = read_metadata(described_ckpt)
     out = tmp_path / "megatron.json"
-    flags = " ".join(megatron_args.flag_line(meta.model_config, 3, meta.dtype, described_ckpt, cpu=True)).split()
+    flags = ["--load", str(td), "--use-checkpoint-args", "--tensor-model-parallel-size", "3"]
+    flags += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(td)]
+    # --use-checkpoint-args leaves norm_epsilon alone (megatron_args.py): given as `tpcomp megatron-args` does.
+    flags += ["--norm-epsilon", repr(meta.model_config.norm_epsilon)]
+    flags += [f for flag in megatron_args.CPU_FLAGS for f in flag.split()]
     flags += ["--tp-comm-compression", SPEC, "--tp-comm-compression-summary", str(tmp_path / "summary-{rank}.json")]
     flags += ["--prompts", *PROMPTS, "--num-tokens-to-generate", str(TOKENS), "--top_k", "1"]
     flags += ["--output-path", str(out), "--inference-dynamic-batching-buffer-size-gb", "0.2"]
     proc = _static_script(megatron_lm_dir, flags, tmp_path)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert f"loading release distributed checkpoint from {td}" in proc.stdout  # Megatron-LM's torch_dist loader
+    assert "Setting rotary_base to 100000 from checkpoint" in proc.stdout  # the args our writer stored
     reasons = [line for line in proc.stderr.splitlines() if FALLBACK in line]
     assert len(reasons) == 3, proc.stderr[-3000:]  # every rank tried the dynamic engine, and said why not
     assert all(("flash_attn" in r or "flash attn" in r) and "pin_memory" not in r for r in reasons), reasons
