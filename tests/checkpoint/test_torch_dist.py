@@ -132,6 +132,21 @@ def test_a_torch_dist_directory_given_as_a_tpcomp_checkpoint_says_how_to_convert
         read_metadata(td)
 
 
+def test_an_iteration_directory_and_a_training_checkpoint_layout(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Megatron-LM's training saves go to ``iter_000000N`` named by the tracker; the iteration directory itself
+    may be given too (the tokenizer is then found beside the tracker)."""
+    import shutil
+
+    _, td = tiny
+    root = Path(shutil.copytree(td, tmp_path / "ckpt"))
+    (root / "release").rename(root / "iter_0000005")
+    (root / "latest_checkpointed_iteration.txt").write_text("5\n")
+    cfg, full, info = read_any(root)
+    _, again, info2 = read_any(root / "iter_0000005")
+    assert info["iteration"] == info2["iteration"] == 5 and set(full) == set(again)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
 def _compare_loaders(rank: int, world_size: int, td: str, ref: str) -> dict[str, object]:
     from megatron.core import dist_checkpointing
 
