@@ -1,6 +1,6 @@
 """Megatron ``torch_dist`` checkpoints (megatron-core's ``dist_checkpointing``): read, load at any TP size, write.
 
-What Megatron-LM's ``save_checkpoint`` writes with ``--ckpt-format torch_dist`` (its default since 0.10)::
+What Megatron-LM's ``save_checkpoint`` writes with ``--ckpt-format torch_dist`` (its default in 0.16)::
 
     CKPT/
       latest_checkpointed_iteration.txt   "release" or the iteration number N
@@ -35,8 +35,8 @@ learned positions, biases other than QKV, RoPE scaling) is refused by name, neve
 Nothing in the directory is trusted. ``.metadata`` is a pickle; torch reads it with plain ``pickle.load``, so it
 is unpickled here with only torch.distributed.checkpoint's own metadata classes allowed (:func:`_read_index`),
 and only that parsed index is handed to torch's reader. ``common.pt`` and every chunk load weights-only. Every
-file a chunk lies in must be a plain file of the directory, present and long enough, before anything is read; a
-tensor whose chunks do not cover it is detected (filled with NaN first, checked finite after).
+file a chunk lies in must be a plain file of the directory, present and long enough, and the chunks of every model
+tensor must cover it exactly, without overlap, before anything is read (:func:`_check_chunks`).
 """
 
 from __future__ import annotations
