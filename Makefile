@@ -1,5 +1,5 @@
 # The two commands of the README quickstart. Both create .venv/ (idempotent) before they run.
-#   make demo   the main job: SmolLM2-135M converted, TP=3 over local gloo processes, with and without INT4
+#   make demo   SmolLM2-135M converted, TP=3 over local gloo processes: uncompressed vs searched config vs INT4
 #   make test   the test suite
 PY := .venv/bin/python
 MCORE ?= 0.16.1

@@ -11,7 +11,7 @@ per-channel statistics of every rank's partial sum before it is reduced:
 
 Outlier channels (Dong et al.): the top-``k`` channels by ``absmax`` travel in BF16 and the rest in the chosen
 low-bit format. Consistency is reported as the overlap (|A ∩ B| / k) of the chosen set with the top-k of each
-calibration window (``window_overlap``, mean) and of held-out text (``heldout_overlap``): FACTS.md found the set
+calibration window (``window_overlap``, mean) and of held-out text (``heldout_overlap``): on SmolLM2 the set is
 stable only where outliers are massive. The written per-layer config gives every block ``SPEC+outliers`` with its
 channel table; ``tpcomp eval --config`` measures it and ``tpcomp convert --compression-config`` embeds it.
 """

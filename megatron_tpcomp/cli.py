@@ -7,7 +7,7 @@ Subcommands:
     eval            quality cost of compressed TP communication on real text (perplexity, KL, top-1, greedy)
     generate        text generation through megatron-core's static engine with compressed TP communication: starts
                     one local process per TP rank (or, under torchrun, is one rank); Megatron-LM's flag names
-    demo            the main job: SmolLM2-135M at TP=3 over local gloo processes, generating with and without INT4
+    demo            SmolLM2-135M at TP=3 over local gloo processes: uncompressed vs a searched config vs INT4
     collectives-demo
                     compressed all-reduce over several local processes (gloo), side by side with the stock one
     specs           list the codec presets with their exact bits per value, or check one spec

@@ -37,7 +37,7 @@ Algorithms for all-reduce (``algo``), P = payload bytes of the whole tensor:
   rank sends ``(N-1) * P`` bytes.
 - ``two-shot`` (QuickReduce, Flash Communication): split into N chunks, encode each, all-to-all, decode and
   sum my chunk, requantize it once, all-gather the reduced chunks. Two rounds, about ``2 (N-1)/N * P`` bytes
-  per rank, but the second quantization roughly doubles the error (FACTS.md: int4 g32 +12% -> +33% ppl).
+  per rank, but the second quantization roughly doubles the error (measured on SmolLM2: int4 g32 +12% -> +33% ppl).
 - ``auto``: :func:`choose_algo`, a table keyed by world size (see ``TWO_SHOT_MIN_BYTES``).
 """
 
@@ -64,14 +64,14 @@ ALGOS = ("auto", "one-shot", "two-shot")
 
 #: Default minimum message size (bytes of the uncompressed input) for compression. 0 = compress everything
 #: eligible. Production callers set a threshold: decode-time messages of a few KB are latency-bound and the
-#: codec only adds time (ANCHORS.md lesson 2); the benchmarks will write measured thresholds.
+#: codec only adds time (every peer system gates by size); the benchmarks will write measured thresholds.
 DEFAULT_MIN_BYTES = 0
 
 #: ``auto`` all-reduce: world size -> smallest message (uncompressed bytes) for which two-shot is used; None =
 #: never; world sizes not listed use ``TWO_SHOT_DEFAULT_MIN_BYTES``. Why, per rank and payload P:
 #: one-shot sends (N-1)*P in one round; two-shot sends 2(N-1)/N*P in two rounds and quantizes twice.
 #:   N=2: both send P; two-shot only adds a round and a second quantization -> never.
-#:   N=3: 2P vs 1.33P; a third fewer bytes does not pay for doubling the error (FACTS.md) -> never.
+#:   N=3: 2P vs 1.33P; a third fewer bytes does not pay for doubling the error -> never.
 #:   N>=4: (N-1)P vs <2P: two-shot wins on bytes once the message is bandwidth-bound rather than
 #:   latency-bound (two rounds). 512 KiB is a placeholder until the benchmark writes measured thresholds.
 TWO_SHOT_MIN_BYTES: dict[int, int | None] = {1: None, 2: None, 3: None}

@@ -79,7 +79,7 @@ MAX_CONFIG_BYTES = 8 << 20
 #: Most values (mapping entries and list items, nested, counted as written out) in one config: the same 70B-class
 #: table is 1.3M.
 MAX_CONFIG_ENTRIES = 2_000_000
-#: The codec behind the bare spec ``auto``: the best 4.5-bit format in FACTS.md's SmolLM2 table.
+#: The codec behind the bare spec ``auto``: the best 4.5-bit format measured on SmolLM2.
 AUTO_DEFAULT_SPEC = "int4:g32+had"
 
 

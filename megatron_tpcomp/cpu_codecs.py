@@ -1,6 +1,6 @@
 """Fused CPU codecs (``kernels/cpu_codecs.cpp``): one pass over memory per direction, bytes equal to the reference.
 
-On a CPU the codec's own speed decides whether compression pays (FACTS.md): the torch reference codecs make
+On a CPU the codec's own speed decides whether compression pays: the torch reference codecs make
 five to ten passes over memory per direction (blocks, amax, scale, round, clamp, pack, ...). This library does
 each direction in one: encode reads a tile of the input, rotates it (``+had``) and quantizes it in L1 cache;
 decode-sum reads the N payloads of an all-reduce tile by tile, adds the decoded values in fp32, rotates back

@@ -1,4 +1,4 @@
-"""The main job (``make demo`` / ``tpcomp demo``): a real pretrained LLM served with compressed TP communication.
+"""The demo (``make demo`` / ``tpcomp demo``): a real pretrained LLM served with compressed TP communication.
 
 Converts the embedded SmolLM2-135M once (cached), starts TP=3 local processes over gloo, and runs three
 settings of the row-parallel all-reduces in the same ranks: uncompressed, the shipped searched per-layer config

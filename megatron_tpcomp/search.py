@@ -1,6 +1,6 @@
 """Per-layer format search under a quality budget (``tpcomp calibrate --search``).
 
-FACTS.md measured on SmolLM2-135M that the KL damage of compressing several collectives is almost exactly the sum
+On SmolLM2-135M the KL damage of compressing several collectives is almost exactly the sum
 of the damages of compressing each alone (60 single-collective KLs summed to 0.122 vs 0.123 all at once). So:
 
 1. Sensitivity: for every transformer-layer site (layer x attention|mlp) and candidate, compress ONLY that
@@ -30,9 +30,9 @@ Candidates are ``SPEC`` or ``SPEC@ALGO`` (ALGO: ``one-shot``, the default, or ``
 - Bits per value of a candidate come from its codec (``Codec.bits_per_value`` of a ``[context, hidden]``
   message, scales and the outlier table included), never from a table.
 - The all-reduce algorithm is part of a candidate because it changes quality: two-shot requantizes the reduced
-  chunk, which roughly doubles the noise (FACTS.md), so a ``@two-shot`` candidate's sensitivity is measured
+  chunk, which roughly doubles the noise, so a ``@two-shot`` candidate's sensitivity is measured
   with two-shot. Whether that pays depends on the objective:
-  ``bits`` (default; the issue's metric, what ``tpcomp eval`` reports): payload bits per value. Two-shot sends
+  ``bits`` (default; what ``tpcomp eval`` reports): payload bits per value. Two-shot sends
   the same payload with more KL, so it never wins and the default candidates are one-shot only.
   ``wire``: bits each rank puts on the wire per value, in units of the stock bf16 ring all-reduce
   (``2 (N-1)/N x 16`` bits = 16): one-shot costs ``bits x N/2``, two-shot ``bits``, uncompressed 16. At N=3

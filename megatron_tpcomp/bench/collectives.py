@@ -20,7 +20,7 @@ Messages are ``[tokens, 576]`` (SmolLM2-135M's hidden size, like ``tpcomp bench 
 channel 300x larger, different on every rank; ``bytes`` is each rank's input. The time of one repetition is the
 slowest rank's (ranks start each timed call together after a barrier). Ideal times count payload bytes only:
 Ethernet/IP/TCP framing adds about 5% at MTU 1500, and tbf lets ``burst`` bytes through unshaped after idle
-time (both reported in ``link_info``; FACTS.md "A slow link on one machine").
+time (both reported in ``link_info``).
 
 Target (a goal, not a test): 2 ranks at 1 Gbit/s, 8 MiB bf16 all-reduce: ``int4:g32`` >= 3.0x faster than
 the stock bf16 all-reduce including codec time (the byte ratio caps it at 3.56x), ``fp8`` >= 1.7x.
@@ -69,7 +69,7 @@ FIXED_ALGO = {"all_gather": "all-gather", "reduce_scatter": "all-to-all"}
 #: Rendezvous port inside rank 0's namespace: the namespace is ours alone, so a fixed port cannot collide.
 NS_MASTER_PORT = 29500
 WORKER = "megatron_tpcomp.bench.collectives_worker"
-#: Record keys every record has (the issue's list, then the extras).
+#: Record keys every record has (the documented list, then the extras).
 REQUIRED_KEYS = (
     "op",
     "spec",

@@ -68,7 +68,7 @@ DEFAULT_WARMUP = 1
 DEFAULT_TIMEOUT_S = 3600.0
 BASELINE = "none"
 WORKER = "megatron_tpcomp.bench.e2e_worker"
-#: Record keys every record has (the issue's list, then the extras).
+#: Record keys every record has (the documented list, then the extras).
 REQUIRED_KEYS = (
     "spec",
     "prompt_len",

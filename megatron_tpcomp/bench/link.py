@@ -27,7 +27,7 @@ Topology:
   caller's namespace, so closing is deleting the namespaces (their interfaces go with them).
 
 Burst: tbf lets ``burst`` bytes pass at once after an idle period, then ``rate``. Too large a burst lets
-small messages skip the shaping (4 MB let messages under ~4 MB partly through unshaped, FACTS.md); the
+small messages skip the shaping (4 MB let messages under ~4 MB partly through unshaped); the
 default, :data:`DEFAULT_BURST_S` worth of bytes at the rate (at least :data:`MIN_BURST`), keeps that share
 small. ``limit`` (the queue, bytes) is large (:data:`DEFAULT_LIMIT_S` at the rate, at least
 :data:`MIN_LIMIT`) because a drop costs a TCP retransmission timeout that a real NIC queue would not cause.

@@ -1,7 +1,7 @@
 """Randomized Hadamard rotation before quantization (``+had``, ``+had:b64``), wrapping any non-row-structured codec.
 
 A rotation spreads a block's energy evenly over its values, so one large value no longer sets the scale of
-its whole quantization group alone (FACTS.md: int4 g32 +12.4% perplexity on SmolLM2 -> +4.6% with ``+had:b32``;
+its whole quantization group alone (measured: int4 g32 +12.4% perplexity on SmolLM2 -> +4.6% with ``+had:b32``;
 a larger rotation block spreads a massive outlier over more groups and helps less: +11.3% with ``b128``).
 
 Transform: the input is flattened row-major, converted to fp32 and zero-padded to a multiple of ``block``

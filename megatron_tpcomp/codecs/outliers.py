@@ -2,7 +2,7 @@
 
 Dong et al.: the features TP ranks exchange have consistent outlier channels; sending the top ~hidden/64 of
 them in BF16 and the rest in INT4 keeps ~98-99.5% of task quality at ~4.2 bits per value. In SmolLM2-135M the
-down_proj partials carry channels up to ~59,000x the median (FACTS.md); in a group of 32 such a value sets
+down_proj partials carry channels up to ~59,000x the median (measured); in a group of 32 such a value sets
 the scale and the other 31 values round to zero.
 
 Channels are indices into the LAST dimension (hidden). The input is viewed as ``[rows, h]`` with

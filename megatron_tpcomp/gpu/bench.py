@@ -8,7 +8,7 @@
 - the torch reference (``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_GPU_KERNELS=reference``) the same way.
 Sizes: ``decode`` = one token of SmolLM2's hidden size (1 x 576 bf16), ``prefill`` = 8 MiB of bf16 (7281 x 576).
 Times are medians of ``--reps`` runs after 3 warm-ups (CUDA events on a GPU, perf_counter on CPU).
-The issue's target: encode and decode-sum at prefill sizes >= 70% of the copy bandwidth.
+The target: encode and decode-sum at prefill sizes >= 70% of the copy bandwidth.
 """
 
 from __future__ import annotations
