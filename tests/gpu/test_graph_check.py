@@ -1,0 +1,89 @@
+"""``python -m megatron_tpcomp.gpu.graph_check``: its argument handling everywhere; the capture itself on CUDA.
+
+On a CPU machine the check must say ``skipped: no CUDA`` (the GPU check's ``cuda_graph_capture`` step reads that
+line) after validating its arguments, so a bad spec or shape fails the same way with or without a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_tpcomp.gpu import graph_check
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the CUDA test covers a GPU")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The module as the GPU check runs it (a fresh interpreter: the dispatch's env var is read there)."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_tpcomp.gpu.graph_check", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(("text", "shape"), [("4x576", (4, 576)), ("576", (576,)), ("2X3x64", (2, 3, 64))])
+def test_parse_shape(text: str, shape: tuple[int, ...]) -> None:
+    assert graph_check.parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["", "4x", "0x576", "4x-1", "four", "4.5x2"])
+def test_parse_shape_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=f"shape {text!r}: expected dimensions >= 1"):
+        graph_check.parse_shape(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--spec", "int4:g7"], "--spec 'int4:g7': invalid codec spec 'int4:g7'"),
+        (["--spec", "bogus"], "unknown codec 'bogus'"),
+        (["--shape", "4x0"], "--shape: shape '4x0'"),
+        (["--count", "0"], "--count 0: expected an integer >= 1"),
+        (["--modes", "auto,fast"], "--modes 'auto,fast': expected a comma-separated list from auto, triton, reference"),
+        (["--modes", ","], "--modes ','"),
+        (["--dtype", "int8"], "invalid choice: 'int8'"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_value(args: list[str], expected: str) -> None:
+    res = cli(*args)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert expected in res.stderr, res.stderr
+    assert "skipped" not in res.stdout  # rejected before the device is looked at
+
+
+@NO_CUDA
+def test_without_cuda_it_says_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "graph.json"
+    res = cli("--json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "skipped: no CUDA"
+    result = json.loads(out.read_text())
+    assert result["status"] == "skipped" and result["reason"] == "no CUDA" and result["modes"] == []
+    # The spec is canonicalised (validated) even when nothing runs.
+    assert result["spec"] == "int4:g32:sfp16+had:b32" and result["shape"] == [4, 576] and result["count"] == 2
+
+
+@NO_CUDA
+def test_run_without_cuda_validates_the_spec_first() -> None:
+    with pytest.raises(ValueError, match="int4:g7"):
+        graph_check.run("int4:g7")
+    assert graph_check.run(dtype=torch.float16)["dtype"] == "float16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph: needs CUDA")
+def test_capture_and_replay_equal_eager_on_cuda() -> None:
+    """Both dispatch modes: bit-identical replay on two inputs (the module docstring says why exactly)."""
+    result = graph_check.run()
+    assert result["status"] == "ok", result
+    assert [m["mode"] for m in result["modes"]] == ["auto", "reference"]
+    for m in result["modes"]:
+        assert m["max_abs_diff_a"] == 0.0 and m["max_abs_diff_b"] == 0.0, m
