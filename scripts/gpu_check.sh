@@ -11,8 +11,19 @@
 #   tests_interpret  pytest tests/gpu -k interpret with TRITON_INTERPRET=1 (the CI path, on this machine)
 #   bench_kernels    python -m megatron_tpcomp.gpu.bench: GB/s of the Triton encode/decode-sum vs the device's
 #                    copy bandwidth, decode (1x576) and prefill (8 MiB) sizes, JSON in DIR/bench.json
-#   report           DIR/gpu_check.json: per step its command, exit code, seconds and the tail of its log
-# --dry-run prints every step's command and time limit and runs nothing.
+#   cuda_graph_capture  python -m megatron_tpcomp.gpu.graph_check: one compressed all_reduce (encode + decode_sum
+#                    of int4:g32+had through the dispatch, Triton and torch reference) captured in a CUDA graph,
+#                    replayed on two inputs and bit-compared with eager; JSON in DIR/graph_check.json
+#   megatron_dynamic_engine  pytest tests/megatron_lm/test_dynamic_engine.py -k on_gpu: Megatron-LM's
+#                    gpt_static_inference.py through the zero-edit launch, dynamic engine and legacy static engine,
+#                    stock and int4:g32+had. Says which of megatron-core and flash-attn are installed (this
+#                    machine has them only where their wheels were carried and installed); without megatron-core,
+#                    or when pytest skips (flash-attn, Megatron-LM source, the SmolLM2 assets missing), the step
+#                    passes saying "skipped: <reason>" (pytest's own reason). Megatron-LM's static-engine CPU test
+#                    (test_static_inference.py) is gloo-only and skips on CUDA; the legacy run here covers it.
+#   report           DIR/gpu_check.json: per step its command, exit code, seconds, skip reasons and log tail
+# --dry-run prints every step's command and time limit and runs nothing. --only STEP[,STEP...] runs (or lists)
+# just those steps, in the order above: e.g. the long Megatron step alone with a larger TIMEOUT_ in its own command.
 # Environment: PYTHON (default python3), GPU_CHECK_OUT (default DIR = $OUT if set, else ./gpu_check_out),
 # TIMEOUT_<STEP> in seconds to override a step's limit. Needs pytest on the machine for the test steps
 # (a step that cannot run reports why and the check goes on).
@@ -21,30 +32,99 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 out=${GPU_CHECK_OUT:-${OUT:-$root/gpu_check_out}}
 dry=0
+only=""
+all_steps=(env build_cuda_ext tests_gpu tests_interpret bench_kernels cuda_graph_capture megatron_dynamic_engine)
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry=1 ;;
-    --out) out=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument '$1'; expected --dry-run, --out DIR or --help" >&2; exit 2 ;;
+    --out) out=${2:?gpu_check: --out needs a directory}; shift ;;
+    --only) only=${2:?gpu_check: --only needs a comma-separated list of steps}; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$1'; expected --dry-run, --out DIR, --only STEP[,STEP] or --help" >&2; exit 2 ;;
   esac
   shift
 done
 
-steps=(env build_cuda_ext tests_gpu tests_interpret bench_kernels)
+steps=("${all_steps[@]}")
+if [[ -n $only ]]; then
+  IFS=, read -r -a wanted <<<"$only"
+  for w in "${wanted[@]}"; do
+    if [[ " ${all_steps[*]} " != *" $w "* ]]; then
+      echo "gpu_check: --only: unknown step '$w'; expected steps from: ${all_steps[*]}" >&2; exit 2
+    fi
+  done
+  steps=()
+  for s in "${all_steps[@]}"; do
+    [[ ",$only," == *",$s,"* ]] && steps+=("$s")
+  done
+fi
+
+# The megatron_dynamic_engine step's runner (read from the environment by the step's python -c): reports which of
+# megatron-core and flash-attn are installed, runs the pytest command it is given, and turns pytest's skip
+# reasons into "skipped: <reason>" lines (the report collects them). Without megatron-core the test module cannot
+# even be imported (it builds Megatron models), so that case is reported without running pytest.
+read -r -d '' GPU_CHECK_PYTEST_STEP <<'PY'
+import importlib.metadata as md, importlib.util, re, subprocess, sys
+
+def installed(module, dist):
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except ModuleNotFoundError:  # the parent package (megatron) is absent
+        return None
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "(version unknown: not from a wheel)"
+
+core = installed("megatron.core", "megatron-core")
+fa = installed("flash_attn", "flash-attn") or installed("flash_attn_3", "flash-attn-3")
+for name, version in (("megatron-core", core), ("flash-attn", fa)):
+    print(f"{name}: " + (f"installed {version}" if version else "not installed (carry its wheel and pip install it on this machine first)"))
+if core is None:
+    print("skipped: megatron-core is not installed, so the dynamic-engine test cannot be imported")
+    raise SystemExit(0)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+lines = []
+for line in proc.stdout:
+    print(line, end="", flush=True)
+    lines.append(line.rstrip("\n"))
+rc = proc.wait()
+reasons = []
+for line in lines:
+    m = re.match(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)$", line)
+    if m and m.group(1) not in reasons:
+        reasons.append(m.group(1))
+ran = any(re.search(r"\d+ (passed|failed|error)", line) for line in lines[-3:])
+if rc == 5:
+    print("gpu_check: pytest selected no test (renamed?): " + " ".join(sys.argv[1:]))
+    raise SystemExit(1)
+if rc == 0 and reasons and not ran:
+    for reason in reasons:
+        print(f"skipped: {reason}")
+raise SystemExit(rc)
+PY
+export GPU_CHECK_PYTEST_STEP
 declare -A cmd limit
 cmd[env]="nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader && $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__); assert torch.cuda.is_available(), \"torch sees no CUDA device\"' && nvcc --version | tail -n 1"
 cmd[build_cuda_ext]="cd '$root' && TORCH_CUDA_ARCH_LIST=\$($py -c 'import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())') $py setup.py build_ext --inplace && $py -c 'from megatron_tpcomp import kernels; ok, why = kernels.cuda_int4_available(); print(\"INT4 CUDA extension:\", ok, why); raise SystemExit(0 if ok else 1)'"
 cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/gpu"
 cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/gpu -k interpret"
 cmd[bench_kernels]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.gpu.bench --json '$out/bench.json'"
-# Limits add up to 460 s: the check fits one 8-minute command with room for the report and process starts.
-# tests_gpu gets the most: it compiles every kernel variant the tests use (Triton caches them for the bench).
+cmd[cuda_graph_capture]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.gpu.graph_check --spec int4:g32+had --json '$out/graph_check.json'"
+cmd[megatron_dynamic_engine]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION $py -c \"\$GPU_CHECK_PYTEST_STEP\" $py -m pytest -q -rs -p no:cacheprovider tests/megatron_lm/test_dynamic_engine.py -k on_gpu"
+# Limits add up to 580 s: the whole check fits one 10-minute command with room for the report and process
+# starts (the first five steps alone, 460 s, fit 8 minutes). tests_gpu gets the most: it compiles every kernel
+# variant the tests use (Triton caches them for the bench and the graph check). megatron_dynamic_engine skips in
+# seconds without megatron-core or flash-attn; with both, its four Megatron-LM launches may need more than 90 s:
+# run it alone (--only megatron_dynamic_engine, TIMEOUT_MEGATRON_DYNAMIC_ENGINE=540).
 limit[env]=${TIMEOUT_ENV:-15}
 limit[build_cuda_ext]=${TIMEOUT_BUILD_CUDA_EXT:-100}
 limit[tests_gpu]=${TIMEOUT_TESTS_GPU:-240}
 limit[tests_interpret]=${TIMEOUT_TESTS_INTERPRET:-45}
 limit[bench_kernels]=${TIMEOUT_BENCH_KERNELS:-60}
+limit[cuda_graph_capture]=${TIMEOUT_CUDA_GRAPH_CAPTURE:-30}
+limit[megatron_dynamic_engine]=${TIMEOUT_MEGATRON_DYNAMIC_ENGINE:-90}
 
 if [[ $dry -eq 1 ]]; then
   for s in "${steps[@]}"; do
@@ -73,12 +153,13 @@ report = {"steps": []}
 for name in os.environ["STEPS"].split():
     rc, secs = (out / f"{name}.rc").read_text().split()
     log = (out / f"{name}.log").read_text(errors="replace")
+    skipped = [line[len("skipped: "):] for line in log.splitlines() if line.startswith("skipped: ")]
     report["steps"].append({"name": name, "exit": int(rc), "ok": rc == "0", "timed_out": rc in ("124", "137"),
-                            "seconds": int(secs) / 1000, "log_tail": log[-3000:]})
-bench = out / "bench.json"
-if bench.exists():
-    report["bench"] = json.loads(bench.read_text())
+                            "skipped": skipped, "seconds": int(secs) / 1000, "log_tail": log[-3000:]})
+for key, name in (("bench", "bench.json"), ("graph_check", "graph_check.json")):
+    if (out / name).exists():
+        report[key] = json.loads((out / name).read_text())
 report["ok"] = all(s["ok"] for s in report["steps"])
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-print(f"gpu_check: report {out / 'gpu_check.json'}: " + ", ".join(f"{s['name']}={'ok' if s['ok'] else 'FAIL'}" for s in report["steps"]))
+print(f"gpu_check: report {out / 'gpu_check.json'}: " + ", ".join(f"{s['name']}={('skipped' if s['skipped'] else 'ok') if s['ok'] else 'FAIL'}" for s in report["steps"]))
 PY

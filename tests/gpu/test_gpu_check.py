@@ -1,7 +1,9 @@
-"""``scripts/gpu_check.sh``: the steps it lists with ``--dry-run`` and that it reports every step past failures."""
+"""``scripts/gpu_check.sh``: the steps it lists with ``--dry-run``, ``--only``, that it reports every step past
+failures, and that a step pytest skips (or that cannot import megatron-core) passes saying ``skipped: <reason>``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,10 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ("env", "build_cuda_ext", "tests_gpu", "tests_interpret", "bench_kernels")
+STEPS = (
+    "env",
+    "build_cuda_ext",
+    "tests_gpu",
+    "tests_interpret",
+    "bench_kernels",
+    "cuda_graph_capture",
+    "megatron_dynamic_engine",
+)
+KERNEL_STEPS = STEPS[:5]
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -36,10 +48,31 @@ def test_gpu_check_dry_run_lists_every_step():
     assert "TRITON_INTERPRET=1" in by_step["tests_interpret"] and "-k interpret" in by_step["tests_interpret"]
     assert "megatron_tpcomp.gpu.bench" in by_step["bench_kernels"]
     assert "/nonexistent/gpu_check_out/bench.json" in by_step["bench_kernels"]
+    assert "megatron_tpcomp.gpu.graph_check --spec int4:g32+had" in by_step["cuda_graph_capture"]
+    assert "/nonexistent/gpu_check_out/graph_check.json" in by_step["cuda_graph_capture"]
+    dyn = by_step["megatron_dynamic_engine"]
+    assert "tests/megatron_lm/test_dynamic_engine.py -k on_gpu" in dyn and "-rs" in dyn  # -rs: skip reasons
     assert "/nonexistent/gpu_check_out/gpu_check.json" in by_step["report"]
-    limits = [int(re.search(r"\(limit (\d+) s\)", by_step[s]).group(1)) for s in STEPS]
-    assert sum(limits) <= 8 * 60 - 20, f"step limits {limits} leave no room in an 8-minute command"
+    limits = {s: int(re.search(r"\(limit (\d+) s\)", by_step[s]).group(1)) for s in STEPS}
+    assert sum(limits.values()) <= 10 * 60 - 20, f"step limits {limits} leave no room in a 10-minute command"
+    kernel = sum(limits[s] for s in KERNEL_STEPS)
+    assert kernel <= 8 * 60 - 20, f"kernel step limits {limits} leave no room in an 8-minute command"
     assert not Path("/nonexistent/gpu_check_out").exists()
+
+
+def test_gpu_check_only_selects_steps_in_order():
+    res = run("--dry-run", "--only", "megatron_dynamic_engine,env")
+    assert res.returncode == 0, res.stderr
+    found = re.findall(r"gpu_check: step (\w+)", res.stdout)
+    assert found == ["env", "megatron_dynamic_engine", "report"], res.stdout
+
+
+@pytest.mark.parametrize("only", ["bench", "env,,nope"])
+def test_gpu_check_only_rejects_unknown_steps(only):
+    res = run("--dry-run", "--only", only)
+    bad = "bench" if only == "bench" else ""
+    assert res.returncode == 2, res.stdout
+    assert f"--only: unknown step '{bad}'" in res.stderr and "megatron_dynamic_engine" in res.stderr
 
 
 def test_gpu_check_rejects_unknown_argument():
@@ -55,11 +88,54 @@ def test_gpu_check_reports_every_step_past_failures(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["name"] for s in report["steps"]] == list(STEPS)
     for step in report["steps"]:
-        assert set(step) >= {"exit", "ok", "timed_out", "seconds", "log_tail"}
+        assert set(step) >= {"exit", "ok", "timed_out", "skipped", "seconds", "log_tail"}
         if not step["ok"]:
             assert step["exit"] != 0
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
         assert report["ok"] is False and not report["steps"][0]["ok"], "no GPU here: the env step must fail"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer; on a GPU the step runs the capture")
+def test_cuda_graph_capture_step_says_skipped_without_cuda(tmp_path):
+    res = run("--only", "cuda_graph_capture", "--out", str(tmp_path), PYTHON=sys.executable)
+    assert res.returncode == 0, res.stderr
+    (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert step["ok"] and step["skipped"] == ["no CUDA"], step
+    assert "cuda_graph_capture=skipped" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer: pytest skips the GPU test here")
+def test_megatron_dynamic_engine_step_reports_pytest_s_skip_reason(tmp_path):
+    """Here (no CUDA, no flash-attn) pytest skips the dynamic-engine GPU test; the step passes with its reason."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed: the step reports that instead")
+    res = run("--only", "megatron_dynamic_engine", "--out", str(tmp_path), PYTHON=sys.executable)
+    assert res.returncode == 0, res.stderr
+    (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert step["ok"], step["log_tail"]
+    (reason,) = step["skipped"]
+    assert reason.startswith("the dynamic engine needs CUDA and flash-attn"), reason
+    log = (tmp_path / "megatron_dynamic_engine.log").read_text()
+    assert "megatron-core: installed" in log and "SKIPPED [2]" in log
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    assert ("flash-attn: installed" if has_fa else "flash-attn: not installed") in log
+
+
+def test_megatron_dynamic_engine_step_without_megatron_core(tmp_path):
+    """A ``megatron`` package without ``core`` first on the path (what a bare GPU machine's import sees: no
+    megatron.core): the step says which package is missing and skips without running pytest."""
+    (tmp_path / "path" / "megatron").mkdir(parents=True)
+    (tmp_path / "path" / "megatron" / "__init__.py").write_text("")
+    out = tmp_path / "out"
+    res = run(
+        "--only", "megatron_dynamic_engine", "--out", str(out), PYTHON=sys.executable, PYTHONPATH=str(tmp_path / "path")
+    )
+    assert res.returncode == 0, res.stderr
+    (step,) = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert step["ok"] and step["skipped"] == [
+        "megatron-core is not installed, so the dynamic-engine test cannot be imported"
+    ], step
+    log = (out / "megatron_dynamic_engine.log").read_text()
+    assert "megatron-core: not installed (carry its wheel" in log and "passed" not in log and "SKIPPED" not in log
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
