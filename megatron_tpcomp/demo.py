@@ -7,8 +7,10 @@ settings of the row-parallel all-reduces in the same ranks: uncompressed, the sh
 For each: greedy generation for a few prompts through megatron-core's static inference engine, perplexity on a
 slice of held-out real text, and the bytes every rank sent. Prints a comparison and which to use when.
 
-Time on a slow link is not part of the demo: loopback on a CPU makes the link free, and the shaped-link benchmark
-(``tpcomp bench e2e``, root only) takes codec specs, not per-layer configs.
+Run as root (with ``ip`` and ``tc``), it also times the three settings on a shaped link (``--link``, default
+1 Gbit/s): the ranks in network namespaces joined by a tc-shaped veth, through :func:`megatron_tpcomp.bench.e2e.run`
+(time to first token of one 512-token prompt, time per output token over a few decode steps; medians, slowest
+rank). Loopback on a CPU makes the link free, so without root that timing is skipped, and the demo says why.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ logger = logging.getLogger("megatron_tpcomp")
 SEARCHED_CONFIG = "smollm2-135m-tp3-kl0.0085.json"
 #: Its column label in the report.
 SEARCHED_LABEL = "searched config"
+#: The shaped link timed when run as root: the comm-bound rate of ``tpcomp bench e2e`` (about half of the
+#: baseline's prefill is TP communication there on a 2-core host).
+DEFAULT_LINK = "1gbit"
+#: Link timing: one prompt of this many tokens, this many generated (TTFT + decode steps for TPOT), repetitions
+#: (medians; the settings alternate within each) after one untimed warm-up pass. Sized to add well under a minute
+#: on 2 cores; 3 repetitions let :func:`recommendation` test that the ranges do not overlap.
+LINK_PROMPT_TOKENS = 512
+LINK_GEN_TOKENS = 4
+LINK_REPS = 3
+#: A link speedup is named in the recommendation only when at least this large and every repetition of the
+#: setting beat every repetition of the baseline (a 2-core host's noise is ~5-10% per run).
+CLEAR_SPEEDUP = 1.1
 
 
 def shipped_config_text(name: str = SEARCHED_CONFIG) -> str:
@@ -126,6 +140,78 @@ def _bits_per_value(records: list[tuple[str, Any]], world_size: int) -> float | 
     return sent / values if values else None
 
 
+def rate_text(bps: int) -> str:
+    """``1000000000`` -> ``"1 Gbit/s"`` (for the report's row labels)."""
+    for unit, scale in (("Tbit/s", 10**12), ("Gbit/s", 10**9), ("Mbit/s", 10**6), ("kbit/s", 10**3)):
+        if bps >= scale:
+            return f"{bps / scale:g} {unit}"
+    return f"{bps} bit/s"
+
+
+def time_on_link(
+    ckpt: str,
+    tp: int,
+    rate: str,
+    variants: list[tuple[str, str | dict[str, Any]]],
+    *,
+    prompt_tokens: int = LINK_PROMPT_TOKENS,
+    gen_tokens: int = LINK_GEN_TOKENS,
+    reps: int = LINK_REPS,
+) -> dict[str, Any]:
+    """TTFT and TPOT of the demo's ``variants`` on a ``rate`` link shaped with tc, through
+    :func:`megatron_tpcomp.bench.e2e.run` (one launch of ``tp`` ranks in network namespaces; fp32).
+
+    Returns ``{"rate", "rate_bps", "prompt_tokens", "gen_tokens", "reps", "by": {variant name: {ttft_ms, tpot_ms,
+    ttft_times_ms, speedup, tpot_speedup}}}``, or ``{"skipped": reason}`` when the link cannot be shaped here (not
+    root, no ``tc``, namespaces refused) or the timing run failed: the rest of the demo stands without it.
+    """
+    from megatron_tpcomp.bench import e2e
+    from megatron_tpcomp.bench import link as linkmod
+    from megatron_tpcomp.bench.collectives import BenchError
+
+    bps = linkmod.parse_rate(rate)
+    if bps is None:
+        return {"skipped": f"--link {rate!r} is not a shaped rate"}
+    reason = linkmod.unavailable_reason()
+    if reason is not None:
+        return {"skipped": reason}
+    print(
+        f"[demo] timing {len(variants)} settings on a {rate_text(bps)} link shaped with tc ({prompt_tokens}-token "
+        f"prompt, {gen_tokens} tokens, {reps} repetitions) ...",
+        flush=True,
+    )
+    specs = [s for n, s in variants if isinstance(s, str)]
+    configs = {n: s for n, s in variants if not isinstance(s, str)}
+    try:
+        records = e2e.run(
+            [rate],
+            [prompt_tokens],
+            specs,
+            tp=tp,
+            gen_tokens=gen_tokens,
+            reps=reps,
+            warmup=1,
+            model=ckpt,
+            timeout_s=600,
+            log=lambda msg: print(f"[demo] {msg}", flush=True),
+            configs=configs,
+        )
+    except (BenchError, ValueError) as exc:
+        return {"skipped": f"the timing run failed: {exc}"}
+    if not records or not records[0]["shaped"]:  # the link could not be built: loopback numbers mean nothing here
+        info = records[0]["link_info"] if records else {}
+        return {"skipped": f"cannot shape the link ({info.get('reason', 'unknown reason')})"}
+    keep = ("ttft_ms", "tpot_ms", "ttft_times_ms", "speedup", "tpot_speedup")
+    return {
+        "rate": rate,
+        "rate_bps": bps,
+        "prompt_tokens": records[0]["prompt_tokens"],
+        "gen_tokens": gen_tokens,
+        "reps": reps,
+        "by": {r["spec"]: {k: r[k] for k in keep} for r in records},
+    }
+
+
 def run(
     model: str = "smollm2-135m",
     tp: int = 3,
@@ -134,11 +220,15 @@ def run(
     gen_tokens: int = 16,
     ppl_tokens: int = 512,
     config: str | None = "",
+    link: str | None = None,
+    link_prompt_tokens: int = LINK_PROMPT_TOKENS,
 ) -> dict[str, Any]:
     """Run the demo and return rank 0's measurements (also printed by :func:`main`).
 
     ``config``: a compression config file to compare; ``""`` (default) the shipped searched config, skipped with
     a note when it does not fit the model and TP size (it was searched for SmolLM2-135M at TP=3); None: none.
+    ``link``: a tc rate (``"1gbit"``) to time the settings on afterwards (:func:`time_on_link`; its result, or
+    the reason it was skipped, in ``result["link"]``); None (default): no link timing.
     """
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import read_metadata
@@ -149,6 +239,10 @@ def run(
     from megatron_tpcomp.tokenizer import TextTokenizer
 
     make_codec(spec)  # a bad spec fails before anything is converted or started
+    if link is not None:
+        from megatron_tpcomp.bench import link as linkmod
+
+        linkmod.parse_rate(link)  # a typo fails before anything starts
     if tp < 1 or gen_tokens < 1 or ppl_tokens < 1:
         raise ValueError(f"need tp, gen_tokens and ppl_tokens >= 1, got {tp}, {gen_tokens}, {ppl_tokens}")
     # A bad config fails here, before anything is converted or started; the ranks get it as a mapping (the
@@ -186,6 +280,8 @@ def run(
     names = ", ".join(n for n, _ in variants[1:])
     print(f"[demo] step 3/3: {tp} ranks over gloo, uncompressed vs {names}", flush=True)
     result = run_distributed(_demo_worker, tp, str(ckpt), variants, prompts, gen_tokens, ids, timeout_s=1800)[0]
+    if link is not None:
+        result["link"] = time_on_link(str(ckpt), tp, link, variants, prompt_tokens=link_prompt_tokens)
     result["_meta"] = {
         "model": meta.source.get("name", str(ckpt)),
         "tp": tp,
@@ -211,11 +307,41 @@ def recommendation(result: dict[str, Any]) -> str:
     best_q = min(parts, key=lambda p: p[1])
     fewest = min(parts, key=lambda p: p[2])
     if best_q is fewest:
-        return f"Use {best_q[0]}: best quality ({best_q[1]:+.1f}% perplexity) and fewest bytes ({best_q[3]})."
-    return (
-        f"Use the {best_q[0]} for quality ({best_q[1]:+.1f}% perplexity at {best_q[3]}); "
-        f"{fewest[0]} when bytes matter most ({fewest[3]}, {fewest[1]:+.1f}% perplexity)."
-    )
+        line = f"Use {best_q[0]}: best quality ({best_q[1]:+.1f}% perplexity) and fewest bytes ({best_q[3]})."
+    else:
+        line = (
+            f"Use the {best_q[0]} for quality ({best_q[1]:+.1f}% perplexity at {best_q[3]}); "
+            f"{fewest[0]} when bytes matter most ({fewest[3]}, {fewest[1]:+.1f}% perplexity)."
+        )
+    return line + _link_clause(result.get("link"), m["variants"][1:])
+
+
+def _link_clause(link: dict[str, Any] | None, names: list[str]) -> str:
+    """`` On a 1 Gbit/s link (512 tokens) X cuts the time to first token 1.5x; Y is 2.0x slower.`` for the
+    settings clearly faster or slower than uncompressed on the shaped link (a ratio of :data:`CLEAR_SPEEDUP` or
+    more, and every repetition beyond every baseline repetition); ``""`` when none is, or there was no timing."""
+    if not link or "by" not in link or "none" not in link["by"]:
+        return ""
+    base = link["by"]["none"]["ttft_times_ms"]
+    faster, slower = [], []
+    for name in names:
+        r = link["by"].get(name)
+        if not r or not r.get("speedup"):
+            continue
+        x, times = r["speedup"], r["ttft_times_ms"]
+        if x >= CLEAR_SPEEDUP and max(times) < min(base):
+            faster.append(f"{name} {x:.1f}x")
+        elif 1 / x >= CLEAR_SPEEDUP and min(times) > max(base):
+            slower.append(f"{name} is {1 / x:.1f}x slower")
+    if not faster and not slower:
+        return ""
+    parts = []
+    if faster:
+        parts.append(f"the time to first token drops ({' and '.join(faster)})")
+    if slower:
+        parts.append(" and ".join(slower))
+    rate, tokens = rate_text(link["rate_bps"]), link["prompt_tokens"]
+    return f" On a {rate} link ({tokens} tokens) {'; '.join(parts)}."
 
 
 def report(result: dict[str, Any]) -> str:
@@ -278,15 +404,36 @@ def report(result: dict[str, Any]) -> str:
         )
     )
     lines.append(row("generation time (CPU)", [f"{result[n]['gen_s']:.1f}s" for n in names]))
+    link = result.get("link")
+    if link and "by" in link:
+        rate = rate_text(link["rate_bps"])
+
+        def cell(n: str, key: str, ratio: str) -> str:
+            r = link["by"].get(n)
+            if not r or r.get(key) is None:
+                return "-"
+            if n == "none" or r.get(ratio) is None:
+                return f"{r[key]:.0f} ms"
+            return f"{r[key]:.0f} ms ({r[ratio]:.2f}x)"
+
+        lines.append(row(f"TTFT on {rate}", [cell(n, "ttft_ms", "speedup") for n in names]))
+        lines.append(row(f"TPOT on {rate}", [cell(n, "tpot_ms", "tpot_speedup") for n in names]))
     lines += [
         "",
         "The model runs in fp32 here; the uncompressed column is Megatron's ring all-reduce of fp32 partials (x: how",
         "many times fewer bytes; halve it for bf16 partials). Greedy agreement: mean leading tokens equal to the",
-        "uncompressed text. Time is loopback on a CPU, where the link is free and the codec is the cost; the bytes",
-        "are what a slow link (PCIe, Ethernet) would carry (`tpcomp bench e2e` times a shaped link, as root).",
-        "",
-        recommendation(result),
+        "uncompressed text. Generation time is loopback on a CPU, where the link is free and the codec is the cost.",
     ]
+    if link and "by" in link:
+        lines += [
+            f"TTFT/TPOT: one {link['prompt_tokens']}-token prompt, {link['gen_tokens']} tokens generated, ranks in "
+            f"network namespaces over a tc-shaped {rate} link (x: faster than",
+            f"uncompressed); medians of {link['reps']} alternating repetitions, slowest rank. More prompt lengths "
+            "and links: `tpcomp bench e2e`.",
+        ]
+    elif link and "skipped" in link:
+        lines.append(f"Time on a shaped link skipped: {link['skipped']}.")
+    lines += ["", recommendation(result)]
     return "\n".join(lines)
 
 
@@ -307,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"compression config (JSON/YAML) to compare too (default: the shipped {SEARCHED_CONFIG})",
     )
     cfg.add_argument("--no-config", action="store_true", help="compare uncompressed and --spec only")
+    lk = p.add_mutually_exclusive_group()
+    lk.add_argument(
+        "--link",
+        default=None,
+        metavar="RATE",
+        help=f"also time the settings on a link shaped to RATE with tc (needs root; default {DEFAULT_LINK} when "
+        "root, skipped with a note otherwise)",
+    )
+    lk.add_argument("--no-link", action="store_true", help="skip the shaped-link timing")
     # 16 tokens (24 before there were three settings to run) keep the demo at about its old length on 2 cores.
     p.add_argument("--gen-tokens", type=positive_int, default=16, help="greedy tokens per prompt (default 16)")
     p.add_argument("--ppl-tokens", type=positive_int, default=512, help="tokens of held-out text for perplexity")
@@ -319,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         config = None if args.no_config else args.config
-        result = run(args.model, args.tp, args.spec, args.prompt, args.gen_tokens, args.ppl_tokens, config)
+        link = None if args.no_link else (args.link or DEFAULT_LINK)
+        result = run(args.model, args.tp, args.spec, args.prompt, args.gen_tokens, args.ppl_tokens, config, link)
     except (ValueError, CheckpointError, AssetError) as exc:
         print(f"tpcomp demo: error: {exc}", file=sys.stderr)
         return 2

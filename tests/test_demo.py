@@ -1,5 +1,5 @@
-"""The main job (``make demo``) on the embedded real model, shortened: it runs the three settings (uncompressed,
-the shipped searched config, int4:g32+had), compresses, and reports which to use when."""
+"""``make demo`` on the embedded real model, shortened: it runs the three settings (uncompressed, the shipped
+searched config, int4:g32+had), compresses, reports which to use when, and (as root) times them on a shaped link."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from megatron_tpcomp import demo
+from megatron_tpcomp.bench import link as linkmod
+
+NO_LINK = linkmod.unavailable_reason()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +25,14 @@ def test_the_shipped_searched_config_is_package_data_identical_to_the_example() 
 
 
 @pytest.mark.megatron
-def test_demo_compares_uncompressed_searched_config_and_int4_and_counts_bytes(real_assets: None) -> None:
-    result = demo.run(prompts=["The state of our union is"], gen_tokens=6, ppl_tokens=128)
+def test_demo_compares_uncompressed_searched_config_and_int4_and_counts_bytes(
+    real_assets: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a user without root: the link timing is skipped with the reason, and the rest stands (the real link
+    # is test_demo_times_the_three_settings_on_a_shaped_link).
+    monkeypatch.setattr(linkmod, "unavailable_reason", lambda: "not root (test)")
+    result = demo.run(prompts=["The state of our union is"], gen_tokens=6, ppl_tokens=128, link="1gbit")
+    assert result["link"] == {"skipped": "not root (test)"}
     assert result["_meta"]["variants"] == ["none", demo.SEARCHED_LABEL, "int4:g32+had"]
     base, searched, comp = result["none"], result[demo.SEARCHED_LABEL], result["int4:g32+had"]
     assert len(base["tokens"][0]) == len(searched["tokens"][0]) == len(comp["tokens"][0]) == 6
@@ -47,6 +56,32 @@ def test_demo_compares_uncompressed_searched_config_and_int4_and_counts_bytes(re
     assert "perplexity (held-out)" in text and "bits per value sent" in text and "searched config" in text
     last = text.strip().splitlines()[-1]
     assert last.startswith("Use ") and "int4:g32+had" in last and "searched config" in last, last
+    assert "Time on a shaped link skipped: not root (test)." in text and "TTFT on" not in text
+    assert "link" not in last  # no timing, no claim about it
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+@pytest.mark.skipif(NO_LINK is not None, reason=f"shaped link unavailable: {NO_LINK}")
+def test_demo_times_the_three_settings_on_a_shaped_link(real_assets: None) -> None:
+    # Shortened (64-token prompt for the link, 4 generated) but real: 3 ranks in network namespaces, 1 Gbit/s tbf.
+    before = set(linkmod.list_namespaces())
+    result = demo.run(
+        prompts=["The state of our union is"], gen_tokens=2, ppl_tokens=64, link="1gbit", link_prompt_tokens=64
+    )
+    link = result["link"]
+    assert "skipped" not in link, link
+    assert link["rate_bps"] == 10**9 and link["prompt_tokens"] == 64 and link["reps"] == demo.LINK_REPS
+    assert set(link["by"]) == {"none", demo.SEARCHED_LABEL, "int4:g32+had"}  # the config ran in the ranks too
+    for name, r in link["by"].items():
+        assert len(r["ttft_times_ms"]) == demo.LINK_REPS and all(t > 0 for t in r["ttft_times_ms"]), name
+        assert r["tpot_ms"] > 0
+        assert r["speedup"] == pytest.approx(link["by"]["none"]["ttft_ms"] / r["ttft_ms"])
+    assert set(linkmod.list_namespaces()) <= before  # the namespaces are gone
+    text = demo.report(result)
+    ttft = next(line for line in text.splitlines() if line.startswith("TTFT on 1 Gbit/s"))
+    assert ttft.count(" ms") == 3 and "TPOT on 1 Gbit/s" in text
+    assert "ranks in network namespaces over a tc-shaped 1 Gbit/s link" in text
 
 
 def test_demo_rejects_a_bad_spec_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,6 +93,52 @@ def test_demo_rejects_a_missing_config_file_before_starting(tmp_path: Path, caps
     missing = tmp_path / "nope.json"
     assert demo.main(["--config", str(missing)]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_demo_rejects_a_bad_link_rate_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--link", "1gbps"]) == 2
+    assert "1gbps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--link", "1gbit", "--no-link"])
+    assert info.value.code == 2
+
+
+def test_recommendation_mentions_the_link_only_when_clear() -> None:
+    def r(ppl: float, wire: int, bits: float | None) -> dict:
+        return {"ppl": ppl, "wire_bytes": wire, "bits": bits}
+
+    def t(times: list[float], base: float = 100.0) -> dict:
+        med = sorted(times)[1]
+        return {"ttft_ms": med, "tpot_ms": 10.0, "ttft_times_ms": times, "speedup": base / med, "tpot_speedup": 1.0}
+
+    result = {
+        "_meta": {"variants": ["none", "searched config", "int4:g32+had"]},
+        "none": r(20.0, 0, None),
+        "searched config": r(20.2, 530, 5.3),
+        "int4:g32+had": r(21.2, 450, 4.5),
+        "link": {
+            "rate_bps": 10**9,
+            "prompt_tokens": 512,
+            "by": {
+                "none": t([95.0, 100.0, 104.0]),
+                "searched config": t([190.0, 200.0, 230.0]),
+                "int4:g32+had": t([60.0, 62.5, 70.0]),
+            },
+        },
+    }
+    line = demo.recommendation(result)
+    assert line.endswith(
+        " On a 1 Gbit/s link (512 tokens) the time to first token drops (int4:g32+had 1.6x); "
+        "searched config is 2.0x slower."
+    ), line
+    # 1.25x at the median, but one repetition (98 ms) is no faster than the baseline's fastest: not clear.
+    result["link"]["by"]["int4:g32+had"] = t([70.0, 80.0, 98.0])
+    result["link"]["by"]["searched config"] = t([90.0, 100.0, 110.0])  # no difference
+    assert "link" not in demo.recommendation(result)
+    result["link"]["by"]["int4:g32+had"] = t([92.0, 94.0, 94.0])  # every rep faster, but only 1.06x
+    assert "link" not in demo.recommendation(result)
+    assert demo.rate_text(10**9) == "1 Gbit/s" and demo.rate_text(2_500_000_000) == "2.5 Gbit/s"
+    assert demo.rate_text(500 * 10**6) == "500 Mbit/s"
 
 
 def test_recommendation_names_the_quality_and_the_bytes_choice() -> None:

@@ -30,6 +30,9 @@ Without root the shaped rates cannot be built: the run says so and measures unsh
 Targets (goals, not tests): ``int4:g32`` TTFT >= 1.6x faster than the baseline on the comm-bound link;
 ``auto`` no more than 2% slower than the baseline on the fast link (TTFT) and in decode (TPOT) on every link.
 
+Besides codec specs, per-layer config files (``--config FILE``, e.g. one found by ``tpcomp calibrate --search``)
+are settings of their own, labelled by the file's stem and checked against the checkpoint before any rank starts.
+
 From Python: :func:`run`; from the shell: ``tpcomp bench e2e`` or ``python -m megatron_tpcomp.bench.e2e``.
 """
 
@@ -43,7 +46,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from megatron_tpcomp.bench import link as linkmod
 from megatron_tpcomp.bench.codecs import check_json_path, partial_writer, report, split_list
@@ -253,6 +258,48 @@ def check_specs_for_model(specs: Sequence[str], ckpt: str, tp: int) -> None:
         check_config_for_model(CompressionConfig.from_spec(s), model_cfg, tp, f"--specs {s}")
 
 
+def load_config_files(paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--config`` files as settings: ``{file stem: validated config mapping}``, in order. ValueError (one line,
+    naming the file) for an unreadable or invalid file, or two files with the same stem."""
+    from megatron_tpcomp.config import CompressionConfig
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        label = Path(path).stem
+        if label in out:
+            raise ValueError(f"--config {path}: a second config labelled {label!r} (the file stem); rename one file")
+        out[label] = CompressionConfig.load(path).to_dict()  # ConfigError (a ValueError) names the file
+    return out
+
+
+def check_configs_for_model(
+    configs: Mapping[str, Mapping[str, Any]],
+    specs: Sequence[str],
+    ckpt: str,
+    tp: int,
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per-layer configs (``{label: mapping}``) validated and checked against the checkpoint at ``tp`` in this
+    process, before any rank is spawned; a label must differ from every spec. Returns plain dicts (JSON for the
+    plan). ValueError names the config (``sources[label]``, its file, else the label) and the mismatch."""
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.cliutil import check_config_for_model
+    from megatron_tpcomp.config import CompressionConfig
+
+    if not configs:
+        return {}
+    model_cfg = read_metadata(ckpt).model_config
+    out: dict[str, dict[str, Any]] = {}
+    for label, data in configs.items():
+        if not label or label in specs:
+            raise ValueError(f"--config {label!r}: the label must be non-empty and differ from the specs {list(specs)}")
+        source = (sources or {}).get(label, label)
+        cfg = CompressionConfig.from_dict(data, source=source)
+        check_config_for_model(cfg, model_cfg, tp, f"--config {source}")
+        out[label] = cfg.to_dict()
+    return out
+
+
 def run(
     links: Sequence[str] | None = None,
     prompt_lens: Sequence[int] = (128, 512, 1024),
@@ -270,6 +317,7 @@ def run(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     log: Callable[[str], None] = print,
     on_records: Callable[[list[dict]], None] | None = None,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict]:
     """Measure every (link, prompt length, spec); one launch of ``tp`` rank processes per link.
 
@@ -290,6 +338,9 @@ def run(
         timeout_s: wall-clock limit per launch (also the process-group timeout).
         log: progress and link messages (rank 0 prints its per-run lines to stderr itself).
         on_records: called with every record so far after each link (``--json`` keeps them in FILE.partial).
+        configs: per-layer compression configs as more settings after the specs, ``{label: config mapping}``
+            (:func:`load_config_files` reads files); their records have ``spec`` = the label and ``config``
+            = True.
 
     Returns:
         One record per (link, prompt_len, spec) with :data:`REQUIRED_KEYS` plus ``ideal_speedup`` (the TTFT
@@ -321,6 +372,7 @@ def run(
     for lk in links:
         linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
     ckpt = resolve_model(model, tp)
+    plan_configs = check_configs_for_model(configs or {}, specs, ckpt, tp)
     threads = threads_per_rank(tp)
     records: list[dict] = []
     each = linkmod.each_link(tp, links, burst=burst, limit=limit, log=log, tag=f"TP={tp}")
@@ -335,14 +387,18 @@ def run(
                     timeout_s=timeout_s,
                     prompt_lens=[int(L) for L in prompt_lens],
                     gen_tokens=gen_tokens,
-                    specs=specs,
+                    specs=[*specs, *plan_configs],
+                    configs=plan_configs,
                     reps=reps,
                     warmup=warmup,
                     perf_table=os.path.abspath(perf_table) if perf_table else None,
                     workdir=workdir,
                 )
                 result = _launch(tp, shaped, plan, workdir, timeout_s)
-            records += aggregate(result, label, info, tp)
+            new = aggregate(result, label, info, tp)
+            for rec in new:
+                rec["config"] = rec["spec"] in plan_configs
+            records += new
             if on_records is not None:
                 on_records(records)
     return records
@@ -458,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         DEFAULT_SPECS,
         "comma-separated compression specs; none = uncompressed baseline (added when missing), auto = policy auto",
     )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a per-layer compression config (JSON/YAML, e.g. from tpcomp calibrate --search) as one more setting, "
+        "labelled by its file stem; repeat for several",
+    )
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed repetitions (default {DEFAULT_REPS})")
     parser.add_argument(
         "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed passes, shortest prompt (default {DEFAULT_WARMUP})"
@@ -515,8 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         if burst is not None and limit is not None and limit < burst:
             raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
         check_json_path(args.json)
+        configs = load_config_files(args.config)
         model = resolve_model(args.model, args.tp)
         check_specs_for_model(specs, model, args.tp)
+        sources = {Path(p).stem: p for p in args.config}
+        configs = check_configs_for_model(configs, specs, model, args.tp, sources)
     except ValueError as exc:
         parser.error(str(exc))
     reason = linkmod.unavailable_reason()
@@ -524,8 +591,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"note: shaped links are unavailable here ({reason}); those runs are unshaped, on loopback", file=sys.stderr
         )
+    with_configs = f" + configs {list(configs)}" if configs else ""
     print(
-        f"TP={args.tp}, links {links}, prompts {prompt_lens} tokens, {args.gen_tokens} generated, specs {specs}, "
+        f"TP={args.tp}, links {links}, prompts {prompt_lens} tokens, {args.gen_tokens} generated, specs {specs}"
+        f"{with_configs}, "
         f"{args.dtype}; medians of {args.reps} alternating repetitions after {args.warmup} warm-up, slowest rank",
         file=sys.stderr,
         flush=True,
@@ -548,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             # progress on stderr, results on stdout
             log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
             on_records=partial_writer(args.json),
+            configs=configs,
         )
     except (BenchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

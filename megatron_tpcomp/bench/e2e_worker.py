@@ -8,7 +8,9 @@ shaped)::
         --plan PLAN.json --out RESULTS.json
 
 ``PLAN.json``: ``{"label", "model", "dtype", "threads", "timeout_s", "prompt_lens", "gen_tokens", "specs",
-"reps", "warmup", "perf_table", "workdir"}`` (see :func:`megatron_tpcomp.bench.e2e.run`).
+"configs", "reps", "warmup", "perf_table", "workdir"}`` (see :func:`megatron_tpcomp.bench.e2e.run`). ``specs``
+lists the settings in order: a codec spec, or a label of ``configs`` (``{label: per-layer config mapping}``,
+already checked against the model by the launching process).
 
 How one run is measured (every rank, same order):
 
@@ -241,10 +243,17 @@ def calibrate(spec: str, sizes: list[int], dtype: torch.dtype, reps: int, n: int
     return model.to_json(), link_records, codec_records
 
 
-def _config(spec: str, perf_table: str | None) -> Any:
+def _config(setting: str, perf_table: str | None, configs: dict[str, Any] | None = None) -> Any:
+    """The CompressionConfig of ``setting``: a label of ``configs`` (a per-layer config mapping) or a spec.
+    Policy ``auto`` gets ``perf_table`` unless a config file names its own."""
     from megatron_tpcomp.config import CompressionConfig
 
-    cfg = CompressionConfig.from_spec(spec)
+    if configs and setting in configs:
+        cfg = CompressionConfig.from_dict(configs[setting], source=setting)
+        if cfg.policy == "auto" and cfg.perf_table is None:
+            cfg.perf_table = perf_table
+        return cfg
+    cfg = CompressionConfig.from_spec(setting)
     if cfg.policy == "auto":
         cfg.perf_table = perf_table
     return cfg
@@ -382,14 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         comm.install()
 
         specs = list(plan["specs"])
+        plan_configs = plan.get("configs") or {}
         perf_table = plan.get("perf_table")
         calibration = None
-        auto_cfg = [s for s in specs if _config(s, None).policy == "auto"]
+        # Settings whose auto policy needs the table measured here (a config file naming its own table does not).
+        auto_cfg = [s for s in specs if (c := _config(s, None, plan_configs)).policy == "auto" and c.perf_table is None]
         if auto_cfg and perf_table is None:
             t_cal = time.perf_counter()
             elem = torch.empty((), dtype=dtype).element_size()
             sizes = sorted({576 * elem * t for t in (1, min(lens), max(lens))})
-            codec_spec = _config(auto_cfg[0], None).default.spec
+            codec_spec = _config(auto_cfg[0], None, plan_configs).default.spec
             table, link_recs, codec_recs = calibrate(codec_spec, sizes, dtype, reps=5, n=n)
             # One file for all (the path is part of the config every rank must agree on): rank 0 writes it.
             perf_table = os.path.join(plan["workdir"], "perf-table.json")
@@ -404,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"auto: cost model calibrated on this link in {time.perf_counter() - t_cal:.1f} s "
                 f"(alpha {link.get('alpha_s', 0) * 1e6:.0f} us, beta {link.get('beta_bytes_per_s', 0) / 1e6:.1f} MB/s)"
             )
-        configs = {s: _config(s, perf_table) for s in specs}
+        configs = {s: _config(s, perf_table, plan_configs) for s in specs}
 
         def switch(spec: str) -> None:
             intercept.enable(model, configs[spec], telemetry=True)

@@ -229,3 +229,82 @@ def test_worker_helpers() -> None:
     text, n = exact_prompt(tokenize, lambda t: "".join(inv[i] for i in t), ids, 4)
     assert n == 4 and len(tokenize(text)) == 4
     assert text == "abcabc"  # 6 single letters, 4 tokens
+
+
+# --- per-layer config files as settings (--config) ---
+
+#: A per-layer config for SmolLM2-135M at TP=3 (30 layers, hidden 576): INT4 everywhere but layer 0's MLP.
+MINE = {"version": 1, "default": "int4:g32", "layers": {"0": {"mlp": "int6:g128"}}}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _last_error_line(err: str) -> str:
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("tpcomp bench e2e: error: "), err
+    return line
+
+
+def test_cli_config_missing_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Read before the model is resolved: a typo costs no conversion and starts no rank.
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--config", str(tmp_path / "nope.json"), "--link", "none"])
+    assert info.value.code == 2
+    line = _last_error_line(capsys.readouterr().err)
+    assert "nope.json" in line and "No such file" in line, line
+
+
+def test_cli_config_for_another_model_is_a_one_line_error(
+    real_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = _write(tmp_path / "other.json", {**MINE, "model": {"num_layers": 7, "hidden_size": 576}})
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--config", str(other), "--model", str(real_ckpt), "--link", "none"])
+    assert info.value.code == 2
+    line = _last_error_line(capsys.readouterr().err)
+    assert f"--config {other}" in line and "num_layers=7" in line and "num_layers=30" in line, line
+    # A layer index past the model's 30 layers, with no model block: caught by the check against the checkpoint.
+    deep = _write(tmp_path / "deep.json", {"version": 1, "layers": {"40": {"mlp": "int4:g32"}}})
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(deep), "--model", str(real_ckpt), "--link", "none"])
+    line = _last_error_line(capsys.readouterr().err)
+    assert f"--config {deep}" in line and "40" in line, line
+
+
+def test_cli_config_stems_must_be_distinct_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a").mkdir()
+    one, two = _write(tmp_path / "mine.json", MINE), _write(tmp_path / "a" / "mine.json", MINE)
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(one), "--config", str(two), "--link", "none"])
+    line = _last_error_line(capsys.readouterr().err)
+    assert "a second config labelled 'mine'" in line, line
+
+
+def test_run_passes_configs_to_the_ranks_after_the_specs(real_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plan the ranks get (the rank side of configs is run for real by tests/test_demo.py's link test).
+    plans = []
+
+    def fake_launch(world_size: int, link: object, plan: dict, workdir: str, timeout_s: float) -> dict:
+        plans.append(plan)
+        result = _fake_result(("none", "int4:g32", "auto"))
+        for r in result["runs"]:  # the third setting plays the config
+            r["spec"] = "mine" if r["spec"] == "auto" else r["spec"]
+        return dict(result, dtype=plan["dtype"], model=plan["model"])
+
+    monkeypatch.setattr(bench, "_launch", fake_launch)
+    records = bench.run(["none"], [128], ["int4:g32"], model=str(real_ckpt), log=lambda m: None, configs={"mine": MINE})
+    assert plans[0]["specs"] == ["none", "int4:g32", "mine"]
+    from megatron_tpcomp.config import CompressionConfig
+
+    sent = CompressionConfig.from_dict(plans[0]["configs"]["mine"])
+    assert sent == CompressionConfig.from_dict(MINE)  # the config itself, as validated, not a path
+    json.dumps(plans[0])  # the plan is a JSON file
+    assert [(r["spec"], r["config"]) for r in records] == [("none", False), ("int4:g32", False), ("mine", True)]
+    with pytest.raises(ValueError, match="must be non-empty and differ from the specs"):
+        bench.run(["none"], [128], ["int4:g32"], model=str(real_ckpt), configs={"int4:g32": MINE})
+    with pytest.raises(ValueError, match="num_layers=7"):
+        bad = {**MINE, "model": {"num_layers": 7}}
+        bench.run(["none"], [128], ["int4:g32"], model=str(real_ckpt), configs={"mine": bad})
