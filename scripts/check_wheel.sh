@@ -17,7 +17,8 @@
 # Each step prints its time; the temporary folder is removed on exit (KEEP_WORK=1 keeps it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-build_py=${1:-$root/.venv/bin/python}
+# Absolute without resolving symlinks (a venv's python must be called through the venv), since steps cd elsewhere.
+build_py=$(realpath -s "${1:-$root/.venv/bin/python}")
 python=${PYTHON:-python3}
 torch_version=2.13.0
 
