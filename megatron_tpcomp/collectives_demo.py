@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--world-size", type=int, default=3, help="number of local ranks (default 3)")
-    parser.add_argument("--specs", default=DEFAULT_SPECS, help=f"comma-separated codec specs (default {DEFAULT_SPECS})")
+    parser.add_argument(
+        "--specs", "--spec", default=DEFAULT_SPECS, help=f"comma-separated codec specs (default {DEFAULT_SPECS})"
+    )
     parser.add_argument(
         "--shape", default="512,1,576", help="tokens,batch,hidden of each partial (default 512,1,576: SmolLM2)"
     )
