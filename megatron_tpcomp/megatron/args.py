@@ -183,8 +183,12 @@ def disable_chunks(model: Any) -> None:
 
 def apply_args(model: Any, args: argparse.Namespace, *, telemetry: bool = False) -> CompressionConfig | None:
     """Enable compression on ``model`` (a model, a list of chunks, or wrapped modules) as the parsed flags say;
-    returns the config, or None if off."""
+    returns the config, or None if off. Warns once per flag when CUDA graphs or ``--tp-comm-overlap`` are on
+    (as the zero-edit launch does: ``megatron_tpcomp.megatron_lm.warn_unverified``)."""
     config = config_from_args(args)
     if config is None:
         return None
+    from megatron_tpcomp.megatron_lm import warn_unverified  # the zero-edit launch's warnings, same once-per-flag
+
+    warn_unverified(args)
     return enable_chunks(model, config, telemetry=telemetry)

@@ -175,11 +175,27 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
+# Megatron-LM's validate_args rewrites these deprecated flags into --cuda-graph-impl and deletes them, so the
+# warning (given after validation) names both spellings: the user may have typed either.
+_DEPRECATED_GRAPH_FLAGS = {"local": "--enable-cuda-graph", "transformer_engine": "--external-cuda-graph"}
+
+
+def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
+    """The CUDA-graph flag that is on, as the user may have typed it, or None when CUDA graphs are off."""
+    for impl, deprecated in _DEPRECATED_GRAPH_FLAGS.items():
+        if getattr(args, deprecated[2:].replace("-", "_"), False):  # not validated yet: the flag as typed
+            return f"{deprecated} (--cuda-graph-impl {impl})"
+    graphs = getattr(args, "cuda_graph_impl", "none")
+    if graphs in (None, "none"):
+        return None
+    deprecated = _DEPRECATED_GRAPH_FLAGS.get(graphs)
+    return f"--cuda-graph-impl {graphs}" + (f" (or the deprecated {deprecated})" if deprecated else "")
+
+
 def warn_unverified(args: argparse.Namespace) -> None:
     """Warn (once per flag) where the compressed collectives are not (yet) known to run as configured."""
-    graphs = getattr(args, "cuda_graph_impl", "none")
-    if graphs not in (None, "none") or getattr(args, "enable_cuda_graph", False):
-        flag = f"--cuda-graph-impl {graphs}" if graphs not in (None, "none") else "--enable-cuda-graph"
+    flag = _cuda_graph_flag(args)
+    if flag is not None:
         _warn_once(
             "cuda-graphs",
             f"megatron-tpcomp: {flag} is on: compressed collectives are not yet verified under CUDA-graph capture "
