@@ -427,9 +427,10 @@ def report(result: dict[str, Any]) -> str:
     if link and "by" in link:
         lines += [
             f"TTFT/TPOT: one {link['prompt_tokens']}-token prompt, {link['gen_tokens']} tokens generated, ranks in "
-            f"network namespaces over a tc-shaped {rate} link (x: faster than",
-            f"uncompressed); medians of {link['reps']} alternating repetitions, slowest rank. More prompt lengths "
-            "and links: `tpcomp bench e2e`.",
+            "network namespaces over a",
+            f"tc-shaped {rate} link (x: faster than uncompressed); medians of {link['reps']} alternating "
+            "repetitions, slowest rank.",
+            "More prompt lengths and links: `tpcomp bench e2e` (--config FILE for a per-layer config).",
         ]
     elif link and "skipped" in link:
         lines.append(f"Time on a shaped link skipped: {link['skipped']}.")

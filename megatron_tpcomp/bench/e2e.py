@@ -409,9 +409,11 @@ def _opt(value: float | None, fmt: str) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """A fixed-width text table of :func:`run`'s records."""
+    """A fixed-width text table of :func:`run`'s records (the spec column as wide as the longest label: a
+    ``--config`` file's stem can be long)."""
+    sw = max([13, *(len(str(r["spec"])) for r in records)])
     head = (
-        f"{'link':>8} {'prompt':>6} {'spec':<13} {'TTFT ms':>9} {'base ms':>9} {'speedup':>7} {'TPOT ms':>8} "
+        f"{'link':>8} {'prompt':>6} {'spec':<{sw}} {'TTFT ms':>9} {'base ms':>9} {'speedup':>7} {'TPOT ms':>8} "
         f"{'base ms':>8} {'tpot x':>6} {'comm%':>5} {'dec comm%':>9} {'wire MB':>8} {'compr':>5} {'ideal':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -421,7 +423,7 @@ def format_table(records: list[dict]) -> str:
         wire = _opt(None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6, "8.2f")
         frac = r.get("prefill_compressed_frac")
         lines.append(
-            f"{r['link']:>8} {r['prompt_len']:>6} {r['spec']:<13} {_opt(r['ttft_ms'], '9.1f')} "
+            f"{r['link']:>8} {r['prompt_len']:>6} {r['spec']:<{sw}} {_opt(r['ttft_ms'], '9.1f')} "
             f"{_opt(r['baseline_ttft_ms'], '9.1f')} {_opt(r['speedup'], '6.2f')}x {_opt(r['tpot_ms'], '8.1f')} "
             f"{_opt(r['baseline_tpot_ms'], '8.1f')} {_opt(r['tpot_speedup'], '5.2f')}x {share} {dshare} {wire} "
             f"{_opt(None if frac is None else 100 * frac, '4.0f')}% {_opt(r.get('ideal_speedup'), '5.2f')}x"
