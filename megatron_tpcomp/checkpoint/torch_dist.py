@@ -306,10 +306,21 @@ def _read_config(d: Path) -> dict[str, Any]:
     return data
 
 
-def _read_common(d: Path) -> dict[str, Any]:
-    """``common.pt`` loaded weights-only (argparse.Namespace and megatron-core's registered safe classes allowed)."""
+def _read_common(d: Path, common_pt_expected: bool = True) -> dict[str, Any]:
+    """``common.pt`` loaded weights-only (argparse.Namespace and megatron-core's registered safe classes allowed).
+
+    ``common_pt_expected``: False where ``metadata.json`` names no ``common_backend``, which is how
+    megatron-core 0.17+ marks a checkpoint whose common state lives inside the index instead."""
     path = d / COMMON_FILE
     if not path.is_file():
+        if not common_pt_expected:
+            # megatron-core 0.17+ no longer writes common.pt: its saver keeps the common state (Megatron-LM's
+            # args among it) as byte items inside the DCP index and chunk files, which this reader does not parse.
+            raise CheckpointError(
+                f"{d} has no {COMMON_FILE}: a torch_dist checkpoint written by megatron-core 0.17 or newer keeps "
+                "Megatron-LM's args inside the index, which this reader does not read yet (checkpoints written by "
+                "megatron-core 0.16 work); re-save it with megatron-core 0.16, or convert from its Hugging Face form"
+            )
         raise CheckpointError(f"{path} is missing: an incomplete torch_dist checkpoint (it holds Megatron-LM's args)")
     allowed: list[Any] = [argparse.Namespace]
     try:
@@ -602,8 +613,8 @@ def open_checkpoint(path: str | Path) -> TorchDistCheckpoint:
         iteration = int(m[1]) if m else None
         if (m or given.name == "release") and (given.parent / TRACKER_FILE).is_file():
             root = given.parent  # where the tracker (and a tokenizer written by save()) is
-    _read_config(d)
-    common = _read_common(d)
+    config = _read_config(d)
+    common = _read_common(d, common_pt_expected="common_backend" in config)
     index = _read_index(d)
     emb = index.state_dict_metadata.get("embedding.word_embeddings.weight")
     rows = int(emb.size[0]) if getattr(emb, "size", None) is not None and len(emb.size) == 2 else None

@@ -27,9 +27,28 @@ from megatron_tpcomp.checkpoint.store import load_shard
 from megatron_tpcomp.launch import run_distributed
 from megatron_tpcomp.megatron.model import shard_state_dict
 
+
+def mcore_writes_common_inside_index() -> bool:
+    """True where the installed megatron-core (0.17+) saves the common state inside the DCP index, not common.pt."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(v) for v in version("megatron-core").split(".")[:2])
+    except Exception:
+        return False
+    return (major, minor) >= (0, 17)
+
+
+MCORE_WRITES_COMMON_INSIDE_INDEX = mcore_writes_common_inside_index()
+
 pytestmark = [
     pytest.mark.megatron,
     pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) writer; enable_cpu refuses CUDA machines"),
+    pytest.mark.skipif(
+        MCORE_WRITES_COMMON_INSIDE_INDEX,
+        reason="megatron-core >= 0.17's saver keeps the common state inside the index, which the reader does not "
+        "read yet (tests/checkpoint/test_torch_dist_new_layout.py checks that it says so)",
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

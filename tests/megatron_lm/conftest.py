@@ -33,6 +33,31 @@ def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return out
 
 
+def _tree_version(root: Path) -> str | None:
+    """MAJOR.MINOR.PATCH of the megatron.core inside a Megatron-LM tree (``megatron/core/package_info.py``)."""
+    info = root / "megatron" / "core" / "package_info.py"
+    if not info.is_file():
+        return None
+    fields: dict[str, str] = {}
+    for line in info.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() in ("MAJOR", "MINOR", "PATCH"):
+            fields[name.strip()] = value.strip().strip("'\"")
+    if len(fields) != 3:
+        return None
+    return f"{fields['MAJOR']}.{fields['MINOR']}.{fields['PATCH']}"
+
+
+def _installed_megatron_core() -> str | None:
+    """MAJOR.MINOR.PATCH of the installed megatron-core (None if it is not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return ".".join(version("megatron-core").split("+")[0].split(".")[:3])
+    except Exception:
+        return None
+
+
 @pytest.fixture(scope="session")
 def megatron_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The root of a Megatron-LM tree (holds ``megatron/training`` and ``examples/inference``)."""
@@ -53,6 +78,14 @@ def megatron_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with tarfile.open(ARCHIVE) as tar:
             tar.extractall(out, members=_safe_members(tar), filter="data")
         (root,) = [p for p in out.iterdir() if p.is_dir()]
+    # megatron.training imports the installed megatron.core: a tree of another release does not fit it (0.16.1's
+    # tokenizer module moved in 0.19), so the two must match; say so instead of failing.
+    tree, installed = _tree_version(root), _installed_megatron_core()
+    if tree is not None and installed is not None and tree != installed:
+        pytest.skip(
+            f"Megatron-LM at {root} is {tree} but megatron-core {installed} is installed: megatron.training needs "
+            "its own megatron.core (set MEGATRON_LM_DIR to a Megatron-LM checkout of the installed release)"
+        )
     # Megatron-LM >= 0.17's megatron.training needs Python 3.12 (typing.override): say so instead of failing.
     probe = subprocess.run(
         [sys.executable, "-c", "import megatron.training.arguments"],
