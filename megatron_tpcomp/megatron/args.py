@@ -11,7 +11,9 @@ is built. ``--tp-comm-compression`` takes a spec (``int4:g32+had``) or, recognis
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,11 @@ import torch
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.config import CompressionConfig, ConfigError
 from megatron_tpcomp.spec import describe_grammar
+
+logger = logging.getLogger("megatron_tpcomp")
+
+#: Keys of the warnings already given (once per process and flag); tests clear it.
+WARNED: set[str] = set()
 
 #: Environment variable with a spec or a config file path: the default of ``--tp-comm-compression``.
 ENV_VAR = "TPCOMP_COMPRESSION"
@@ -184,11 +191,50 @@ def disable_chunks(model: Any) -> None:
 def apply_args(model: Any, args: argparse.Namespace, *, telemetry: bool = False) -> CompressionConfig | None:
     """Enable compression on ``model`` (a model, a list of chunks, or wrapped modules) as the parsed flags say;
     returns the config, or None if off. Warns once per flag when CUDA graphs or ``--tp-comm-overlap`` are on
-    (as the zero-edit launch does: ``megatron_tpcomp.megatron_lm.warn_unverified``)."""
+    (the zero-edit launch calls :func:`warn_unverified` too)."""
     config = config_from_args(args)
     if config is None:
         return None
-    from megatron_tpcomp.megatron_lm import warn_unverified  # the zero-edit launch's warnings, same once-per-flag
-
     warn_unverified(args)
     return enable_chunks(model, config, telemetry=telemetry)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in WARNED:
+        WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
+
+
+# Megatron-LM's validate_args rewrites these deprecated flags into --cuda-graph-impl and deletes them, so the
+# warning (given after validation) names both spellings: the user may have typed either.
+_DEPRECATED_GRAPH_FLAGS = {"local": "--enable-cuda-graph", "transformer_engine": "--external-cuda-graph"}
+
+
+def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
+    """The CUDA-graph flag that is on, as the user may have typed it, or None when CUDA graphs are off."""
+    for impl, deprecated in _DEPRECATED_GRAPH_FLAGS.items():
+        if getattr(args, deprecated[2:].replace("-", "_"), False):  # not validated yet: the flag as typed
+            return f"{deprecated} (--cuda-graph-impl {impl})"
+    graphs = getattr(args, "cuda_graph_impl", "none")
+    if graphs in (None, "none"):
+        return None
+    deprecated = _DEPRECATED_GRAPH_FLAGS.get(graphs)
+    return f"--cuda-graph-impl {graphs}" + (f" (or the deprecated {deprecated})" if deprecated else "")
+
+
+def warn_unverified(args: argparse.Namespace) -> None:
+    """Warn (once per flag) where the compressed collectives are not (yet) known to run as configured."""
+    flag = _cuda_graph_flag(args)
+    if flag is not None:
+        _warn_once(
+            "cuda-graphs",
+            f"megatron-tpcomp: {flag} is on: compressed collectives are not yet verified under CUDA-graph capture "
+            "(a captured graph may replay Megatron's own collectives or fail); check the output, or run without it",
+        )
+    if getattr(args, "tp_comm_overlap", False):
+        _warn_once(
+            "tp-comm-overlap",
+            "megatron-tpcomp: --tp-comm-overlap is on: Transformer Engine runs those overlapped TP collectives "
+            "itself, uncompressed; only the other TP collectives are compressed",
+        )

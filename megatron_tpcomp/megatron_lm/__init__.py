@@ -39,7 +39,6 @@ import json
 import logging
 import runpy
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +108,6 @@ class LaunchState:
     tp: int = 0
     summary_path: str | None = None
     summary_done: bool = False
-    warned: set[str] = field(default_factory=set)
 
 
 _hooked: list[_Hooked] = []
@@ -168,47 +166,6 @@ def _wrap_parse_args(original: Callable[..., Any]) -> Callable[..., Any]:
     return parse_args
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in state.warned:
-        state.warned.add(key)
-        warnings.warn(message, stacklevel=3)
-        logger.warning(message)
-
-
-# Megatron-LM's validate_args rewrites these deprecated flags into --cuda-graph-impl and deletes them, so the
-# warning (given after validation) names both spellings: the user may have typed either.
-_DEPRECATED_GRAPH_FLAGS = {"local": "--enable-cuda-graph", "transformer_engine": "--external-cuda-graph"}
-
-
-def _cuda_graph_flag(args: argparse.Namespace) -> str | None:
-    """The CUDA-graph flag that is on, as the user may have typed it, or None when CUDA graphs are off."""
-    for impl, deprecated in _DEPRECATED_GRAPH_FLAGS.items():
-        if getattr(args, deprecated[2:].replace("-", "_"), False):  # not validated yet: the flag as typed
-            return f"{deprecated} (--cuda-graph-impl {impl})"
-    graphs = getattr(args, "cuda_graph_impl", "none")
-    if graphs in (None, "none"):
-        return None
-    deprecated = _DEPRECATED_GRAPH_FLAGS.get(graphs)
-    return f"--cuda-graph-impl {graphs}" + (f" (or the deprecated {deprecated})" if deprecated else "")
-
-
-def warn_unverified(args: argparse.Namespace) -> None:
-    """Warn (once per flag) where the compressed collectives are not (yet) known to run as configured."""
-    flag = _cuda_graph_flag(args)
-    if flag is not None:
-        _warn_once(
-            "cuda-graphs",
-            f"megatron-tpcomp: {flag} is on: compressed collectives are not yet verified under CUDA-graph capture "
-            "(a captured graph may replay Megatron's own collectives or fail); check the output, or run without it",
-        )
-    if getattr(args, "tp_comm_overlap", False):
-        _warn_once(
-            "tp-comm-overlap",
-            "megatron-tpcomp: --tp-comm-overlap is on: Transformer Engine runs those overlapped TP collectives "
-            "itself, uncompressed; only the other TP collectives are compressed",
-        )
-
-
 def checkpoint_compression(args: argparse.Namespace) -> Any:
     """The per-layer config a megatron-tpcomp checkpoint (``--load``) records (``tpcomp convert
     --compression-config``), used when no flag or variable asks for compression; None otherwise."""
@@ -227,7 +184,7 @@ def apply_to(model: Any) -> None:
     import torch.distributed as dist
     from megatron.training import get_args
 
-    from megatron_tpcomp.megatron.args import config_from_args, enable_chunks, model_chunks
+    from megatron_tpcomp.megatron.args import config_from_args, enable_chunks, model_chunks, warn_unverified
 
     args = get_args()
     config, source = config_from_args(args), "flags"

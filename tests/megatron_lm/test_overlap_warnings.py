@@ -37,16 +37,17 @@ OVERLAP = ["--tp-comm-overlap", "--tensor-model-parallel-size", "2", "--sequence
 def launch_hooks(megatron_training: Path) -> Iterator[None]:
     """The launch's hooks installed, and its once-per-flag memory empty, for one test (both restored after)."""
     from megatron_tpcomp import megatron_lm
+    from megatron_tpcomp.megatron import args as plugin_args
 
-    saved = set(megatron_lm.state.warned)
-    megatron_lm.state.warned.clear()
+    saved = set(plugin_args.WARNED)
+    plugin_args.WARNED.clear()
     megatron_lm.install_hooks()
     try:
         yield
     finally:
         megatron_lm.uninstall_hooks()
-        megatron_lm.state.warned.clear()
-        megatron_lm.state.warned.update(saved)
+        plugin_args.WARNED.clear()
+        plugin_args.WARNED.update(saved)
 
 
 def launch_args(argv: list[str], monkeypatch: pytest.MonkeyPatch, world_size: int = 1) -> argparse.Namespace:
@@ -67,13 +68,13 @@ def launch_args(argv: list[str], monkeypatch: pytest.MonkeyPatch, world_size: in
 
 def warned_twice(args: argparse.Namespace, caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
     """(warnings.warn messages, log records) of two ``warn_unverified`` calls on the same arguments."""
-    from megatron_tpcomp import megatron_lm
+    from megatron_tpcomp.megatron.args import warn_unverified
 
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, "megatron_tpcomp"):
         warnings.simplefilter("always")  # Python's default filter would hide a repeat from the same line
-        megatron_lm.warn_unverified(args)
-        megatron_lm.warn_unverified(args)
+        warn_unverified(args)
+        warn_unverified(args)
     said = [str(w.message) for w in caught if "megatron-tpcomp" in str(w.message)]
     logged = [r.getMessage() for r in caplog.records if r.name == "megatron_tpcomp"]
     return said, logged
@@ -146,6 +147,7 @@ def test_no_warning_when_compression_is_off(
     from megatron.training import global_vars
 
     from megatron_tpcomp import megatron_lm
+    from megatron_tpcomp.megatron import args as plugin_args
 
     args = launch_args(["--cuda-graph-impl", "local", *OVERLAP], monkeypatch, world_size=2)
     monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)  # what initialize_megatron's set_global_variables does
@@ -154,4 +156,4 @@ def test_no_warning_when_compression_is_off(
         megatron_lm.apply_to([])  # returns before touching the (here empty) list of chunks
     assert [str(w.message) for w in caught if "megatron-tpcomp" in str(w.message)] == []
     assert "compression off" in capsys.readouterr().out
-    assert megatron_lm.state.warned == set()
+    assert plugin_args.WARNED == set()

@@ -57,7 +57,7 @@ def test_external_cuda_graph_warns_before_validation(
 
 def _apply_args_warnings(rank: int, world_size: int) -> list[str]:
     """The three-line patch on a real TP=1 GPT: ``apply_args(model, args)`` twice with CUDA graphs on."""
-    from megatron_tpcomp import megatron_lm
+    from megatron_tpcomp.megatron import args as plugin_args
     from tests.megatron.test_intercept import _setup
 
     gpt, _, _ = _setup(world_size, False)
@@ -65,7 +65,7 @@ def _apply_args_warnings(rank: int, world_size: int) -> list[str]:
     parser.add_argument("--cuda-graph-impl", default="none")  # Megatron-LM's flag, as get_args() carries it
     megatron_tpcomp.add_arguments(parser)
     args = parser.parse_args(["--cuda-graph-impl", "local", *SPEC])
-    megatron_lm.state.warned.clear()
+    plugin_args.WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         megatron_tpcomp.apply_args(gpt, args)
