@@ -73,7 +73,7 @@ def ensure_checkpoint(name_or_path: str | Path, tp_size: int, *, progress: bool 
         logger.info("megatron-tpcomp: converting %s for TP=%d into %s (once)", name_or_path, tp_size, out)
         try:
             # force replaces only an empty directory or tpcomp's own output (never anything else in the cache).
-            convert(name_or_path, out, tp_size, force=out.exists(), progress=progress)
+            convert(default_gguf_path(str(name_or_path)), out, tp_size, force=out.exists(), progress=progress)
         except CheckpointError:
             if not (out / META_FILE).is_file():
                 raise

