@@ -1,6 +1,6 @@
 # The two commands of the README quickstart. Both create .venv/ (idempotent) before they run.
 #   make demo   SmolLM2-135M converted, TP=3 over local gloo processes: uncompressed vs searched config vs INT4
-#   make test   the test suite
+#   make test   lint (make lint: ruff check + format check) and the test suite
 PY := .venv/bin/python
 MCORE ?= 0.16.1
 
@@ -12,9 +12,11 @@ venv:
 demo: venv
 	$(PY) -m megatron_tpcomp.cli demo $(ARGS)
 
-test: venv
+lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The other end of the supported megatron-core range, in its own environment (the slow Slurm test runs once,
