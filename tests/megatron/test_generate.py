@@ -49,6 +49,6 @@ def test_greedy_generation_with_compression_completes_and_mostly_agrees() -> Non
         same = sum(a == b for x, y in zip(base, got, strict=True) for a, b in zip(x, y, strict=True))
         agreement[spec] = same / (12 * len(PROMPTS))
     print(f"greedy token agreement with the uncompressed run: {agreement}")
-    # int8 perturbs logits by ~1%: greedy choices of this random model rarely flip. FACTS.md: one flip changes
+    # int8 perturbs logits by ~1%: greedy choices of this random model rarely flip. One flip changes
     # the rest of a sequence, so the bound is loose; int4 is only required to complete.
     assert agreement["int8:g32"] >= 0.5, agreement

@@ -90,7 +90,7 @@ def runs(request: pytest.FixtureRequest) -> tuple[bool, list[dict]]:
 
 
 def expected_counts(sequence_parallel: bool, layers: int = 2) -> dict[tuple[str, str], int]:
-    """One forward of a local-spec GPTModel at TP=2 (FACTS.md): no SP: embedding + 2 per layer all-reduces;
+    """One forward of a local-spec GPTModel at TP=2 (megatron-core 0.16): no SP: embedding + 2 per layer all-reduces;
     SP: reduce-scatters in the same places, all-gathers before qkv, fc1 and the output layer."""
     if not sequence_parallel:
         counts = {("all_reduce", "embedding"): 1}
