@@ -294,17 +294,18 @@ def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
     """Per world size, link latency and bandwidth from the stock all-reduce timings of ``tpcomp bench
     collectives`` records (``op``, ``world_size``, ``bytes``, ``baseline_median_ms``): the ring formula is linear
     in (steps, bytes on the wire per rank)."""
+    ring = algorithms.STOCK["all_reduce"]
     by_n: dict[int, list[tuple[float, float]]] = {}
     for r in records:
         if r.get("op") != "all_reduce" or r.get("baseline_median_ms") is None:
             continue
         n = int(r["world_size"])
-        wire = 2 * (n - 1) / n * r["bytes"]
+        wire = float(ring.wire_fraction(n)) * r["bytes"]
         by_n.setdefault(n, []).append((wire, r["baseline_median_ms"] / 1e3))
     out = {}
     for n, points in by_n.items():
         a, b = _line(points)
-        out[n] = Link(a / (2 * (n - 1)), 1 / max(b, 1e-18), "measured")
+        out[n] = Link(a / ring.rounds(n), 1 / max(b, 1e-18), "measured")
     return out
 
 

@@ -294,7 +294,8 @@ def all_reduce(
         raise CollectiveError(f"all_reduce: no stock reduction for {x.dtype} (gloo rejects it); cast to bf16 first")
     reason = _ineligible(x, codec, n, min_bytes)
     chosen = choose_algo(n, nbytes) if algo == "auto" else algo
-    chunks = chunking.tensor_pipeline_chunks(x, codec) if chosen == "one-shot" and reason is None else 1
+    # The algorithm's pipelining rule (one-shot on CPU tensors), for compressed paths only.
+    chunks = algorithm("all_reduce", chosen).chunks(nbytes, x.device.type, codec.block_local) if reason is None else 1
     if check_finite or check_ranks is not False:
         if chunks > 1:
             per = chunking.pipeline_per(x.numel(), chunks, codec)
