@@ -9,7 +9,7 @@ The whole public API::
 
 Where things are:
 - codecs (formats):            ``megatron_tpcomp/codecs/`` (``make_codec(spec)``), spec grammar in ``spec.py``
-- compressed collectives:      ``megatron_tpcomp/collectives.py``
+- compressed collectives:      ``megatron_tpcomp/collectives/``
 - Megatron-Core plug-in:       ``megatron_tpcomp/megatron/`` (intercept.py, cpu.py, args.py)
 - CUDA kernels and backends:   ``kernels/`` (sources), ``megatron_tpcomp/kernels.py`` (loader, backend enum)
 """

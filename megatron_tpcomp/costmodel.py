@@ -6,18 +6,15 @@ Terms (per rank; N = world size, B = uncompressed message bytes, P = payload byt
   bytes/s, per direction);
 - codec: encoding or decoding ``b`` input bytes costs ``lat + b / bw`` (a per-call latency plus a throughput);
 
-Paths (the stock ones are gloo/NCCL ring algorithms):
+Paths: every formula is built from the algorithm's descriptor (:mod:`megatron_tpcomp.collectives.algorithms`,
+whose table lists rounds, bytes sent and codec work per algorithm):
 
-- stock all-reduce (ring): ``2(N-1) alpha + 2(N-1)/N * B / beta``
-- one-shot compressed:      ``enc(B) + (N-1) alpha + (N-1) P / beta + N dec(B)``; pipelined in K chunks (CPU
-  tensors, ``collectives.pipeline_chunks``), with ``e = enc(B/K)``, ``w = (N-1) (alpha + P/K / beta)``,
-  ``d = N dec(B/K)``: ``e + (K-1) max(e + d, w) + w + d`` (one core encodes chunk i+1 and decodes chunk i-1
-  while chunk i travels)
-- two-shot compressed:      ``enc(B) + 2(N-1) alpha + 2(N-1)/N * P / beta + N dec(B/N) + enc(B/N) + N dec(B/N)``
-- stock all-gather (ring):  ``(N-1) alpha + (N-1) B / beta``;  compressed: ``enc(B) + (N-1) alpha + (N-1) P / beta
-  + N dec(B)``
-- stock reduce-scatter:     ``(N-1) alpha + (N-1)/N * B / beta``; compressed (all-to-all of N chunk payloads):
-  ``enc(B) + (N-1) alpha + (N-1)/N * P / beta + N dec(B/N)``
+- ``t = codec + rounds * alpha + wire(P) / beta``, with ``codec`` the sum of the descriptor's codec calls
+  (``enc``/``dec`` of their share of B) and ``wire`` its bytes sent per rank (of B for the stock ring
+  collectives, of P for the compressed ones);
+- pipelined (one-shot all-reduce of CPU tensors in K chunks, ``collectives.pipeline_chunks``): with
+  ``e`` and ``d`` the encodes and decodes of one chunk (B/K) and ``w = rounds * alpha + wire(P/K) / beta``,
+  ``e + (K-1) max(e + d, w) + w + d`` (one core encodes chunk i+1 and decodes chunk i-1 while chunk i travels).
 
 Each compressed path also has a measured per-call overhead ``o`` (seconds, keyed by op, algorithm and world
 size, added to its formula): the formulas count message steps, but a compressed path makes several library calls
@@ -39,8 +36,12 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from megatron_tpcomp.collectives import algorithms
+from megatron_tpcomp.collectives.algorithms import Algorithm
 
 TABLE_VERSION = 1
 
@@ -114,16 +115,8 @@ class CostModel:
 
     def stock(self, op: str, nbytes: int, n: int) -> float:
         """Seconds of the stock ring collective (``op`` in all_reduce | all_gather | reduce_scatter)."""
-        if n <= 1:
-            return 0.0
-        link = self.link(n)
-        if op == "all_reduce":
-            return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * nbytes / link.beta_bytes_per_s
-        if op == "all_gather":
-            return (n - 1) * link.step(nbytes)
-        if op == "reduce_scatter":
-            return (n - 1) * link.alpha_s + (n - 1) / n * nbytes / link.beta_bytes_per_s
-        raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
+        stock = algorithms.algorithm(op, "stock")
+        return 0.0 if n <= 1 else self._formula(stock, nbytes, n, "*", nbytes, 1)
 
     def compressed(
         self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot", chunks: int = 1
@@ -138,22 +131,24 @@ class CostModel:
     def path_formula(
         self, op: str, nbytes: int, n: int, spec: str, payload: int, algo: str = "one-shot", chunks: int = 1
     ) -> float:
-        """The module docstring's formula of a compressed path, without the measured overhead."""
+        """The module docstring's formula of a compressed path (``algo``: :func:`algorithms.algorithm` of
+        ``op``), without the measured overhead."""
+        return self._formula(algorithms.algorithm(op, algo), nbytes, n, spec, payload, chunks)
+
+    def _formula(self, algo: Algorithm, nbytes: int, n: int, spec: str, payload: int, chunks: int) -> float:
+        """``algo``'s seconds for ``nbytes`` input and ``payload`` bytes on the wire (input bytes for stock)."""
         link, c = self.link(n), self.codec(spec)
-        if op == "all_reduce" and algo == "one-shot" and chunks > 1:
-            e, d = c.enc(nbytes / chunks), n * c.dec(nbytes / chunks)
-            w = (n - 1) * link.step(payload / chunks)
-            return e + (chunks - 1) * max(e + d, w) + w + d
-        if op == "all_reduce" and algo == "two-shot":
-            wire = 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * payload / link.beta_bytes_per_s
-            chunk = nbytes / n
-            return c.enc(nbytes) + wire + n * c.dec(chunk) + c.enc(chunk) + n * c.dec(chunk)
-        if op in ("all_reduce", "all_gather"):
-            return c.enc(nbytes) + (n - 1) * link.step(payload) + n * c.dec(nbytes)
-        if op == "reduce_scatter":
-            wire = (n - 1) * link.alpha_s + (n - 1) / n * payload / link.beta_bytes_per_s
-            return c.enc(nbytes) + wire + n * c.dec(nbytes / n)
-        raise ValueError(f"unknown op {op!r}; expected all_reduce, all_gather or reduce_scatter")
+        k = chunks if algo.pipelined and chunks > 1 else 1
+        e = d = 0.0
+        for term in algo.codec_work(n):
+            if term.kind == "enc":
+                e += term.calls * c.enc(nbytes * term.share / k)
+            else:
+                d += term.calls * c.dec(nbytes * term.share / k)
+        w = algo.rounds(n) * link.alpha_s + float(algo.wire_fraction(n)) * (payload / k) / link.beta_bytes_per_s
+        if k > 1:
+            return e + (k - 1) * max(e + d, w) + w + d
+        return e + w + d
 
     def choose(
         self,
@@ -165,14 +160,21 @@ class CostModel:
         chunks: int = 1,
     ) -> tuple[str, str, float]:
         """The fastest path: ``("none", "stock", t)`` or ``(spec, algo, t)`` among ``options`` = (spec, payload
-        bytes) pairs the layer's quality config allows; two-shot is considered for all-reduce only; ``chunks``:
-        pieces the one-shot all-reduce would be pipelined in."""
+        bytes) pairs the layer's quality config allows. For all-reduce ``algo`` is the fastest of ``algos``
+        (:func:`algorithms.choose_algo`'s cost rule); other ops have one algorithm and report ``one-shot`` (the
+        config's all-reduce setting, which they ignore). ``chunks``: pieces the one-shot all-reduce would be
+        pipelined in."""
         best = ("none", "stock", self.stock(op, nbytes, n))
+        candidates = tuple(algos) if op == "all_reduce" else ("one-shot",)
         for spec, payload in options:
-            for algo in algos if op == "all_reduce" else ("one-shot",):
-                t = self.compressed(op, nbytes, n, spec, payload, algo, chunks)
-                if t < best[2]:
-                    best = (spec, algo, t)
+
+            def predict(algo: str, spec: str = spec, payload: int = payload) -> float:
+                return self.compressed(op, nbytes, n, spec, payload, algo, chunks)
+
+            algo = algorithms.choose_algo(n, nbytes, predict, candidates)
+            t = predict(algo)
+            if t < best[2]:
+                best = (spec, algo, t)
         return best
 
     def choose_message(self, op: str, x: Any, codec: Any, n: int, algo: str) -> tuple[str, str]:
@@ -181,14 +183,11 @@ class CostModel:
         all_gather | reduce_scatter, world size ``n``), with the payload and the pipelining the collectives would
         use. Returns ``(spec, algo)`` or ``("none", "stock")``. The Megatron intercept and the collective
         benchmark both decide through here."""
-        from megatron_tpcomp.collectives import pipeline_chunks
-
         nbytes = x.numel() * x.element_size()
-        if op == "reduce_scatter":
-            payload = n * codec.payload_nbytes((x.shape[0] // max(n, 1), *x.shape[1:]))
-        else:
-            payload = codec.payload_nbytes(x.shape)
-        chunks = pipeline_chunks(nbytes, x.device.type, codec.block_local) if op == "all_reduce" else 1
+        # The payload of the op's first compressed algorithm, uncut (two-shot's chunk padding is not counted).
+        first = algorithms.compressed_algorithms(op)[0]
+        payload = first.plan(x.shape, codec, max(n, 1), 0, 1).payload_nbytes(codec)
+        chunks = first.chunks(nbytes, x.device.type, codec.block_local)
         algos = ("one-shot", "two-shot") if algo == "auto" else (algo,)
         spec, chosen, _ = self.choose(op, nbytes, n, [(codec.spec, payload)], algos, chunks)
         return spec, chosen
@@ -212,7 +211,7 @@ class CostModel:
         try:
             links = {int(n): Link(**v) for n, v in data["links"].items()}
             codecs = {spec: CodecSpeed(**v) for spec, v in data["codecs"].items()}
-            overheads = {str(k): float(v) for k, v in data.get("overheads", {}).items()}
+            overheads = {_normalize_key(str(k)): float(v) for k, v in data.get("overheads", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: malformed performance table: {exc}") from None
         if any(link.beta_bytes_per_s <= 0 or link.alpha_s < 0 for link in links.values()):
@@ -243,6 +242,12 @@ class CostModel:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read performance table: {exc}") from None
         return cls.from_json(data, str(path))
+
+
+def _normalize_key(key: str) -> str:
+    """A path key of an older table (``reduce_scatter/one-shot/3``) under today's name (:func:`path_key`)."""
+    op, algo, n = key.split("/")
+    return path_key(op, algo, int(n))
 
 
 # ------------------------------------------------------------------------------------------------------ fitting
@@ -289,35 +294,34 @@ def fit_links(records: Iterable[Mapping[str, Any]]) -> dict[int, Link]:
     """Per world size, link latency and bandwidth from the stock all-reduce timings of ``tpcomp bench
     collectives`` records (``op``, ``world_size``, ``bytes``, ``baseline_median_ms``): the ring formula is linear
     in (steps, bytes on the wire per rank)."""
+    ring = algorithms.STOCK["all_reduce"]
     by_n: dict[int, list[tuple[float, float]]] = {}
     for r in records:
         if r.get("op") != "all_reduce" or r.get("baseline_median_ms") is None:
             continue
         n = int(r["world_size"])
-        wire = 2 * (n - 1) / n * r["bytes"]
+        wire = float(ring.wire_fraction(n)) * r["bytes"]
         by_n.setdefault(n, []).append((wire, r["baseline_median_ms"] / 1e3))
     out = {}
     for n, points in by_n.items():
         a, b = _line(points)
-        out[n] = Link(a / (2 * (n - 1)), 1 / max(b, 1e-18), "measured")
+        out[n] = Link(a / ring.rounds(n), 1 / max(b, 1e-18), "measured")
     return out
 
 
 def path_key(op: str, algo: str, n: int) -> str:
-    """Key of a compressed path's overhead: ``"all_reduce/one-shot/3"``; ops with one algorithm use ``one-shot``."""
-    return f"{op}/{algo if op == 'all_reduce' else 'one-shot'}/{n}"
+    """Key of a compressed path's overhead, ``op/algorithm/N`` with the algorithm's name as ``CommStats.algo``
+    has it: ``"all_reduce/one-shot/3"``, ``"reduce_scatter/all-to-all/3"`` (:func:`algorithms.algorithm`
+    resolves ``algo``; for ops with one algorithm any all-reduce setting names it)."""
+    return f"{op}/{algorithms.algorithm(op, algo).name}/{n}"
 
 
 def payload_bytes(rec: Mapping[str, Any]) -> int:
-    """Payload bytes of the whole message, from a collective record's per-rank ``wire_bytes`` (the inverse of
-    what each path sends: one-shot and all-gather (N-1) P, two-shot 2(N-1)/N P, reduce-scatter (N-1)/N P)."""
-    n, wire = int(rec["world_size"]), float(rec["wire_bytes"])
-    algo = rec.get("algo_used") or rec.get("algo")
-    if rec["op"] == "all_reduce" and algo == "two-shot":
-        return round(wire * n / (2 * (n - 1)))
-    if rec["op"] == "reduce_scatter":
-        return round(wire * n / (n - 1))
-    return round(wire / (n - 1))
+    """Payload bytes of the whole message, from a collective record's per-rank ``wire_bytes``: the inverse of
+    the algorithm's :meth:`~algorithms.Algorithm.wire_bytes`."""
+    n = int(rec["world_size"])
+    algo = algorithms.algorithm(rec["op"], rec.get("algo_used") or rec.get("algo") or "one-shot")
+    return round(Fraction(float(rec["wire_bytes"])) / algo.wire_fraction(n))
 
 
 def fit_overheads(model: CostModel, records: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -148,3 +148,40 @@ def test_path_overheads_are_fitted_and_keep_tiny_messages_stock() -> None:
     bad["overheads"]["all_reduce/one-shot/3"] = float("nan")
     with pytest.raises(ValueError, match="overheads must be finite"):
         CostModel.from_json(bad)
+
+
+def test_formulas_come_from_the_algorithm_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    from fractions import Fraction
+
+    from megatron_tpcomp.collectives import algorithms
+    from megatron_tpcomp.costmodel import CodecSpeed
+
+    alpha, beta, n, b, p = 1e-4, 1e8, 3, 3 * MiB, MiB
+    model = CostModel(links={n: Link(alpha, beta)}, codecs={"*": CodecSpeed(1e-5, 1e9, 2e-5, 2e9)})
+    c = model.codec("*")
+    for a in algorithms.ALGORITHMS:  # each path: its codec calls + rounds * alpha + its bytes / beta
+        codec = sum(t.calls * (c.enc if t.kind == "enc" else c.dec)(b * t.share) for t in a.codec_work(n))
+        wire = a.rounds(n) * alpha + float(a.wire_fraction(n)) * (p if a.compressed else b) / beta
+        got = model.stock(a.op, b, n) if not a.compressed else model.path_formula(a.op, b, n, "x", p, a.name)
+        assert got == pytest.approx(codec + wire, rel=1e-9), (a.op, a.name)
+    # A changed descriptor changes the prediction: two-shot with three steps per peer, the ring with whole copies.
+    two_shot, ring = model.path_formula("all_reduce", b, n, "x", p, "two-shot"), model.stock("all_reduce", b, n)
+    slower = dataclasses.replace(algorithms.TWO_SHOT, steps_per_peer=3)
+    fat_ring = dataclasses.replace(algorithms.STOCK_ALL_REDUCE, step_share=lambda n: Fraction(1))
+    swap = {algorithms.TWO_SHOT: slower, algorithms.STOCK_ALL_REDUCE: fat_ring}
+    monkeypatch.setattr(algorithms, "ALGORITHMS", tuple(swap.get(a, a) for a in algorithms.ALGORITHMS))
+    got = model.path_formula("all_reduce", b, n, "x", p, "two-shot")
+    assert got == pytest.approx(two_shot + 2 * alpha + (2 - Fraction(4, 3)) * p / beta, rel=1e-9)
+    assert model.stock("all_reduce", b, n) == pytest.approx(ring + (4 - Fraction(4, 3)) * b / beta, rel=1e-9)
+
+
+def test_path_keys_use_the_collectives_algorithm_names() -> None:
+    from megatron_tpcomp.costmodel import path_key
+
+    assert path_key("all_reduce", "two-shot", 3) == "all_reduce/two-shot/3"
+    assert path_key("reduce_scatter", "all-to-all", 3) == "reduce_scatter/all-to-all/3"  # as CommStats.algo
+    assert path_key("all_gather", "one-shot", 2) == "all_gather/all-gather/2"  # the config's setting: its one algo
+    table = CostModel.default().to_json()
+    table["overheads"] = {"reduce_scatter/one-shot/3": 1e-3}  # an older table's key
+    assert CostModel.from_json(table).overheads == {"reduce_scatter/all-to-all/3": 1e-3}

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import megatron_tpcomp
@@ -55,6 +56,7 @@ from megatron_tpcomp.bench.codecs import (
 )
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.collectives import ALGOS
+from megatron_tpcomp.collectives.algorithms import compressed_algorithms
 from megatron_tpcomp.launch import free_port
 
 DEFAULT_SIZES = "16KiB,1MiB,8MiB"  # a decode-sized message, a mid one, a prefill-sized one
@@ -65,7 +67,7 @@ DEFAULT_REPS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_TIMEOUT_S = 1800.0
 #: The algorithm name recorded for operations that have only one (what CommStats.algo says for them).
-FIXED_ALGO = {"all_gather": "all-gather", "reduce_scatter": "all-to-all"}
+FIXED_ALGO = {op: compressed_algorithms(op)[0].name for op in ("all_gather", "reduce_scatter")}
 #: Rendezvous port inside rank 0's namespace: the namespace is ours alone, so a fixed port cannot collide.
 NS_MASTER_PORT = 29500
 WORKER = "megatron_tpcomp.bench.collectives_worker"
@@ -330,8 +332,8 @@ def target_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``tpcomp bench collectives``: parse options, :func:`run`, print the table, write ``--json``."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``tpcomp bench collectives``."""
     from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_specs_argument
 
     parser = argparse.ArgumentParser(
@@ -368,8 +370,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 1800)")
     parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
     add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass(frozen=True)
+class _Settings:
+    """The validated lists and sizes of one command line."""
+
+    world_sizes: list[int]
+    links: list[str]
+    sizes: list[int]
+    specs: list[str]
+    algos: list[str]
+    ops: list[str]
+    burst: int | None
+    limit: int | None
+
+
+def _choices(value: str, allowed: Sequence[str], flag: str) -> list[str]:
+    """The comma-separated ``value`` of ``flag``, every item one of ``allowed``."""
+    items = split_list(value)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"{flag}: unknown {bad or value!r}; expected {', '.join(allowed)}")
+    return items
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Settings:
+    """Validate ``args`` before minutes of timing; a bad value ends the program through ``parser.error``."""
     from megatron_tpcomp.codecs import CodecError, make_codec
 
     try:
@@ -392,14 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_codec(s)  # fail fast on a typo, before minutes of timing
         if args.perf_table and not os.path.isfile(args.perf_table):
             raise ValueError(f"--perf-table {args.perf_table}: no such file")
-        algos = split_list(args.algo)
-        bad = [a for a in algos if a not in ALGOS]
-        if bad or not algos:
-            raise ValueError(f"--algo: unknown {bad or args.algo!r}; expected {', '.join(ALGOS)}")
-        ops = split_list(args.ops)
-        bad = [o for o in ops if o not in OPS]
-        if bad or not ops:
-            raise ValueError(f"--ops: unknown {bad or args.ops!r}; expected {', '.join(OPS)}")
+        algos, ops = _choices(args.algo, ALGOS, "--algo"), _choices(args.ops, OPS, "--ops")
         burst = parse_size(args.burst) if args.burst else None
         limit = parse_size(args.limit) if args.limit else None
         if burst is not None and limit is not None and limit < burst:
@@ -411,28 +432,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return _Settings(world_sizes, links, sizes, specs, algos, ops, burst, limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tpcomp bench collectives``: parse options, :func:`run`, print the table, write ``--json``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    st = _settings(parser, args)
     reason = linkmod.unavailable_reason()
-    if reason is not None and any(linkmod.parse_rate(lk) is not None for lk in links):
+    if reason is not None and any(linkmod.parse_rate(lk) is not None for lk in st.links):
         print(f"note: shaped links are unavailable here ({reason}); those runs are unshaped, on loopback")
     print(
-        f"world sizes {world_sizes}, links {links}, {args.dtype} [tokens, 576] messages, medians of {args.reps} "
-        f"alternating repetitions after {args.warmup} warm-up, slowest rank per repetition",
+        f"world sizes {st.world_sizes}, links {st.links}, {args.dtype} [tokens, 576] messages, medians of "
+        f"{args.reps} alternating repetitions after {args.warmup} warm-up, slowest rank per repetition",
         flush=True,
     )
     try:
         records = run(
-            world_sizes,
-            links,
-            sizes,
-            specs,
-            algos,
-            ops,
+            st.world_sizes,
+            st.links,
+            st.sizes,
+            st.specs,
+            st.algos,
+            st.ops,
             reps=args.reps,
             warmup=args.warmup,
             dtype=args.dtype,
             perf_table=args.perf_table,
-            burst=burst,
-            limit=limit,
+            burst=st.burst,
+            limit=st.limit,
             timeout_s=args.timeout,
             log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
             on_records=partial_writer(args.json),

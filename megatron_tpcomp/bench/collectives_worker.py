@@ -32,7 +32,8 @@ import torch.distributed as dist
 from megatron_tpcomp import collectives
 from megatron_tpcomp.bench.codecs import DTYPES, message
 from megatron_tpcomp.codecs import Codec
-from megatron_tpcomp.collectives import _all_gather_flat, _reduce_scatter_flat  # torch-version-proof flat collectives
+from megatron_tpcomp.collectives import chunking
+from megatron_tpcomp.collectives.algorithms import all_gather_flat, reduce_scatter_flat
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -61,14 +62,14 @@ def stock_fn(op: str, x: torch.Tensor, world_size: int) -> Callable[[], torch.Te
 
         def fn() -> torch.Tensor:
             y = torch.empty((world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype)
-            _all_gather_flat(y, x)
+            all_gather_flat(y, x)
             return y
 
     else:
 
         def fn() -> torch.Tensor:
             y = torch.empty((x.shape[0] // world_size, *x.shape[1:]), dtype=x.dtype)
-            _reduce_scatter_flat(y, x)
+            reduce_scatter_flat(y, x)
             return y
 
     return fn
@@ -105,8 +106,8 @@ def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int
     in for the peers': same sizes, same work).
 
     - all-reduce one-shot: encode ``x``, decode N payloads of ``x.shape``, fp32 sum, cast.
-    - all-reduce two-shot: encode N chunks of ``numel/N``, decode and sum N chunks, encode the reduced chunk,
-      decode N chunks (chunks are flat; row-structured codecs get whole rows).
+    - all-reduce two-shot: encode N chunks (:func:`chunking.chunk_view`), decode and sum N chunks, encode the
+      reduced chunk, decode N chunks.
     - all-gather: encode ``x``, decode N payloads.
     - reduce-scatter: encode N blocks of ``x.shape[0]/N`` rows, decode and sum N blocks.
     """
@@ -116,17 +117,9 @@ def codec_only_fn(op: str, algo_used: str, x: torch.Tensor, codec: Codec, n: int
             p = codec.encode(x)
             return _decode_sum(codec, [p] * n, tuple(x.shape), x.dtype)
 
-    elif op == "all_reduce":  # two-shot
-        if codec.row_structured:
-            per_rows = -(-x.shape[0] // n)
-            padded = torch.nn.functional.pad(x, (0, 0, 0, per_rows * n - x.shape[0]))
-            chunks, chunk_shape = list(padded.view(n, per_rows, x.shape[1]).unbind(0)), (per_rows, x.shape[1])
-        else:
-            align = collectives.chunk_alignment(codec)
-            per = -(-x.numel() // n)  # ceil(numel / N) ...
-            per = -(-per // align) * align  # ... rounded up to whole codec blocks, as collectives' two-shot does
-            padded = torch.nn.functional.pad(x.reshape(-1), (0, per * n - x.numel()))
-            chunks, chunk_shape = list(padded.view(n, per).unbind(0)), (per,)
+    elif op == "all_reduce":  # two-shot: the collectives' own chunk plan
+        view, chunk_shape = chunking.chunk_view(x, codec, n)
+        chunks = list(view.unbind(0))
 
         def fn() -> object:
             payloads = [codec.encode(c) for c in chunks]
@@ -194,7 +187,7 @@ def run_case(
     # The slowest rank's time per repetition: [3, reps] from every rank -> [N, 3, reps] -> max over ranks.
     mine = torch.tensor([base_t, comp_t, codec_t], dtype=torch.float64)
     every = torch.empty(n * mine.numel(), dtype=torch.float64)  # gloo gathers flat: [N * 3 * reps]
-    _all_gather_flat(every, mine.reshape(-1))
+    all_gather_flat(every, mine.reshape(-1))
     worst = every.view(n, *mine.shape).amax(dim=0) * 1e3  # ms
     base_ms, comp_ms, codec_ms = (worst[k].tolist() for k in range(3))
     return dict(

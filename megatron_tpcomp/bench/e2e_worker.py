@@ -55,22 +55,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: Stock collective volume per rank (bytes sent / input bytes) of the ring algorithms, by intercept op name.
-_STOCK_FACTOR: dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_gather_last": lambda n: float(n - 1),
-    "all_gather_first": lambda n: float(n - 1),
-    "all_gather_linear": lambda n: float(n - 1),
+from megatron_tpcomp.collectives.algorithms import STOCK
+
+#: The collective of each intercept op name; its stock ring descriptor gives the bytes a rank sends.
+_STOCK_OP: dict[str, str] = {
+    "all_reduce": "all_reduce",
+    "reduce_scatter": "reduce_scatter",
+    "all_gather_last": "all_gather",
+    "all_gather_first": "all_gather",
+    "all_gather_linear": "all_gather",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def stock_wire_bytes(op: str, tensor: torch.Tensor | None, n: int) -> int:
     """Bytes one rank sends with the stock ring collective ``op`` on ``tensor`` (0 when unknown)."""
-    if tensor is None or op not in _STOCK_FACTOR:
+    if tensor is None or op not in _STOCK_OP:
         return 0
-    return int(_STOCK_FACTOR[op](n) * tensor.numel() * tensor.element_size())
+    return STOCK[_STOCK_OP[op]].wire_bytes(tensor.numel() * tensor.element_size(), n)
 
 
 class CommClock:

@@ -26,18 +26,12 @@ Topology:
   every address is in ``10.213.0.0/24`` inside those namespaces: nothing is added to, or changed in, the
   caller's namespace, so closing is deleting the namespaces (their interfaces go with them).
 
-Burst: tbf lets ``burst`` bytes pass at once after an idle period, then ``rate``. Too large a burst lets
-small messages skip the shaping (4 MB let messages under ~4 MB partly through unshaped); the
-default, :data:`DEFAULT_BURST_S` worth of bytes at the rate (at least :data:`MIN_BURST`), keeps that share
-small. ``limit`` (the queue, bytes) is large (:data:`DEFAULT_LIMIT_S` at the rate, at least
-:data:`MIN_LIMIT`) because a drop costs a TCP retransmission timeout that a real NIC queue would not cause.
-Both are reported by :meth:`ShapedLink.describe`; compare timings against bytes / rate. Measured here
-(2 cores, loaded): one-way TCP transfers take bytes / rate plus the ~5% of Ethernet/IP/TCP framing at MTU 1500
-(8 MiB at 1 Gbit/s: 69-70 ms, 1 MiB at 200 Mbit/s: 43 ms). Traffic in both directions at once over one TCP
-connection (gloo's ring all-reduce and all-gather) is slower: each side's ACKs wait behind its own data in the
-tbf queue (a 2-rank 2 MiB bf16 all-reduce at 500 Mbit/s: ~55 ms for 34 ms of bytes; 8 MiB at 1 Gbit/s:
-75-80 ms for 67 ms). A short ``limit`` shortens that wait but drops packets; only tbf is available here, so
-there is no AQM or ACK prioritisation to do better.
+Burst and queue: tbf lets ``burst`` bytes pass at once after an idle period, so too large a burst lets small
+messages skip the shaping; the default, :data:`DEFAULT_BURST_S` worth of bytes at the rate (at least
+:data:`MIN_BURST`), keeps that share small. ``limit`` (the queue, bytes) is large (:data:`DEFAULT_LIMIT_S` at the
+rate, at least :data:`MIN_LIMIT`) because a drop costs a TCP retransmission timeout that a real NIC queue would
+not cause. Both are reported by :meth:`ShapedLink.describe`; compare timings against bytes / rate (framing and
+two-way traffic add to it: docs/results.md, Benchmarks).
 
 Cleanup: :meth:`ShapedLink.close` (called by ``__exit__``, also when the body raises), an ``atexit`` hook, and
 SIGINT/SIGTERM handlers that clean up, restore the previous handlers and then behave like them (SIGINT raises

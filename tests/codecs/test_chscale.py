@@ -10,6 +10,7 @@ import torch
 from megatron_tpcomp import collectives
 from megatron_tpcomp.codecs import CodecError, make_codec
 from megatron_tpcomp.codecs.chscale import MAX_EXPONENT, ChannelScaleCodec, exponents_from_rms
+from megatron_tpcomp.collectives import chunking
 from megatron_tpcomp.launch import run_distributed
 from megatron_tpcomp.spec import canonical, parse_spec
 
@@ -116,15 +117,15 @@ def _collectives(rank: int, world_size: int) -> dict:
     exps = exponents_for(activation(1000, seed=99))  # one table for every rank, as from calibration
     codec = make_codec(SPEC, channel_scale_exponents=exps)
     out = {}
-    saved = collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES
+    saved = chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES
     try:
-        collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = 1 << 16, 1 << 16
-        out["chunks"] = collectives._pipeline_chunks(x, codec)
+        chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES = 1 << 16, 1 << 16
+        out["chunks"] = chunking.tensor_pipeline_chunks(x, codec)
         out["pipelined"] = collectives.all_reduce(x, codec, algo="one-shot")
-        collectives.PIPELINE_MIN_BYTES = 1 << 62
+        chunking.PIPELINE_MIN_BYTES = 1 << 62
         out["whole"] = collectives.all_reduce(x, codec, algo="one-shot")
     finally:
-        collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = saved
+        chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES = saved
     out["two_shot"] = collectives.all_reduce(x, codec, algo="two-shot")
     out["gather"] = collectives.all_gather(x[:6], codec, dim=0)
     out["scatter"] = collectives.reduce_scatter(x[: 6 * world_size], codec, dim=0)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_tpcomp import collectives
 from megatron_tpcomp.codecs import Codec, make_codec
 from megatron_tpcomp.codecs.base import _into
-from megatron_tpcomp.collectives import CollectiveError
+from megatron_tpcomp.collectives import CollectiveError, chunking
 from megatron_tpcomp.launch import DistributedRunError, run_distributed
 
 #: Process-group timeout of the hang scenarios: short, so that code without the agreement check fails within
@@ -223,7 +223,7 @@ def _path_mismatch(rank: int, world_size: int, what: str) -> tuple[str, float]:
     elif what == "min_bytes":  # compressed (all-gather) vs stock all-reduce
         kwargs["min_bytes"] = 0 if rank == 0 else 1 << 20
     elif what == "chunking" and rank == 1:  # pipelined one-shot (several all-gathers) vs one all-gather
-        collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = 1 << 12, 1 << 12
+        chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES = 1 << 12, 1 << 12
     t0 = time.monotonic()
     try:
         collectives.all_reduce(x, "int4:g32", **kwargs)

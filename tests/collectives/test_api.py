@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from megatron_tpcomp import collectives
 from megatron_tpcomp.codecs import make_codec
+from megatron_tpcomp.collectives import chunking
+from megatron_tpcomp.collectives.algorithms import algorithm, all_gather_flat, reduce_scatter_flat
 from megatron_tpcomp.launch import run_distributed
 
 SPECS = [
@@ -114,18 +116,18 @@ def _run_all(rank: int, world_size: int) -> dict:
 
     # Pipelined one-shot (large CPU messages, here with small chunks): the same bits as the whole-message path.
     piped = {}
-    saved = collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES
+    saved = chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES
     for spec in ("int4:g32+had", "fp8", "int8:g32", "nvfp4"):
         m = make_input(rank, "pipe", (1000, 576))  # 1.1 MiB of bf16
         try:
-            collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = 1 << 16, 1 << 16
-            chunks = collectives._pipeline_chunks(m, make_codec(spec))
+            chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES = 1 << 16, 1 << 16
+            chunks = chunking.tensor_pipeline_chunks(m, make_codec(spec))
             st: list[collectives.CommStats] = []
             pipelined = collectives.all_reduce(m, spec, algo="one-shot", stats=st)
-            collectives.PIPELINE_MIN_BYTES = 1 << 62
+            chunking.PIPELINE_MIN_BYTES = 1 << 62
             whole = collectives.all_reduce(m, spec, algo="one-shot")
         finally:
-            collectives.PIPELINE_MIN_BYTES, collectives.PIPELINE_CHUNK_BYTES = saved
+            chunking.PIPELINE_MIN_BYTES, chunking.PIPELINE_CHUNK_BYTES = saved
         piped[spec] = (chunks, torch.equal(pipelined, whole), pipelined.shape == m.shape, st[0].wire_bytes)
     out["pipelined"] = piped
 
@@ -138,10 +140,10 @@ def _run_all(rank: int, world_size: int) -> dict:
     stock_ar = x.clone()
     dist.all_reduce(stock_ar)
     stock_ag = torch.empty(world_size * 16, 64, dtype=x.dtype)
-    collectives._all_gather_flat(stock_ag, x)
+    all_gather_flat(stock_ag, x)
     xs = make_input(rank, "fallback", (12 * world_size, 64))
     stock_rs = torch.empty(12, 64, dtype=x.dtype)
-    collectives._reduce_scatter_flat(stock_rs, xs.clone())
+    reduce_scatter_flat(stock_rs, xs.clone())
     fb: dict = {}
     for name, fn, inp, stock, kwargs in (
         ("ar_small", collectives.all_reduce, x, stock_ar, dict(codec="int4:g32", min_bytes=4096)),
@@ -268,14 +270,14 @@ def replay(spec: str, op: str, inputs: list[torch.Tensor], n: int) -> tuple[list
         return [acc.to(x0.dtype)] * n, _with_rounding(first, abs_sum, x0.dtype)
     # Two-shot: the first quantization is per chunk (dynamic choices such as outlier channels are made per
     # chunk too), the reduced chunk is requantized once.
-    chunked = [collectives._chunk_view(x, codec, n)[0] for x in inputs]
+    chunked = [chunking.chunk_view(x, codec, n)[0] for x in inputs]
     full, bounds = [], []
     for r in range(n):
         acc = rt_sum([c[r] for c in chunked])
         full.append(codec.decode(codec.encode(acc), acc.shape, x0.dtype))
         bounds.append(sum(codec.max_abs_error_bound(c[r]) for c in chunked) + codec.max_abs_error_bound(acc))
-    out = collectives._unchunk(torch.stack(full), x0.shape)
-    return [out] * n, _with_rounding(collectives._unchunk(torch.stack(bounds), x0.shape), abs_sum, x0.dtype)
+    out = chunking.unchunk(torch.stack(full), x0.shape)
+    return [out] * n, _with_rounding(chunking.unchunk(torch.stack(bounds), x0.shape), abs_sum, x0.dtype)
 
 
 def expected_wire_bytes(spec: str, op: str, x: torch.Tensor, n: int) -> tuple[str, int]:
@@ -288,7 +290,7 @@ def expected_wire_bytes(spec: str, op: str, x: torch.Tensor, n: int) -> tuple[st
     algo = op if op != "auto" else collectives.choose_algo(n, x.numel() * x.element_size())
     if algo == "one-shot":
         return algo, (n - 1) * codec.payload_nbytes(x.shape)
-    return algo, 2 * (n - 1) * codec.payload_nbytes(collectives._chunk_view(x, codec, n)[1])
+    return algo, 2 * (n - 1) * codec.payload_nbytes(chunking.chunk_view(x, codec, n)[1])
 
 
 @pytest.mark.timeout(240)  # includes the module fixture: one gloo run per world size
@@ -329,6 +331,12 @@ def test_collective_case(world: tuple[int, list[dict]], spec: str, op: str, shap
     for s in stats:
         assert (s.spec, s.algo, s.fallback) == (make_codec(spec).spec, algo, None)
         assert s.raw_bytes == x0.numel() * x0.element_size() and s.wire_bytes == wire
+    # ... and what the algorithm's descriptor says it sends for its chunk plan.
+    codec = make_codec(spec)
+    op_name = "all_gather" if op.startswith("gather") else "reduce_scatter" if op == "scatter0" else "all_reduce"
+    desc = algorithm(op_name, algo)
+    payload = desc.plan(x0.shape, codec, n, 0, stats[0].chunks).payload_nbytes(codec)
+    assert desc.wire_bytes(payload, n) == wire
     if make_codec(spec).nominal_bits_per_value() < 6 and shape_name == "smollm":
         assert stats[0].wire_bytes < stats[0].baseline_wire_bytes, stats[0]
         if n == 2 and op != "two-shot":  # one payload vs one full copy: ~3.5x for 4.5 bits
@@ -429,21 +437,3 @@ def test_auto_picks_two_shot_for_large_messages_from_four_ranks(world: tuple[int
         algo, same, digest = res["auto_big"]
         assert algo == ("two-shot" if n >= 4 else "one-shot") and same
         assert digest == results[0]["auto_big"][2]
-
-
-@pytest.mark.parametrize(
-    ("n", "nbytes", "algo"),
-    [(2, 1 << 30, "one-shot"), (3, 1 << 30, "one-shot"), (4, 1 << 10, "one-shot"), (4, 1 << 20, "two-shot")],
-)
-def test_auto_rule(n: int, nbytes: int, algo: str) -> None:
-    assert collectives.choose_algo(n, nbytes) == algo
-
-
-def test_chunks_split_on_codec_blocks() -> None:
-    x = torch.zeros(12, 3, 50)  # 1800 values
-    chunks, shape = collectives._chunk_view(x, make_codec("fp8"), 4)
-    assert shape == (512,) and chunks.shape == (4, 512)  # 450 rounded up to fp8's block of 128
-    _, shape = collectives._chunk_view(x, make_codec("int4:g32+had:b64"), 3)
-    assert shape == (640,)  # 600 rounded up to lcm(32, 64)
-    chunks, shape = collectives._chunk_view(x, make_codec("int4:g32+outliers:k8"), 4)
-    assert shape == (9, 50)  # 36 rows of 50 in 4 chunks of 9 whole rows
