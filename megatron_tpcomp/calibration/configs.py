@@ -105,7 +105,22 @@ def search_config(
     else:
         plan = search.choose_plan(sens, bits, budget, objective=objective, tp=result["tp"])
         budget_meta = {"type": "kl", "kl_budget": budget}
-    meta = {
+    meta = _search_meta(result, plan, budget_meta, objective, {c: bits[c] for c in candidates}, count * context)
+    meta["sensitivity_reused"] = sensitivity is not None
+    dims = {"num_layers": result["num_layers"], "hidden_size": result["hidden"], "tp_size": result["tp"]}
+    return search.assignment_to_config(plan["assignment"], outliers, dims, meta, scales=scales), sens
+
+
+def _search_meta(
+    result: dict[str, Any],
+    plan: dict[str, Any],
+    budget_meta: dict[str, Any],
+    objective: str,
+    bits: dict[str, float],
+    search_tokens: int,
+) -> dict[str, Any]:
+    """A searched config's ``meta``: the budget, the plan's prediction, the candidates' bits, the calibration."""
+    return {
         "calibrated_by": "tpcomp calibrate --search",
         "model": result["model"],
         "budget": budget_meta,
@@ -115,13 +130,11 @@ def search_config(
         "predicted_bits_per_value": plan["bits_per_value"],
         "predicted_wire_bits_per_value": plan["wire_bits_per_value"],
         "plans": plan["plans"],
-        "candidates": {c: bits[c] for c in candidates},
-        "search_tokens": count * context,
-        "sensitivity_reused": sensitivity is not None,
+        "candidates": bits,
+        "search_tokens": search_tokens,
+        "sensitivity_reused": False,
         **result["calibration"],
     }
-    dims = {"num_layers": result["num_layers"], "hidden_size": result["hidden"], "tp_size": result["tp"]}
-    return search.assignment_to_config(plan["assignment"], outliers, dims, meta, scales=scales), sens
 
 
 def _calibration_ids(result: dict[str, Any], text: str | None) -> list[int]:
