@@ -72,61 +72,66 @@ def _demo_worker(
     """One rank: for each ``(label, spec or config dict)`` in ``variants`` (``"none"`` first: the baseline),
     generate, measure perplexity on ``ppl_ids`` and count the bytes sent. Rank 0 returns
     ``{label: {tokens, text, gen_s, ppl, ppl_s, wire_bytes, baseline_wire_bytes, compressed_calls, bits}}``."""
-    from megatron_tpcomp.checkpoint import load_model
     from megatron_tpcomp.config import CompressionConfig
-    from megatron_tpcomp.megatron import cpu, intercept
-    from megatron_tpcomp.megatron import model as M
-    from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
+    from megatron_tpcomp.megatron import intercept
+    from megatron_tpcomp.megatron.generate import build_static_engine
+    from megatron_tpcomp.session import rank_session
     from megatron_tpcomp.tokenizer import TextTokenizer
 
-    cpu.enable_cpu_inference()
-    M.init_parallel(world_size)
-    t0 = time.perf_counter()
-    model, meta = load_model(ckpt)
-    _say(
-        rank, f"loaded {meta.source.get('name', ckpt)} shards on {world_size} ranks in {time.perf_counter() - t0:.1f} s"
-    )
-    tok = TextTokenizer.from_checkpoint(meta)
-    max_len = max(len(tok.tokenize(p)) for p in prompts) + gen_tokens + 8
-    engine = build_static_engine(
-        model, tok, vocab_size=meta.model_config.vocab_size, max_batch=len(prompts), max_seq_len=max_len, progress=False
-    )
-    out: dict[str, Any] = {}
-    ids = torch.tensor(ppl_ids)
-    for name, setting in variants:
-        label = "uncompressed" if name == "none" else name
-        intercept.disable(model)
-        intercept.reset_counts()
-        if name != "none":
-            cfg = setting if isinstance(setting, str) else CompressionConfig.from_dict(setting, source=name)
-            intercept.enable(model, cfg, telemetry=True)
-        _say(rank, f"{label}: generating {gen_tokens} tokens for {len(prompts)} prompts ...")
-        t0 = time.perf_counter()
-        tokens = greedy_generate(engine, list(prompts), gen_tokens)
-        gen_s = time.perf_counter() - t0
-        traffic = intercept.telemetry_summary()
-        bits = _bits_per_value(intercept.telemetry_records, world_size)
-        _say(rank, f"{label}: perplexity on {len(ppl_ids) - 1} tokens of held-out text ...")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = model(
-                ids[:-1][None], torch.arange(len(ids) - 1)[None], attention_mask=None, runtime_gather_output=True
-            )
-        nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[1:]).item()
-        out[name] = {
-            "tokens": tokens,
-            "text": [tok.detokenize(t) for t in tokens],
-            "gen_s": gen_s,
-            "ppl": math.exp(nll),
-            "ppl_s": time.perf_counter() - t0,
-            "wire_bytes": sum(r["wire_bytes"] for r in traffic.values()),
-            "baseline_wire_bytes": sum(r["baseline_wire_bytes"] for r in traffic.values()),
-            "compressed_calls": sum(r["calls"] for r in traffic.values()),
-            "bits": bits,
-        }
-    intercept.disable(model)
-    M.destroy_parallel()
+    with rank_session(ckpt, world_size) as session:
+        model, meta = session.model, session.meta
+        _say(rank, f"loaded {meta.source.get('name', ckpt)} shards on {world_size} ranks in {session.load_s:.1f} s")
+        tok = TextTokenizer.from_checkpoint(meta)
+        max_len = max(len(tok.tokenize(p)) for p in prompts) + gen_tokens + 8
+        engine = build_static_engine(
+            model, tok, vocab_size=meta.model_config.vocab_size, max_batch=len(prompts), max_seq_len=max_len,
+            progress=False,
+        )  # fmt: skip
+        out: dict[str, Any] = {}
+        for name, setting in variants:
+            intercept.disable(model)
+            intercept.reset_counts()
+            if name != "none":
+                cfg = setting if isinstance(setting, str) else CompressionConfig.from_dict(setting, source=name)
+                intercept.enable(model, cfg, telemetry=True)
+            out[name] = _demo_variant(rank, world_size, model, tok, engine, name, prompts, gen_tokens, ppl_ids)
     return out if rank == 0 else None
+
+
+def _demo_variant(
+    rank: int, world_size: int, model: torch.nn.Module, tok: Any, engine: Any, name: str, prompts: list[str],
+    gen_tokens: int, ppl_ids: list[int],
+) -> dict[str, Any]:  # fmt: skip
+    """Generate, measure perplexity and count the bytes sent with the collectives as they are routed now."""
+    from megatron_tpcomp.megatron import intercept
+    from megatron_tpcomp.megatron.generate import greedy_generate
+
+    label = "uncompressed" if name == "none" else name
+    _say(rank, f"{label}: generating {gen_tokens} tokens for {len(prompts)} prompts ...")
+    t0 = time.perf_counter()
+    tokens = greedy_generate(engine, list(prompts), gen_tokens)
+    gen_s = time.perf_counter() - t0
+    traffic = intercept.telemetry_summary()
+    bits = _bits_per_value(intercept.telemetry_records, world_size)
+    _say(rank, f"{label}: perplexity on {len(ppl_ids) - 1} tokens of held-out text ...")
+    t0 = time.perf_counter()
+    ids = torch.tensor(ppl_ids)
+    with torch.no_grad():
+        logits = model(
+            ids[:-1][None], torch.arange(len(ids) - 1)[None], attention_mask=None, runtime_gather_output=True
+        )
+    nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[1:]).item()
+    return {
+        "tokens": tokens,
+        "text": [tok.detokenize(t) for t in tokens],
+        "gen_s": gen_s,
+        "ppl": math.exp(nll),
+        "ppl_s": time.perf_counter() - t0,
+        "wire_bytes": sum(r["wire_bytes"] for r in traffic.values()),
+        "baseline_wire_bytes": sum(r["baseline_wire_bytes"] for r in traffic.values()),
+        "compressed_calls": sum(r["calls"] for r in traffic.values()),
+        "bits": bits,
+    }
 
 
 def _bits_per_value(records: list[tuple[str, Any]], world_size: int) -> float | None:

@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,6 @@ def bits_per_value(config: Any, num_layers: int, shape: tuple[int, int]) -> floa
             codec = config.codec_for(site, layer)
             bits.append(UNCOMPRESSED_BITS if codec is None else codec.bits_per_value(shape))
     return sum(bits) / len(bits)
-
-
-def next_token_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probabilities ``[s, vocab]`` of a megatron-core GPTModel for one sequence ``ids`` ``[s]`` (int64),
-    logits gathered over the TP ranks (every rank gets the full vocabulary)."""
-    with torch.no_grad():
-        logits = model(ids[None], torch.arange(ids.numel())[None], attention_mask=None, runtime_gather_output=True)
-    return torch.log_softmax(logits[0].float(), dim=-1)
 
 
 def kl_per_position(base_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
@@ -175,6 +167,98 @@ def _report(
     }
 
 
+@dataclass
+class _Run:
+    """One rank's evaluation state: the model session, the variants' configs and the running sums."""
+
+    session: Any
+    todo: list[Variant]
+    configs: dict[str, Any]
+    context: int
+    windows: int
+    prompts: list[str]
+    gen_tokens: int
+    lead: bool
+    sums: dict[str, dict[str, float]] = field(default_factory=dict)
+    generated: dict[str, list[list[int]]] = field(default_factory=dict)
+    baseline_text: list[str] = field(default_factory=list)
+
+    def report(self, done: int, complete: bool) -> dict[str, Any]:
+        return _report(
+            self.session.meta, self.session.tp, self.context, self.windows, done, self.todo, self.configs, self.sums,
+            self.prompts, self.gen_tokens, self.generated, self.baseline_text, complete,
+        )  # fmt: skip
+
+    def switch(self, name: str) -> None:
+        """Route the collectives as variant ``name`` says (``none``: Megatron's own)."""
+        from megatron_tpcomp.megatron import intercept
+
+        if name == "none":
+            intercept.disable(self.session.model)
+        else:
+            intercept.enable(self.session.model, self.configs[name])
+
+
+def _eval_windows(run: _Run, ids: torch.Tensor, progress: bool, partial: str | None) -> None:
+    """Teacher-forced metrics of every variant on every window of ``ids`` (windows the outer loop)."""
+    from tqdm import tqdm
+
+    from megatron_tpcomp.cliutil import atomic_write_json
+
+    context, model, sums = run.context, run.session.model, run.sums
+    pos = torch.arange(context)[None]  # [1, s]
+    bar = tqdm(range(run.windows), desc=f"eval TP={run.session.tp}", unit="window", disable=not (progress and run.lead))
+    for w in bar:
+        tokens = ids[w * context : (w + 1) * context][None]  # [1, s]
+        targets = ids[w * context + 1 : (w + 1) * context + 1]  # [s]
+        base_lp = None
+        for name in ["none", *run.configs]:
+            run.switch(name)
+            t0 = time.perf_counter()
+            logits = model(tokens, pos, attention_mask=None, runtime_gather_output=True)  # [1, s, V]
+            sums[name]["time_s"] += time.perf_counter() - t0
+            if not run.lead:
+                continue
+            lp = torch.log_softmax(logits[0].float(), dim=-1)  # [s, V]
+            if base_lp is None:
+                base_lp = lp
+            nll, kl, top1 = _window_metrics(base_lp, lp, targets)
+            sums[name]["nll"] += nll
+            sums[name]["kl"] += kl
+            sums[name]["top1"] += top1
+        if run.lead:
+            bar.set_postfix(ppl=f"{math.exp(sums['none']['nll'] / ((w + 1) * context)):.2f}")
+            if partial:
+                atomic_write_json(partial, run.report(w + 1, False))
+
+
+def _eval_generation(run: _Run, progress: bool, partial: str | None) -> None:
+    """Greedy generations of every variant through megatron-core's static inference engine."""
+    from tqdm import tqdm
+
+    from megatron_tpcomp.cliutil import atomic_write_json
+    from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    meta, prompts = run.session.meta, run.prompts
+    tok = TextTokenizer.from_checkpoint(meta)
+    engine = build_static_engine(
+        run.session.model,
+        tok,
+        vocab_size=meta.model_config.vocab_size,
+        max_batch=len(prompts),
+        max_seq_len=max(len(tok.tokenize(p)) for p in prompts) + run.gen_tokens + 8,
+        progress=False,
+    )
+    for name in tqdm(["none", *run.configs], desc="greedy", disable=not (progress and run.lead)):
+        run.switch(name)
+        run.generated[name] = greedy_generate(engine, list(prompts), run.gen_tokens)
+        if name == "none":
+            run.baseline_text = [tok.detokenize(g) for g in run.generated["none"]]
+        if run.lead and partial:
+            atomic_write_json(partial, run.report(run.windows, False))
+
+
 def _eval_worker(
     rank: int,
     world_size: int,
@@ -192,86 +276,24 @@ def _eval_worker(
     ``partial``: rank 0 rewrites this JSON file atomically after each window and each generation, with the
     report so far (``"complete": false``), so an interrupted run keeps what it finished.
     """
-    from tqdm import tqdm
+    from megatron_tpcomp.megatron import intercept
+    from megatron_tpcomp.session import rank_session
 
-    from megatron_tpcomp.checkpoint import load_model
-    from megatron_tpcomp.cliutil import atomic_write_json
-    from megatron_tpcomp.megatron import cpu, intercept
-    from megatron_tpcomp.megatron import model as M
-    from megatron_tpcomp.megatron.generate import build_static_engine, greedy_generate
-    from megatron_tpcomp.tokenizer import TextTokenizer
-
-    cpu.enable_cpu_inference()
-    M.init_parallel(world_size)
-    model, meta = load_model(ckpt, dtype=torch.float32)
-    configs = {v.name: v.config() for v in todo}
-    windows = (len(token_ids) - 1) // context
-    ids = torch.tensor(token_ids[: windows * context + 1], dtype=torch.long)
-    pos = torch.arange(context)[None]  # [1, s]
-    sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "time_s": 0.0} for name in ["none", *configs]}
-    lead = rank == 0
-    generated: dict[str, list[list[int]]] = {}
-    baseline_text: list[str] = []
-
-    def report(done: int, complete: bool) -> dict[str, Any]:
-        return _report(
-            meta, world_size, context, windows, done, todo, configs, sums, prompts, gen_tokens, generated,
-            baseline_text, complete,
-        )  # fmt: skip
-
-    bar = tqdm(range(windows), desc=f"eval TP={world_size}", unit="window", disable=not (progress and lead))
-    with torch.no_grad():
-        for w in bar:
-            tokens = ids[w * context : (w + 1) * context][None]  # [1, s]
-            targets = ids[w * context + 1 : (w + 1) * context + 1]  # [s]
-            base_lp = None
-            for name in ["none", *configs]:
-                if name == "none":
-                    intercept.disable(model)
-                else:
-                    intercept.enable(model, configs[name])
-                t0 = time.perf_counter()
-                logits = model(tokens, pos, attention_mask=None, runtime_gather_output=True)  # [1, s, V]
-                sums[name]["time_s"] += time.perf_counter() - t0
-                if not lead:
-                    continue
-                lp = torch.log_softmax(logits[0].float(), dim=-1)  # [s, V]
-                if base_lp is None:
-                    base_lp = lp
-                nll, kl, top1 = _window_metrics(base_lp, lp, targets)
-                sums[name]["nll"] += nll
-                sums[name]["kl"] += kl
-                sums[name]["top1"] += top1
-            if lead:
-                bar.set_postfix(ppl=f"{math.exp(sums['none']['nll'] / ((w + 1) * context)):.2f}")
-                if partial:
-                    atomic_write_json(partial, report(w + 1, False))
-        intercept.disable(model)
-        if prompts and gen_tokens > 0:
-            tok = TextTokenizer.from_checkpoint(meta)
-            engine = build_static_engine(
-                model,
-                tok,
-                vocab_size=meta.model_config.vocab_size,
-                max_batch=len(prompts),
-                max_seq_len=max(len(tok.tokenize(p)) for p in prompts) + gen_tokens + 8,
-                progress=False,
-            )
-            for name in tqdm(["none", *configs], desc="greedy", disable=not (progress and lead)):
-                if name == "none":
-                    intercept.disable(model)
-                else:
-                    intercept.enable(model, configs[name])
-                generated[name] = greedy_generate(engine, list(prompts), gen_tokens)
-                if name == "none":
-                    baseline_text = [tok.detokenize(g) for g in generated["none"]]
-                if lead and partial:
-                    atomic_write_json(partial, report(windows, False))
-            intercept.disable(model)
-    M.destroy_parallel()
-    if not lead:
+    with rank_session(ckpt, world_size, dtype=torch.float32) as session:
+        configs = {v.name: v.config() for v in todo}
+        windows = (len(token_ids) - 1) // context
+        ids = torch.tensor(token_ids[: windows * context + 1], dtype=torch.long)
+        run = _Run(session, todo, configs, context, windows, prompts, gen_tokens, rank == 0)
+        run.sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0, "time_s": 0.0} for name in ["none", *configs]}
+        with torch.no_grad():
+            _eval_windows(run, ids, progress, partial)
+            intercept.disable(session.model)
+            if prompts and gen_tokens > 0:
+                _eval_generation(run, progress, partial)
+                intercept.disable(session.model)
+    if rank != 0:
         return None
-    return report(windows, True)
+    return run.report(windows, True)
 
 
 def check_request(model: str, tp: int, todo: list[Variant]) -> Any:

@@ -270,13 +270,11 @@ def _init_distributed(timeout_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_tpcomp.checkpoint import load_model, read_metadata
-    from megatron_tpcomp.cliutil import ResultsFile, atomic_write_json, check_config_for_model, check_output_file
+    from megatron_tpcomp.checkpoint import read_metadata
+    from megatron_tpcomp.cliutil import check_config_for_model, check_output_file
     from megatron_tpcomp.config import CompressionConfig
-    from megatron_tpcomp.megatron import cpu, intercept
-    from megatron_tpcomp.megatron import model as M
     from megatron_tpcomp.megatron.args import config_from_args
-    from megatron_tpcomp.megatron.generate import build_static_engine
+    from megatron_tpcomp.session import rank_session
     from megatron_tpcomp.tokenizer import TextTokenizer
 
     # Every rank checks the whole request before the process group forms: a bad one fails on all of them at once
@@ -319,12 +317,25 @@ def run(args: argparse.Namespace) -> int:
         logger.setLevel(logging.WARNING)
     if world != tp:
         raise ValueError(f"torchrun started {world} processes but --tensor-model-parallel-size is {tp}")
-    if not torch.cuda.is_available():
-        cpu.enable_cpu_inference()
-    M.init_parallel(tp, seed=args.seed)
-    model, meta = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if args.bf16 else None
+    with rank_session(args.model, tp, dtype=dtype, seed=args.seed, cpu=not cuda, cuda=cuda) as session:
+        _generate(args, session, config, source, tok, prompts, bad)
+    dist.destroy_process_group()
+    return 0
+
+
+def _generate(
+    args: argparse.Namespace, session: Any, config: Any, source: str, tok: Any, prompts: list[dict[str, Any]],
+    bad: dict[int, str],
+) -> None:  # fmt: skip
+    """Generate every prompt not in ``bad`` in micro-batches; rank 0 writes the records in input order and the
+    summary."""
+    from megatron_tpcomp.cliutil import ResultsFile, atomic_write_json
+    from megatron_tpcomp.megatron import intercept
+    from megatron_tpcomp.megatron.generate import build_static_engine
+
+    model, meta, tp, rank = session.model, session.meta, session.tp, dist.get_rank()
     if config is not None:
         intercept.enable(model, config, telemetry=True)
         if rank == 0 and tp == 1:
@@ -401,10 +412,6 @@ def run(args: argparse.Namespace) -> int:
         _log_summary(summary)
         if args.summary_json:
             atomic_write_json(args.summary_json, summary)
-    intercept.disable(model)
-    M.destroy_parallel()
-    dist.destroy_process_group()
-    return 0
 
 
 def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]], tp: int) -> dict[str, Any]:

@@ -78,44 +78,25 @@ def stock_wire_bytes(op: str, tensor: torch.Tensor | None, n: int) -> int:
 class CommClock:
     """Times every TP collective the intercept dispatches: ``events`` of ``(start, end, wire_bytes, compressed)``.
 
-    Wraps the intercept's dispatch function (``intercept._run``), which every intercepted primitive looks up at
-    call time; the stock path (no codec for the site, spec ``none``, or ``auto`` choosing uncompressed) and the
-    compressed path are both inside it. Install before :func:`intercept.enable`, so that Transformer Engine's
-    wrappers (which take the function when installed) are timed as well.
+    A :func:`megatron_tpcomp.megatron.intercept.dispatch_hook` (``with intercept.dispatch_hook(clock):``): the
+    stock path (no codec for the site, spec ``none``, or ``auto`` choosing uncompressed) and the compressed path
+    are both inside the dispatch, Transformer Engine's collectives included. Compressed calls report what they
+    really sent when the model is enabled with ``telemetry=True``; the others count the stock ring volume.
     """
 
     def __init__(self, world_size: int):
         self.n = world_size
         self.events: list[tuple[float, float, int, bool]] = []
-        self._original: Any = None
 
-    def install(self) -> None:
-        from megatron_tpcomp.megatron import intercept
-
-        if self._original is not None:
-            return
-        original = self._original = intercept._run
-        records = intercept.telemetry_records
-
-        def timed_run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = None) -> Any:
-            before = len(records)
-            t0 = time.perf_counter()
-            out = original(op, fallback, compressed, tensor)
-            t1 = time.perf_counter()
-            if len(records) > before:  # a compressed call (telemetry on): what it really sent
-                self.events.append((t0, t1, int(records[-1][1].wire_bytes), records[-1][1].fallback is None))
-            else:
-                self.events.append((t0, t1, stock_wire_bytes(op, tensor, self.n), False))
-            return out
-
-        intercept._run = timed_run
-
-    def uninstall(self) -> None:
-        from megatron_tpcomp.megatron import intercept
-
-        if self._original is not None:
-            intercept._run = self._original
-            self._original = None
+    def __call__(self, call: Any, proceed: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = proceed()
+        t1 = time.perf_counter()
+        if call.stats is not None:  # a compressed call (telemetry on): what it really sent
+            self.events.append((t0, t1, int(call.stats.wire_bytes), call.stats.fallback is None))
+        else:
+            self.events.append((t0, t1, stock_wire_bytes(call.op, call.tensor, self.n), False))
+        return out
 
     def split(self, boundary: float) -> tuple[dict[str, float], dict[str, float]]:
         """Totals of the events ending by ``boundary`` (the prefill) and after it (decode): ``comm_s``,
@@ -321,7 +302,7 @@ def _quiet() -> None:
     logging.getLogger("megatron_tpcomp").setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="e2e_worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
@@ -329,16 +310,136 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master-port", type=int, required=True)
     parser.add_argument("--plan", required=True, help="JSON file with the settings")
     parser.add_argument("--out", required=True, help="rank 0 writes the results (JSON) here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _engine_and_prompts(session: Any, lens: list[int], gen: int, dtype: torch.dtype) -> tuple[Any, dict[int, Any]]:
+    """The static inference engine of ``session.model`` and, per prompt length, ``(text, tokens)`` of a prompt
+    of exactly that many tokens (as the engine tokenizes it)."""
+    from megatron_tpcomp import assets
+    from megatron_tpcomp.megatron.generate import build_static_engine
+    from megatron_tpcomp.tokenizer import TextTokenizer
+
+    meta = session.meta
+    tok = TextTokenizer.from_checkpoint(meta)
+    engine = build_static_engine(
+        session.model,
+        tok,
+        vocab_size=meta.model_config.vocab_size,
+        max_batch=1,
+        max_seq_len=max(lens) + gen + 8,
+        dtype=dtype,
+        progress=False,
+    )
+    controller = engine.controller if hasattr(engine, "controller") else engine.text_generation_controller
+
+    def tokenize(text: str) -> list[int]:
+        return controller.tokenize_prompt(text)  # what the engine does with a prompt
+
+    ids = tok.tokenize(assets.eval_text()[: 12 * max(lens) + 1000])
+    if len(ids) < max(lens):
+        raise ValueError(f"the prompt text has only {len(ids)} tokens, fewer than {max(lens)}")
+    return engine, {L: exact_prompt(tokenize, tok.detokenize, ids, L) for L in lens}
+
+
+def _perf_table(
+    plan: dict[str, Any], lens: list[int], dtype: torch.dtype, n: int, say: Callable[[str], None]
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The perf table for the plan's ``auto`` settings: the plan's own, or measured here by all ranks together
+    when a setting needs one (then also the calibration records). Returns ``(perf_table path, calibration)``."""
+    specs, plan_configs = list(plan["specs"]), plan.get("configs") or {}
+    perf_table = plan.get("perf_table")
+    # Settings whose auto policy needs the table measured here (a config file naming its own table does not).
+    auto_cfg = [s for s in specs if (c := _config(s, None, plan_configs)).policy == "auto" and c.perf_table is None]
+    if not auto_cfg or perf_table is not None:
+        return perf_table, None
+    t_cal = time.perf_counter()
+    elem = torch.empty((), dtype=dtype).element_size()
+    sizes = sorted({576 * elem * t for t in (1, min(lens), max(lens))})
+    codec_spec = _config(auto_cfg[0], None, plan_configs).default.spec
+    table, link_recs, codec_recs = calibrate(codec_spec, sizes, dtype, reps=5, n=n)
+    # One file for all (the path is part of the config every rank must agree on): rank 0 writes it.
+    perf_table = os.path.join(plan["workdir"], "perf-table.json")
+    if dist.get_rank() == 0:
+        with open(f"{perf_table}.tmp", "w") as f:
+            json.dump(table, f)
+        os.replace(f"{perf_table}.tmp", perf_table)
+    dist.barrier()
+    link = table["links"].get(str(n), {})
+    say(
+        f"auto: cost model calibrated on this link in {time.perf_counter() - t_cal:.1f} s "
+        f"(alpha {link.get('alpha_s', 0) * 1e6:.0f} us, beta {link.get('beta_bytes_per_s', 0) / 1e6:.1f} MB/s)"
+    )
+    return perf_table, dict(table=table, link_records=link_recs, codec_records=codec_recs)
+
+
+def _timed_runs(
+    plan: dict[str, Any],
+    model: torch.nn.Module,
+    engine: Any,
+    prompts: dict[int, Any],
+    configs: dict[str, Any],
+    comm: CommClock,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The warm-up, then ``reps`` x prompt lengths x settings timed runs, alternating the settings."""
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    from megatron_tpcomp.megatron import intercept
+
+    n = dist.get_world_size()
+    specs, lens = list(plan["specs"]), [int(x) for x in plan["prompt_lens"]]
+    params = SamplingParams(temperature=1.0, top_k=1, num_tokens_to_generate=int(plan["gen_tokens"]))
+    params.no_early_termination = True  # always gen_tokens steps (read by the static controller)
+    steps = StepClock(model)
+
+    def switch(spec: str) -> None:
+        intercept.enable(model, configs[spec], telemetry=True)
+        intercept.reset_counts()
+
+    warm = int(plan["warmup"])
+    for w in range(warm):
+        for s in specs:
+            say(f"warm-up {w + 1}/{warm}: {s}, {min(lens)} tokens")
+            switch(s)
+            run_once(engine, params, prompts[min(lens)][0], steps, comm, n)
+    os.environ["TPCOMP_CHECK_RANKS"] = "off"  # checked in the warm-up; see the module docstring
+    runs = []
+    total = int(plan["reps"]) * len(lens) * len(specs)
+    for rep in range(int(plan["reps"])):
+        for L in lens:
+            for s in specs:  # alternating: baseline, spec1, spec2, ..., then again
+                switch(s)
+                r = run_once(engine, params, prompts[L][0], steps, comm, n)
+                choices = {f"{op}|{site}|{c}": v for (op, site, c), v in intercept.auto_choices.items()}
+                r.update(rep=rep, prompt_len=L, prompt_tokens=prompts[L][1], spec=s, auto_choices=choices)
+                runs.append(r)
+                tpot = "-" if r["tpot_ms"] is None else f"{r['tpot_ms']:.1f}"
+                say(
+                    f"{len(runs)}/{total} rep {rep + 1} {L} tokens {s}: ttft {r['ttft_ms']:.1f} ms, tpot {tpot} ms, "
+                    f"comm {100 * r['comm_share']:.0f}% of prefill"
+                )
+    intercept.disable(model)
+    return runs
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     _quiet()
     with open(args.plan) as f:
         plan = json.load(f)
     rank, n = args.rank, args.world_size
-    label = plan["label"]
 
     def say(msg: str) -> None:
         if rank == 0:
-            print(f"[{label}] {msg}", file=sys.stderr, flush=True)
+            print(f"[{plan['label']}] {msg}", file=sys.stderr, flush=True)
 
     torch.set_num_threads(int(plan["threads"]))  # N ranks on a few cores: a share each (as the other benches)
     dist.init_process_group(
@@ -348,125 +449,37 @@ def main(argv: list[str] | None = None) -> int:
         world_size=n,
         timeout=datetime.timedelta(seconds=float(plan["timeout_s"])),
     )
-    from megatron.core.inference.sampling_params import SamplingParams
-
-    from megatron_tpcomp import assets
-    from megatron_tpcomp.checkpoint import load_model
-    from megatron_tpcomp.megatron import cpu, intercept
-    from megatron_tpcomp.megatron import model as M
-    from megatron_tpcomp.megatron.generate import build_static_engine
-    from megatron_tpcomp.tokenizer import TextTokenizer
+    from megatron_tpcomp.megatron import intercept
+    from megatron_tpcomp.session import rank_session
 
     comm = CommClock(n)
-    model = None
+    dtype = DTYPES[plan["dtype"]]
+    lens = [int(x) for x in plan["prompt_lens"]]
     try:
-        cpu.enable_cpu_inference()
-        M.init_parallel(n)
-        dtype = DTYPES[plan["dtype"]]
-        t_load = time.perf_counter()
-        model, meta = load_model(plan["model"], dtype=dtype)
-        tok = TextTokenizer.from_checkpoint(meta)
-        lens = [int(x) for x in plan["prompt_lens"]]
-        gen = int(plan["gen_tokens"])
-        engine = build_static_engine(
-            model,
-            tok,
-            vocab_size=meta.model_config.vocab_size,
-            max_batch=1,
-            max_seq_len=max(lens) + gen + 8,
-            dtype=dtype,
-            progress=False,
-        )
-        say(f"model loaded on {n} ranks in {time.perf_counter() - t_load:.1f} s ({plan['dtype']})")
-        controller = engine.controller if hasattr(engine, "controller") else engine.text_generation_controller
-
-        def tokenize(text: str) -> list[int]:
-            return controller.tokenize_prompt(text)  # what the engine does with a prompt
-
-        ids = tok.tokenize(assets.eval_text()[: 12 * max(lens) + 1000])
-        if len(ids) < max(lens):
-            raise ValueError(f"the prompt text has only {len(ids)} tokens, fewer than {max(lens)}")
-        prompts = {L: exact_prompt(tokenize, tok.detokenize, ids, L) for L in lens}
-        params = SamplingParams(temperature=1.0, top_k=1, num_tokens_to_generate=gen)
-        params.no_early_termination = True  # always gen_tokens steps (read by the static controller)
-        steps = StepClock(model)
-        comm.install()
-
-        specs = list(plan["specs"])
-        plan_configs = plan.get("configs") or {}
-        perf_table = plan.get("perf_table")
-        calibration = None
-        # Settings whose auto policy needs the table measured here (a config file naming its own table does not).
-        auto_cfg = [s for s in specs if (c := _config(s, None, plan_configs)).policy == "auto" and c.perf_table is None]
-        if auto_cfg and perf_table is None:
-            t_cal = time.perf_counter()
-            elem = torch.empty((), dtype=dtype).element_size()
-            sizes = sorted({576 * elem * t for t in (1, min(lens), max(lens))})
-            codec_spec = _config(auto_cfg[0], None, plan_configs).default.spec
-            table, link_recs, codec_recs = calibrate(codec_spec, sizes, dtype, reps=5, n=n)
-            # One file for all (the path is part of the config every rank must agree on): rank 0 writes it.
-            perf_table = os.path.join(plan["workdir"], "perf-table.json")
+        with rank_session(plan["model"], n, dtype=dtype) as session:
+            t0 = time.perf_counter()
+            engine, prompts = _engine_and_prompts(session, lens, int(plan["gen_tokens"]), dtype)
+            say(f"model loaded on {n} ranks in {session.load_s + time.perf_counter() - t0:.1f} s ({plan['dtype']})")
+            with intercept.dispatch_hook(comm):
+                perf_table, calibration = _perf_table(plan, lens, dtype, n, say)
+                configs = {s: _config(s, perf_table, plan.get("configs") or {}) for s in plan["specs"]}
+                runs = _timed_runs(plan, session.model, engine, prompts, configs, comm, say)
             if rank == 0:
-                with open(f"{perf_table}.tmp", "w") as f:
-                    json.dump(table, f)
-                os.replace(f"{perf_table}.tmp", perf_table)
-            dist.barrier()
-            calibration = dict(table=table, link_records=link_recs, codec_records=codec_recs)
-            link = table["links"].get(str(n), {})
-            say(
-                f"auto: cost model calibrated on this link in {time.perf_counter() - t_cal:.1f} s "
-                f"(alpha {link.get('alpha_s', 0) * 1e6:.0f} us, beta {link.get('beta_bytes_per_s', 0) / 1e6:.1f} MB/s)"
-            )
-        configs = {s: _config(s, perf_table, plan_configs) for s in specs}
-
-        def switch(spec: str) -> None:
-            intercept.enable(model, configs[spec], telemetry=True)
-            intercept.reset_counts()
-
-        warm = int(plan["warmup"])
-        for w in range(warm):
-            for s in specs:
-                say(f"warm-up {w + 1}/{warm}: {s}, {min(lens)} tokens")
-                switch(s)
-                run_once(engine, params, prompts[min(lens)][0], steps, comm, n)
-        os.environ["TPCOMP_CHECK_RANKS"] = "off"  # checked in the warm-up; see the module docstring
-        runs = []
-        total = int(plan["reps"]) * len(lens) * len(specs)
-        k = 0
-        for rep in range(int(plan["reps"])):
-            for L in lens:
-                for s in specs:  # alternating: baseline, spec1, spec2, ..., then again
-                    k += 1
-                    switch(s)
-                    r = run_once(engine, params, prompts[L][0], steps, comm, n)
-                    choices = {f"{op}|{site}|{c}": v for (op, site, c), v in intercept.auto_choices.items()}
-                    r.update(rep=rep, prompt_len=L, prompt_tokens=prompts[L][1], spec=s, auto_choices=choices)
-                    runs.append(r)
-                    tpot = "-" if r["tpot_ms"] is None else f"{r['tpot_ms']:.1f}"
-                    say(
-                        f"{k}/{total} rep {rep + 1} {L} tokens {s}: ttft {r['ttft_ms']:.1f} ms, tpot {tpot} ms, "
-                        f"comm {100 * r['comm_share']:.0f}% of prefill"
-                    )
-        intercept.disable(model)
-        if rank == 0:
-            result = dict(
-                runs=runs,
-                prompts={str(L): prompts[L][1] for L in lens},
-                calibration=calibration,
-                perf_table=plan.get("perf_table"),
-                threads=torch.get_num_threads(),
-                dtype=plan["dtype"],
-                model=str(plan["model"]),
-                num_layers=meta.model_config.num_layers,
-                hidden_size=meta.model_config.hidden_size,
-            )
-            tmp = f"{args.out}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f)
-            os.replace(tmp, args.out)
-        dist.barrier()  # nobody tears the group down while rank 0 still writes
+                mc = session.meta.model_config
+                result = dict(
+                    runs=runs,
+                    prompts={str(L): prompts[L][1] for L in lens},
+                    calibration=calibration,
+                    perf_table=plan.get("perf_table"),
+                    threads=torch.get_num_threads(),
+                    dtype=plan["dtype"],
+                    model=str(plan["model"]),
+                    num_layers=mc.num_layers,
+                    hidden_size=mc.hidden_size,
+                )
+                _write_json(args.out, result)
+            dist.barrier()  # nobody tears the group down while rank 0 still writes
     finally:
-        comm.uninstall()
         dist.destroy_process_group()
     return 0
 

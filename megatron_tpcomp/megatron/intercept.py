@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -29,19 +30,9 @@ from megatron_tpcomp import collectives
 from megatron_tpcomp.collectives import CommStats
 from megatron_tpcomp.config import CompressionConfig, ConfigError
 from megatron_tpcomp.megatron.compat import intercept_points
+from megatron_tpcomp.megatron.site import Site
 
 logger = logging.getLogger("megatron_tpcomp")
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a collective comes from: ``kind`` in attention | mlp | embedding | logits, 0-based ``layer``."""
-
-    kind: str
-    layer: int | None = None
-
-    def __str__(self) -> str:
-        return self.kind if self.layer is None else f"layer{self.layer}.{self.kind}"
 
 
 class RankMismatchError(RuntimeError):
@@ -117,12 +108,60 @@ def observe(callback: Callable[[str, Site, torch.Tensor], None]) -> Iterator[Non
         _observer = previous
 
 
+@dataclass
+class Dispatch:
+    """One intercepted collective, as a :func:`dispatch_hook` sees it.
+
+    ``op``: ``all_reduce`` | ``reduce_scatter`` | ``all_gather_last`` | ``all_gather_first`` |
+    ``all_gather_linear`` (or a Transformer Engine collective's op); ``site``: the site on the stack, None outside
+    any (Megatron's own collective runs); ``tensor``: this rank's input (None where the primitive has none);
+    ``stats``: after the dispatch, the CommStats of a compressed call of a model enabled with ``telemetry=True``,
+    else None.
+    """
+
+    op: str
+    site: Site | None
+    tensor: torch.Tensor | None
+    stats: CommStats | None = None
+
+
+#: ``hook(call, proceed) -> result``: wraps the dispatch of every intercepted primitive; it must call
+#: ``proceed()`` exactly once and return its result (see :func:`dispatch_hook`).
+DispatchHook = Callable[[Dispatch, Callable[[], Any]], Any]
+_dispatch_hooks: list[DispatchHook] = []
+
+
+@contextlib.contextmanager
+def dispatch_hook(hook: DispatchHook) -> Iterator[None]:
+    """Within the block, every intercepted primitive (stock or compressed path, Transformer Engine's included)
+    is dispatched as ``hook(call, proceed)``, where ``call`` is a :class:`Dispatch` and ``proceed()`` runs the
+    collective and returns its result, which the hook must return. Hooks nest: the first installed is the
+    outermost. Benchmarks time the collectives with it; no hook, no cost."""
+    _dispatch_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _dispatch_hooks.remove(hook)
+
+
 def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = None) -> Any:
+    """Dispatch one intercepted primitive through the installed :func:`dispatch_hook` s (see :func:`_dispatch`)."""
+    if not _dispatch_hooks:
+        return _dispatch(op, fallback, compressed, tensor, None)
+    top = _current()
+    call = Dispatch(op, top[0] if top else None, tensor)
+    proceed: Callable[[], Any] = functools.partial(_dispatch, op, fallback, compressed, tensor, call)
+    for hook in reversed(_dispatch_hooks):
+        proceed = functools.partial(hook, call, proceed)
+    return proceed()
+
+
+def _dispatch(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None, call: Dispatch | None) -> Any:
     """Count the call; use ``compressed(codec, cfg, stats, check_ranks)`` when the current site has a codec.
 
     ``check_ranks`` (from :data:`CHECK_RANKS_ENV`: ``"first"``, True or False) makes the collective verify that
     every rank makes the same call (codec parameters, algorithm and chunking included), so a mismatch is an
-    error naming the ranks instead of a hang or garbage."""
+    error naming the ranks instead of a hang or garbage. ``call``: a hooked dispatch's record (gets the stats)."""
     top = _current()
     call_counts[(op, str(top[0]) if top else "none")] += 1
     if top is None:
@@ -143,6 +182,8 @@ def _run(op: str, fallback: Any, compressed: Any, tensor: torch.Tensor | None = 
     out = compressed(codec, cfg, stats, _CHECK_RANKS[check_ranks_mode()])
     if stats:
         telemetry_records.append((str(site), stats[0]))
+        if call is not None:
+            call.stats = stats[0]
     return out
 
 

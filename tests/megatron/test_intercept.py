@@ -4,6 +4,8 @@ Megatron's exact numerics, backward stays uncompressed, and ranks must agree."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -289,3 +291,57 @@ def test_check_ranks_env_modes_reach_the_collectives() -> None:
         assert res["always"] == (8, 8)
         assert res["off"] == (0, 8)
         assert res["bad"].startswith("ConfigError: TPCOMP_CHECK_RANKS='sometimes'"), res["bad"]
+
+
+def _hooked(rank: int, world_size: int) -> dict:
+    from megatron_tpcomp.config import CompressionConfig
+    from megatron_tpcomp.megatron import intercept
+
+    gpt, tokens, positions = _setup(world_size, False)
+    seen: list[tuple[str, str, bool]] = []
+    order: list[str] = []
+
+    def outer(call: intercept.Dispatch, proceed) -> torch.Tensor:
+        order.append("outer")
+        return proceed()
+
+    def record(call: intercept.Dispatch, proceed) -> torch.Tensor:
+        order.append("record")
+        out = proceed()
+        seen.append((call.op, str(call.site), call.stats is not None))
+        return out
+
+    with torch.no_grad():
+        stock = gpt(tokens, positions, attention_mask=None)
+        config = {"default": "int8:g32", "layers": {"0": {"mlp": "none"}}}
+        intercept.enable(gpt, CompressionConfig.from_dict(config), telemetry=True)
+        intercept.reset_counts()
+        with intercept.dispatch_hook(outer), intercept.dispatch_hook(record):
+            hooked = gpt(tokens, positions, attention_mask=None)
+        counts = dict(intercept.call_counts)
+        after = len(seen)
+        intercept.reset_counts()
+        unhooked = gpt(tokens, positions, attention_mask=None)
+        intercept.disable(gpt)
+    return {
+        "seen": seen,
+        "order": order,
+        "counts": counts,
+        "after": after,
+        "late": len(seen) - after,
+        "hooks_left": len(intercept._dispatch_hooks),
+        "same": torch.equal(hooked, unhooked),
+        "changed": not torch.equal(hooked, stock),
+    }
+
+
+def test_dispatch_hook_sees_every_collective_and_is_removed() -> None:
+    res = run_distributed(_hooked, 2, timeout_s=120)[0]
+    # One call per intercepted collective, with its op and site; stats only where a codec compressed it.
+    calls = dict(collections.Counter((op, site) for op, site, _ in res["seen"]))
+    assert calls == res["counts"] == expected_counts(False)
+    compressed = {site for _, site, has_stats in res["seen"] if has_stats}
+    assert compressed == {"layer0.attention", "layer1.attention", "layer1.mlp"}  # embedding: no codec by default
+    assert res["order"] == ["outer", "record"] * len(res["seen"])  # first installed is outermost
+    assert res["late"] == 0 and res["hooks_left"] == 0  # removed when the block ends
+    assert res["same"] and res["changed"]  # the hook does not change the numbers; the codec does
