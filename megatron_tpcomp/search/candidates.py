@@ -5,7 +5,8 @@ Bits per value come from the codec (``Codec.bits_per_value`` of a ``[context, hi
 outlier table included), never from a table. The all-reduce algorithm is part of a candidate because it changes
 quality: two-shot requantizes the reduced chunk, so a ``@two-shot`` candidate's sensitivity is measured with
 two-shot. Objectives: ``bits`` (payload bits per value, what ``tpcomp eval`` reports) or ``wire`` (bits each rank
-puts on the wire per value, in units of the stock bf16 ring all-reduce). The defaults come from a measured study
+puts on the wire per value, in units of the stock bf16 ring all-reduce: the algorithm descriptor's
+:func:`~megatron_tpcomp.collectives.algorithms.wire_factor`). The defaults come from a measured study
 on SmolLM2-135M at TP=3 (docs/results.md).
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_tpcomp.collectives.algorithms import ALL_REDUCE_ALGOS, wire_factor
 from megatron_tpcomp.megatron.site import LAYER_BLOCKS
 
 #: The blocks of a layer the search assigns a format to.
 BLOCKS = LAYER_BLOCKS
 UNCOMPRESSED_BITS = 16.0
 #: Algorithms a candidate may name (``auto`` is not one: the search must know which one it measured).
-SEARCH_ALGOS = ("one-shot", "two-shot")
+SEARCH_ALGOS = ALL_REDUCE_ALGOS
 DEFAULT_ALGO = "one-shot"
 #: What a plan's ``algo`` says when its sites use different algorithms.
 PER_SITE = "per-site"
@@ -55,16 +57,6 @@ def candidate_bits(name: str, shape: tuple[int, int], outlier_k: int) -> float:
     from megatron_tpcomp.codecs import sizing_codec
 
     return sizing_codec(split_candidate(name)[0], shape[-1], outlier_k).bits_per_value(shape)
-
-
-def wire_factor(algo: str, tp: int) -> float:
-    """Bytes each rank sends with ``algo`` for a P-byte payload, in units of the stock ring all-reduce of the same
-    payload (``2 (N-1)/N P``): one-shot ``(N-1) P`` -> N/2; two-shot ``2 (N-1)/N P`` -> 1."""
-    if algo == "one-shot":
-        return tp / 2.0
-    if algo == "two-shot":
-        return 1.0
-    raise ValueError(f"unknown algo {algo!r}")
 
 
 def candidate_cost(name: str, bits: float, objective: str, tp: int) -> float:
