@@ -354,7 +354,6 @@ def report(result: dict[str, Any]) -> str:
     time) and the one-line recommendation."""
     m = result["_meta"]
     names = m["variants"]
-    base = result["none"]
     cols = ["uncompressed" if n == "none" else n for n in names]
     w = max(14, *(len(c) for c in cols))
     head = ", ".join(c for c in cols[1:])
@@ -362,8 +361,25 @@ def report(result: dict[str, Any]) -> str:
     if m.get("config_source"):
         lines.append(f"searched config: {m['config_source']}")
     lines.append("")
+    generations, agree = _generations(result, w)
+    lines += generations
+    lines += ["", _row("", cols, w)] + _table(result, agree, w)
+    lines += _notes(result.get("link"))
+    lines += ["", recommendation(result)]
+    return "\n".join(lines)
+
+
+def _row(label: str, cells: list[str], w: int) -> str:
+    return f"{label:<26}" + "".join(f" {c:>{w}}" for c in cells)
+
+
+def _generations(result: dict[str, Any], w: int) -> tuple[list[str], dict[str, list[int]]]:
+    """Each prompt's generations, uncompressed first, and per variant the leading tokens equal to it."""
+    names = result["_meta"]["variants"]
+    base = result["none"]
+    lines: list[str] = []
     agree: dict[str, list[int]] = {n: [] for n in names[1:]}
-    for i, prompt in enumerate(m["prompts"]):
+    for i, prompt in enumerate(result["_meta"]["prompts"]):
         lines.append(f"prompt: {prompt!r}")
         lines.append(f"  {'uncompressed':<{w}}: {base['text'][i]!r}")
         for n in names[1:]:
@@ -371,22 +387,22 @@ def report(result: dict[str, Any]) -> str:
             same = prefix_len(base["tokens"][i], comp["tokens"][i])
             agree[n].append(same)
             lines.append(f"  {n:<{w}}: {comp['text'][i]!r}   ({same}/{len(base['tokens'][i])} leading tokens equal)")
+    return lines, agree
 
-    def row(label: str, cells: list[str]) -> str:
-        return f"{label:<26}" + "".join(f" {c:>{w}}" for c in cells)
 
+def _table(result: dict[str, Any], agree: dict[str, list[int]], w: int) -> list[str]:
+    """The table's rows: perplexity, bytes, bits, greedy agreement, time, and TTFT/TPOT on a shaped link."""
+    names = result["_meta"]["variants"]
+    base = result["none"]
     n_tok = len(base["tokens"][0]) if base["tokens"] else 0
-    lines += ["", row("", cols)]
-    lines.append(
-        row(
+    base_mb = result[names[-1]]["baseline_wire_bytes"] / 2**20 if len(names) > 1 else 0.0
+    rows = [
+        (
             "perplexity (held-out)",
             [f"{base['ppl']:.3f}"]
             + [f"{result[n]['ppl']:.3f} ({100 * (result[n]['ppl'] / base['ppl'] - 1):+.1f}%)" for n in names[1:]],
-        )
-    )
-    base_mb = result[names[-1]]["baseline_wire_bytes"] / 2**20 if len(names) > 1 else 0.0
-    lines.append(
-        row(
+        ),
+        (
             "TP bytes sent per rank",
             [f"{base_mb:.2f}MB"]
             + [
@@ -394,21 +410,17 @@ def report(result: dict[str, Any]) -> str:
                 f"({result[n]['baseline_wire_bytes'] / max(result[n]['wire_bytes'], 1):.1f}x)"
                 for n in names[1:]
             ],
-        )
-    )
-    lines.append(
-        row(
+        ),
+        (
             "bits per value sent",
             ["32 (fp32)"] + [f"{result[n]['bits']:.2f}" if result[n].get("bits") else "-" for n in names[1:]],
-        )
-    )
-    lines.append(
-        row(
+        ),
+        (
             f"greedy tokens agreeing/{n_tok}",
             ["-"] + [f"{sum(agree[n]) / max(len(agree[n]), 1):.1f}" for n in names[1:]],
-        )
-    )
-    lines.append(row("generation time (CPU)", [f"{result[n]['gen_s']:.1f}s" for n in names]))
+        ),
+        ("generation time (CPU)", [f"{result[n]['gen_s']:.1f}s" for n in names]),
+    ]
     link = result.get("link")
     if link and "by" in link:
         rate = rate_text(link["rate_bps"])
@@ -421,15 +433,21 @@ def report(result: dict[str, Any]) -> str:
                 return f"{r[key]:.0f} ms"
             return f"{r[key]:.0f} ms ({r[ratio]:.2f}x)"
 
-        lines.append(row(f"TTFT on {rate}", [cell(n, "ttft_ms", "speedup") for n in names]))
-        lines.append(row(f"TPOT on {rate}", [cell(n, "tpot_ms", "tpot_speedup") for n in names]))
-    lines += [
+        rows.append((f"TTFT on {rate}", [cell(n, "ttft_ms", "speedup") for n in names]))
+        rows.append((f"TPOT on {rate}", [cell(n, "tpot_ms", "tpot_speedup") for n in names]))
+    return [_row(label, cells, w) for label, cells in rows]
+
+
+def _notes(link: dict[str, Any] | None) -> list[str]:
+    """What the columns mean, and how the shaped-link times were taken (or why they were skipped)."""
+    lines = [
         "",
         "The model runs in fp32 here; the uncompressed column is Megatron's ring all-reduce of fp32 partials (x: how",
         "many times fewer bytes; halve it for bf16 partials). Greedy agreement: mean leading tokens equal to the",
         "uncompressed text. Generation time is loopback on a CPU, where the link is free and the codec is the cost.",
     ]
     if link and "by" in link:
+        rate = rate_text(link["rate_bps"])
         lines += [
             f"TTFT/TPOT: one {link['prompt_tokens']}-token prompt, {link['gen_tokens']} tokens generated, ranks in "
             "network namespaces over a",
@@ -439,8 +457,7 @@ def report(result: dict[str, Any]) -> str:
         ]
     elif link and "skipped" in link:
         lines.append(f"Time on a shaped link skipped: {link['skipped']}.")
-    lines += ["", recommendation(result)]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

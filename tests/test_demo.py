@@ -161,3 +161,26 @@ def test_recommendation_names_the_quality_and_the_bytes_choice() -> None:
         demo.recommendation(result)
         == "Use int4:g32+had: best quality (+0.5% perplexity) and fewest bytes (4.5 bits/value)."
     )
+
+
+def test_report_counts_agreement_and_bytes_from_the_result() -> None:
+    # A result as demo.run writes it (two prompts, 3 tokens each), without running a model: the table's numbers
+    # are computed from it, so each is checked against the arithmetic.
+    def variant(ppl: float, wire: int, bits: float | None, tokens: list[list[int]]) -> dict:
+        return {"text": ["a", "b"], "tokens": tokens, "ppl": ppl, "wire_bytes": wire,
+                "baseline_wire_bytes": 4 << 20, "bits": bits, "gen_s": 1.5}  # fmt: skip
+
+    base_tokens = [[1, 2, 3], [4, 5, 6]]
+    result = {
+        "_meta": {"model": "m", "tp": 3, "variants": ["none", "int4:g32"], "prompts": ["p", "q"]},
+        "none": variant(20.0, 0, None, base_tokens),
+        "int4:g32": variant(21.0, 1 << 20, 4.5, [[1, 2, 9], [7, 5, 6]]),
+        "link": {"skipped": "not root"},
+    }
+    text = demo.report(result)
+    assert "(2/3 leading tokens equal)" in text and "(0/3 leading tokens equal)" in text
+    rows = {line[:26].strip(): line[26:].split() for line in text.splitlines() if line[:26].strip()}
+    assert rows["perplexity (held-out)"] == ["20.000", "21.000", "(+5.0%)"]
+    assert rows["TP bytes sent per rank"] == ["4.00MB", "1.00MB", "(4.0x)"]
+    assert rows["greedy tokens agreeing/3"] == ["-", "1.0"]  # (2 + 0) / 2 prompts
+    assert "Time on a shaped link skipped: not root." in text and "TTFT on" not in text
