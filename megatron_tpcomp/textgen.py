@@ -336,14 +336,7 @@ def _generate(
     from megatron_tpcomp.megatron.generate import build_static_engine
 
     model, meta, tp, rank = session.model, session.meta, session.tp, dist.get_rank()
-    if config is not None:
-        intercept.enable(model, config, telemetry=True)
-        if rank == 0 and tp == 1:
-            logger.info("%s (from %s: default %s)", NOOP_AT_TP1, source, config.default.spec)
-        elif rank == 0:
-            logger.info("compression from %s: default %s, algo %s", source, config.default.spec, config.algo)
-    elif rank == 0:
-        logger.info("compression off (Megatron's own collectives)")
+    _enable_compression(model, config, source, tp, rank)
     engine = build_static_engine(
         model,
         tok,
@@ -353,52 +346,13 @@ def _generate(
         dtype=torch.bfloat16 if args.bf16 else meta.torch_dtype,
         progress=False,
     )
-    from megatron.core.inference.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, num_tokens_to_generate=args.gen_tokens)
-    timer = _FirstForwardTimer(model)
     torch.manual_seed(args.seed)
     if rank == 0:
         for i in sorted(bad):
             logger.warning("prompt %d skipped: %s", i, bad[i])
-    # Records in input order; a skipped prompt's error record goes out as soon as the records before it are done.
     out = ResultsFile(args.output) if rank == 0 and args.output else None
-    emitted = 0
-
-    def emit(records: dict[int, dict[str, Any]]) -> None:
-        nonlocal emitted
-        while emitted in records:
-            if rank == 0:
-                if out is not None:
-                    out.write(records[emitted])
-                else:
-                    sys.stdout.write(json.dumps(records[emitted]) + "\n")
-                    sys.stdout.flush()
-            emitted += 1
-
-    done: dict[int, dict[str, Any]] = {i: {**prompts[i], "error": why} for i, why in bad.items()}
-    todo = [i for i in range(len(prompts)) if i not in bad]
-    emit(done)
     try:
-        for start in range(0, len(todo), args.micro_batch_size):
-            batch = todo[start : start + args.micro_batch_size]
-            timer.reset()
-            results = engine.generate(prompts=[prompts[i]["prompt"] for i in batch], sampling_params=params)
-            total = time.perf_counter() - timer.start
-            ttft = (timer.first_end or time.perf_counter()) - timer.start
-            for i, res in zip(batch, results, strict=True):
-                ids = [int(t) for t in res.generated_tokens]
-                done[i] = {
-                    **prompts[i],
-                    "generated_text": tok.detokenize(ids),
-                    "generated_tokens": ids,
-                    "ttft_ms": 1000.0 * ttft,
-                    "tokens_per_s": len(ids) / total if total > 0 else None,
-                    "batch_size": len(batch),
-                }
-            emit(done)
-            if rank == 0 and not args.quiet:
-                logger.info("generated %d/%d prompts", min(start + len(batch), len(todo)), len(todo))
+        _generate_batches(args, model, engine, tok, prompts, bad, _InOrder(out, rank))
     except BaseException:
         if out is not None:
             out.close()
@@ -412,6 +366,72 @@ def _generate(
         _log_summary(summary)
         if args.summary_json:
             atomic_write_json(args.summary_json, summary)
+
+
+def _enable_compression(model: Any, config: Any, source: str, tp: int, rank: int) -> None:
+    """Intercept ``model``'s collectives with ``config`` (telemetry on), or leave them stock; rank 0 says which."""
+    from megatron_tpcomp.megatron import intercept
+
+    if config is not None:
+        intercept.enable(model, config, telemetry=True)
+        if rank == 0 and tp == 1:
+            logger.info("%s (from %s: default %s)", NOOP_AT_TP1, source, config.default.spec)
+        elif rank == 0:
+            logger.info("compression from %s: default %s, algo %s", source, config.default.spec, config.algo)
+    elif rank == 0:
+        logger.info("compression off (Megatron's own collectives)")
+
+
+class _InOrder:
+    """Writes records in input order: record ``i`` goes out once records ``0..i-1`` have (rank 0 only: to the
+    results file, or as JSON lines on stdout without one)."""
+
+    def __init__(self, out: Any, rank: int) -> None:
+        self.out, self.rank, self.emitted = out, rank, 0
+
+    def emit(self, records: dict[int, dict[str, Any]]) -> None:
+        while self.emitted in records:
+            if self.rank == 0:
+                if self.out is not None:
+                    self.out.write(records[self.emitted])
+                else:
+                    sys.stdout.write(json.dumps(records[self.emitted]) + "\n")
+                    sys.stdout.flush()
+            self.emitted += 1
+
+
+def _generate_batches(
+    args: argparse.Namespace, model: Any, engine: Any, tok: Any, prompts: list[dict[str, Any]],
+    bad: dict[int, str], writer: _InOrder,
+) -> None:  # fmt: skip
+    """Run the prompts not in ``bad`` through ``engine`` in micro-batches, timing each batch's first forward."""
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, num_tokens_to_generate=args.gen_tokens)
+    timer = _FirstForwardTimer(model)
+    # A skipped prompt's error record goes out as soon as the records before it are done.
+    done: dict[int, dict[str, Any]] = {i: {**prompts[i], "error": why} for i, why in bad.items()}
+    todo = [i for i in range(len(prompts)) if i not in bad]
+    writer.emit(done)
+    for start in range(0, len(todo), args.micro_batch_size):
+        batch = todo[start : start + args.micro_batch_size]
+        timer.reset()
+        results = engine.generate(prompts=[prompts[i]["prompt"] for i in batch], sampling_params=params)
+        total = time.perf_counter() - timer.start
+        ttft = (timer.first_end or time.perf_counter()) - timer.start
+        for i, res in zip(batch, results, strict=True):
+            ids = [int(t) for t in res.generated_tokens]
+            done[i] = {
+                **prompts[i],
+                "generated_text": tok.detokenize(ids),
+                "generated_tokens": ids,
+                "ttft_ms": 1000.0 * ttft,
+                "tokens_per_s": len(ids) / total if total > 0 else None,
+                "batch_size": len(batch),
+            }
+        writer.emit(done)
+        if writer.rank == 0 and not args.quiet:
+            logger.info("generated %d/%d prompts", min(start + len(batch), len(todo)), len(todo))
 
 
 def _summary(config: Any, meta: Any, traffic: dict[str, dict[str, float]], tp: int) -> dict[str, Any]:
