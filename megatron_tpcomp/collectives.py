@@ -54,9 +54,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tpcomp import agreement
-from megatron_tpcomp.codecs import Codec, CodecError, make_codec
+from megatron_tpcomp.codecs import Codec, make_codec
 from megatron_tpcomp.codecs.base import SUPPORTED_DTYPES, IdentityCodec
-from megatron_tpcomp.spec import parse_spec
 
 logger = logging.getLogger("megatron_tpcomp")
 
@@ -343,11 +342,7 @@ def chunk_alignment(codec: Codec) -> int:
     """Values per chunk boundary (two-shot, pipelined one-shot): the codec's block size (lcm with its Hadamard
     block, and with the row length of a codec with per-channel state such as ``+chscale``), so that chunks
     split on block boundaries, the codec pads nothing inside a chunk and every value keeps its channel."""
-    try:
-        cs = parse_spec(codec.spec)
-    except CodecError:
-        return CHUNK_ALIGN
-    return math.lcm(max(cs.block, 1), max(cs.hadamard_block, 1), max(int(getattr(codec, "row_length", 0)), 1))
+    return codec.chunk_alignment
 
 
 def _chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_tpcomp.codecs import CodecError
+from megatron_tpcomp.codecs.microscaling import MINIFLOAT_FORMATS
 from megatron_tpcomp.spec import (
     MAX_BLOCK,
-    MINIFLOAT_FORMATS,
     NONE,
     SCALE_FORMATS,
     VALID_FAMILIES,

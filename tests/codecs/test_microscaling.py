@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from megatron_tpcomp.codecs import CodecError, bitpack, make_codec
 from megatron_tpcomp.codecs.base import align_up
-from megatron_tpcomp.codecs.microscaling import MIN_TENSOR_SCALE, MinifloatCodec, element_values
+from megatron_tpcomp.codecs.microscaling import MIN_TENSOR_SCALE, MINIFLOAT_FORMATS, MinifloatCodec, element_values
 from megatron_tpcomp.codecs.scales import decode_scales
-from megatron_tpcomp.spec import MINIFLOAT_FORMATS
 from tests.conftest import heavy_tailed
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
