@@ -200,6 +200,8 @@ class BlockCodec(Codec):
         ``y`` underflowing at encode, ``2^-150`` for a decoded value rounding into a subnormal, and ``2^-149``
         for rounding the scaled bound itself. The decode clamp only moves values toward ``x``.
         """
+        if x.numel() == 0:  # nothing to bound (nvfp4's tensor scale has no maximum to take)
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         blocks = to_blocks(x, self.block)
         k = expand_super(self._exponents_of(blocks), self.blocks_per_super, blocks.shape[0]).unsqueeze(1)
         y = pow2_mul(blocks, -k)

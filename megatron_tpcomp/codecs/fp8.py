@@ -241,6 +241,8 @@ register_family(
             Example("fp8", 0.032, 8 + 32 / 128 + EXPS_BITS),
             Example("fp8-e5m2:b128", 0.064, 8 + 32 / 128 + EXPS_BITS),
             Example("fp8:b32:sfp16", 0.03, 8 + 16 / 32 + EXPS_BITS),
+            Example("fp8:b16:se8m0", 0.034, 8 + 8 / 16 + EXPS_BITS),
+            Example("fp8-e5m2:b32:se4m3", 0.064, 8 + 8 / 32 + EXPS_BITS),
         ),
     )
 )

@@ -315,19 +315,32 @@ def test_non_contiguous_input_gives_the_contiguous_payload(spec: str, gen: torch
     for x in (base.t(), base[::2, 1:], base.to(torch.bfloat16).t()[:, 3:], base.expand(2, 96, 64)):
         assert not x.is_contiguous()
         assert torch.equal(codec.encode(x), codec.encode(x.contiguous()))
+        assert torch.equal(codec.max_abs_error_bound(x), codec.max_abs_error_bound(x.contiguous()))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_input_dtype_only_matters_through_its_values(spec: str, gen: torch.Generator) -> None:
+    # bf16 and fp16 inputs widen to fp32 exactly, so they encode exactly like their fp32 values.
+    codec = codec_for(spec)
+    x32 = torch.randn(5, 77, generator=gen) * 3
+    for dtype in (torch.bfloat16, torch.float16):
+        x = x32.to(dtype)
+        assert torch.equal(codec.encode(x), codec.encode(x.float()))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", [(0,), (0, 64), (3, 0, 64), (64, 0)])
 def test_empty_tensors(spec: str, shape: tuple[int, ...]) -> None:
     codec = codec_for(spec)
-    x = torch.empty(shape, dtype=torch.bfloat16)
-    payload = codec.encode(x)
-    assert payload.dtype == torch.uint8 and payload.dim() == 1
-    assert payload.numel() == codec.payload_nbytes(shape)
-    for out_dtype in DTYPES:
-        y = codec.decode(payload, shape, out_dtype)
-        assert y.shape == torch.Size(shape) and y.dtype == out_dtype
+    for dtype in DTYPES:
+        x = torch.empty(shape, dtype=dtype)
+        payload = codec.encode(x)
+        assert payload.dtype == torch.uint8 and payload.dim() == 1
+        assert payload.numel() == codec.payload_nbytes(shape)
+        for out_dtype in DTYPES:
+            y = codec.decode(payload, shape, out_dtype)
+            assert y.shape == torch.Size(shape) and y.dtype == out_dtype
+        assert codec.max_abs_error_bound(x).shape == torch.Size(shape)
     assert codec.bits_per_value(shape) == 0.0
 
 
