@@ -55,7 +55,6 @@ from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.spec import canonical, parse_spec
 
 BLOCKS = ("attention", "mlp")
-SITES = BLOCKS + ("embedding", "logits")
 TOP_LEVEL_KEYS = {
     "version",
     "default",
@@ -97,13 +96,23 @@ class SiteSetting:
     outlier_channels: tuple[int, ...] | None = None
     algo: str | None = None
     channel_scale_exponents: tuple[int, ...] | None = None
+    #: The codec, built once (by validation, else by the first :meth:`codec`); not an argument, not compared,
+    #: hashed, pickled or carried over by ``dataclasses.replace`` (a replaced setting builds its own).
+    _codec: Codec | None = field(default=None, init=False, repr=False, compare=False)
 
     def codec(self) -> Codec:
-        return make_codec(
-            self.spec,
-            outlier_channels=list(self.outlier_channels) if self.outlier_channels else None,
-            channel_scale_exponents=list(self.channel_scale_exponents) if self.channel_scale_exponents else None,
-        )
+        """The site's codec (built on first use and kept)."""
+        if self._codec is None:
+            codec = make_codec(
+                self.spec,
+                outlier_channels=list(self.outlier_channels) if self.outlier_channels else None,
+                channel_scale_exponents=list(self.channel_scale_exponents) if self.channel_scale_exponents else None,
+            )
+            object.__setattr__(self, "_codec", codec)  # a cache: the dataclass is frozen for its settings
+        return self._codec  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_codec": None}  # rebuilt where it is used: codecs hold per-device caches
 
 
 @dataclass
@@ -423,12 +432,14 @@ def _setting(value: Any, where: str) -> SiteSetting:
         raise ConfigError(f"{where}: {exc}") from exc
     if algo is not None and cs.kind == "none":
         raise ConfigError(f"{where}: 'none' sends uncompressed; an algorithm ({algo!r}) only applies to a codec")
-    return SiteSetting(
+    setting = SiteSetting(
         canonical(cs),
         tuple(int(c) for c in channels) if channels is not None else None,
         algo,
         tuple(codec.exponents) if exponents is not None else None,  # type: ignore[attr-defined]
     )
+    object.__setattr__(setting, "_codec", codec)  # keep the codec validation built
+    return setting
 
 
 def _is_int(value: Any) -> bool:

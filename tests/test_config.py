@@ -191,3 +191,19 @@ def test_channel_scale_tables() -> None:
         with pytest.raises(ConfigError) as info:
             CompressionConfig.from_dict({**EXAMPLE, "layers": {"3": {"mlp": bad}}}, source="cfg.json")
         assert message in str(info.value) and "cfg.json: layer 3 mlp" in str(info.value)
+
+
+def test_a_setting_keeps_the_codec_its_validation_built() -> None:
+    import dataclasses
+    import pickle
+
+    cfg = CompressionConfig.from_dict({"version": 1, "default": "int4:g32+had", "layers": {"0": {"mlp": "fp8"}}})
+    setting = cfg.default
+    codec = setting.codec()
+    assert setting._codec is codec and cfg.codec_for("attention", 3) is codec  # built once, by validation
+    again = CompressionConfig.from_dict(cfg.to_dict()).default
+    assert again == setting and hash(again) == hash(setting) and again.codec() is not codec  # the cache is no key
+    assert "_codec" not in repr(setting) and cfg.to_dict()["default"] == "int4:g32:sfp16+had:b32"
+    assert pickle.loads(pickle.dumps(setting)) == setting
+    other = dataclasses.replace(setting, spec="fp8-e4m3:b128:sfp32")
+    assert other.codec().spec == "fp8-e4m3:b128:sfp32"  # replace() does not carry the old codec over

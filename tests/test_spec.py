@@ -1,4 +1,5 @@
-"""Spec grammar: every family and preset, defaults, canonical round trip, and clear errors for bad specs."""
+"""Spec grammar: every family and preset, defaults, canonical round trip, clear errors for bad specs, and the
+registry the codec modules fill (families, modifiers)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_tpcomp import spec as registry
 from megatron_tpcomp.codecs import CodecError
+from megatron_tpcomp.codecs.microscaling import MINIFLOAT_FORMATS
 from megatron_tpcomp.spec import (
     MAX_BLOCK,
-    MINIFLOAT_FORMATS,
     NONE,
     SCALE_FORMATS,
     VALID_FAMILIES,
@@ -318,3 +320,44 @@ def test_fuzz_token_soup(text: str) -> None:
 def test_repeated_options_are_rejected(spec: str, fragment: str) -> None:
     with pytest.raises(CodecError, match=re.escape(fragment)):
         parse_spec(spec)
+
+
+# --- the registry of families and modifiers ---------------------------------------------------------------------
+
+
+def test_registry_lists_the_shipped_families_and_modifiers() -> None:
+    assert [f.kind for f in registry.families()] == ["fp8", "int", "minifloat"]
+    assert all(registry.modifier(name).name == name for name in registry.MODIFIERS)
+    assert registry.family("int").factory.__name__ == "IntCodec"
+    with pytest.raises(CodecError, match="spec kind 'zfp' has no registered codec family; expected one of fp8, int"):
+        registry.family("zfp")
+
+
+def test_registry_refuses_bad_registrations() -> None:
+    toy = registry.Family("toy", "toy", "toy8", lambda token, s: None, lambda cs: "toy8", object, frozenset({"fast"}))
+    with pytest.raises(ValueError, match="unknown options \\['fast'\\]"):
+        registry.register_family(toy)
+    with pytest.raises(ValueError, match="'int' is taken"):
+        registry.register_family(registry.family("int"))
+    with pytest.raises(ValueError, match="no codec family of kind 'toy'"):
+        registry.unregister_family("toy")
+    with pytest.raises(ValueError, match="modifier 'had' is unknown or taken"):
+        registry.register_modifier(registry.modifier("had"))
+    with pytest.raises(ValueError, match="modifier 'rot' is unknown or taken"):
+        registry.register_modifier(registry.Modifier("rot", lambda inner, cs, **_: inner))
+
+
+def test_registered_family_is_removed_even_when_the_block_fails() -> None:
+    toy = registry.Family(
+        "toy",
+        "toy",
+        "toy8",
+        lambda token, s: CodecSpec("toy", 8, block=1) if token == "toy8" else None,
+        lambda cs: "toy8",
+        object,
+        frozenset(),
+    )
+    with pytest.raises(RuntimeError), registry.registered_family(toy):
+        assert parse_spec("toy8").kind == "toy" and "toy8" in registry.VALID_FAMILIES
+        raise RuntimeError
+    assert "toy8" not in registry.VALID_FAMILIES and registry.VALID_FAMILIES == VALID_FAMILIES

@@ -2,19 +2,28 @@
 
 Start here to find a format:
 
-=====================  ==============================  ==========================================
-spec family            module                          class
-=====================  ==============================  ==========================================
-fp8, fp8-e5m2          codecs/fp8.py                   Fp8Codec
-int2 .. int8           codecs/intx.py                  IntCodec
-mxfp4, nvfp4, fp3-fp6  codecs/microscaling.py          MinifloatCodec
-+had                   codecs/hadamard.py              HadamardCodec (wraps another codec)
+=====================  ==============================  ==========================================================
+spec family            module                          class (defaults)
+=====================  ==============================  ==========================================================
+fp8, fp8-e5m2          codecs/fp8.py                   Fp8Codec (e4m3, block 128, fp32 scales)
+int2 .. int8           codecs/intx.py                  IntCodec (group 32, fp16 scales; ``asym`` adds an offset)
+mxfp4, nvfp4, fp3-fp6  codecs/microscaling.py          MinifloatCodec (block 32, e8m0 scales; nvfp4: block 16,
+                                                       e4m3 scales and an fp32 tensor scale; fpN: e1m1, e2m1,
+                                                       e2m2, e2m3)
++had                   codecs/hadamard.py              HadamardCodec (wraps another codec; block 32)
 +outliers              codecs/outliers.py              OutlierCodec (wraps another codec)
 +chscale               codecs/chscale.py               ChannelScaleCodec (wraps another codec)
 none                   codecs/base.py                  IdentityCodec
-=====================  ==============================  ==========================================
+=====================  ==============================  ==========================================================
 
 ``make_codec("int4:g32+had")`` builds one from a spec string (grammar: ``megatron_tpcomp/spec.py``).
+
+Adding a family takes one module: write the codec class (a :class:`~megatron_tpcomp.codecs.blocks.BlockCodec`
+subclass for block formats), and at the bottom of its module call :func:`megatron_tpcomp.spec.register_family`
+with its kind, its token parser (defaults included), its canonical form, the class, and a few
+:class:`~megatron_tpcomp.spec.Example` specs; then import the module below. The parser, the canonical form,
+``make_codec``, the error messages and the contract suite (``tests/codecs/test_all_codecs.py``) take it from the
+registry. Modifier wrappers register the same way (:func:`megatron_tpcomp.spec.register_modifier`).
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from collections.abc import Sequence
 
 import torch
 
+# The family and modifier modules register themselves with megatron_tpcomp.spec when imported.
+from megatron_tpcomp.codecs import chscale, fp8, hadamard, intx, microscaling, outliers  # noqa: F401
 from megatron_tpcomp.codecs.base import Codec, CodecError, IdentityCodec
-from megatron_tpcomp.spec import CodecSpec, canonical, parse_spec
+from megatron_tpcomp.spec import CodecSpec, canonical, family, modifier, parse_spec
 
 __all__ = ["Codec", "CodecError", "IdentityCodec", "make_codec", "sizing_codec"]
 
@@ -69,33 +80,15 @@ def make_codec(
             f"outlier channels were given but spec {canonical(cs)!r} has no '+outliers' modifier; "
             f"use {canonical(cs.base)}+outliers"
         )
-    codec: Codec
-    if cs.kind == "int":
-        from megatron_tpcomp.codecs.intx import IntCodec
-
-        codec = IntCodec(cs.base)
-    elif cs.kind == "fp8":
-        from megatron_tpcomp.codecs.fp8 import Fp8Codec
-
-        codec = Fp8Codec(cs.base)
-    elif cs.kind == "minifloat":
-        from megatron_tpcomp.codecs.microscaling import MinifloatCodec
-
-        codec = MinifloatCodec(cs.base)
-    else:
-        raise CodecError(f"spec kind {cs.kind!r} has no codec")
-    if cs.hadamard_block:
-        from megatron_tpcomp.codecs.hadamard import HadamardCodec
-
-        codec = HadamardCodec(codec, block=cs.hadamard_block, seed=hadamard_seed)
-    if cs.outliers:
-        from megatron_tpcomp.codecs.outliers import OutlierCodec
-
-        codec = OutlierCodec(codec, channels=outlier_channels, k=cs.outliers_k)
-    if cs.chscale:
-        from megatron_tpcomp.codecs.chscale import ChannelScaleCodec
-
-        codec = ChannelScaleCodec(codec, channel_scale_exponents)
+    codec: Codec = family(cs.kind).factory(cs.base)
+    for name in cs.modifiers:  # innermost first: +had, then +outliers, then +chscale
+        codec = modifier(name).wrap(
+            codec,
+            cs,
+            hadamard_seed=hadamard_seed,
+            outlier_channels=outlier_channels,
+            channel_scale_exponents=channel_scale_exponents,
+        )
     return codec
 
 

@@ -40,15 +40,15 @@ import torch
 
 from megatron_tpcomp import cpu_codecs
 from megatron_tpcomp.cpu_codecs import NativeFormat
+from megatron_tpcomp.errors import CodecError
+from megatron_tpcomp.spec import NONE, CodecSpec
 
 SECTION_ALIGN = 16
+#: :attr:`Codec.chunk_alignment` of a codec that does not say (one not built from a spec): whole 256-value pieces.
+CHUNK_ALIGN = 256
 
 #: Input dtypes every codec accepts.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class CodecError(ValueError):
-    """Bad codec spec, bad input tensor or a malformed payload. The message names the bad value."""
 
 
 def align_up(n: int, alignment: int = SECTION_ALIGN) -> int:
@@ -198,10 +198,12 @@ class Codec(ABC):
     """Encode a floating tensor to one uint8 payload and decode it back.
 
     Subclasses document their wire layout at the top of their module. ``spec`` is the canonical spec string
-    (``parse_spec(codec.spec)`` rebuilds an equal codec).
+    (``parse_spec(codec.spec)`` rebuilds an equal codec) and ``cs`` the parsed spec it came from
+    (``canonical(codec.cs) == codec.spec``; None for a codec not built from a spec, such as a test's stand-in).
     """
 
     spec: str = "?"
+    cs: CodecSpec | None = None
     #: True when the codec uses the last dimension as channels (outlier channels): such payloads are
     #: per-row structured and a collective must split the tensor along rows, never inside a row.
     row_structured: bool = False
@@ -212,6 +214,13 @@ class Codec(ABC):
     #: A block-local codec's pieces must start on multiples of this many values to encode as in the whole
     #: message (its super-block, see ``scales.py``); collectives cut on multiples of it (``chunk_alignment``).
     chunk_values: int = 1
+
+    @property
+    def chunk_alignment(self) -> int:
+        """Values per chunk boundary when a collective cuts a message (two-shot, pipelined one-shot): chunks split
+        on whole blocks (and rotation blocks, and rows of per-channel codecs), so the codec pads nothing inside a
+        chunk and every value keeps its channel. This default is for codecs that do not say."""
+        return CHUNK_ALIGN
 
     @abstractmethod
     def payload_nbytes(self, shape: Sequence[int]) -> int:
@@ -360,9 +369,15 @@ class IdentityCodec(Codec):
     """
 
     spec = "none"
+    cs = NONE
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype
+
+    @property
+    def chunk_alignment(self) -> int:
+        """Raw values: any cut is whole values."""
+        return 1
 
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return numel_of(shape) * _itemsize(self.dtype)

@@ -43,6 +43,7 @@ from megatron_tpcomp.codecs.base import (
 )
 from megatron_tpcomp.codecs.scales import (
     FP32_TINY_SUB,
+    SUPER_VALUES,
     choose_exponents,
     expand_super,
     pow2_mul,
@@ -53,6 +54,8 @@ from megatron_tpcomp.codecs.scales import (
 
 #: Wire type of the super-block exponents.
 EXPS_DTYPE = torch.int16
+#: Bits per value the exponents add to a large message (one per super-block): 16 / 4096.
+EXPS_BITS = 8 * EXPS_DTYPE.itemsize / SUPER_VALUES
 
 
 class BlockCodec(Codec):
@@ -66,6 +69,11 @@ class BlockCodec(Codec):
     scale_fmt: str
     #: Largest element magnitude of the format (int: qmax, asymmetric int: 1, fp8/minifloat: the largest value).
     element_max: float
+
+    @property
+    def chunk_alignment(self) -> int:
+        """Whole blocks: ``block``."""
+        return self.block
 
     def _init_range(self, element_max: float, tensor_scale: bool = False) -> None:
         self.element_max = float(element_max)
@@ -192,6 +200,8 @@ class BlockCodec(Codec):
         ``y`` underflowing at encode, ``2^-150`` for a decoded value rounding into a subnormal, and ``2^-149``
         for rounding the scaled bound itself. The decode clamp only moves values toward ``x``.
         """
+        if x.numel() == 0:  # nothing to bound (nvfp4's tensor scale has no maximum to take)
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         blocks = to_blocks(x, self.block)
         k = expand_super(self._exponents_of(blocks), self.blocks_per_super, blocks.shape[0]).unsqueeze(1)
         y = pow2_mul(blocks, -k)

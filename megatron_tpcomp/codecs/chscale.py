@@ -17,7 +17,7 @@ small integers in the config file. :func:`exponents_from_rms` computes them from
 
 Wire format: exactly the inner codec's payload for the scaled input ``x * w`` (fp32), viewed as ``[rows, h]`` with
 ``h = len(exponents)`` = the last dimension, or flat with ``numel`` a multiple of ``h`` (the pipelined all-reduce
-cuts messages on multiples of ``h``: :func:`megatron_tpcomp.collectives.chunk_alignment`). Decoding multiplies
+cuts messages on multiples of ``h``: :attr:`ChannelScaleCodec.chunk_alignment`). Decoding multiplies
 by ``2^-e_c`` in fp32, clamps to the output dtype's finite range and rounds to it once (the sum of the payloads
 is clamped, as for ``+had``: the scaling comes after the inner codec's sum).
 
@@ -29,11 +29,15 @@ one) become Inf and their block decodes to NaN, visibly (the collectives' ``chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 
 from megatron_tpcomp.codecs.base import Codec, CodecError, _into, check_input, clamp_to, numel_of
+from megatron_tpcomp.spec import CodecSpec, Modifier, register_modifier
 
 #: Largest |exponent| of a channel scale (2^16: more evens out nothing a real activation has).
 MAX_EXPONENT = 16
@@ -98,12 +102,16 @@ class ChannelScaleCodec(Codec):
         self.inner = inner
         self._exponents = _validate_exponents(exponents)
         self.h = int(self._exponents.numel())
-        #: Values per row: a collective that cuts a flat message cuts it on multiples of this.
-        self.row_length = self.h
         self.spec = f"{inner.spec}+chscale"
+        self.cs = None if inner.cs is None else replace(inner.cs, chscale=True)
         self.block_local = inner.block_local  # blocks of the scaled tensor are the inner codec's blocks
         self.chunk_values = inner.chunk_values
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def chunk_alignment(self) -> int:
+        """Whole rows and whole inner chunks: ``lcm(inner.chunk_alignment, h)``, so every value keeps its channel."""
+        return math.lcm(self.inner.chunk_alignment, self.h)
 
     @property
     def exponents(self) -> list[int]:
@@ -180,3 +188,18 @@ class ChannelScaleCodec(Codec):
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.spec, hash(self.inner), tuple(self._exponents.tolist())))
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+
+def _wrap(
+    inner: Codec, cs: CodecSpec, *, channel_scale_exponents: Sequence[int] | torch.Tensor | None = None, **_: Any
+) -> ChannelScaleCodec:
+    # make_codec refuses a '+chscale' spec without exponents before building anything
+    return ChannelScaleCodec(inner, channel_scale_exponents)
+
+
+# No contract-suite examples: the codec needs a table of one exponent per channel of the message's last dimension,
+# which the suite's many shapes do not share (tests/codecs/test_chscale.py covers it).
+register_modifier(Modifier("chscale", _wrap))

@@ -36,14 +36,25 @@ Backends produce the same wire layout, so any rank decodes any rank's payload wi
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from megatron_tpcomp.codecs.base import CodecError, PayloadLayout, divide
-from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.microscaling import FP32_MAX, FP32_TINY_SUB, half_ulp
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
 from megatron_tpcomp.cpu_codecs import FORMAT_FP8_E4M3, NativeFormat
-from megatron_tpcomp.spec import CodecSpec, canonical
+from megatron_tpcomp.spec import (
+    CodecSpec,
+    Example,
+    Family,
+    canonical,
+    quote,
+    register_family,
+    small_int,
+    spec_error,
+)
 
 try:  # Transformer Engine is optional and GPU-only; any failure to import means "not usable here".
     import transformer_engine.pytorch  # noqa: F401
@@ -189,3 +200,49 @@ def _te_cast(scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:  # p
     with torch.no_grad():
         fp8_tensor = quantizer(scaled.contiguous())
     return fp8_tensor._data.view(torch.uint8).view(scaled.shape)
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+#: Defaults of ``fp8``: blocks of 128 values, fp32 scales.
+DEFAULTS = dict(block=128, scale="fp32")
+#: Token -> element format (exponent bits, mantissa bits).
+TOKENS = {"fp8": (4, 3), "fp8-e4m3": (4, 3), "fp8-e5m2": (5, 2)}
+
+
+def _parse_token(token: str, spec: str) -> CodecSpec | None:
+    """``fp8``, ``fp8-e4m3``, ``fp8-e5m2`` with the defaults; None for a token of another family (``fpN`` with
+    N != 8 is a minifloat)."""
+    m = re.fullmatch(r"fp(\d+)(?:-e\d+m\d+)?", token)
+    if m is None or small_int(m.group(1)) != 8:
+        return None
+    if token not in TOKENS:
+        raise spec_error(spec, f"unknown fp8 variant {quote(token)}", "fp8, fp8-e4m3 or fp8-e5m2")
+    exp_bits, man_bits = TOKENS[token]
+    return CodecSpec(kind="fp8", bits=8, exp_bits=exp_bits, man_bits=man_bits, **DEFAULTS)
+
+
+def _canonical(cs: CodecSpec) -> str:
+    return f"fp8-e{cs.exp_bits}m{cs.man_bits}:b{cs.block}:s{cs.scale}"
+
+
+# Contract-suite bounds (relative L2 error on N(0,1)): m mantissa bits give a relative step 2^-m in a binade, RMS
+# relative error ~2^-m/sqrt(12)*0.71: e4m3 0.0255, e5m2 0.051; plus 25% headroom (a lost bit fails).
+# Bits: 8 + scale bits / block + the super-block exponents.
+register_family(
+    Family(
+        kind="fp8",
+        title="fp8",
+        names="fp8, fp8-e4m3, fp8-e5m2",
+        parse=_parse_token,
+        canonical=_canonical,
+        factory=Fp8Codec,
+        examples=(
+            Example("fp8", 0.032, 8 + 32 / 128 + EXPS_BITS),
+            Example("fp8-e5m2:b128", 0.064, 8 + 32 / 128 + EXPS_BITS),
+            Example("fp8:b32:sfp16", 0.03, 8 + 16 / 32 + EXPS_BITS),
+            Example("fp8:b16:se8m0", 0.034, 8 + 8 / 16 + EXPS_BITS),
+            Example("fp8-e5m2:b32:se4m3", 0.064, 8 + 8 / 32 + EXPS_BITS),
+        ),
+    )
+)

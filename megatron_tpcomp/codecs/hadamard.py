@@ -57,6 +57,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -74,10 +75,11 @@ from megatron_tpcomp.codecs.base import (
     numel_of,
     to_blocks,
 )
-from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
 from megatron_tpcomp.cpu_codecs import NativeFormat
 from megatron_tpcomp.gpu import dispatch as gpu_dispatch
+from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 _FP32_EPS = 2.0**-24  # unit round-off of fp32
 
@@ -187,6 +189,12 @@ class HadamardCodec(Codec):
         self.block = block
         self.seed = seed
         self.spec = f"{inner.spec}+had:b{block}"
+        self.cs = None if inner.cs is None else replace(inner.cs, hadamard_block=block)
+
+    @property
+    def chunk_alignment(self) -> int:
+        """Whole rotation blocks and whole inner chunks: ``lcm(inner.chunk_alignment, block)``."""
+        return math.lcm(self.inner.chunk_alignment, self.block)
 
     def _padded(self, shape: Sequence[int]) -> tuple[int]:
         return (-(-numel_of(shape) // self.block) * self.block,)
@@ -330,3 +338,25 @@ class HadamardCodec(Codec):
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.spec, self.seed))
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+
+def _wrap(inner: Codec, cs: CodecSpec, *, hadamard_seed: int = 0, **_: Any) -> HadamardCodec:
+    return HadamardCodec(inner, block=cs.hadamard_block, seed=hadamard_seed)
+
+
+# Contract-suite bounds: an orthonormal rotation of Gaussian data is Gaussian, so those of the inner codec.
+register_modifier(
+    Modifier(
+        "had",
+        _wrap,
+        examples=(
+            Example("int4:g32+had", 0.12, 4.5 + EXPS_BITS),
+            Example("int4:g32+had:b128", 0.12, 4.5 + EXPS_BITS),  # rotation block larger than the group
+            Example("fp8+had:b64", 0.032, 8.25 + EXPS_BITS),  # rotation block smaller than the scale block
+            Example("nvfp4+had:b16", 0.12, 4.5 + EXPS_BITS),
+        ),
+    )
+)

@@ -35,13 +35,14 @@ Exact bits per value for aligned sizes: ``b + 16/G + 16/4096`` (int4:g32 = 4.503
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 
 from megatron_tpcomp.codecs import bitpack
 from megatron_tpcomp.codecs.base import PayloadLayout, divide
-from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.scales import (
     decode_scales,
     quantize_scales,
@@ -50,7 +51,7 @@ from megatron_tpcomp.codecs.scales import (
 )
 from megatron_tpcomp.cpu_codecs import FORMAT_INT4, NativeFormat
 from megatron_tpcomp.gpu import dispatch as gpu_dispatch
-from megatron_tpcomp.spec import CodecSpec, canonical
+from megatron_tpcomp.spec import CodecSpec, Example, Family, canonical, register_family, small_int, spec_error
 
 
 class IntCodec(BlockCodec):
@@ -154,3 +155,51 @@ class IntCodec(BlockCodec):
             clip = (amax - s * self.qmax).clamp(min=0)
         bound = 0.5 * s + clip + 1e-6 * y.abs().amax(1)
         return bound.unsqueeze(1).expand_as(y)
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+#: Defaults of ``intN``: groups of 32 values, fp16 scales, symmetric.
+DEFAULTS = dict(block=32, scale="fp16")
+
+
+def _parse_token(token: str, spec: str) -> CodecSpec | None:
+    """``int2`` .. ``int8`` with the defaults; None for a token of another family."""
+    m = re.fullmatch(r"int(\d+)", token)
+    if m is None:
+        return None
+    bits = small_int(m.group(1))
+    if not 2 <= bits <= 8:
+        raise spec_error(spec, f"integer width {bits} out of range", "int2 .. int8")
+    return CodecSpec(kind="int", bits=bits, **DEFAULTS)
+
+
+def _canonical(cs: CodecSpec) -> str:
+    return f"int{cs.bits}:g{cs.block}" + (":asym" if cs.asym else "") + f":s{cs.scale}"
+
+
+# Contract-suite bounds (relative L2 error on N(0,1)): uniform rounding noise step/sqrt(12) with step =
+# amax_G/qmax, E[amax] of G normals ~2.35 (G=32), ~2.9 (G=128): int4 0.097, int8 0.0053, int7:g128 0.013, int5
+# with an e8m0 scale (rounded up, ~1.4x larger) 0.07; int2 (qmax 1) is far from uniform noise: measured 0.59.
+# asym: step = (max - min)/(2^b - 1): int3:g64 0.195, int6:g32 0.019. Plus 25% headroom (a lost bit fails).
+# Bits: b + scale bits / G (+ offset bits / G for asym) + the super-block exponents.
+register_family(
+    Family(
+        kind="int",
+        title="integer",
+        names="int2..int8",
+        parse=_parse_token,
+        canonical=_canonical,
+        factory=IntCodec,
+        options=frozenset({"block", "scale", "asym"}),
+        examples=(
+            Example("int4:g32", 0.12, 4 + 16 / 32 + EXPS_BITS),
+            Example("int8:g32", 0.0066, 8 + 16 / 32 + EXPS_BITS),
+            Example("int3:g64:asym", 0.24, 3 + 32 / 64 + EXPS_BITS),
+            Example("int2:g16:sbf16", 0.7, 2 + 16 / 16 + EXPS_BITS),
+            Example("int5:g32:se8m0", 0.088, 5 + 8 / 32 + EXPS_BITS),
+            Example("int6:g32:asym", 0.024, 6 + 32 / 32 + EXPS_BITS),
+            Example("int7:g128:sfp32", 0.017, 7 + 32 / 128 + EXPS_BITS),
+        ),
+    )
+)

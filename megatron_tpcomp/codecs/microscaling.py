@@ -50,12 +50,13 @@ message for nvfp4's tensor scale with its alignment (mxfp4 4.2539, nvfp4 4.5039 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
 from megatron_tpcomp.codecs import bitpack
 from megatron_tpcomp.codecs.base import CodecError, PayloadLayout, divide
-from megatron_tpcomp.codecs.blocks import BlockCodec
+from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.scales import (
     E4M3_MAX,
     FP32_TINY_SUB,
@@ -64,10 +65,10 @@ from megatron_tpcomp.codecs.scales import (
     safe_reciprocal,
     storage_dtype,
 )
-from megatron_tpcomp.spec import CodecSpec, canonical
+from megatron_tpcomp.spec import CodecSpec, Example, Family, canonical, register_family, small_int, spec_error
 
 FP32_MAX = torch.finfo(torch.float32).max
-__all__ = ["FP32_MAX", "FP32_TINY_SUB", "MinifloatCodec", "element_values", "half_ulp"]
+__all__ = ["FP32_MAX", "FP32_TINY_SUB", "MINIFLOAT_FORMATS", "MinifloatCodec", "element_values", "half_ulp"]
 
 
 def half_ulp(mag: torch.Tensor, min_exp: int, man_bits: int) -> torch.Tensor:
@@ -213,3 +214,82 @@ class MinifloatCodec(BlockCodec):
         rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
         clip = (amax - self.emax * s).clamp(min=0)
         return rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+#: Element formats of ``fpN``: bits -> allowed (exponent, mantissa) pairs; the first is the default.
+MINIFLOAT_FORMATS: dict[int, tuple[tuple[int, int], ...]] = {
+    3: ((1, 1),),
+    4: ((2, 1), (1, 2), (3, 0)),
+    5: ((2, 2), (3, 1), (1, 3)),
+    6: ((2, 3), (3, 2)),
+}
+#: Defaults of ``fpN`` and ``mxfp4`` (= ``fp4-e2m1:b32:se8m0``): blocks of 32 values, e8m0 scales.
+DEFAULTS = dict(block=32, scale="e8m0")
+#: Defaults of ``nvfp4``: e2m1 in blocks of 16 values, e4m3 scales, plus one fp32 per-tensor scale.
+NVFP4_DEFAULTS = dict(block=16, scale="e4m3")
+
+
+def _parse_token(token: str, spec: str) -> CodecSpec | None:
+    """``mxfp4``, ``nvfp4``, ``fp3`` .. ``fp6`` (optionally ``-eXmY``) with the defaults; None for a token of
+    another family (``fp8`` included)."""
+    if token == "mxfp4":
+        return CodecSpec(kind="minifloat", bits=4, exp_bits=2, man_bits=1, **DEFAULTS)
+    if token == "nvfp4":
+        return CodecSpec(kind="minifloat", bits=4, exp_bits=2, man_bits=1, tensor_scale=True, **NVFP4_DEFAULTS)
+    m = re.fullmatch(r"fp(\d+)(?:-e(\d+)m(\d+))?", token)
+    if m is None:
+        return None
+    bits = small_int(m.group(1))
+    if bits == 8:
+        return None  # the fp8 family's
+    if bits not in MINIFLOAT_FORMATS:
+        raise spec_error(spec, f"minifloat width {bits} out of range", "fp3, fp4, fp5, fp6 or fp8")
+    allowed = MINIFLOAT_FORMATS[bits]
+    if m.group(2) is None:
+        e, mm = allowed[0]
+    else:
+        e, mm = small_int(m.group(2)), small_int(m.group(3))
+        if (e, mm) not in allowed:
+            names = ", ".join(f"fp{bits}-e{a}m{b}" for a, b in allowed)
+            raise spec_error(spec, f"fp{bits} has no element format e{e}m{mm}", names)
+    return CodecSpec(kind="minifloat", bits=bits, exp_bits=e, man_bits=mm, **DEFAULTS)
+
+
+def _canonical(cs: CodecSpec) -> str:
+    if cs.tensor_scale:  # nvfp4 is the only preset with a tensor scale
+        return f"nvfp4:b{cs.block}:s{cs.scale}"
+    return f"fp{cs.bits}-e{cs.exp_bits}m{cs.man_bits}:b{cs.block}:s{cs.scale}"
+
+
+# Contract-suite bounds (relative L2 error on N(0,1)): m mantissa bits give a relative step 2^-m in a binade, RMS
+# relative error ~2^-m/sqrt(12)*0.71: e2m3 (fp6) 0.028, e3m2 0.053, e2m2 (fp5) 0.057, e3m1 0.10, e2m1 (fp4)
+# ~0.095 with an fp16/e4m3 scale, 0.115 with e8m0 (rounded-up scales waste up to one binade), e1m2 0.145, e3m0
+# 0.205, fp3 0.32; e1m3 measures 0.040 (one exponent bit: much of the range is subnormal). Plus 25% headroom (a
+# lost bit fails). Bits: element bits + scale bits / block + the super-block exponents (nvfp4's tensor scale
+# amortizes to < 1e-6 bits on the nominal message).
+register_family(
+    Family(
+        kind="minifloat",
+        title="minifloat",
+        names="mxfp4, nvfp4, fp3, fp4, fp5, fp6 (optionally -eXmY, e.g. fp6-e3m2)",
+        parse=_parse_token,
+        canonical=_canonical,
+        factory=MinifloatCodec,
+        examples=(
+            Example("mxfp4", 0.145, 4 + 8 / 32 + EXPS_BITS),
+            Example("nvfp4", 0.12, 4 + 8 / 16 + EXPS_BITS),
+            Example("fp3", 0.40, 3 + 8 / 32 + EXPS_BITS),
+            Example("fp4:b16:sfp16", 0.12, 4 + 16 / 16 + EXPS_BITS),
+            Example("fp4-e1m2:b32", 0.18, 4 + 8 / 32 + EXPS_BITS),
+            Example("fp4-e3m0:b32", 0.25, 4 + 8 / 32 + EXPS_BITS),
+            Example("fp4:b32:se4m3", 0.13, 4 + 8 / 32 + EXPS_BITS),
+            Example("fp5-e1m3:b16:sfp16", 0.05, 5 + 16 / 16 + EXPS_BITS),
+            Example("fp5:b32", 0.072, 5 + 8 / 32 + EXPS_BITS),
+            Example("fp5-e3m1:b64:sbf16", 0.13, 5 + 16 / 64 + EXPS_BITS),
+            Example("fp6", 0.036, 6 + 8 / 32 + EXPS_BITS),
+            Example("fp6-e3m2:b32", 0.066, 6 + 8 / 32 + EXPS_BITS),
+        ),
+    )
+)

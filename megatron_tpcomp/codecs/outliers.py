@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -56,7 +58,9 @@ from megatron_tpcomp.codecs.base import (
     clamp_to,
     numel_of,
 )
+from megatron_tpcomp.codecs.blocks import EXPS_BITS
 from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
+from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 #: Indices travel as int16: dynamic mode needs every channel index to fit.
 MAX_DYNAMIC_HIDDEN = 32768
@@ -140,7 +144,14 @@ class OutlierCodec(Codec):
         self._channels = _validate_channels(channels, k) if channels is not None else None
         self.k = int(self._channels.numel()) if self._channels is not None else k
         self.spec = f"{inner.spec}+outliers" + ("" if self.static else f":k{self.k}")
+        k_spec = 0 if self.static else self.k
+        self.cs = None if inner.cs is None else replace(inner.cs, outliers=True, outliers_k=k_spec)
         self._index_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def chunk_alignment(self) -> int:
+        """The inner codec's (collectives split this row-structured codec's messages on rows)."""
+        return self.inner.chunk_alignment
 
     @property
     def channels(self) -> torch.Tensor | None:
@@ -287,3 +298,34 @@ class OutlierCodec(Codec):
     def __hash__(self) -> int:
         table = None if self._channels is None else tuple(self._channels.tolist())
         return hash((type(self).__name__, self.spec, hash(self.inner), table))
+
+
+# --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------
+
+
+def _wrap(
+    inner: Codec, cs: CodecSpec, *, outlier_channels: Sequence[int] | torch.Tensor | None = None, **_: Any
+) -> OutlierCodec:
+    return OutlierCodec(inner, channels=outlier_channels, k=cs.outliers_k)
+
+
+def _bits(k: int, inner_bits: float, h: int = 1024) -> float:
+    """Nominal bits of ``+outliers`` with K channels on ``[2^20, h]``: K bf16 channels, the inner codec on the
+    other ``h - K`` (indices and alignment amortize to < 1e-6 bits)."""
+    return (k * 16 + (h - k) * inner_bits) / h
+
+
+# Contract-suite bounds: the outlier channels are nearly exact (bf16), so at most the inner codec's error.
+register_modifier(
+    Modifier(
+        "outliers",
+        _wrap,
+        examples=(
+            Example("int4:g32+outliers:k4", 0.12, _bits(4, 4.5 + EXPS_BITS)),
+            Example("int4:g32+outliers", 0.12, _bits(2, 4.5 + EXPS_BITS), outlier_channels=(0, 3)),
+            Example("fp8+outliers:k2", 0.032, _bits(2, 8.25 + EXPS_BITS)),
+            Example("mxfp4+outliers:k1", 0.145, _bits(1, 4.25 + EXPS_BITS)),
+            Example("int4:g32+had+outliers:k4", 0.12, _bits(4, 4.5 + EXPS_BITS)),
+        ),
+    )
+)

@@ -28,12 +28,11 @@ from megatron_tpcomp.collectives.api import (
     reduce_scatter,
     resolve_codec,
 )
-from megatron_tpcomp.collectives.chunking import CHUNK_ALIGN, chunk_alignment, pipeline_chunks
+from megatron_tpcomp.collectives.chunking import chunk_alignment, pipeline_chunks
 
 __all__ = [
     "ALGORITHMS",
     "ALGOS",
-    "CHUNK_ALIGN",
     "DEFAULT_MIN_BYTES",
     "STOCK",
     "TWO_SHOT_DEFAULT_MIN_BYTES",

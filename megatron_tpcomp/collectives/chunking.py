@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_tpcomp.codecs import Codec, CodecError
-from megatron_tpcomp.spec import parse_spec
-
-#: Two-shot chunk alignment (values) for codecs whose spec does not tell their block size.
-CHUNK_ALIGN = 256
+from megatron_tpcomp.codecs import Codec
 
 #: Pipelined one-shot (CPU tensors, block-local codecs: ``Codec.block_local``): a message of at least
 #: ``PIPELINE_MIN_BYTES`` (uncompressed) is cut into chunks of about ``PIPELINE_CHUNK_BYTES`` (at most
@@ -76,14 +72,10 @@ def pipeline_plan(numel: int, chunks: int, codec: Codec) -> ChunkPlan:
 
 
 def chunk_alignment(codec: Codec) -> int:
-    """Values per chunk boundary (two-shot, pipelined one-shot): the codec's block size (lcm with its Hadamard
-    block, and with the row length of a codec with per-channel state such as ``+chscale``), so that chunks
+    """Values per chunk boundary (two-shot, pipelined one-shot): :attr:`Codec.chunk_alignment` (its block size,
+    lcm with its Hadamard block and the row length of per-channel state such as ``+chscale``), so that chunks
     split on block boundaries, the codec pads nothing inside a chunk and every value keeps its channel."""
-    try:
-        cs = parse_spec(codec.spec)
-    except CodecError:
-        return CHUNK_ALIGN
-    return math.lcm(max(cs.block, 1), max(cs.hadamard_block, 1), max(int(getattr(codec, "row_length", 0)), 1))
+    return codec.chunk_alignment
 
 
 def chunk_view(x: torch.Tensor, codec: Codec, n: int) -> tuple[torch.Tensor, tuple[int, ...]]:

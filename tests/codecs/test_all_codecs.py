@@ -1,6 +1,7 @@
 """Contract tests every codec must pass: shapes, sizes, dtypes, padding, non-finite values, strides, determinism,
-exact bits per value and its stated error bound. One parametrized suite over every family, so a new codec
-inherits all of them.
+exact bits per value and its stated error bound. One parametrized suite over the examples every family and
+modifier registers (``megatron_tpcomp.spec.Example``), so a new family is tested by registering it; a toy family
+registered from this module shows that (and that nothing else has to change).
 
 Every spec is built with ``make_codec``: if a family's module is missing, its tests FAIL (ImportError), they are
 never skipped.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -17,69 +19,110 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
-from megatron_tpcomp.spec import CodecSpec, parse_spec
+from megatron_tpcomp.codecs.base import check_input, check_payload, clamp_to, numel_of
+from megatron_tpcomp.spec import (
+    CodecSpec,
+    Example,
+    Family,
+    canonical,
+    describe_grammar,
+    examples,
+    families,
+    parse_spec,
+    register_family,
+    registered_family,
+    unregister_family,
+)
 
-# Static outlier tables (``+outliers`` without ``:k``): channels 0 and 3 exist in every shape used below
-# (last dimension >= 5).
-STATIC_CHANNELS = {"int4:g32+outliers": [0, 3]}
+# --- a family registered in one place: this module ---------------------------------------------------------------
 
-# spec -> (relative L2 error bound on N(0,1) data, exact nominal bits per value).
-#
-# Error bounds: theory for the format, checked against measurement (8 seeds x 3 input dtypes on [64, 2, 96],
-# spread < 3%), plus 25% headroom so seeds and dtypes never matter while a codec that loses one bit of
-# precision (error x2) fails.
-# - symmetric bN:gG: uniform rounding noise step/sqrt(12) with step = amax_G/qmax; E[amax] of G normals is
-#   ~2.35 (G=32), ~2.9 (G=128): int4 2.35/7/3.46 = 0.097, int8 0.0053, int7:g128 0.013, int5 with an e8m0 scale
-#   (rounded up, ~1.4x larger on average) 0.07. int2 (qmax 1) is far from uniform noise: measured 0.59.
-# - asym: step = (max - min)/(2^b - 1), range of 64 normals ~4.8: int3:g64 0.195; int6:g32 (~4.1/63) 0.019.
-# - floats with m mantissa bits: relative step 2^-m in a binade, RMS relative error ~2^-m/sqrt(12)*0.71:
-#   fp8 e4m3 0.0255, e5m2 0.051; e2m3 (fp6) 0.028; e3m2 0.053; e2m2 (fp5) 0.057; e3m1 0.10; e2m1 (fp4) ~0.095
-#   with an fp16/e4m3 scale, 0.115 with e8m0 (rounded-up scales waste up to one binade); e1m2 0.145; fp3 0.32.
-# - +had: orthonormal rotation of Gaussian data is Gaussian: same as the base codec.
-# - +outliers: the outlier channels are nearly exact (bf16), so at most the base codec's error.
-#
-# Nominal bits: element bits + scale bits / block (+ offset bits / block for asym) + EXP; outliers at the nominal
-# shape [2^20, 1024]: K bf16 channels plus the base codec on the other 1024 - K channels. Per-message constants
-# (nvfp4's tensor scale, outlier indices, section alignment) amortize to < 1e-6 bits there.
-#: One int16 super-block exponent per 4096 values (codecs/scales.py, "Second level").
-EXP = 16 / 4096
-CODECS: dict[str, tuple[float, float]] = {
-    "int4:g32": (0.12, 4 + 16 / 32 + EXP),
-    "int8:g32": (0.0066, 8 + 16 / 32 + EXP),
-    "int3:g64:asym": (0.24, 3 + 32 / 64 + EXP),
-    "int2:g16:sbf16": (0.7, 2 + 16 / 16 + EXP),
-    "int5:g32:se8m0": (0.088, 5 + 8 / 32 + EXP),
-    "int6:g32:asym": (0.024, 6 + 32 / 32 + EXP),
-    "int7:g128:sfp32": (0.017, 7 + 32 / 128 + EXP),
-    "fp8": (0.032, 8 + 32 / 128 + EXP),
-    "fp8-e5m2:b128": (0.064, 8 + 32 / 128 + EXP),
-    "fp8:b32:sfp16": (0.03, 8 + 16 / 32 + EXP),
-    "mxfp4": (0.145, 4 + 8 / 32 + EXP),
-    "nvfp4": (0.12, 4 + 8 / 16 + EXP),
-    "fp3": (0.40, 3 + 8 / 32 + EXP),
-    "fp4:b16:sfp16": (0.12, 4 + 16 / 16 + EXP),
-    "fp4-e1m2:b32": (0.18, 4 + 8 / 32 + EXP),
-    "fp5:b32": (0.072, 5 + 8 / 32 + EXP),
-    "fp5-e3m1:b64:sbf16": (0.13, 5 + 16 / 64 + EXP),
-    "fp6": (0.036, 6 + 8 / 32 + EXP),
-    "fp6-e3m2:b32": (0.066, 6 + 8 / 32 + EXP),
-    "int4:g32+had": (0.12, 4.5 + EXP),
-    "int4:g32+had:b128": (0.12, 4.5 + EXP),  # rotation block larger than the quantization group
-    "fp8+had:b64": (0.032, 8.25 + EXP),  # rotation block smaller than the quantization block
-    "nvfp4+had:b16": (0.12, 4.5 + EXP),
-    "int4:g32+outliers:k4": (0.12, (4 * 16 + 1020 * (4.5 + EXP)) / 1024),
-    "int4:g32+outliers": (0.12, (2 * 16 + 1022 * (4.5 + EXP)) / 1024),  # static table of 2 channels
-    "fp8+outliers:k2": (0.032, (2 * 16 + 1022 * (8.25 + EXP)) / 1024),
-    "mxfp4+outliers:k1": (0.145, (1 * 16 + 1023 * (4.25 + EXP)) / 1024),
-    "int4:g32+had+outliers:k4": (0.12, (4 * 16 + 1020 * (4.5 + EXP)) / 1024),
-}
-SPECS = list(CODECS)
+
+class ToyCodec(Codec):
+    """``toy8``: every value as one FP8 E5M2 byte, no scale (saturating at 57344, NaN for a non-finite value: the
+    NaN rule with blocks of one value)."""
+
+    FMAX = 57344.0
+
+    def __init__(self, cs: CodecSpec):
+        self.cs = cs
+        self.spec = canonical(cs)
+
+    def payload_nbytes(self, shape: Sequence[int]) -> int:
+        return numel_of(shape)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x)
+        v = x.reshape(-1).to(torch.float32).clamp(-self.FMAX, self.FMAX)
+        v = torch.where(torch.isfinite(x.reshape(-1)), v, torch.full_like(v, math.nan))
+        return v.to(torch.float8_e5m2).view(torch.uint8)
+
+    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        check_payload(payload, self.payload_nbytes(shape), self.spec)
+        values = payload.view(torch.float8_e5m2).to(torch.float32)
+        return clamp_to(values, dtype).reshape(tuple(shape)).to(dtype)
+
+    def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        # Clipping past 57344, else half a step: 2^-3 relative (2 mantissa bits), 2^-17 among subnormals.
+        a = x.abs().to(torch.float32)
+        return (a - self.FMAX).clamp(min=0) + torch.maximum(a * 2.0**-3, torch.full_like(a, 2.0**-17))
+
+
+def _parse_toy(token: str, spec: str) -> CodecSpec | None:
+    return CodecSpec(kind="toy", bits=8, block=1) if token == "toy8" else None
+
+
+TOY = Family(
+    kind="toy",
+    title="toy",
+    names="toy8",
+    parse=_parse_toy,
+    canonical=lambda cs: "toy8",
+    factory=ToyCodec,
+    options=frozenset(),
+    examples=(Example("toy8", 0.064, 8.0),),
+)
+
+
+@pytest.fixture(autouse=True)
+def toy_family() -> Iterator[Family]:
+    """The toy family is registered during every test of this module, and only then."""
+    with registered_family(TOY) as family:
+        yield family
+
+
+def test_a_family_registered_in_one_place_is_parsed_canonicalised_and_built() -> None:
+    cs = parse_spec("TOY8")
+    assert cs == CodecSpec(kind="toy", bits=8, block=1) and canonical(cs) == "toy8"
+    codec = make_codec("toy8")
+    assert isinstance(codec, ToyCodec) and codec.cs == cs and codec.spec == "toy8"
+    assert codec.chunk_alignment == 256  # the default of a codec that does not say
+    assert "toy8" in describe_grammar()
+    with pytest.raises(CodecError, match="unknown codec 'toy9'; expected none, .*toy8"):
+        parse_spec("toy9")
+    with pytest.raises(CodecError, match="option 'b4' applies to fp8, integer, minifloat codecs only"):
+        parse_spec("toy8:b4")
+    with pytest.raises(ValueError, match="'toy' is taken"):
+        register_family(TOY)
+    unregister_family("toy")
+    try:
+        with pytest.raises(CodecError, match="unknown codec 'toy8'"):
+            parse_spec("toy8")
+        assert "toy8" not in describe_grammar()
+    finally:
+        register_family(TOY)  # the fixture unregisters it
+
+
+# --- the list itself ----------------------------------------------------------------------------------------------
+
+#: spec -> its example: what the families and modifiers registered, and the toy family of this module.
+EXAMPLES: dict[str, Example] = {ex.spec: ex for ex in (*examples(), *TOY.examples)}
+SPECS = list(EXAMPLES)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FAMILY_MODULES = ["intx", "fp8", "microscaling", "hadamard", "outliers"]
+FAMILY_MODULES = ["intx", "fp8", "microscaling", "hadamard", "outliers", "chscale"]
 
 
 def codec_for(spec: str) -> Codec:
-    return make_codec(spec, outlier_channels=STATIC_CHANNELS.get(spec))
+    return make_codec(spec, outlier_channels=EXAMPLES[spec].outlier_channels)
 
 
 def roundtrip(codec: Codec, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -90,12 +133,15 @@ def roundtrip(codec: Codec, x: torch.Tensor, dtype: torch.dtype = torch.float32)
     return codec.decode(payload, x.shape, dtype)
 
 
-# --- the list itself ----------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("module", FAMILY_MODULES)
 def test_every_family_module_is_present(module: str) -> None:
     importlib.import_module(f"megatron_tpcomp.codecs.{module}")  # ImportError = failure, never a skip
+
+
+def test_every_registered_family_has_examples() -> None:
+    kinds = {parse_spec(s).kind for s in SPECS}
+    assert {f.kind for f in families()} <= kinds
+    assert {"fp8", "int", "minifloat", "toy"} <= kinds
 
 
 def test_the_suite_covers_every_family() -> None:
@@ -109,6 +155,16 @@ def test_the_suite_covers_every_family() -> None:
     assert {cs.scale for cs in parsed} == {"fp32", "fp16", "bf16", "e8m0", "e4m3"}
     assert any(cs.hadamard_block for cs in parsed) and any(cs.outliers_k for cs in parsed)
     assert any(cs.outliers and not cs.outliers_k for cs in parsed)  # a static table
+
+
+def test_codecs_carry_their_spec_and_chunk_alignment() -> None:
+    for spec in SPECS:
+        codec = codec_for(spec)
+        cs = parse_spec(spec)
+        assert codec.cs is not None and canonical(codec.cs) == codec.spec
+        assert codec.cs == cs
+        expected = 256 if cs.kind == "toy" else math.lcm(cs.block, max(cs.hadamard_block, 1))
+        assert codec.chunk_alignment == expected, spec
 
 
 # --- round trip: shapes, every input and output dtype, error --------------------------------------------------
@@ -127,7 +183,7 @@ def test_roundtrip_shape_dtype_and_error(spec: str, dtype: torch.dtype, gen: tor
         # The decode dtype only changes the final rounding: no codec may compute in a narrower type.
         assert torch.equal(out, y.to(out_dtype))
     rel = float((y - x.float()).norm() / x.float().norm())
-    assert rel < CODECS[spec][0], f"{spec}: relative error {rel:.4f} >= {CODECS[spec][0]}"
+    assert rel < EXAMPLES[spec].rel_error, f"{spec}: relative error {rel:.4f} >= {EXAMPLES[spec].rel_error}"
     bound = codec.max_abs_error_bound(x)
     assert bound is not None and bound.shape == x.shape and bound.dtype == torch.float32
     assert bool(((y - x.float()).abs() <= bound).all())
@@ -226,7 +282,7 @@ def test_non_finite_input_poisons_exactly_its_block(
     x[pos] = bad
     if cs.outliers:
         # Dynamic selection ranks NaN/Inf channels first, so the poisoned channel is always an outlier channel.
-        chosen = STATIC_CHANNELS.get(spec) or [pos[-1]]
+        chosen = list(EXAMPLES[spec].outlier_channels or [pos[-1]])
     else:
         chosen = []
     mask = expected_nonfinite(cs, shape, pos, chosen)
@@ -259,19 +315,32 @@ def test_non_contiguous_input_gives_the_contiguous_payload(spec: str, gen: torch
     for x in (base.t(), base[::2, 1:], base.to(torch.bfloat16).t()[:, 3:], base.expand(2, 96, 64)):
         assert not x.is_contiguous()
         assert torch.equal(codec.encode(x), codec.encode(x.contiguous()))
+        assert torch.equal(codec.max_abs_error_bound(x), codec.max_abs_error_bound(x.contiguous()))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_input_dtype_only_matters_through_its_values(spec: str, gen: torch.Generator) -> None:
+    # bf16 and fp16 inputs widen to fp32 exactly, so they encode exactly like their fp32 values.
+    codec = codec_for(spec)
+    x32 = torch.randn(5, 77, generator=gen) * 3
+    for dtype in (torch.bfloat16, torch.float16):
+        x = x32.to(dtype)
+        assert torch.equal(codec.encode(x), codec.encode(x.float()))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", [(0,), (0, 64), (3, 0, 64), (64, 0)])
 def test_empty_tensors(spec: str, shape: tuple[int, ...]) -> None:
     codec = codec_for(spec)
-    x = torch.empty(shape, dtype=torch.bfloat16)
-    payload = codec.encode(x)
-    assert payload.dtype == torch.uint8 and payload.dim() == 1
-    assert payload.numel() == codec.payload_nbytes(shape)
-    for out_dtype in DTYPES:
-        y = codec.decode(payload, shape, out_dtype)
-        assert y.shape == torch.Size(shape) and y.dtype == out_dtype
+    for dtype in DTYPES:
+        x = torch.empty(shape, dtype=dtype)
+        payload = codec.encode(x)
+        assert payload.dtype == torch.uint8 and payload.dim() == 1
+        assert payload.numel() == codec.payload_nbytes(shape)
+        for out_dtype in DTYPES:
+            y = codec.decode(payload, shape, out_dtype)
+            assert y.shape == torch.Size(shape) and y.dtype == out_dtype
+        assert codec.max_abs_error_bound(x).shape == torch.Size(shape)
     assert codec.bits_per_value(shape) == 0.0
 
 
@@ -316,7 +385,7 @@ def test_deterministic(spec: str, gen: torch.Generator) -> None:
 @pytest.mark.parametrize("spec", SPECS)
 def test_exact_bits_per_value(spec: str) -> None:
     codec = codec_for(spec)
-    expected = CODECS[spec][1]
+    expected = EXAMPLES[spec].bits
     nominal = codec.nominal_bits_per_value()
     assert nominal < 16
     assert abs(nominal - expected) < 1e-6, f"{spec}: nominal {nominal} bits, expected {expected}"
@@ -329,7 +398,7 @@ def test_exact_bits_per_value(spec: str) -> None:
 @pytest.mark.parametrize("spec", SPECS)
 def test_canonical_spec_rebuilds_an_equivalent_codec(spec: str, gen: torch.Generator) -> None:
     codec = codec_for(spec)
-    again = make_codec(codec.spec, outlier_channels=STATIC_CHANNELS.get(spec))
+    again = make_codec(codec.spec, outlier_channels=EXAMPLES[spec].outlier_channels)
     assert again.spec == codec.spec and again == codec
     x = torch.randn(32, 64, generator=gen)
     assert torch.equal(again.encode(x), codec.encode(x))

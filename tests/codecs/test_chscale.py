@@ -4,6 +4,8 @@ its channel) over real gloo process groups."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,13 @@ def test_spec_grammar_and_factory_errors() -> None:
         codec.encode(torch.zeros(4, 100))
     with pytest.raises(CodecError, match="not a whole number of rows"):
         codec.encode(torch.zeros(H + 1))
+
+
+def test_codec_carries_its_spec_and_cuts_on_whole_rows() -> None:
+    codec = make_codec(SPEC, channel_scale_exponents=[0] * H)
+    assert codec.cs == parse_spec(SPEC) and canonical(codec.cs) == codec.spec
+    assert codec.chunk_alignment == math.lcm(64, 32, H)  # quantization group, rotation block, row
+    assert collectives.chunk_alignment(codec) == codec.chunk_alignment
 
 
 def test_exponents_from_rms() -> None:

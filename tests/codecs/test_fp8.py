@@ -1,6 +1,8 @@
 """FP8 codec (``fp8``, ``fp8-e5m2``, any block size and scale format): hand-worked bytes, codes equal to torch's own
-float8 cast, round to nearest even against a brute-force grid search, exact on-grid round trips, exact sizes,
-non-finite and all-zero blocks, strides, dtypes, malformed payloads, the stated error bound and backend selection.
+float8 cast, round to nearest even against a brute-force grid search, exact on-grid round trips, the payload
+layout, the wire form of zero and non-finite blocks, the stated error bound and backend selection. The generic
+checks every codec must pass (strides, dtypes, empty tensors, malformed payloads, exact bits...) are in the
+contract suite (``test_all_codecs.py``), which runs the examples fp8.py registers.
 """
 
 from __future__ import annotations
@@ -199,18 +201,6 @@ def test_values_on_the_grid_round_trip_exactly(spec: str, dtype: torch.dtype) ->
 # --- sizes ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("spec", "bits"),
-    [("fp8", 8.25), ("fp8-e5m2:b128", 8.25), ("fp8:b32:sfp16", 8.5), ("fp8:b16:se8m0", 8.5), ("fp8:b256", 8.125)],
-)
-def test_exact_bits_per_value(spec: str, bits: float) -> None:
-    codec = make_codec(spec)
-    exp_bits = 16 / 4096  # one int16 super-block exponent per 4096 values
-    assert codec.bits_per_value((1024, 1024)) == bits + exp_bits
-    assert codec.nominal_bits_per_value() == bits + exp_bits
-    assert bits == 8 + SCALE_BITS[codec.scale_fmt] / codec.block
-
-
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 37), (129,), (2, 3, 65), (1000,)])
 def test_payload_size_of_unaligned_shapes(spec: str, shape: tuple[int, ...]) -> None:
@@ -264,86 +254,21 @@ def test_all_zero_blocks_decode_to_zeros(spec: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_value_makes_its_block_nan_only(spec: str, bad: float) -> None:
+def test_a_poisoned_block_travels_as_a_nan_scale_and_zero_codes(spec: str, bad: float) -> None:
+    # Which values decode to NaN is the contract suite's; this is the wire form of a poisoned block.
     codec = make_codec(spec)
     block = codec.block
     x = torch.randn(4 * block + 5, generator=torch.Generator().manual_seed(5))
     x[block + 3] = bad  # block 1
     x[4 * block + 1] = bad  # the last, partial block
-    clean = x.clone()
-    clean[block : 2 * block] = 0.0
-    clean[4 * block :] = 0.0
     payload = codec.encode(x)
     layout = codec.layout(x.shape)
-    stored = layout.view(payload, "scales")
-    assert torch.isnan(decode_scales(stored, codec.scale_fmt)[[1, 4]]).all()
+    assert torch.isnan(decode_scales(layout.view(payload, "scales"), codec.scale_fmt)[[1, 4]]).all()
     codes = layout.view(payload, "codes").view(-1, block)
-    assert not codes[1].any() and not codes[4].any()  # zero codes in the poisoned blocks
-    y = codec.decode(payload, x.shape, torch.float32)
-    assert torch.isnan(y[block : 2 * block]).all() and torch.isnan(y[4 * block :]).all()
-    keep = torch.ones_like(x, dtype=torch.bool)
-    keep[block : 2 * block] = False
-    keep[4 * block :] = False
-    assert torch.isfinite(y[keep]).all()
-    assert torch.equal(y[keep], roundtrip(codec, clean)[keep])  # other blocks are exactly unaffected
+    assert not codes[1].any() and not codes[4].any()
 
 
-# --- strides, dtypes, empty tensors, malformed payloads -------------------------------------------------------
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_non_contiguous_inputs_give_the_contiguous_payload(spec: str) -> None:
-    codec = make_codec(spec)
-    base = torch.randn(96, 70, generator=torch.Generator().manual_seed(6))
-    for x in (base.t(), base[::3, 5:], base.to(torch.float16).t()[2:], base[:, :1].expand(96, 40)):
-        assert not x.is_contiguous()
-        assert torch.equal(codec.encode(x), codec.encode(x.contiguous()))
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_input_dtype_only_matters_through_its_values(spec: str) -> None:
-    # bf16 and fp16 inputs are widened to fp32 exactly, so they encode like their fp32 values; decoding to
-    # bf16/fp16 only rounds the fp32 result once.
-    codec = make_codec(spec)
-    x32 = torch.randn(5, 77, generator=torch.Generator().manual_seed(7)) * 3
-    for dtype in (torch.bfloat16, torch.float16):
-        x = x32.to(dtype)
-        payload = codec.encode(x)
-        assert torch.equal(payload, codec.encode(x.float()))
-        y = codec.decode(payload, x.shape, torch.float32)
-        for out_dtype in DTYPES:
-            out = codec.decode(payload, x.shape, out_dtype)
-            assert out.dtype == out_dtype and out.shape == x.shape and torch.equal(out, y.to(out_dtype))
-
-
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("shape", [(0,), (0, 64), (4, 0, 3)])
-def test_empty_tensors(spec: str, shape: tuple[int, ...]) -> None:
-    codec = make_codec(spec)
-    for dtype in DTYPES:
-        payload = codec.encode(torch.empty(shape, dtype=dtype))
-        assert payload.dtype == torch.uint8 and payload.shape == (0,)
-        y = codec.decode(payload, shape, dtype)
-        assert y.shape == torch.Size(shape) and y.dtype == dtype
-    assert codec.payload_nbytes(shape) == 0 and codec.bits_per_value(shape) == 0.0
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_wrong_payload_is_rejected(spec: str) -> None:
-    codec = make_codec(spec)
-    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(8))
-    payload = codec.encode(x)
-    for wrong_shape in [(4, 199 + codec.block), (2 * 4 * 200,), (1,)]:
-        with pytest.raises(CodecError, match="bytes"):
-            codec.decode(payload, wrong_shape, torch.float32)
-    with pytest.raises(CodecError, match="bytes"):
-        codec.decode(payload[:-16], x.shape, torch.float32)
-    with pytest.raises(CodecError, match="uint8"):
-        codec.decode(payload.view(torch.int8), x.shape, torch.float32)
-    with pytest.raises(CodecError, match="1-D"):
-        codec.decode(payload.view(2, -1), x.shape, torch.float32)
-    with pytest.raises(CodecError, match="int64"):
-        codec.encode(torch.ones(3, dtype=torch.int64))
+# --- malformed payloads ----------------------------------------------------------------------------------------
 
 
 def test_a_shape_with_the_same_block_count_decodes_but_another_count_does_not() -> None:
@@ -404,15 +329,11 @@ def test_bound_is_tight_half_an_ulp(spec: str, man_bits: int) -> None:
     assert float((err / bound).max()) > 0.9
 
 
-def test_heavy_tailed_activations_within_bound() -> None:
-    # Massive-activation channels (100x-3000x): every spec stays within its bound, and per-block scales confine
-    # the damage: blocks without an outlier keep E4M3's precision on N(0,1) data (relative RMS error 0.0257
-    # measured on 10^6 values; limit +25%), while the outliers themselves lose at most half an ULP (2^-4).
+def test_heavy_tailed_activations_keep_precision_outside_the_outlier_blocks() -> None:
+    # Massive-activation channels (100x-3000x): per-block scales confine the damage: blocks without an outlier
+    # keep E4M3's precision on N(0,1) data (relative RMS error 0.0257 measured on 10^6 values; limit +25%), while
+    # the outliers themselves lose at most half an ULP (2^-4).
     x = heavy_tailed((64, 576), seed=3)
-    for spec in SPECS:
-        codec = make_codec(spec)
-        y = roundtrip(codec, x)
-        assert bool(((y - x.float()).abs() <= codec.max_abs_error_bound(x)).all()), spec
     codec = make_codec("fp8")
     xb = x.float().view(-1, codec.block)
     yb = roundtrip(codec, x).view(-1, codec.block)

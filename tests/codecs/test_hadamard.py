@@ -141,22 +141,15 @@ def test_bits_per_value_include_the_padding(shape: tuple[int, ...]) -> None:
         assert had.bits_per_value(shape) == 8 * 48 / 5
 
 
-# --- error: round trip within the stated bound ---------------------------------------------------------------
+# --- error: the stated bound -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 96), (3, 37), (2, 3, 11), (1000,), ()])
-def test_roundtrip_within_bound(spec: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    codec = make_codec(spec)
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+def test_zero_dimensional_input_is_one_padded_block() -> None:
+    codec = make_codec("int4:g32+had")
+    x = torch.tensor(2.5)
     y = roundtrip(codec, x)
-    assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
-    bound = codec.max_abs_error_bound(x)
-    assert bound.shape == x.shape and bound.dtype == torch.float32
-    assert bool(((y - x.float()).abs() <= bound).all())
-    for out_dtype in DTYPES:  # the decode dtype only changes the final rounding
-        assert torch.equal(roundtrip(codec, x, out_dtype), y.to(out_dtype))
+    assert y.shape == () and bool((y - x).abs() <= codec.max_abs_error_bound(x))
+    assert codec.payload_nbytes(()) == make_codec("int4:g32").payload_nbytes((32,))
 
 
 def test_bound_is_useful() -> None:
@@ -234,7 +227,7 @@ def test_property_error_within_bound(
     assert bool(((y - x.float()).abs() <= codec.max_abs_error_bound(x)).all())
 
 
-# --- when the rotation helps, and when it does not (FACTS.md) -------------------------------------------------
+# --- when the rotation helps, and when it does not -----------------------------------------------------------
 
 
 def _rel_errors(spec: str, mult: float, seeds: int = 2) -> tuple[float, float]:
@@ -279,7 +272,7 @@ def test_rotation_does_not_rescue_a_massive_outlier_and_larger_blocks_spread_it(
     assert had128_all > 1.4 * had_all, (had128_all, had_all)
 
 
-# --- non-finite input, empty tensors, strides --------------------------------------------------------------
+# --- non-finite input, malformed payloads ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -315,28 +308,6 @@ def test_finite_input_beyond_the_rotations_range_stays_finite(spec: str) -> None
     assert torch.isfinite(y).all()
     assert bool(((y - x).abs() <= codec.max_abs_error_bound(x)).all())
     assert float((y[0, :32] - x[0, :32]).abs().max()) < 0.1 * 3e38  # the 3e38 values survive
-
-
-@pytest.mark.parametrize("shape", [(0,), (0, 64), (3, 0, 5)])
-def test_empty_tensors(shape: tuple[int, ...]) -> None:
-    codec = make_codec("int4:g32+had")
-    x = torch.empty(shape, dtype=torch.bfloat16)
-    payload = codec.encode(x)
-    assert payload.numel() == codec.payload_nbytes(shape) == 0
-    y = codec.decode(payload, shape, torch.float16)
-    assert y.shape == torch.Size(shape) and y.dtype == torch.float16
-    assert codec.bits_per_value(shape) == 0.0
-    assert codec.max_abs_error_bound(x).shape == torch.Size(shape)
-
-
-@pytest.mark.parametrize("spec", ["int4:g32+had", "fp8+had:b64"])
-def test_non_contiguous_input(spec: str) -> None:
-    codec = make_codec(spec)
-    base = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-    for x in (base.t(), base[::2, 1:], base.to(torch.float16).t()[:, 3:], base.expand(2, 96, 64)):
-        assert not x.is_contiguous()
-        assert torch.equal(codec.encode(x), codec.encode(x.contiguous()))
-        assert torch.equal(codec.max_abs_error_bound(x), codec.max_abs_error_bound(x.contiguous()))
 
 
 def test_wrong_payload_names_the_hadamard_spec() -> None:
