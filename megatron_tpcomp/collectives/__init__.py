@@ -2,9 +2,15 @@
 
 - :mod:`.api`: the entry points (:func:`all_reduce`, :func:`all_gather`, :func:`reduce_scatter`), their
   fallbacks to the stock collectives, rank agreement and :class:`CommStats`;
-- :mod:`.algorithms`: one descriptor per algorithm (bytes sent, rounds, quantizations, chunk plan, pipelining,
-  the function that runs it) and the ``auto`` rule;
+- :mod:`.algorithms`: the list of algorithms (``ALGORITHMS``), the lookups and the one ``auto`` rule;
+- one module per algorithm, each building its descriptor (bytes sent, rounds, quantizations, chunk plan,
+  pipelining, the function that runs it): :mod:`.ring` (the stock collectives), :mod:`.one_shot`,
+  :mod:`.two_shot`, :mod:`.gather` (all-gather), :mod:`.scatter` (reduce-scatter); :mod:`.descriptor` defines
+  the descriptor, :mod:`.transport` the payload moves they share;
 - :mod:`.chunking`: how a message is cut (two-shot chunks, pipelined one-shot chunks, block alignment).
+
+A new algorithm is one module like ``two_shot.py`` plus its entry in ``algorithms.ALGORITHMS``: the
+collectives, the cost model, the search's wire objective and the benchmarks read it from there.
 """
 
 from megatron_tpcomp.collectives.algorithms import (

@@ -110,3 +110,23 @@ def test_wire_factor_in_units_of_the_ring_all_reduce(n: int) -> None:
 
 def test_algos_setting_values() -> None:
     assert algorithms.ALGOS == ("auto", "one-shot", "two-shot")  # config and CLI values
+
+
+def test_every_algorithm_module_is_listed_and_the_tables_follow_the_list() -> None:
+    # Adding an algorithm is a module that builds its descriptor plus its entry in ALGORITHMS: a descriptor
+    # defined in any collectives module but missing from the list would run nowhere and be costed nowhere.
+    import importlib
+    import pkgutil
+
+    import megatron_tpcomp.collectives as package
+    from megatron_tpcomp.collectives.descriptor import Algorithm
+
+    defined = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        defined |= {v for v in vars(module).values() if isinstance(v, Algorithm)}
+    assert defined == set(ALGORITHMS)
+    assert algorithms.ALL_REDUCE_ALGOS == tuple(a.name for a in ALGORITHMS if a.op == "all_reduce" and a.compressed)
+    assert algorithms.ALGOS == ("auto", *algorithms.ALL_REDUCE_ALGOS)
+    assert {op: a.name for op, a in STOCK.items()} == dict.fromkeys(algorithms.OPS, "stock")
+    assert len({(a.op, a.name) for a in ALGORITHMS}) == len(ALGORITHMS)  # one descriptor per (op, name)
