@@ -261,7 +261,7 @@ def test_rotation_helps_int4_next_to_a_moderate_outlier_channel() -> None:
 
 
 def test_rotation_does_not_rescue_a_massive_outlier_and_larger_blocks_spread_it() -> None:
-    # Channel 100 at 300 sigma (down_proj partials reach thousands, FACTS.md): the rotated block is dominated by
+    # Channel 100 at 300 sigma (down_proj partials reach thousands in SmolLM2-135M): the rotated block is dominated by
     # +-300/sqrt(32) in every value, so the neighbours are lost either way (measured group error 0.98 plain,
     # 1.19 rotated), and a 128-block spreads the outlier into 4 quantization groups instead of 1 (measured
     # 0.50 vs 0.29 over all other channels). Outlier channels are the remedy (test_outliers.py).

@@ -333,7 +333,7 @@ def test_nvfp4_tensor_scale_ignores_non_finite_blocks() -> None:
 
 
 def test_e8m0_scales_cost_accuracy_against_fp16_scales() -> None:
-    # FACTS.md: power-of-two scales (rounded up, wasting up to a binade) are worse than 16-bit ones at the same
+    # Power-of-two scales (rounded up, wasting up to a binade) are worse than 16-bit ones at the same
     # element format: relative RMS error 0.115 against 0.095 on N(0,1) (test_all_codecs.py); required: 10% less.
     x = torch.randn(256, 576, generator=torch.Generator().manual_seed(5))
     err = {}
