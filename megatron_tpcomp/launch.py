@@ -258,39 +258,34 @@ def run_distributed(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     _check_picklable_function(fn)
-    if start_method is None:
-        start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        # Import torch once in the server (only takes effect when the server starts).
-        ctx.set_forkserver_preload(["torch", "torch.distributed"])
-    if threads_per_rank is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads_per_rank = max(1, cpus // world_size)
-    environ = dict(os.environ)
-    ifname = _loopback_ifname()
-    if backend == "gloo" and ifname and "GLOO_SOCKET_IFNAME" not in environ:
-        environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo's pair connections stay on loopback too
-
-    import torch.distributed as dist
-
+    ctx = _context(start_method)
+    threads = threads_per_rank if threads_per_rank is not None else _default_threads(world_size)
+    environ = _rank_environ(dict(os.environ), backend, _loopback_ifname())
     pg_timeout = pg_timeout_s or timeout_s
-    # The parent hosts the store on a socket it bound itself: loopback only, and no window in which another
-    # test run on the same machine could take the port. The store owns (and closes) the socket.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        port = int(listener.getsockname()[1])
-        store = dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world_size=None,
-            is_master=True,
-            timeout=datetime.timedelta(seconds=pg_timeout),
-            wait_for_workers=False,
-            master_listen_fd=listener.fileno(),
-        )
-        listener.detach()
+    values, failures, kinds = _run_ranks(
+        ctx, fn, world_size, args, kwargs, timeout_s, backend, pg_timeout, threads, environ
+    )
+    if failures:
+        raise _run_error(getattr(fn, "__qualname__", str(fn)), world_size, failures, kinds)
+    return _unpickle_results(values, world_size)
+
+
+def _run_ranks(
+    ctx: Any,
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple,
+    kwargs: dict,
+    timeout_s: float,
+    backend: str,
+    pg_timeout: float,
+    threads: int,
+    environ: dict[str, str],
+) -> tuple[dict[int, bytes], dict[int, str], dict[int, str]]:
+    """Host the rendezvous store, start one :func:`_worker` process per rank, gather their reports
+    (:func:`_collect`) and stop them all, also on an error or Ctrl-C. Returns rank -> pickled value, rank -> failure
+    text and rank -> failure kind."""
+    store, port = _host_store(pg_timeout)
     results = ctx.Queue()
     stacks = tempfile.TemporaryDirectory(prefix="tpcomp-stacks-")
     stacks_dir = stacks.name
@@ -303,7 +298,7 @@ def run_distributed(
                 port,
                 backend,
                 pg_timeout,
-                threads_per_rank,
+                threads,
                 environ,
                 fn,
                 args,
@@ -328,8 +323,62 @@ def run_distributed(
         results.close()
         del store  # stops the store's server
         stacks.cleanup()
-    if failures:
-        raise _run_error(getattr(fn, "__qualname__", str(fn)), world_size, failures, kinds)
+    return values, failures, kinds
+
+
+def _context(start_method: str | None) -> Any:
+    """The multiprocessing context: ``start_method``, else forkserver where available (torch preloaded), else
+    spawn."""
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # Import torch once in the server (only takes effect when the server starts).
+        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    return ctx
+
+
+def _default_threads(world_size: int) -> int:
+    """Torch threads per rank: the CPUs this process may use, shared by the ranks (at least one each)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world_size)
+
+
+def _rank_environ(environ: dict[str, str], backend: str, ifname: str | None) -> dict[str, str]:
+    """The environment each rank starts with: ``environ``, plus gloo pinned to the loopback interface ``ifname``
+    unless the caller chose an interface (``GLOO_SOCKET_IFNAME``)."""
+    environ = dict(environ)
+    if backend == "gloo" and ifname and "GLOO_SOCKET_IFNAME" not in environ:
+        environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo's pair connections stay on loopback too
+    return environ
+
+
+def _host_store(pg_timeout: float) -> tuple[Any, int]:
+    """The rendezvous ``TCPStore`` hosted by this process on a loopback port it bound itself, and that port."""
+    import torch.distributed as dist
+
+    # The parent hosts the store on a socket it bound itself: loopback only, and no window in which another
+    # test run on the same machine could take the port. The store owns (and closes) the socket.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = int(listener.getsockname()[1])
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size=None,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+            wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )
+        listener.detach()
+    return store, port
+
+
+def _unpickle_results(values: dict[int, bytes], world_size: int) -> list[Any]:
+    """The ranks' pickled return values, in rank order; a value that cannot be unpickled is a
+    :class:`DistributedRunError` naming its rank."""
     out = []
     for r in range(world_size):
         try:
@@ -420,6 +469,37 @@ def _where(procs: list[Any], ranks: list[int], stacks_dir: str | None) -> dict[i
     return out
 
 
+def _deadline_failures(
+    left: list[int], failed: list[int], where: dict[int, tuple[bool, str]], timeout_s: float
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Failure text and kind of each rank in ``left``, still running at the deadline, in ``left``'s order.
+
+    ``failed``: the ranks that failed before; ``where``: :func:`_where`'s answer. A rank blocked in a collective
+    was waiting (on the failed ranks, else on the stalled ones); one outside any collective was stopped after a
+    peer failed, or stalled by itself when none had."""
+    texts: dict[int, str] = {}
+    kinds: dict[int, str] = {}
+    for r in left:
+        in_dist, frame = where.get(r, (False, ""))
+        at = f"; at {frame}" if frame else ""
+        if in_dist:
+            kinds[r] = "in-collective"
+            waited = f"on rank(s) {failed}" if failed else "on a peer"
+            texts[r] = f"blocked in a collective waiting {waited}{at}"
+        elif failed:
+            kinds[r] = "stopped"
+            texts[r] = f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) {sorted(failed)} failed{at}"
+        else:
+            kinds[r] = "stalled"
+            texts[r] = f"did not finish within {timeout_s:g} s (hung) outside any collective{at}"
+    stalled = [r for r in left if kinds[r] == "stalled"]
+    if stalled and not failed:  # those blocked in a collective were waiting on the stalled ones
+        for r in left:
+            if kinds[r] == "in-collective":
+                texts[r] = texts[r].replace("waiting on a peer", f"waiting on rank(s) {stalled}")
+    return texts, kinds
+
+
 def _collect(
     procs: list[Any],
     results: Any,
@@ -445,29 +525,10 @@ def _collect(
     while pending():
         now = time.monotonic()
         if now > deadline:
-            failed = list(failures)
             left = pending()
-            where = _where(procs, left, stacks_dir)
-            for r in left:
-                in_dist, frame = where.get(r, (False, ""))
-                at = f"; at {frame}" if frame else ""
-                if in_dist:
-                    kinds[r] = "in-collective"
-                    waited = f"on rank(s) {failed}" if failed else "on a peer"
-                    failures[r] = f"blocked in a collective waiting {waited}{at}"
-                elif failed:
-                    kinds[r] = "stopped"
-                    failures[r] = (
-                        f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) {sorted(failed)} failed{at}"
-                    )
-                else:
-                    kinds[r] = "stalled"
-                    failures[r] = f"did not finish within {timeout_s:g} s (hung) outside any collective{at}"
-            stalled = [r for r in left if kinds[r] == "stalled"]
-            if stalled and not failed:  # those blocked in a collective were waiting on the stalled ones
-                for r in left:
-                    if kinds[r] == "in-collective":
-                        failures[r] = failures[r].replace("waiting on a peer", f"waiting on rank(s) {stalled}")
+            texts, how = _deadline_failures(left, list(failures), _where(procs, left, stacks_dir), timeout_s)
+            failures.update(texts)
+            kinds.update(how)
             return
         try:
             rank, ok, payload = results.get(timeout=0.1)

@@ -108,3 +108,36 @@ def test_bad_arguments_are_rejected_before_anything_starts() -> None:
         run_distributed(_sum_ranks, 0, 0)
     with pytest.raises(TypeError, match="module-level function"):
         run_distributed(lambda rank, world_size: rank, 2)
+
+
+def test_ranks_still_running_at_the_deadline_are_told_apart() -> None:
+    from megatron_tpcomp.launch import _deadline_failures
+
+    # No rank failed before: the one outside any collective stalled, the one in a collective waited on it.
+    where = {0: (False, 'File "work.py", line 3 in _stalls'), 1: (True, 'File "work.py", line 5 in _stalls')}
+    texts, kinds = _deadline_failures([0, 1], [], where, 7.0)
+    assert kinds == {0: "stalled", 1: "in-collective"}
+    assert texts[0] == 'did not finish within 7 s (hung) outside any collective; at File "work.py", line 3 in _stalls'
+    assert texts[1].startswith("blocked in a collective waiting on rank(s) [0]; at ")
+    # Rank 2 failed before: the others were waiting on it or were stopped after it; a rank that did not answer
+    # (left out of ``where``) is called stopped, without a frame.
+    texts, kinds = _deadline_failures([0, 1], [2], {1: (True, "")}, 7.0)
+    assert kinds == {0: "stopped", 1: "in-collective"}
+    assert texts == {
+        0: f"stopped: still running {FAILURE_GRACE_S:g} s after rank(s) [2] failed",
+        1: "blocked in a collective waiting on rank(s) [2]",
+    }
+    # All blocked in collectives and nobody failed: no one to name.
+    texts, _ = _deadline_failures([0, 1], [], {0: (True, ""), 1: (True, "")}, 7.0)
+    assert texts == {r: "blocked in a collective waiting on a peer" for r in (0, 1)}
+
+
+def test_gloo_ranks_stay_on_loopback_unless_the_caller_chose_an_interface() -> None:
+    from megatron_tpcomp.launch import _rank_environ
+
+    env = {"PATH": "/bin"}
+    assert _rank_environ(env, "gloo", "lo") == {"PATH": "/bin", "GLOO_SOCKET_IFNAME": "lo"}
+    assert env == {"PATH": "/bin"}  # the caller's mapping is left alone
+    assert _rank_environ({"GLOO_SOCKET_IFNAME": "eth0"}, "gloo", "lo") == {"GLOO_SOCKET_IFNAME": "eth0"}
+    assert _rank_environ(env, "nccl", "lo") == env
+    assert _rank_environ(env, "gloo", None) == env

@@ -10,9 +10,9 @@ reported. Measurement details (prefill and decode stamps, the timing of every TP
 in :mod:`megatron_tpcomp.bench.e2e_worker`.
 
 Ranks run on the CPU (gloo; ``CUDA_VISIBLE_DEVICES`` is cleared for them), ``cores / tp`` threads each, in fp32 by
-default: on CPUs without AVX512-BF16 a bf16 matrix product runs ~100x slower than fp32 (0.2 vs 29 GFLOP/s on
-one core of the development host), which would bury the communication. Activations and collectives are then
-fp32, so a codec's byte ratio is twice its bf16 one (``wire_bytes`` reports what was sent).
+default: on CPUs without AVX512-BF16 a bf16 matrix product runs ~100x slower than fp32 (docs/results.md), which
+would bury the communication. Activations and collectives are then fp32, so a codec's byte ratio is twice its bf16
+one (``wire_bytes`` reports what was sent).
 
 ``comm_share`` is measured, not estimated: the time the baseline's ranks spend inside TP collectives during the
 prefill over its TTFT (mean over ranks). ``decode_comm_share`` is the same for the decode steps.
@@ -20,8 +20,8 @@ prefill over its TTFT (mean over ranks). ``decode_comm_share`` is the same for t
 Links (ranks in network namespaces joined by :class:`megatron_tpcomp.bench.link.ShapedLink`; needs root):
 
 - :data:`COMM_BOUND_RATE` (1 Gbit/s) is chosen so that the baseline spends about half of its prefill in TP
-  communication (measured on a loaded 2-core host, fp32, TP=3: 48%, 46%, 41% at 128, 512, 1024 tokens), the
-  regime of 8 L4 GPUs on PCIe without NVLink that motivated this project;
+  communication (measured shares in docs/results.md), the regime of 8 L4 GPUs on PCIe without NVLink that
+  motivated this project;
 - ``none`` (loopback, unshaped) is the fast link where compression should not pay.
 
 Without root the shaped rates cannot be built: the run says so and measures unshaped instead, recording
@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,34 @@ def run(
     Raises:
         ValueError: bad arguments. BenchError: a rank failed or timed out.
     """
+    _check_run_args(tp, reps, warmup, gen_tokens, prompt_lens, dtype, perf_table)
+    specs = check_specs(specs)
+    links = list(links) if links is not None else default_links()
+    for lk in links:
+        linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
+    ckpt = resolve_model(model, tp)
+    plan_configs = check_configs_for_model(configs or {}, specs, ckpt, tp)
+    plan = _plan(ckpt, specs, plan_configs, dtype, tp, timeout_s, prompt_lens, gen_tokens, reps, warmup, perf_table)
+    records: list[dict] = []
+    each = linkmod.each_link(tp, links, burst=burst, limit=limit, log=log, tag=f"TP={tp}")
+    with contextlib.closing(each):  # the link goes down even if a run fails
+        for label, info, shaped in each:
+            records += _measure_link(tp, label, info, shaped, plan, timeout_s)
+            if on_records is not None:
+                on_records(records)
+    return records
+
+
+def _check_run_args(
+    tp: int,
+    reps: int,
+    warmup: int,
+    gen_tokens: int,
+    prompt_lens: Sequence[int],
+    dtype: str,
+    perf_table: str | None,
+) -> None:
+    """:func:`run`'s scalar arguments, checked before anything is resolved or started (ValueError, one line)."""
     if tp < 2:
         raise ValueError(f"--tp must be >= 2, got {tp}")
     if reps < 1 or warmup < 0:
@@ -367,41 +396,49 @@ def run(
         raise ValueError(f"unknown dtype {dtype!r}; expected bf16 or fp32")
     if perf_table is not None and not os.path.isfile(perf_table):
         raise ValueError(f"--perf-table {perf_table}: no such file")
-    specs = check_specs(specs)
-    links = list(links) if links is not None else default_links()
-    for lk in links:
-        linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
-    ckpt = resolve_model(model, tp)
-    plan_configs = check_configs_for_model(configs or {}, specs, ckpt, tp)
-    threads = threads_per_rank(tp)
-    records: list[dict] = []
-    each = linkmod.each_link(tp, links, burst=burst, limit=limit, log=log, tag=f"TP={tp}")
-    with contextlib.closing(each):  # the link goes down even if a run fails
-        for label, info, shaped in each:
-            with tempfile.TemporaryDirectory(prefix="tpcomp-e2e-") as workdir:
-                plan = dict(
-                    label=f"TP={tp}, {label}",
-                    model=ckpt,
-                    dtype=dtype,
-                    threads=threads,
-                    timeout_s=timeout_s,
-                    prompt_lens=[int(L) for L in prompt_lens],
-                    gen_tokens=gen_tokens,
-                    specs=[*specs, *plan_configs],
-                    configs=plan_configs,
-                    reps=reps,
-                    warmup=warmup,
-                    perf_table=os.path.abspath(perf_table) if perf_table else None,
-                    workdir=workdir,
-                )
-                result = _launch(tp, shaped, plan, workdir, timeout_s)
-            new = aggregate(result, label, info, tp)
-            for rec in new:
-                rec["config"] = rec["spec"] in plan_configs
-            records += new
-            if on_records is not None:
-                on_records(records)
-    return records
+
+
+def _plan(
+    ckpt: str,
+    specs: Sequence[str],
+    plan_configs: Mapping[str, Mapping[str, Any]],
+    dtype: str,
+    tp: int,
+    timeout_s: float,
+    prompt_lens: Sequence[int],
+    gen_tokens: int,
+    reps: int,
+    warmup: int,
+    perf_table: str | None,
+) -> dict[str, Any]:
+    """The workers' plan without its per-link ``label`` and ``workdir`` (see :func:`_measure_link`): the
+    checkpoint, the settings (specs, then the configs' labels) and the timing parameters, as JSON values."""
+    return dict(
+        model=ckpt,
+        dtype=dtype,
+        threads=threads_per_rank(tp),
+        timeout_s=timeout_s,
+        prompt_lens=[int(L) for L in prompt_lens],
+        gen_tokens=gen_tokens,
+        specs=[*specs, *plan_configs],
+        configs=plan_configs,
+        reps=reps,
+        warmup=warmup,
+        perf_table=os.path.abspath(perf_table) if perf_table else None,
+    )
+
+
+def _measure_link(
+    tp: int, label: str, info: dict, shaped: linkmod.ShapedLink | None, plan: Mapping[str, Any], timeout_s: float
+) -> list[dict]:
+    """One launch of ``tp`` ranks over one link with ``plan``: its records (:func:`aggregate`), those of a
+    ``--config`` setting marked ``config`` = True."""
+    with tempfile.TemporaryDirectory(prefix="tpcomp-e2e-") as workdir:
+        result = _launch(tp, shaped, {"label": f"TP={tp}, {label}", **plan, "workdir": workdir}, workdir, timeout_s)
+    new = aggregate(result, label, info, tp)
+    for rec in new:
+        rec["config"] = rec["spec"] in plan["configs"]
+    return new
 
 
 def _opt(value: float | None, fmt: str) -> str:
@@ -474,6 +511,44 @@ def _ints(text: str, what: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench e2e``: parse options, :func:`run`, print the table and the targets, write ``--json``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = _options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    _announce(args, opts)
+    try:
+        records = run(
+            opts.links,
+            opts.prompt_lens,
+            opts.specs,
+            tp=args.tp,
+            gen_tokens=args.gen_tokens,
+            reps=args.reps,
+            warmup=args.warmup,
+            model=opts.model,
+            dtype=args.dtype,
+            perf_table=args.perf_table,
+            burst=opts.burst,
+            limit=opts.limit,
+            timeout_s=args.timeout,
+            # progress on stderr, results on stdout
+            log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
+            on_records=partial_writer(args.json),
+            configs=opts.configs,
+        )
+    except (BenchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rank processes stopped, namespaces removed", file=sys.stderr)
+        return 130
+    return report(records, format_table(records), target_lines(records), args.json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``tpcomp bench e2e`` argument parser (declarations only; :func:`_options` checks the values)."""
     from megatron_tpcomp.cliutil import (
         HelpFormatter,
         add_gen_tokens_argument,
@@ -551,83 +626,75 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 3600)")
     parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
     add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass(frozen=True)
+class _Options:
+    """``tpcomp bench e2e``'s options that :func:`_options` parsed or resolved (the others are used as given)."""
+
+    links: list[str]
+    prompt_lens: list[int]
+    specs: list[str]
+    burst: int | None
+    limit: int | None
+    configs: dict[str, dict[str, Any]]
+    model: str
+
+
+def _options(args: argparse.Namespace) -> _Options:
+    """Check the parsed options and resolve the checkpoint and the ``--config`` files against it, all before
+    anything starts. ValueError (one line) names the bad option."""
     from megatron_tpcomp.bench.codecs import parse_size
 
-    try:
-        if args.tp < 2:
-            raise ValueError(f"--tp must be >= 2, got {args.tp}")
-        links = split_list(args.link) if args.link is not None else default_links()
-        if args.link is not None and not links:
-            links = ["none"]
-        for lk in links:
-            linkmod.parse_rate(lk)
-        prompt_lens = _ints(args.prompt_lens, "--prompt-lens")
-        bad = [L for L in prompt_lens if L < 1]
-        if bad or not prompt_lens:
-            raise ValueError(f"--prompt-lens needs positive token counts, got {args.prompt_lens!r}")
-        if args.gen_tokens < 2:
-            raise ValueError(f"--gen-tokens must be >= 2, got {args.gen_tokens}")
-        specs = check_specs(split_list(args.specs))
-        if args.reps < 1:
-            raise ValueError(f"--reps must be >= 1, got {args.reps}")
-        if args.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-        if args.perf_table is not None and not os.path.isfile(args.perf_table):
-            raise ValueError(f"--perf-table {args.perf_table}: no such file")
-        burst = parse_size(args.burst) if args.burst else None
-        limit = parse_size(args.limit) if args.limit else None
-        if burst is not None and limit is not None and limit < burst:
-            raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
-        check_json_path(args.json)
-        configs = load_config_files(args.config)
-        model = resolve_model(args.model, args.tp)
-        check_specs_for_model(specs, model, args.tp)
-        sources = {Path(p).stem: p for p in args.config}
-        configs = check_configs_for_model(configs, specs, model, args.tp, sources)
-    except ValueError as exc:
-        parser.error(str(exc))
+    if args.tp < 2:
+        raise ValueError(f"--tp must be >= 2, got {args.tp}")
+    links = split_list(args.link) if args.link is not None else default_links()
+    if args.link is not None and not links:
+        links = ["none"]
+    for lk in links:
+        linkmod.parse_rate(lk)
+    prompt_lens = _ints(args.prompt_lens, "--prompt-lens")
+    bad = [L for L in prompt_lens if L < 1]
+    if bad or not prompt_lens:
+        raise ValueError(f"--prompt-lens needs positive token counts, got {args.prompt_lens!r}")
+    if args.gen_tokens < 2:
+        raise ValueError(f"--gen-tokens must be >= 2, got {args.gen_tokens}")
+    specs = check_specs(split_list(args.specs))
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.perf_table is not None and not os.path.isfile(args.perf_table):
+        raise ValueError(f"--perf-table {args.perf_table}: no such file")
+    burst = parse_size(args.burst) if args.burst else None
+    limit = parse_size(args.limit) if args.limit else None
+    if burst is not None and limit is not None and limit < burst:
+        raise ValueError(f"--limit {limit} B must be at least --burst {burst} B")
+    check_json_path(args.json)
+    configs = load_config_files(args.config)
+    model = resolve_model(args.model, args.tp)
+    check_specs_for_model(specs, model, args.tp)
+    sources = {Path(p).stem: p for p in args.config}
+    configs = check_configs_for_model(configs, specs, model, args.tp, sources)
+    return _Options(links, prompt_lens, specs, burst, limit, configs, model)
+
+
+def _announce(args: argparse.Namespace, opts: _Options) -> None:
+    """On stderr, before the run: that shaped links are impossible here (with the reason), and what is measured."""
     reason = linkmod.unavailable_reason()
-    if reason is not None and any(linkmod.parse_rate(lk) is not None for lk in links):
+    if reason is not None and any(linkmod.parse_rate(lk) is not None for lk in opts.links):
         print(
             f"note: shaped links are unavailable here ({reason}); those runs are unshaped, on loopback", file=sys.stderr
         )
-    with_configs = f" + configs {list(configs)}" if configs else ""
+    with_configs = f" + configs {list(opts.configs)}" if opts.configs else ""
     print(
-        f"TP={args.tp}, links {links}, prompts {prompt_lens} tokens, {args.gen_tokens} generated, specs {specs}"
-        f"{with_configs}, "
+        f"TP={args.tp}, links {opts.links}, prompts {opts.prompt_lens} tokens, {args.gen_tokens} generated, specs "
+        f"{opts.specs}{with_configs}, "
         f"{args.dtype}; medians of {args.reps} alternating repetitions after {args.warmup} warm-up, slowest rank",
         file=sys.stderr,
         flush=True,
     )
-    try:
-        records = run(
-            links,
-            prompt_lens,
-            specs,
-            tp=args.tp,
-            gen_tokens=args.gen_tokens,
-            reps=args.reps,
-            warmup=args.warmup,
-            model=model,
-            dtype=args.dtype,
-            perf_table=args.perf_table,
-            burst=burst,
-            limit=limit,
-            timeout_s=args.timeout,
-            # progress on stderr, results on stdout
-            log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
-            on_records=partial_writer(args.json),
-            configs=configs,
-        )
-    except (BenchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: rank processes stopped, namespaces removed", file=sys.stderr)
-        return 130
-    return report(records, format_table(records), target_lines(records), args.json)
 
 
 if __name__ == "__main__":

@@ -311,74 +311,99 @@ def plot_collectives(records: Sequence[Mapping[str, Any]], path: str) -> str:
     def label(r: Mapping[str, Any]) -> str:
         return f"{r['spec']} {_algo(r)}" if several_algos and _algo(r) else str(r["spec"])
 
+    panels = _collectives_panels(records)
+    labels = list(dict.fromkeys(label(r) for r in records))
+    colors = _colors(labels)
+    ncols, nrows = _grid(len(panels))
+    fig, axes = _new_figure(ncols, nrows, _collectives_title(records))
+    for i, (lk, op, n) in enumerate(panels):
+        recs = [r for r in records if str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n]
+        info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
+        title = f"{op}, world size {n}, {_link_text(lk, info)}"
+        _collectives_panel(axes[i // ncols][i % ncols], recs, labels, label, colors, _shaped(recs, lk), title)
+    for j in range(len(panels), ncols * nrows):
+        axes[j // ncols][j % ncols].set_visible(False)
+    return _save(fig, path)
+
+
+def _collectives_panels(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int]]:
+    """The panels of the collectives figure, ``(link, op, world size)`` for every combination with records: links
+    in the order of the records, operations in :data:`OP_ORDER` (others after, by name), world sizes ascending."""
     links = list(dict.fromkeys(str(r["link"]) for r in records))
     ops = sorted({r["op"] for r in records}, key=lambda op: (OP_ORDER + (op,)).index(op))
     worlds = sorted({int(r["world_size"]) for r in records})
-    panels = [
+    return [
         (lk, op, n)
         for lk in links
         for op in ops
         for n in worlds
         if any(str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n for r in records)
     ]
-    labels = list(dict.fromkeys(label(r) for r in records))
-    colors = _colors(labels)
+
+
+def _collectives_title(records: Sequence[Mapping[str, Any]]) -> str:
+    """The collectives figure's title: what is drawn, the world sizes, the links and the message dtypes."""
+    links = list(dict.fromkeys(str(r["link"]) for r in records))
+    worlds = sorted({int(r["world_size"]) for r in records})
     dtypes = sorted({str(r["dtype"]) for r in records if r.get("dtype")})
-    title = (
+    return (
         "Compressed vs stock collectives: speedup = stock / compressed time (codec work included), median and IQR "
         "over the repetitions; dotted: the byte ratio (shaped links); "
         f"world size {', '.join(map(str, worlds))}; {', '.join(_link_text(lk) for lk in links)}"
         + (f"; {', '.join(dtypes)} messages" if dtypes else "")
     )
-    ncols, nrows = _grid(len(panels))
-    fig, axes = _new_figure(ncols, nrows, title)
-    for i, (lk, op, n) in enumerate(panels):
-        ax = axes[i // ncols][i % ncols]
-        recs = [r for r in records if str(r["link"]) == lk and r["op"] == op and int(r["world_size"]) == n]
-        all_x: list[float] = []
-        drawn: list[float] = []
-        shaped = _shaped(recs, lk)
-        any_ideal = False
-        for lab in labels:
-            mine = [r for r in recs if label(r) == lab]
-            if not mine:
-                continue
-            pts = [
-                (
-                    float(r.get("requested_bytes") or r["bytes"]),
-                    float(r["speedup"]),
-                    _ratio_spread(r.get("baseline_times_ms"), r.get("times_ms"), _finite(r.get("baseline_median_ms"))),
-                )
-                for r in mine
-            ]
-            drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
-            all_x += [p[0] for p in pts]
-            # Ideal on a shaped link: the link is the cost and the codec free, so time scales with the bytes.
-            # On loopback the link is nearly free and the bytes say nothing about time: no ideal drawn.
-            ideal = [
-                (float(r.get("requested_bytes") or r["bytes"]), b / w)
-                for r in mine
-                if (b := _finite(r.get("baseline_wire_bytes"))) and (w := _finite(r.get("wire_bytes")))
-            ]
-            if shaped and ideal:
-                xs, ys = _median_by_x(ideal)
-                ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
-                drawn += ys
-                any_ideal = True
-        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
-        if shaped and any_ideal:
-            _ideal_legend(ax)
-        _log2_x(ax, all_x, size_text)
-        _speedup_ylim(ax, drawn)
-        ax.set_xlabel("message size per rank", fontsize=9)
-        ax.set_ylabel("speedup (stock / compressed)", fontsize=9)
-        info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
-        ax.set_title(f"{op}, world size {n}, {_link_text(lk, info)}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    for j in range(len(panels), ncols * nrows):
-        axes[j // ncols][j % ncols].set_visible(False)
-    return _save(fig, path)
+
+
+def _collectives_panel(
+    ax: Any,
+    recs: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    label: Callable[[Mapping[str, Any]], str],
+    colors: Mapping[str, Any],
+    shaped: bool,
+    title: str,
+) -> None:
+    """One panel of the collectives figure: a speedup line per label with IQR bars, its ideal (dotted) on a shaped
+    link, and the stock line at 1.0."""
+    all_x: list[float] = []
+    drawn: list[float] = []
+    any_ideal = False
+    for lab in labels:
+        mine = [r for r in recs if label(r) == lab]
+        if not mine:
+            continue
+        pts = [
+            (
+                float(r.get("requested_bytes") or r["bytes"]),
+                float(r["speedup"]),
+                _ratio_spread(r.get("baseline_times_ms"), r.get("times_ms"), _finite(r.get("baseline_median_ms"))),
+            )
+            for r in mine
+        ]
+        drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
+        all_x += [p[0] for p in pts]
+        # Ideal on a shaped link: the link is the cost and the codec free, so time scales with the bytes.
+        # On loopback the link is nearly free and the bytes say nothing about time: no ideal drawn.
+        ideal = [
+            (float(r.get("requested_bytes") or r["bytes"]), b / w)
+            for r in mine
+            if (b := _finite(r.get("baseline_wire_bytes"))) and (w := _finite(r.get("wire_bytes")))
+        ]
+        if shaped and ideal:
+            xs, ys = _median_by_x(ideal)
+            ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
+            drawn += ys
+            any_ideal = True
+    ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+    if shaped and any_ideal:
+        _ideal_legend(ax)
+    _log2_x(ax, all_x, size_text)
+    _speedup_ylim(ax, drawn)
+    ax.set_xlabel("message size per rank", fontsize=9)
+    ax.set_ylabel("speedup (stock / compressed)", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _e2e_speedup(r: Mapping[str, Any]) -> float | None:
@@ -389,6 +414,11 @@ def _e2e_speedup(r: Mapping[str, Any]) -> float | None:
     return base / ttft if base is not None and ttft else None
 
 
+def _e2e_name(spec: str) -> str:
+    """The legend entry of a spec: the uncompressed one is marked ``(stock)``."""
+    return f"{spec} (stock)" if spec == E2E_BASELINE_SPEC else spec
+
+
 def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
     """``e2e_ttft.png``: TTFT (and speedup) vs prompt length; see the module docstring. Returns ``path``."""
     records = [r for r in records if _usable(r, E2E_KEYS)]
@@ -397,93 +427,120 @@ def plot_e2e(records: Sequence[Mapping[str, Any]], path: str) -> str:
     groups = list(dict.fromkeys((r.get("link"), r.get("world_size")) for r in records))
     labels = list(dict.fromkeys(str(r["spec"]) for r in records))
     colors = _colors([lab for lab in labels if lab != E2E_BASELINE_SPEC])
-
-    def name(spec: str) -> str:
-        return f"{spec} (stock)" if spec == E2E_BASELINE_SPEC else spec
-
     with_speedup = any(_e2e_speedup(r) is not None for r in records if r["spec"] != E2E_BASELINE_SPEC)
-    worlds = sorted({str(n) for _, n in groups if n is not None}) or ["?"]
-    links = list(dict.fromkeys(_link_text(lk) for lk, _ in groups))
-    models = sorted({str(r["model"]) for r in records if r.get("model")})
-    title = (
-        f"End to end{f' ({models[0]})' if len(models) == 1 else ''}: time to first token vs prompt length (median "
-        "and IQR over the repetitions; dotted: ideal speedup, shaped links); "
-        f"world size {', '.join(worlds)}; {', '.join(links)}"
-    )
     ncols, nrows = len(groups), 2 if with_speedup else 1
-    fig, axes = _new_figure(ncols, nrows, title)
+    fig, axes = _new_figure(ncols, nrows, _e2e_title(records))
     for col, (lk, n) in enumerate(groups):
         recs = [r for r in records if (r.get("link"), r.get("world_size")) == (lk, n)]
         info = next((r.get("link_info") for r in recs if isinstance(r.get("link_info"), dict)), None)
         head = f"world size {n if n is not None else '?'}, {_link_text(lk, info)}"
-        ax = axes[0][col]
-        all_x: list[float] = []
-        # The baseline's repetitions per prompt length: the spread of each spec's speedup pairs with them.
-        base_times = {r["prompt_len"]: r.get("ttft_times_ms") for r in recs if str(r["spec"]) == E2E_BASELINE_SPEC}
-        for lab in labels:
-            pts = [
-                (float(r["prompt_len"]), float(r["ttft_ms"]), _iqr([float(v) for v in r.get("ttft_times_ms") or []]))
-                for r in recs
-                if str(r["spec"]) == lab
-            ]
-            if pts:
-                all_x += [p[0] for p in pts]
-                if lab == E2E_BASELINE_SPEC:
-                    _draw(ax, pts, marker="s", linestyle="--", color="black", label=name(lab))
-                else:
-                    _draw(ax, pts, marker="o", color=colors[lab], label=name(lab))
-        base = [(float(r["prompt_len"]), b) for r in recs if (b := _finite(r.get("baseline_ttft_ms"))) is not None]
-        if base and not any(r["spec"] == E2E_BASELINE_SPEC for r in recs):
-            xs, ys = _median_by_x(base)
-            ax.plot(xs, ys, marker="s", color="black", linestyle="--", label="stock (baseline_ttft_ms)")
-        _log2_x(ax, all_x, lambda v: f"{v:.0f}")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("prompt length (tokens)", fontsize=9)
-        ax.set_ylabel("TTFT (ms)", fontsize=9)
-        ax.set_title(head, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        if not with_speedup:
-            continue
-        ax = axes[1][col]
-        drawn: list[float] = []
-        shaped = _shaped(recs, lk)
-        any_ideal = False
-        for lab in labels:
-            if lab == E2E_BASELINE_SPEC:
-                continue  # the dashed line at 1.0
-            mine = [r for r in recs if str(r["spec"]) == lab and _e2e_speedup(r) is not None]
-            pts = [
-                (
-                    float(r["prompt_len"]),
-                    float(_e2e_speedup(r)),  # type: ignore[arg-type]
-                    _ratio_spread(
-                        base_times.get(r["prompt_len"]), r.get("ttft_times_ms"), _finite(r.get("baseline_ttft_ms"))
-                    ),
-                )
-                for r in mine
-            ]
-            if pts:
-                drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
-            # ideal_speedup: the TTFT if the codec were free and the measured communication time scaled with the
-            # bytes sent; meaningful where the link is the cost (shaped).
-            ideal = [(float(r["prompt_len"]), v) for r in mine if (v := _finite(r.get("ideal_speedup"))) is not None]
-            if shaped and ideal:
-                xs, ys = _median_by_x(ideal)
-                ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
-                drawn += ys
-                any_ideal = True
-        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
-        if any_ideal:
-            ax.plot([], [], color="0.35", linestyle=":", linewidth=1.5, label="ideal: comm. time x bytes ratio")
-        _log2_x(ax, all_x, lambda v: f"{v:.0f}")
-        _speedup_ylim(ax, drawn)
-        ax.set_xlabel("prompt length (tokens)", fontsize=9)
-        ax.set_ylabel("TTFT speedup (stock / compressed)", fontsize=9)
-        ax.set_title(f"TTFT speedup, {head}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        all_x = _e2e_ttft_panel(axes[0][col], recs, labels, colors, head)
+        if with_speedup:
+            _e2e_speedup_panel(axes[1][col], recs, labels, colors, all_x, _shaped(recs, lk), f"TTFT speedup, {head}")
     return _save(fig, path)
+
+
+def _e2e_title(records: Sequence[Mapping[str, Any]]) -> str:
+    """The e2e figure's title: the model (when there is one), what is drawn, the world sizes and the links."""
+    groups = list(dict.fromkeys((r.get("link"), r.get("world_size")) for r in records))
+    worlds = sorted({str(n) for _, n in groups if n is not None}) or ["?"]
+    links = list(dict.fromkeys(_link_text(lk) for lk, _ in groups))
+    models = sorted({str(r["model"]) for r in records if r.get("model")})
+    return (
+        f"End to end{f' ({models[0]})' if len(models) == 1 else ''}: time to first token vs prompt length (median "
+        "and IQR over the repetitions; dotted: ideal speedup, shaped links); "
+        f"world size {', '.join(worlds)}; {', '.join(links)}"
+    )
+
+
+def _e2e_ttft_panel(
+    ax: Any, recs: Sequence[Mapping[str, Any]], labels: Sequence[str], colors: Mapping[str, Any], title: str
+) -> list[float]:
+    """The TTFT panel of one (link, world size): a line per spec with IQR bars, the baseline black dashed (from the
+    records' ``baseline_ttft_ms`` when no ``none`` record is there). Returns the prompt lengths drawn."""
+    all_x: list[float] = []
+    for lab in labels:
+        pts = [
+            (float(r["prompt_len"]), float(r["ttft_ms"]), _iqr([float(v) for v in r.get("ttft_times_ms") or []]))
+            for r in recs
+            if str(r["spec"]) == lab
+        ]
+        if pts:
+            all_x += [p[0] for p in pts]
+            if lab == E2E_BASELINE_SPEC:
+                _draw(ax, pts, marker="s", linestyle="--", color="black", label=_e2e_name(lab))
+            else:
+                _draw(ax, pts, marker="o", color=colors[lab], label=_e2e_name(lab))
+    base = [(float(r["prompt_len"]), b) for r in recs if (b := _finite(r.get("baseline_ttft_ms"))) is not None]
+    if base and not any(r["spec"] == E2E_BASELINE_SPEC for r in recs):
+        xs, ys = _median_by_x(base)
+        ax.plot(xs, ys, marker="s", color="black", linestyle="--", label="stock (baseline_ttft_ms)")
+    _log2_x(ax, all_x, lambda v: f"{v:.0f}")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("prompt length (tokens)", fontsize=9)
+    ax.set_ylabel("TTFT (ms)", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return all_x
+
+
+def _e2e_speedup_points(
+    recs: Sequence[Mapping[str, Any]], base_times: Mapping[Any, Any]
+) -> list[tuple[float, float, tuple[float, float] | None]]:
+    """(prompt length, TTFT speedup, IQR of the per-repetition speedups) of the records that have a speedup;
+    ``base_times``: the baseline's ``ttft_times_ms`` per prompt length, paired repetition by repetition."""
+    return [
+        (
+            float(r["prompt_len"]),
+            float(s),
+            _ratio_spread(base_times.get(r["prompt_len"]), r.get("ttft_times_ms"), _finite(r.get("baseline_ttft_ms"))),
+        )
+        for r in recs
+        if (s := _e2e_speedup(r)) is not None
+    ]
+
+
+def _e2e_speedup_panel(
+    ax: Any,
+    recs: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    colors: Mapping[str, Any],
+    all_x: Sequence[float],
+    shaped: bool,
+    title: str,
+) -> None:
+    """The TTFT speedup panel of one (link, world size): a line per compressed spec with IQR bars, its
+    ``ideal_speedup`` (dotted) on a shaped link, and the stock line at 1.0."""
+    # The baseline's repetitions per prompt length: the spread of each spec's speedup pairs with them.
+    base_times = {r["prompt_len"]: r.get("ttft_times_ms") for r in recs if str(r["spec"]) == E2E_BASELINE_SPEC}
+    drawn: list[float] = []
+    any_ideal = False
+    for lab in labels:
+        if lab == E2E_BASELINE_SPEC:
+            continue  # the dashed line at 1.0
+        mine = [r for r in recs if str(r["spec"]) == lab and _e2e_speedup(r) is not None]
+        pts = _e2e_speedup_points(mine, base_times)
+        if pts:
+            drawn += _draw(ax, pts, marker="o", color=colors[lab], label=lab)
+        # ideal_speedup: the TTFT if the codec were free and the measured communication time scaled with the
+        # bytes sent; meaningful where the link is the cost (shaped).
+        ideal = [(float(r["prompt_len"]), v) for r in mine if (v := _finite(r.get("ideal_speedup"))) is not None]
+        if shaped and ideal:
+            xs, ys = _median_by_x(ideal)
+            ax.plot(xs, ys, color=colors[lab], linestyle=":", linewidth=1.5)
+            drawn += ys
+            any_ideal = True
+    ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1, label="stock (1.0)")
+    if any_ideal:
+        ax.plot([], [], color="0.35", linestyle=":", linewidth=1.5, label="ideal: comm. time x bytes ratio")
+    _log2_x(ax, all_x, lambda v: f"{v:.0f}")
+    _speedup_ylim(ax, drawn)
+    ax.set_xlabel("prompt length (tokens)", fontsize=9)
+    ax.set_ylabel("TTFT speedup (stock / compressed)", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot(

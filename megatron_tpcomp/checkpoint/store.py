@@ -255,6 +255,36 @@ def validate_metadata(data: Any, where: str, ckpt_dir: Path | None = None) -> Ch
     Raises:
         CheckpointError: one line naming ``where``, the field, the bad value and what was expected.
     """
+    _check_header(data, where)
+    cfg = validate_model_config(data["model_config"], where)
+    tp = validate_tp_size(data["tp_size"], cfg, where)
+    dtype = data["dtype"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where}: dtype is {dtype!r}; expected one of {list(DTYPES)}")
+    files = data["files"]
+    _check_file_list(files, tp, where)
+    tokenizer = _validate_tokenizer(data.get("tokenizer"), cfg, where, ckpt_dir)
+    source = data.get("source") or {}
+    if not isinstance(source, dict):
+        raise CheckpointError(f"{where}: source is {source!r}; expected an object")
+    compression = _validate_compression(data.get("compression"), cfg, tp, where)
+    path = ckpt_dir if ckpt_dir is not None else Path(where).parent
+    if ckpt_dir is not None:
+        _check_shards_on_disk(ckpt_dir, files, tp, where)
+    return CheckpointMeta(
+        path=path,
+        model_config=cfg,
+        tp_size=tp,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        source=source,
+        compression=compression,
+        files=files,
+    )
+
+
+def _check_header(data: Any, where: str) -> None:
+    """The metadata is an object of our format and version, with only known keys and the required ones."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{where}: 'format' must be {FORMAT!r}")
     if data.get("version") != VERSION:
@@ -265,12 +295,10 @@ def validate_metadata(data: Any, where: str, ckpt_dir: Path | None = None) -> Ch
     for key in ("model_config", "tp_size", "dtype", "files"):
         if key not in data:
             raise CheckpointError(f"{where}: field {key!r} is missing")
-    cfg = validate_model_config(data["model_config"], where)
-    tp = validate_tp_size(data["tp_size"], cfg, where)
-    dtype = data["dtype"]
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{where}: dtype is {dtype!r}; expected one of {list(DTYPES)}")
-    files = data["files"]
+
+
+def _check_file_list(files: Any, tp: int, where: str) -> None:
+    """``files`` lists exactly the ``tp`` shard paths, each with a size and a SHA-256 (``tp`` already bounded)."""
     if not isinstance(files, dict) or len(files) != tp:
         n = len(files) if isinstance(files, dict) else type(files).__name__
         raise CheckpointError(f"{where}: tp_size is {tp}, but 'files' lists {n} shard(s); expected one per TP rank")
@@ -285,37 +313,24 @@ def validate_metadata(data: Any, where: str, ckpt_dir: Path | None = None) -> Ch
             raise CheckpointError(f"{where}: files[{rel!r}] is {info!r}; expected {{'bytes': int >= 0, 'sha256': hex}}")
         if not isinstance(info.get("sha256"), str) or not _SHA256.fullmatch(info["sha256"]):
             raise CheckpointError(f"{where}: files[{rel!r}].sha256 is {info.get('sha256')!r}; expected 64 hex digits")
-    tokenizer = _validate_tokenizer(data.get("tokenizer"), cfg, where, ckpt_dir)
-    source = data.get("source") or {}
-    if not isinstance(source, dict):
-        raise CheckpointError(f"{where}: source is {source!r}; expected an object")
-    compression = _validate_compression(data.get("compression"), cfg, tp, where)
-    path = ckpt_dir if ckpt_dir is not None else Path(where).parent
-    if ckpt_dir is not None:
-        present = sum(1 for p in (ckpt_dir / "release").glob("mp_rank_*") if p.is_dir())
-        if present != tp:
+
+
+def _check_shards_on_disk(ckpt_dir: Path, files: Mapping[str, Mapping[str, Any]], tp: int, where: str) -> None:
+    """``ckpt_dir`` holds ``tp`` shard directories and every listed shard with its recorded size."""
+    present = sum(1 for p in (ckpt_dir / "release").glob("mp_rank_*") if p.is_dir())
+    if present != tp:
+        raise CheckpointError(
+            f"{where}: tp_size is {tp}, but {ckpt_dir / 'release'} holds {present} mp_rank_* shard "
+            f"directories; expected {tp}"
+        )
+    for rel, info in sorted(files.items()):
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt_dir}: shard {rel} is missing")
+        if f.stat().st_size != info["bytes"]:
             raise CheckpointError(
-                f"{where}: tp_size is {tp}, but {ckpt_dir / 'release'} holds {present} mp_rank_* shard "
-                f"directories; expected {tp}"
+                f"{f}: {f.stat().st_size} bytes, the metadata says {info['bytes']} (truncated or replaced)"
             )
-        for rel, info in sorted(files.items()):
-            f = ckpt_dir / rel
-            if not f.is_file():
-                raise CheckpointError(f"{ckpt_dir}: shard {rel} is missing")
-            if f.stat().st_size != info["bytes"]:
-                raise CheckpointError(
-                    f"{f}: {f.stat().st_size} bytes, the metadata says {info['bytes']} (truncated or replaced)"
-                )
-    return CheckpointMeta(
-        path=path,
-        model_config=cfg,
-        tp_size=tp,
-        dtype=dtype,
-        tokenizer=tokenizer,
-        source=source,
-        compression=compression,
-        files=files,
-    )
 
 
 def expected_shard_shapes(cfg: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
@@ -605,8 +620,6 @@ def save_checkpoint(
     Raises:
         CheckpointError: ``out_dir`` exists and may not be replaced, or the metadata or a shard is invalid.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     check_replaceable(out, force)
     if dtype not in (torch.float32, torch.bfloat16):
@@ -620,25 +633,10 @@ def save_checkpoint(
     comp = _validate_compression(dict(compression) if compression else None, cfg, tp_size, where)
     tmp = make_partial_dir(out)
     try:
-        files: dict[str, dict[str, Any]] = {}
-        for rank in tqdm(range(tp_size), desc=f"writing {out.name}", unit="shard", disable=not progress):
-            sd = {
-                k: (v.to(dtype).contiguous() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                for k, v in shard_for_rank(rank).items()
-            }
-            rel = shard_relpath(rank)
-            check_shard(sd, cfg, tp_size, f"{out}: shard {rel}", dtype=dtype)
-            path = tmp / rel
-            path.parent.mkdir(parents=True)
-            # Megatron-LM's own keys too (args, iteration): --use-checkpoint-args reads the architecture.
-            extras = megatron_args.shard_extras(cfg, tp_size, str(dtype).removeprefix("torch."))
-            torch.save({"model": sd, "checkpoint_version": 3.0, **extras}, path)
-            files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files = _write_shards(tmp, out, shard_for_rank, cfg, tp_size, dtype, progress)
         (tmp / ITERATION_FILE).write_text("release")
         if tokenizer_json is not None:
-            (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
-            # BOS/EOS/PAD by text, for Megatron-LM's Hugging Face tokenizer (else its eod is None).
-            megatron_args.write_tokenizer_config(tmp, tokenizer_json, tokenizer or {})
+            _write_tokenizer(tmp, tokenizer_json, tokenizer or {})
         meta = CheckpointMeta(
             path=out,
             model_config=cfg,
@@ -649,17 +647,59 @@ def save_checkpoint(
             compression=comp,
             files=files,
         )
-        data = meta.to_json()
-        validate_metadata(data, where, tmp)  # the same checks a reader makes, on what is about to be written
-        # allow_nan=False: a NaN that slipped past the checks fails here instead of being written as 'NaN'.
-        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        # The metadata is written last: a directory without it is never taken for a checkpoint.
-        (tmp / META_FILE).write_text(text)
+        _write_metadata(tmp, meta, where)
         install_partial_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _write_shards(
+    tmp: Path,
+    out: Path,
+    shard_for_rank: Callable[[int], Mapping[str, Any]],
+    cfg: ModelConfig,
+    tp_size: int,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Write each rank's shard into ``tmp`` (floating tensors cast to ``dtype``, checked by :func:`check_shard`
+    first, with Megatron-LM's keys beside the model); returns the metadata's ``files``: path -> size and SHA-256."""
+    from tqdm import tqdm
+
+    files: dict[str, dict[str, Any]] = {}
+    for rank in tqdm(range(tp_size), desc=f"writing {out.name}", unit="shard", disable=not progress):
+        sd = {
+            k: (v.to(dtype).contiguous() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in shard_for_rank(rank).items()
+        }
+        rel = shard_relpath(rank)
+        check_shard(sd, cfg, tp_size, f"{out}: shard {rel}", dtype=dtype)
+        path = tmp / rel
+        path.parent.mkdir(parents=True)
+        # Megatron-LM's own keys too (args, iteration): --use-checkpoint-args reads the architecture.
+        extras = megatron_args.shard_extras(cfg, tp_size, str(dtype).removeprefix("torch."))
+        torch.save({"model": sd, "checkpoint_version": 3.0, **extras}, path)
+        files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def _write_tokenizer(tmp: Path, tokenizer_json: str, tokenizer: Mapping[str, Any]) -> None:
+    """``tokenizer.json`` and, for Megatron-LM's Hugging Face tokenizer, its BOS/EOS/PAD tokens by text (else its
+    eod is None)."""
+    (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+    megatron_args.write_tokenizer_config(tmp, tokenizer_json, tokenizer)
+
+
+def _write_metadata(tmp: Path, meta: CheckpointMeta, where: str) -> None:
+    """Write ``meta`` as :data:`META_FILE` into the filled ``tmp`` after the checks a reader makes."""
+    data = meta.to_json()
+    validate_metadata(data, where, tmp)  # the same checks a reader makes, on what is about to be written
+    # allow_nan=False: a NaN that slipped past the checks fails here instead of being written as 'NaN'.
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    # The metadata is written last: a directory without it is never taken for a checkpoint.
+    (tmp / META_FILE).write_text(text)
 
 
 def read_metadata(ckpt_dir: str | Path) -> CheckpointMeta:

@@ -8,6 +8,7 @@ benchmark).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,71 @@ def test_run_passes_configs_to_the_ranks_after_the_specs(real_ckpt: Path, monkey
     with pytest.raises(ValueError, match="num_layers=7"):
         bad = {**MINE, "model": {"num_layers": 7}}
         bench.run(["none"], [128], ["int4:g32"], model=str(real_ckpt), configs={"mine": bad})
+
+
+def test_plan_lists_the_specs_then_the_configs_and_an_absolute_perf_table(tmp_path: Path) -> None:
+    table = tmp_path / "perf.json"
+    plan = bench._plan("CKPT", ["none", "int4:g32"], {"mine": MINE}, "fp32", 3, 60.0, (32, 64), 4, 2, 1, str(table))
+    assert list(plan) == [
+        *("model", "dtype", "threads", "timeout_s", "prompt_lens", "gen_tokens"),
+        *("specs", "configs", "reps", "warmup", "perf_table"),
+    ]  # the label goes before and the workdir after, per link
+    assert plan["specs"] == ["none", "int4:g32", "mine"] and plan["configs"] == {"mine": MINE}
+    assert plan["prompt_lens"] == [32, 64] and plan["perf_table"] == str(table.resolve())
+    assert bench._plan("CKPT", ["none"], {}, "bf16", 2, 1.0, [8], 2, 1, 0, None)["perf_table"] is None
+
+
+def test_measure_link_labels_the_plan_and_marks_the_config_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_launch(world_size: int, link: object, plan: dict, workdir: str, timeout_s: float) -> dict:
+        assert Path(workdir).is_dir() and plan["workdir"] == workdir and timeout_s == 9.0
+        seen.append(plan)
+        result = _fake_result(("none", "int4:g32", "auto"))
+        for r in result["runs"]:  # the third setting plays the config
+            r["spec"] = "mine" if r["spec"] == "auto" else r["spec"]
+        return dict(result, dtype="fp32", model="CKPT")
+
+    monkeypatch.setattr(bench, "_launch", fake_launch)
+    plan = {"model": "CKPT", "specs": ["none", "int4:g32", "mine"], "configs": {"mine": MINE}}
+    records = bench._measure_link(3, "1gbit", {"shaped": True}, None, plan, 9.0)
+    assert list(seen[0]) == ["label", "model", "specs", "configs", "workdir"] and seen[0]["label"] == "TP=3, 1gbit"
+    assert [(r["spec"], r["config"], r["link"], r["shaped"]) for r in records] == [
+        ("none", False, "1gbit", True),
+        ("int4:g32", False, "1gbit", True),
+        ("mine", True, "1gbit", True),
+    ]
+    assert "workdir" not in plan  # the shared plan is left as it was
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((1, 1, 0, 2, [8], "fp32", None), "--tp must be >= 2, got 1"),
+        ((3, 0, 0, 2, [8], "fp32", None), "reps must be >= 1 and warmup >= 0, got 0 and 0"),
+        ((3, 1, -1, 2, [8], "fp32", None), "reps must be >= 1 and warmup >= 0, got 1 and -1"),
+        ((3, 1, 0, 1, [8], "fp32", None), "--gen-tokens must be >= 2 (one prefill token"),
+        ((3, 1, 0, 2, [], "fp32", None), "--prompt-lens needs positive token counts, got []"),
+        ((3, 1, 0, 2, [8, 0], "fp32", None), "--prompt-lens needs positive token counts, got [8, 0]"),
+        ((3, 1, 0, 2, [8], "fp16", None), "unknown dtype 'fp16'; expected bf16 or fp32"),
+        ((3, 1, 0, 2, [8], "fp32", "no/such.json"), "--perf-table no/such.json: no such file"),
+    ],
+)
+def test_run_args_are_refused_naming_the_bad_value(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench._check_run_args(*args)
+    bench._check_run_args(3, 1, 0, 2, [8], "bf16", None)  # a good set passes
+
+
+def test_options_resolve_the_defaults_and_an_empty_link_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "resolve_model", lambda model, tp: f"CKPT:{model}:{tp}")
+    monkeypatch.setattr(bench, "check_specs_for_model", lambda specs, model, tp: None)
+    parser = bench._parser()
+    opts = bench._options(parser.parse_args(["--link", ",", "--specs", "fp8", "--burst", "256KiB"]))
+    assert opts.links == ["none"] and opts.specs == ["none", "fp8"] and opts.model == "CKPT:None:3"
+    assert opts.prompt_lens == [int(v) for v in bench.DEFAULT_PROMPT_LENS.split(",")]
+    assert (opts.burst, opts.limit, opts.configs) == (256 * 1024, None, {})
+    with pytest.raises(ValueError, match=re.escape("--limit 1024 B must be at least --burst 262144 B")):
+        bench._options(parser.parse_args(["--link", "none", "--burst", "256KiB", "--limit", "1KiB"]))
+    with pytest.raises(ValueError, match=re.escape("--warmup must be >= 0, got -1")):
+        bench._options(parser.parse_args(["--link", "none", "--warmup", "-1"]))

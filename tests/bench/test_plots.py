@@ -265,3 +265,46 @@ def test_committed_runs_plot_with_iqr_bars_ideal_lines_and_a_useful_y_range(
     lo, hi = speed_1gbit.get_ylim()
     assert 0.9 < lo < 1.0 and 1.54 < hi < 1.7, (lo, hi)
     assert len(speed_1gbit.collections) >= 3  # IQR bars of the three specs
+
+
+def test_collectives_panels_follow_the_links_then_the_op_order_then_the_world_size() -> None:
+    def rec(link: str, op: str, n: int) -> dict:
+        return {"link": link, "op": op, "world_size": n}
+
+    records = [
+        rec("1gbit", "reduce_scatter", 4),
+        rec("none", "all_reduce", 2),
+        rec("1gbit", "all_gather", 2),
+        rec("1gbit", "all_reduce", 4),
+        rec("1gbit", "broadcast", 2),  # an operation outside OP_ORDER goes after those in it
+    ]
+    assert plots._collectives_panels(records) == [
+        ("1gbit", "all_reduce", 4),
+        ("1gbit", "all_gather", 2),
+        ("1gbit", "reduce_scatter", 4),
+        ("1gbit", "broadcast", 2),
+        ("none", "all_reduce", 2),
+    ]  # only combinations that have records: no (1gbit, all_reduce, 2), no (none, *, 4)
+
+
+def test_e2e_title_names_the_one_model_the_world_sizes_and_the_links() -> None:
+    recs = [
+        {"spec": "none", "link": "1gbit", "world_size": 3, "model": "smol"},
+        {"spec": "int4:g32", "link": "none", "world_size": 3, "model": "smol"},
+    ]
+    title = plots._e2e_title(recs)
+    assert title.startswith("End to end (smol): time to first token vs prompt length")
+    assert title.endswith("; world size 3; link 1gbit, link none (loopback, unshaped)")
+    two_models = plots._e2e_title([recs[0], {**recs[1], "model": "other", "world_size": None}])
+    assert two_models.startswith("End to end: ") and "; world size 3; " in two_models
+
+
+def test_e2e_speedup_points_pair_the_repetitions_with_the_baselines() -> None:
+    recs = [
+        {"prompt_len": 128, "speedup": 1.5, "ttft_times_ms": [10.0, 20.0, 30.0, 40.0]},
+        {"prompt_len": 512, "baseline_ttft_ms": 30.0, "ttft_ms": 20.0},  # speedup from the baseline: 1.5
+        {"prompt_len": 1024, "ttft_ms": 20.0},  # no speedup: left out
+    ]
+    points = plots._e2e_speedup_points(recs, {128: [20.0] * 4})
+    assert [p[:2] for p in points] == [(128.0, 1.5), (512.0, 1.5)]
+    assert points[0][2] == pytest.approx((0.625, 1.25)) and points[1][2] is None
