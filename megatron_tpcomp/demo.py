@@ -172,7 +172,7 @@ def time_on_link(
     """
     from megatron_tpcomp.bench import e2e
     from megatron_tpcomp.bench import link as linkmod
-    from megatron_tpcomp.bench.collectives import BenchError
+    from megatron_tpcomp.bench.ranks import BenchError
 
     bps = linkmod.parse_rate(rate)
     if bps is None:

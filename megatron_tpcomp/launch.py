@@ -259,7 +259,7 @@ def run_distributed(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     _check_picklable_function(fn)
     ctx = _context(start_method)
-    threads = threads_per_rank if threads_per_rank is not None else _default_threads(world_size)
+    threads = threads_per_rank if threads_per_rank is not None else default_threads(world_size)
     environ = _rank_environ(dict(os.environ), backend, _loopback_ifname())
     pg_timeout = pg_timeout_s or timeout_s
     values, failures, kinds = _run_ranks(
@@ -338,7 +338,7 @@ def _context(start_method: str | None) -> Any:
     return ctx
 
 
-def _default_threads(world_size: int) -> int:
+def default_threads(world_size: int) -> int:
     """Torch threads per rank: the CPUs this process may use, shared by the ranks (at least one each)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cpus // world_size)

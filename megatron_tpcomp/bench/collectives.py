@@ -33,17 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
 from megatron_tpcomp.bench.codecs import (
     DTYPES,
@@ -55,9 +50,9 @@ from megatron_tpcomp.bench.codecs import (
     split_list,
 )
 from megatron_tpcomp.bench.collectives_worker import OPS
+from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.collectives.algorithms import compressed_algorithms
-from megatron_tpcomp.launch import free_port
 
 DEFAULT_SIZES = "16KiB,1MiB,8MiB"  # a decode-sized message, a mid one, a prefill-sized one
 DEFAULT_SPECS = "int4:g32,fp8,int8:g32"
@@ -68,8 +63,6 @@ DEFAULT_WARMUP = 2
 DEFAULT_TIMEOUT_S = 1800.0
 #: The algorithm name recorded for operations that have only one (what CommStats.algo says for them).
 FIXED_ALGO = {op: compressed_algorithms(op)[0].name for op in ("all_gather", "reduce_scatter")}
-#: Rendezvous port inside rank 0's namespace: the namespace is ours alone, so a fixed port cannot collide.
-NS_MASTER_PORT = 29500
 WORKER = "megatron_tpcomp.bench.collectives_worker"
 #: Record keys every record has (the documented list, then the extras).
 REQUIRED_KEYS = (
@@ -84,10 +77,6 @@ REQUIRED_KEYS = (
     "speedup",
     "wire_bytes",
 )
-
-
-class BenchError(RuntimeError):
-    """A rank failed or the run timed out; the message says which rank and how."""
 
 
 def default_links() -> list[str]:
@@ -107,77 +96,9 @@ def plan_cases(ops: Sequence[str], sizes: Sequence[int], specs: Sequence[str], a
     return cases
 
 
-def package_root() -> str:
-    # The rank processes must import this very package, also when it is not installed (a source checkout).
-    return str(Path(megatron_tpcomp.__file__).resolve().parents[1])
-
-
-def threads_per_rank(world_size: int) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // world_size)
-
-
-def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
-    """Terminate (then kill) every rank process still running and reap them all."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=grace_s)
-
-
-def wait_ranks(procs: list[subprocess.Popen], timeout_s: float, label: str) -> None:
-    """Wait for every rank to exit 0. A failed rank's peers get a few seconds (they are usually blocked in a
-    collective with it), then :class:`BenchError` names the first failure."""
-    deadline = time.monotonic() + timeout_s
-    failed: tuple[int, int] | None = None
-    while True:
-        codes = [p.poll() for p in procs]
-        if all(c == 0 for c in codes):
-            return
-        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if bad and failed is None:
-            failed = bad[0]
-            deadline = min(deadline, time.monotonic() + 3.0)
-        if all(c is not None for c in codes) or time.monotonic() > deadline:
-            if failed is not None:
-                raise BenchError(f"[{label}] rank {failed[0]} exited with code {failed[1]} (its stderr is above)")
-            running = [r for r, c in enumerate(codes) if c is None]
-            raise BenchError(f"[{label}] ranks {running} did not finish within {timeout_s:g} s")
-        time.sleep(0.1)
-
-
 def _launch(world_size: int, link: linkmod.ShapedLink | None, plan: dict, workdir: str, timeout_s: float) -> list[dict]:
     """Start one worker per rank (in the link's namespaces, or on loopback), wait, return rank 0's records."""
-    cases_path = os.path.join(workdir, "cases.json")
-    out_path = os.path.join(workdir, "results.json")
-    with open(cases_path, "w") as f:
-        json.dump(plan, f)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH", "")) if p)
-    if link is not None:
-        addr, port = link.master_addr, NS_MASTER_PORT
-        env["GLOO_SOCKET_IFNAME"] = link.ifname  # gloo's connections over the shaped veth, not the namespace lo
-    else:
-        addr, port = "127.0.0.1", free_port()
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, never the machine's other interfaces
-    procs: list[subprocess.Popen] = []
-    try:
-        for rank in range(world_size):
-            cmd = (link.prefix(rank) if link is not None else []) + [sys.executable, "-m", WORKER]
-            cmd += ["--rank", str(rank), "--world-size", str(world_size), "--master-addr", addr]
-            cmd += ["--master-port", str(port), "--cases", cases_path, "--out", out_path]
-            procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
-        wait_ranks(procs, timeout_s, plan["label"])
-    finally:
-        stop_ranks(procs)  # also on Ctrl-C or an error: no rank outlives the run (or keeps a namespace alive)
-    with open(out_path) as f:
-        return json.load(f)
+    return launch_workers(WORKER, world_size, link, plan, workdir, timeout_s, plan_flag="--cases")
 
 
 def _finish(rec: dict, link_label: str, link_info: dict, threads: int) -> dict:

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -53,15 +51,7 @@ from typing import Any
 
 from megatron_tpcomp.bench import link as linkmod
 from megatron_tpcomp.bench.codecs import check_json_path, partial_writer, report, split_list
-from megatron_tpcomp.bench.collectives import (
-    NS_MASTER_PORT,
-    BenchError,
-    package_root,
-    stop_ranks,
-    threads_per_rank,
-    wait_ranks,
-)
-from megatron_tpcomp.launch import free_port
+from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
 
 #: Comm-bound link rate: about half of the baseline's prefill in TP communication (see the module docstring).
 #: (Rates below ~600 Mbit/s stalled with a tbf bucket under one 64 KiB GSO segment; link.MIN_BURST is 128 KiB.)
@@ -181,32 +171,8 @@ def aggregate(result: dict, link_label: str, link_info: dict, world_size: int) -
 
 def _launch(world_size: int, link: linkmod.ShapedLink | None, plan: dict, workdir: str, timeout_s: float) -> dict:
     """Start one worker per rank (in the link's namespaces, or on loopback), wait, return rank 0's result."""
-    plan_path = os.path.join(workdir, "plan.json")
-    out_path = os.path.join(workdir, "result.json")
-    with open(plan_path, "w") as f:
-        json.dump(plan, f)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH", "")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark (gloo, CPU patches) also on a machine with a GPU
-    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's "hostname cannot be retrieved" in namespaces, x N
-    if link is not None:
-        addr, port = link.master_addr, NS_MASTER_PORT
-        env["GLOO_SOCKET_IFNAME"] = link.ifname  # gloo's connections over the shaped veth, not the namespace lo
-    else:
-        addr, port = "127.0.0.1", free_port()
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    procs: list[subprocess.Popen] = []
-    try:
-        for rank in range(world_size):
-            cmd = (link.prefix(rank) if link is not None else []) + [sys.executable, "-m", WORKER]
-            cmd += ["--rank", str(rank), "--world-size", str(world_size), "--master-addr", addr]
-            cmd += ["--master-port", str(port), "--plan", plan_path, "--out", out_path]
-            procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
-        wait_ranks(procs, timeout_s, plan["label"])
-    finally:
-        stop_ranks(procs)  # also on Ctrl-C or an error: no rank outlives the run (or keeps a namespace alive)
-    with open(out_path) as f:
-        return json.load(f)
+    env = {"CUDA_VISIBLE_DEVICES": ""}  # a CPU benchmark (gloo, CPU patches) also on a machine with a GPU
+    return launch_workers(WORKER, world_size, link, plan, workdir, timeout_s, plan_flag="--plan", env=env)
 
 
 def resolve_model(model: str | None, tp: int) -> str:
