@@ -2,7 +2,7 @@
 
 - build_py copies the kernel sources (``kernels/*.cpp|h|cu``, the single source of truth at the repository root)
   into the package as ``megatron_tpcomp/_csrc/``, so that an installed wheel can compile the fused CPU codecs
-  (``megatron_tpcomp/cpu_codecs.py`` looks there first). Editable installs use ``kernels/`` directly.
+  (``megatron_tpcomp/backends/cpu.py`` looks there first). Editable installs use ``kernels/`` directly.
 - The INT4 CUDA extension is built only where a CUDA-enabled torch and nvcc exist (and says so).
 """
 
@@ -15,7 +15,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 KERNELS = ROOT / "kernels"
-#: Where the kernel sources go inside the package (cpu_codecs.PACKAGE_SOURCES names the same folder).
+#: Where the kernel sources go inside the package (backends/cpu.py's PACKAGE_SOURCES names the same folder).
 PACKAGE_SOURCES = ("megatron_tpcomp", "_csrc")
 KERNEL_SUFFIXES = (".cpp", ".h", ".cu")
 
@@ -38,7 +38,7 @@ class BuildPyWithKernels(build_py):
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
-            return  # the package is the source tree: cpu_codecs.py finds the repository's kernels/ itself
+            return  # the package is the source tree: backends/cpu.py finds the repository's kernels/ itself
         target = Path(self.build_lib, *PACKAGE_SOURCES)
         if target.exists():
             shutil.rmtree(target)  # no stale file from an earlier build survives a renamed source

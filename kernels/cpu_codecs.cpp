@@ -23,7 +23,7 @@
 // constant where exact) and clamped. Then the output dtype is written, rounding once. Tiles are split over
 // `nthreads` OpenMP threads.
 //
-// Built by megatron_tpcomp/cpu_codecs.py with g++ -O3 -ffp-contract=off (never -ffast-math): every multiply and
+// Built by megatron_tpcomp/backends/cpu.py with g++ -O3 -ffp-contract=off (never -ffast-math): every multiply and
 // add is rounded on its own, exactly as torch's elementwise kernels do, so the bytes match the reference.
 #define TPC_PLAIN_HOST_OPS 1
 #include <stdint.h>

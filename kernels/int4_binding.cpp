@@ -1,5 +1,5 @@
 // Torch bindings of the INT4 CUDA kernels: argument checks (errors name the bad value), allocation, launch on
-// the current stream. Python wrappers with dtype/shape/layout docs: megatron_tpcomp/kernels.py.
+// the current stream. Python wrappers with dtype/shape/layout docs: megatron_tpcomp/backends/cuda_int4.py.
 //
 // Only the headers that are needed (not torch/extension.h): the binding compiles several times faster, which
 // matters for the compile check CI runs on every change (scripts/check_cuda.sh).
@@ -106,7 +106,7 @@ at::Tensor int4_dequantize_sum(const at::Tensor& payloads, int64_t numel, int64_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "INT4 group-wise codec (int4:g<G>, fp16 scales) CUDA kernels; see megatron_tpcomp/kernels.py";
+  m.doc() = "INT4 group-wise codec (int4:g<G>, fp16 scales) CUDA kernels; see megatron_tpcomp/backends/cuda_int4.py";
   m.def("int4_quantize", &int4_quantize, "INT4 quantize + pack (CUDA)", pybind11::arg("x"), pybind11::arg("group"));
   m.def("int4_dequantize", &int4_dequantize, "INT4 unpack + dequantize (CUDA)", pybind11::arg("payload"),
         pybind11::arg("numel"), pybind11::arg("group"), pybind11::arg("dtype"));

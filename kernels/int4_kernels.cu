@@ -5,7 +5,7 @@
 // threads is one super-block of 4096 values, whose exponent k (the largest finite group amax, int4_core.h
 // range_exponent) comes from a block-wide max through shared memory. Quantization stays one pass over memory:
 // load (16- or 32-byte vector loads when aligned), amax, k, scale in registers, packed codes, the scale and k
-// out. All arithmetic is the host-testable core in int4_core.h (tests/kernels/).
+// out. All arithmetic is the host-testable core in int4_core.h (tests/backends/test_cuda_int4_host.py).
 #include <stdint.h>
 
 #include "int4_core.h"

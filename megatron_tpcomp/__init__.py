@@ -9,9 +9,10 @@ The whole public API::
 
 Where things are:
 - codecs (formats):            ``megatron_tpcomp/codecs/`` (``make_codec(spec)``), spec grammar in ``spec.py``
+- kernel backends, dispatch:   ``megatron_tpcomp/backends/`` (``TPCOMP_BACKEND``; imported below, which routes every
+                                codec call through its dispatcher), C/CUDA sources in ``kernels/``
 - compressed collectives:      ``megatron_tpcomp/collectives/``
 - Megatron-Core plug-in:       ``megatron_tpcomp/megatron/`` (intercept.py, cpu.py, args.py)
-- CUDA kernels and backends:   ``kernels/`` (sources), ``megatron_tpcomp/kernels.py`` (loader, backend enum)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import megatron_tpcomp.backends  # noqa: F401 - installs the kernel dispatcher into the codecs
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.config import CompressionConfig, ConfigError
 from megatron_tpcomp.spec import CodecSpec, describe_grammar, parse_spec

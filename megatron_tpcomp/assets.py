@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from megatron_tpcomp.paths import cache_dir
 
 logger = logging.getLogger("megatron_tpcomp")
 
@@ -34,10 +35,6 @@ CALIBRATION_YEARS = range(1961, 2001)
 
 class AssetError(RuntimeError):
     """A default asset could not be found or fetched; the message says how to get it."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TPCOMP_CACHE") or Path.home() / ".cache" / "megatron-tpcomp")
 
 
 def default_gguf_path(name: str = DEFAULT_MODEL) -> Path:

@@ -8,7 +8,7 @@
 #   3. a fresh virtual environment in a temporary folder outside the checkout: torch (CPU, pinned first so
 #      nothing pulls a CUDA build), then the wheel with its declared dependencies;
 #   4. from a working directory outside the checkout: the fused CPU codec library compiles from the installed
-#      sources and loads (TPCOMP_CPU_KERNELS=on, empty cache), `tpcomp --version`, `tpcomp specs`, a 2-rank
+#      sources and loads (TPCOMP_BACKEND=cpu, empty cache), `tpcomp --version`, `tpcomp specs`, a 2-rank
 #      compressed all-reduce over gloo equal to the reference decode, and the text-generation launcher's --help.
 #
 # Usage: scripts/check_wheel.sh [BUILD_PYTHON]
@@ -105,12 +105,12 @@ mkdir -p "$work/run"
 cd "$work/run"
 export TPCOMP_CACHE="$work/cache"
 unset PYTHONPATH
-TPCOMP_CPU_KERNELS=on "$vpy" - "$root" <<'EOF'
+TPCOMP_BACKEND=cpu "$vpy" - "$root" <<'EOF'
 import sys
 from pathlib import Path
 
 import megatron_tpcomp
-from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp.backends import cpu as cpu_codecs
 
 root = Path(sys.argv[1]).resolve()
 pkg = Path(megatron_tpcomp.__file__).resolve().parent
@@ -160,11 +160,11 @@ def work(rank: int, world_size: int) -> tuple[torch.Tensor, CommStats]:
 
 
 if __name__ == "__main__":
-    os.environ["TPCOMP_CPU_KERNELS"] = "on"  # the ranks must run the installed library, not the reference
+    os.environ["TPCOMP_BACKEND"] = "cpu"  # the ranks must run the installed library, not the reference
     results = run_distributed(work, 2, timeout_s=120)
     # The reference: the torch codecs (encode each rank's input, decode-sum in fp32 in rank order, +had rotated
     # back once, one rounding to bf16), i.e. what every rank must have computed without the library.
-    os.environ["TPCOMP_CPU_KERNELS"] = "off"
+    os.environ["TPCOMP_BACKEND"] = "reference"
     from megatron_tpcomp.codecs import make_codec
 
     codec = make_codec(SPEC)

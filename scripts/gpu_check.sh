@@ -6,13 +6,15 @@
 # Steps (each under its own time limit so the whole check fits one 8-minute command on one H100/H200):
 #   env              nvidia-smi, python, torch (CUDA), triton and nvcc versions
 #   build_cuda_ext   python setup.py build_ext --inplace (the INT4 CUDA extension, for this GPU's arch only)
-#   tests_gpu        pytest tests/gpu with TRITON_INTERPRET unset: the Triton kernels compiled for the GPU
-#                    against the torch reference on CUDA tensors, plus the INT4 CUDA kernel tests
-#   tests_interpret  pytest tests/gpu -k interpret with TRITON_INTERPRET=1 (the CI path, on this machine)
-#   bench_kernels    python -m megatron_tpcomp.gpu.bench: GB/s of the Triton encode/decode-sum vs the device's
+#   tests_gpu        pytest tests/backends (but the CPU library's and nvcc's tests, which CI runs) and the GPU test
+#                    of tpcomp bench kernels, TRITON_INTERPRET unset: the Triton kernels compiled for the GPU
+#                    against the torch reference on CUDA tensors, the INT4 CUDA kernels, the dispatch, TE's FP8
+#   tests_interpret  pytest tests/backends -k interpret with TRITON_INTERPRET=1 (the CI path, on this machine)
+#   bench_kernels    python -m megatron_tpcomp.bench.triton_kernels: GB/s of the Triton encode/decode-sum vs the
+#                    device's
 #                    copy bandwidth, decode (1x576) and prefill (8 MiB) sizes, JSON in DIR/bench.json
-#   cuda_graph_capture  python -m megatron_tpcomp.gpu.graph_check: one compressed all_reduce (encode + decode_sum
-#                    of int4:g32+had through the dispatch, Triton and torch reference) captured in a CUDA graph,
+#   cuda_graph_capture  python scripts/graph_check.py: one compressed all_reduce (encode + decode_sum
+#                    of int4:g32+had through the dispatch, TPCOMP_BACKEND=auto and =reference) captured in a CUDA graph,
 #                    replayed on two inputs and bit-compared with eager; JSON in DIR/graph_check.json
 #   megatron_dynamic_engine  pytest tests/megatron_lm/test_dynamic_engine.py -k on_gpu: Megatron-LM's
 #                    gpt_static_inference.py through the zero-edit launch, dynamic engine and legacy static engine,
@@ -107,11 +109,11 @@ PY
 export GPU_CHECK_PYTEST_STEP
 declare -A cmd limit
 cmd[env]="nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader && $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__); assert torch.cuda.is_available(), \"torch sees no CUDA device\"' && nvcc --version | tail -n 1"
-cmd[build_cuda_ext]="cd '$root' && TORCH_CUDA_ARCH_LIST=\$($py -c 'import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())') $py setup.py build_ext --inplace && $py -c 'from megatron_tpcomp import kernels; ok, why = kernels.cuda_int4_available(); print(\"INT4 CUDA extension:\", ok, why); raise SystemExit(0 if ok else 1)'"
-cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/gpu"
-cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/gpu -k interpret"
-cmd[bench_kernels]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.gpu.bench --json '$out/bench.json'"
-cmd[cuda_graph_capture]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.gpu.graph_check --spec int4:g32+had --json '$out/graph_check.json'"
+cmd[build_cuda_ext]="cd '$root' && TORCH_CUDA_ARCH_LIST=\$($py -c 'import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())') $py setup.py build_ext --inplace && $py -c 'from megatron_tpcomp.backends import cuda_int4; ok, why = cuda_int4.cuda_int4_available(); print(\"INT4 CUDA extension:\", ok, why); raise SystemExit(0 if ok else 1)'"
+cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/backends --ignore=tests/backends/test_cpu.py --ignore=tests/backends/test_cuda_compile.py tests/bench/test_bench_kernels_gpu.py"
+cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/backends -k interpret"
+cmd[bench_kernels]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.bench.triton_kernels --json '$out/bench.json'"
+cmd[cuda_graph_capture]="cd '$root' && env -u TRITON_INTERPRET $py scripts/graph_check.py --spec int4:g32+had --json '$out/graph_check.json'"
 cmd[megatron_dynamic_engine]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION $py -c \"\$GPU_CHECK_PYTEST_STEP\" $py -m pytest -q -rs -p no:cacheprovider tests/megatron_lm/test_dynamic_engine.py -k on_gpu"
 # Limits add up to 580 s: the whole check fits one 10-minute command with room for the report and process
 # starts (the first five steps alone, 460 s, fit 8 minutes). tests_gpu gets the most: it compiles every kernel

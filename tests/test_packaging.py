@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import megatron_tpcomp
-from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp.backends import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -97,13 +97,13 @@ def test_source_lookup_prefers_the_package_copy(tmp_path: Path, monkeypatch: pyt
     (repo / "cpu_codecs.cpp").write_text("// checkout\n")
     pkg = _fake_package(tmp_path, "tpcomp_fake_installed", with_copy=True)
     monkeypatch.syspath_prepend(str(pkg.parent))
-    assert cpu_codecs.source_dir("tpcomp_fake_installed", repo) == pkg / "_csrc"
+    assert cpu.source_dir("tpcomp_fake_installed", repo) == pkg / "_csrc"
     # An editable install: no copy in the package, the checkout's kernels/ is used.
     _fake_package(tmp_path, "tpcomp_fake_editable", with_copy=False)
-    assert cpu_codecs.source_dir("tpcomp_fake_editable", repo) == repo
+    assert cpu.source_dir("tpcomp_fake_editable", repo) == repo
     # Neither: one line naming both places.
     with pytest.raises(RuntimeError, match=r"cpu_codecs\.cpp is missing: looked in .*_csrc.* and .*nowhere"):
-        cpu_codecs.source_dir("tpcomp_fake_editable", tmp_path / "nowhere")
+        cpu.source_dir("tpcomp_fake_editable", tmp_path / "nowhere")
     sys.modules.pop("tpcomp_fake_installed", None)
     sys.modules.pop("tpcomp_fake_editable", None)
 
@@ -111,8 +111,8 @@ def test_source_lookup_prefers_the_package_copy(tmp_path: Path, monkeypatch: pyt
 def test_source_lookup_in_this_checkout() -> None:
     # The package under test is the editable checkout: no _csrc copy (build output, never in the tree), so the
     # repository's kernels/ is the source, as the README and the build key assume.
-    assert not (ROOT / "megatron_tpcomp" / cpu_codecs.PACKAGE_SOURCES).exists()
-    assert cpu_codecs.source_dir() == ROOT / "kernels"
+    assert not (ROOT / "megatron_tpcomp" / cpu.PACKAGE_SOURCES).exists()
+    assert cpu.source_dir() == ROOT / "kernels"
 
 
 def test_the_build_copies_every_kernel_source() -> None:
@@ -129,4 +129,4 @@ def test_the_build_copies_every_kernel_source() -> None:
     assert on_disk <= set(suffixes), f"kernels/ has {on_disk - set(suffixes)} files the build would not copy"
     manifest = (ROOT / "MANIFEST.in").read_text()
     assert "recursive-include kernels " + " ".join(f"*{s}" for s in suffixes) in manifest
-    assert cpu_codecs.PACKAGE_SOURCES == "_csrc" and '("megatron_tpcomp", "_csrc")' in source
+    assert cpu.PACKAGE_SOURCES == "_csrc" and '("megatron_tpcomp", "_csrc")' in source

@@ -2,7 +2,7 @@
 
 For every message size and kernel this measures the median time of one call and reports the bandwidth it
 achieves against the device's memory bandwidth. Kernels (``--kernels``) and the backends that run them
-(``--backends``, see :class:`megatron_tpcomp.kernels.Backend`):
+(``--backends``: ``TPCOMP_BACKEND``'s names, ``megatron_tpcomp/backends/``):
 
 ==========================  =====================  ============================================================
 kernel                      backends               call
@@ -55,7 +55,9 @@ from functools import partial
 
 import torch
 
-from megatron_tpcomp import kernels as kern
+from megatron_tpcomp.backends import BackendUnavailableError, forced
+from megatron_tpcomp.backends import available as backend_available
+from megatron_tpcomp.backends import cuda_int4 as kern
 from megatron_tpcomp.bench.codecs import _time, check_json_path, message, parse_size, report, size_label, split_list
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
@@ -63,15 +65,6 @@ from megatron_tpcomp.spec import parse_spec
 
 DEFAULT_SIZES = "16KiB,64KiB,8MiB,64MiB"  # two decode-sized messages, two prefill-sized ones
 KERNELS = ("copy", "int4_quantize", "int4_dequantize", "int4_dequantize_sum", "fp8_encode", "fp8_decode")
-#: Backends that run each kernel ("torch" is plain torch: the copy baseline).
-KERNEL_BACKENDS = {
-    "copy": ("torch",),
-    "int4_quantize": ("cuda", "reference"),
-    "int4_dequantize": ("cuda", "reference"),
-    "int4_dequantize_sum": ("cuda", "reference"),
-    "fp8_encode": ("te", "reference"),
-    "fp8_decode": ("reference",),
-}
 BACKENDS = ("cuda", "te", "reference")
 DEFAULT_GROUP = 32
 DEFAULT_FP8_SPEC = "fp8"
@@ -172,6 +165,16 @@ def _reference_dequantize_sum(
     return acc.to(dtype)
 
 
+def _on_reference(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    """``fn(*args)`` with ``TPCOMP_BACKEND=reference``: the torch codecs, even where a fused kernel would run."""
+
+    def call() -> object:
+        with forced("reference"):
+            return fn(*args)
+
+    return call
+
+
 def _cases(
     x: torch.Tensor, kernels: Sequence[str], backends: Sequence[str], group: int, fp8_spec: str, sums: Sequence[int]
 ) -> list[tuple[str, str, int, Callable[[], object]]]:
@@ -189,13 +192,13 @@ def _cases(
             cuda = backend == "cuda"
             for kernel in int4_kernels:
                 if kernel == "int4_quantize":
-                    fn = partial(kern.int4_quantize_cuda, x, group) if cuda else partial(ref.encode, x)
+                    fn = partial(kern.int4_quantize_cuda, x, group) if cuda else _on_reference(ref.encode, x)
                     out.append((kernel, backend, 1, fn))
                 elif kernel == "int4_dequantize":
                     if cuda:
                         fn = partial(kern.int4_dequantize_cuda, payload, shape, group, dtype)
                     else:
-                        fn = partial(ref.decode, payload, shape, dtype)
+                        fn = _on_reference(ref.decode, payload, shape, dtype)
                     out.append((kernel, backend, 1, fn))
                 else:
                     for n in sums:
@@ -204,7 +207,7 @@ def _cases(
                         if cuda:
                             fn = partial(kern.int4_dequantize_sum_cuda, p, shape, group, dtype)
                         else:
-                            fn = partial(_reference_dequantize_sum, ref, p, shape, dtype)
+                            fn = _on_reference(_reference_dequantize_sum, ref, p, shape, dtype)
                         out.append((kernel, backend, n, fn))
     cs = parse_spec(fp8_spec)
     if "fp8_encode" in kernels:
@@ -264,7 +267,7 @@ def run(
         ``pct_copy, reps, warmup, l2_flush, torch, date`` (UTC, ISO). Percentages are None when a peak is unknown.
 
     Raises:
-        ValueError: bad arguments. megatron_tpcomp.kernels.KernelUnavailableError: ``device="cuda"`` without a
+        ValueError: bad arguments. megatron_tpcomp.backends.BackendUnavailableError: ``device="cuda"`` without a
         CUDA device.
     """
     dev = torch.device(device)
@@ -281,13 +284,13 @@ def run(
     if parse_spec(fp8_spec).kind != "fp8":
         raise ValueError(f"fp8 spec {fp8_spec!r} is not an fp8 spec")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise kern.KernelUnavailableError(f"no CUDA device: {cuda_unavailable_reason()}")
+        raise BackendUnavailableError(f"no CUDA device: {cuda_unavailable_reason()}")
     usable = []
     for b in backends:
         if b != "reference" and dev.type != "cuda":
             log(f"skipping backend {b!r}: it runs on CUDA tensors only (--device {dev.type})")
             continue
-        ok, why = kern.backend_available(b)
+        ok, why = backend_available(b)
         if not ok:
             log(f"skipping backend {b!r}: {why}")
             continue
@@ -454,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.device == "cuda":
         gpu = [b for b in backends if b != "reference"]
-        reasons = {b: kern.backend_available(b) for b in gpu}
+        reasons = {b: backend_available(b) for b in gpu}
         no_device = cuda_unavailable_reason()
         if no_device is not None or (gpu and not any(ok for ok, _ in reasons.values())):
             print("error: cannot benchmark the GPU kernels here:", file=sys.stderr)

@@ -35,11 +35,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from megatron_tpcomp import cpu_codecs
-from megatron_tpcomp.cpu_codecs import NativeFormat
 from megatron_tpcomp.errors import CodecError
 from megatron_tpcomp.spec import NONE, CodecSpec
 
@@ -200,6 +199,12 @@ class Codec(ABC):
     Subclasses document their wire layout at the top of their module. ``spec`` is the canonical spec string
     (``parse_spec(codec.spec)`` rebuilds an equal codec) and ``cs`` the parsed spec it came from
     (``canonical(codec.cs) == codec.spec``; None for a codec not built from a spec, such as a test's stand-in).
+
+    The public :meth:`encode`, :meth:`decode` and :meth:`decode_sum` go through the installed kernel dispatcher
+    (:func:`install_dispatcher`; ``megatron_tpcomp.backends`` installs it when the package is imported), which
+    runs a fused kernel where one implements the codec's format or the codec's own torch reference
+    (:meth:`_encode`, :meth:`_decode`, :meth:`_decode_sum`) otherwise. A codec written outside this package may
+    override the public methods instead: then no kernel runs it, and its inner codecs still get theirs.
     """
 
     spec: str = "?"
@@ -226,21 +231,21 @@ class Codec(ABC):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         """Exact payload size in bytes for an input of ``shape`` (depends on shape only)."""
 
-    @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` (fp32/bf16/fp16, any shape, any strides).
 
         Returns:
             uint8 tensor, 1-D, contiguous, ``payload_nbytes(x.shape)`` bytes, on ``x.device``.
         """
+        return _dispatcher.encode(self, x)
 
-    @abstractmethod
     def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """Decode a payload produced by :meth:`encode` for a tensor of ``shape``.
 
         Returns:
             contiguous tensor of ``shape`` and ``dtype`` on ``payload.device``.
         """
+        return _dispatcher.decode(self, payload, shape, dtype)
 
     def decode_sum(
         self,
@@ -265,22 +270,37 @@ class Codec(ABC):
             decode(p, ...)``. Every caller on every rank gets the same bits for the same payloads. Each payload's
             decoded values are clamped to the finite range of ``dtype`` before the sum (module docstring).
         """
+        return _dispatcher.decode_sum(self, payloads, count, shape, dtype, out)
+
+    # --- the torch reference: defines the wire format, runs on every device ------------------------------------
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference :meth:`encode` (same contract); a codec that overrides the public method instead has that."""
+        if type(self).encode is not Codec.encode:
+            return self.encode(x)
+        raise NotImplementedError(f"{type(self).__name__} implements neither _encode (the reference) nor encode")
+
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """The reference :meth:`decode` (same contract); a codec that overrides the public method instead has that."""
+        if type(self).decode is not Codec.decode:
+            return self.decode(payload, shape, dtype)
+        raise NotImplementedError(f"{type(self).__name__} implements neither _decode (the reference) nor decode")
+
+    def _decode_sum(
+        self,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The reference :meth:`decode_sum` (same contract): the reference decodes, clamped and added in order."""
         nbytes = self.payload_nbytes(shape)
         check_payload(payloads, count * nbytes, self.spec)
-        layout = getattr(self, "layout", None)  # codecs with a PayloadLayout may run in the fused CPU library
-        if layout is not None:
-            native = native_decode_sum(self, payloads, count, shape, dtype, layout(shape), out)
-            if native is not None:
-                return native
-        acc = clamp_to(self.decode(payloads[:nbytes], shape, torch.float32), dtype)
+        acc = clamp_to(self._decode(payloads[:nbytes], shape, torch.float32), dtype)
         for r in range(1, count):
-            acc += clamp_to(self.decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32), dtype)
+            acc += clamp_to(self._decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32), dtype)
         return _into(acc.to(dtype), out, shape)
-
-    def native_format(self) -> NativeFormat | None:
-        """What the fused CPU library (``megatron_tpcomp/cpu_codecs.py``) needs to run this codec, or None when
-        it does not implement it (then the torch code of the codec runs)."""
-        return None
 
     def bits_per_value(self, shape: Sequence[int]) -> float:
         """Exact bits on the wire per input value for ``shape``: data, scales, outliers and padding."""
@@ -307,16 +327,55 @@ class Codec(ABC):
         return hash((type(self).__name__, self.spec))
 
 
-def native_encode(codec: Codec, x: torch.Tensor, layout: PayloadLayout) -> torch.Tensor | None:
-    """Encode ``x`` with the fused CPU library into a payload of ``layout`` (its ``scales`` section is where the
-    library writes the scales), or None when the library does not handle this codec / tensor here."""
-    fmt = codec.native_format()
-    if not cpu_codecs.usable(fmt, x.device, x.dtype):
-        return None
-    payload = layout.allocate_padding_zeroed(x.device)  # the library writes every code, scale and exponent byte
-    if x.numel():
-        cpu_codecs.encode_into(fmt, x, payload, layout.sections["scales"].offset, layout.sections["exps"].offset)
-    return payload
+class Dispatcher(Protocol):
+    """Runs a codec's public calls: a fused kernel or the codec's reference (``megatron_tpcomp.backends``)."""
+
+    def encode(self, codec: Codec, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, codec: Codec, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def decode_sum(
+        self,
+        codec: Codec,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+class ReferenceDispatcher:
+    """Every call runs the codec's torch reference: the dispatcher until ``megatron_tpcomp.backends`` installs its
+    own (the codecs import nothing above them, so they cannot reach the kernels themselves)."""
+
+    def encode(self, codec: Codec, x: torch.Tensor) -> torch.Tensor:
+        return codec._encode(x)
+
+    def decode(self, codec: Codec, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return codec._decode(payload, shape, dtype)
+
+    def decode_sum(
+        self,
+        codec: Codec,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return codec._decode_sum(payloads, count, shape, dtype, out)
+
+
+_dispatcher: Dispatcher = ReferenceDispatcher()
+
+
+def install_dispatcher(dispatcher: Dispatcher | None) -> Dispatcher:
+    """Route every codec call through ``dispatcher`` (None: the reference again); returns the one it replaces."""
+    global _dispatcher
+    previous = _dispatcher
+    _dispatcher = dispatcher if dispatcher is not None else ReferenceDispatcher()
+    return previous
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
@@ -335,30 +394,6 @@ def check_out(out: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
             f"out must be a contiguous {dtype} tensor of {numel} elements; got {out.dtype} "
             f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}"
         )
-
-
-def native_decode_sum(
-    codec: Codec,
-    payloads: torch.Tensor,
-    count: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    layout: PayloadLayout,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """:meth:`Codec.decode_sum` through the fused CPU library (payloads already checked), or None when the
-    library does not handle it here. ``layout`` is the layout of one payload; ``out`` as for decode_sum."""
-    fmt = codec.native_format()
-    if not cpu_codecs.usable(fmt, payloads.device, dtype) or (out is not None and out.device.type != "cpu"):
-        return None
-    n = numel_of(shape)
-    if out is not None:
-        check_out(out, dtype, n)
-    if n == 0:
-        return out.view(tuple(shape)) if out is not None else torch.empty(tuple(shape), dtype=dtype)
-    scales, exps = layout.sections["scales"].offset, layout.sections["exps"].offset
-    result = cpu_codecs.decode_sum(fmt, payloads, count, layout.nbytes, scales, exps, n, dtype, out=out)
-    return result.view(tuple(shape))
 
 
 class IdentityCodec(Codec):
@@ -382,10 +417,10 @@ class IdentityCodec(Codec):
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return numel_of(shape) * _itemsize(self.dtype)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         return x.to(self.dtype).contiguous().reshape(-1).view(torch.uint8)
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         check_payload(payload, self.payload_nbytes(shape), self.spec)
         return payload.view(self.dtype).reshape(tuple(shape)).to(dtype)

@@ -36,8 +36,6 @@ from megatron_tpcomp.codecs.base import (
     clamp_to,
     finite_blocks,
     from_blocks,
-    native_decode_sum,
-    native_encode,
     numel_of,
     to_blocks,
 )
@@ -137,12 +135,9 @@ class BlockCodec(Codec):
         exps = k if pre is None else k + pre.to(torch.int32)
         layout.view(payload, "exps").copy_(exps.to(EXPS_DTYPE))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
-        native = native_encode(self, x, layout)
-        if native is not None:
-            return native
         payload = layout.allocate(x.device)
         self._init_payload(payload, layout)
         if x.numel() == 0:
@@ -176,12 +171,9 @@ class BlockCodec(Codec):
         per_block = expand_super(shift.to(torch.int32), self.blocks_per_super, nblocks).unsqueeze(1)
         return pow2_mul(self._dequantize(payload, layout, nblocks), per_block).reshape(-1)
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         layout = self.layout(shape)
         check_payload(payload, layout.nbytes, self.spec)
-        native = native_decode_sum(self, payload, 1, shape, dtype, layout)
-        if native is not None:
-            return native
         n = numel_of(shape)
         if n == 0:
             return torch.empty(tuple(shape), dtype=dtype, device=payload.device)

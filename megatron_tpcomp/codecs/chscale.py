@@ -142,17 +142,17 @@ class ChannelScaleCodec(Codec):
         self._rows(shape)
         return self.inner.payload_nbytes(shape)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         rows = self._rows(x.shape)
         up, _ = self._factors(x.device)
         scaled = x.reshape(rows, self.h).float() * up  # exact: powers of two
         return self.inner.encode(scaled.reshape(x.shape))
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        return self.decode_sum(payload, 1, shape, dtype)
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return self._decode_sum(payload, 1, shape, dtype)
 
-    def decode_sum(
+    def _decode_sum(
         self,
         payloads: torch.Tensor,
         count: int,

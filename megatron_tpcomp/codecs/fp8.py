@@ -30,13 +30,16 @@ A block holding NaN/Inf gets a NaN scale and zero codes: it decodes to NaN. An a
 Bits per value: ``8 + scale_bits / B + 16 / 4096`` (8.25390625 for the default ``fp8``).
 
 Backends produce the same wire layout, so any rank decodes any rank's payload with :meth:`Fp8Codec.decode`:
-``torch`` (this reference; CPU and GPU), ``te`` (Transformer Engine's FP8 cast kernel on CUDA tensors) and
-``auto`` (``te`` for CUDA tensors when Transformer Engine imports, ``torch`` otherwise).
+``torch`` (this reference; CPU and GPU), ``te`` (Transformer Engine's FP8 cast kernel on CUDA tensors, through
+:meth:`Fp8Codec.with_cast`) and ``auto`` (``TPCOMP_BACKEND`` decides; its ``auto`` casts CUDA tensors with
+Transformer Engine where it imports). The choice is made by the kernel dispatch, ``megatron_tpcomp/backends/``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -44,7 +47,6 @@ from megatron_tpcomp.codecs.base import CodecError, PayloadLayout, divide
 from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.microscaling import FP32_MAX, FP32_TINY_SUB, half_ulp
 from megatron_tpcomp.codecs.scales import decode_scales, quantize_scales, safe_reciprocal, storage_dtype
-from megatron_tpcomp.cpu_codecs import FORMAT_FP8_E4M3, NativeFormat
 from megatron_tpcomp.spec import (
     CodecSpec,
     Example,
@@ -55,17 +57,6 @@ from megatron_tpcomp.spec import (
     small_int,
     spec_error,
 )
-
-try:  # Transformer Engine is optional and GPU-only; any failure to import means "not usable here".
-    import transformer_engine.pytorch  # noqa: F401
-    import transformer_engine_torch as _tex
-
-    HAVE_TE = True
-    TE_IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover - depends on the installation
-    _tex = None
-    HAVE_TE = False
-    TE_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 #: (exponent bits, mantissa bits) -> (torch dtype, largest finite value, exponent of the smallest normal).
 FP8_FORMATS: dict[tuple[int, int], tuple[torch.dtype, float, int]] = {
@@ -80,8 +71,9 @@ class Fp8Codec(BlockCodec):
 
     Args:
         cs: a plain fp8 spec (``kind == "fp8"``, no modifiers).
-        backend: ``"auto"`` | ``"torch"`` | ``"te"`` (see the module docstring). The wire format and
-            :meth:`decode` are the same for every backend.
+        backend: ``"auto"`` | ``"torch"`` | ``"te"`` (see the module docstring): the kernel dispatch runs this
+            codec's encode with that backend whatever ``TPCOMP_BACKEND`` says (``te``: raises where Transformer
+            Engine cannot run). The wire format and :meth:`decode` are the same for every backend.
     """
 
     block_local = True
@@ -93,12 +85,6 @@ class Fp8Codec(BlockCodec):
             raise CodecError(f"fp8 has no element format e{cs.exp_bits}m{cs.man_bits}; expected e4m3 or e5m2")
         if backend not in BACKENDS:
             raise CodecError(f"unknown fp8 backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        if backend == "te" and not HAVE_TE:
-            raise CodecError(
-                "fp8 backend 'te' needs NVIDIA Transformer Engine (package transformer_engine, "
-                "`pip install transformer_engine[pytorch]` on a CUDA machine), which does not import here "
-                f"({TE_IMPORT_ERROR}); use backend 'torch' or 'auto'"
-            )
         self.cs = cs
         self.block = cs.block
         self.scale_fmt = cs.scale
@@ -113,31 +99,29 @@ class Fp8Codec(BlockCodec):
     def _sections(self, nblocks: int) -> list[tuple[str, torch.dtype, int]]:
         return [("codes", torch.uint8, nblocks * self.block), ("scales", storage_dtype(self.scale_fmt), nblocks)]
 
-    def uses_te(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`encode` casts ``x`` with Transformer Engine (else with torch)."""
-        return self.backend == "te" or (self.backend == "auto" and HAVE_TE and x.is_cuda)
-
     def _scales(self, blocks: torch.Tensor, bad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored scales ``[nb]`` in the scale format, decoded fp32 scales ``[nb]``) of fp32 ``[nb, B]`` blocks."""
         ideal = divide(blocks.abs().amax(dim=1), self.fmax).clamp(max=self.scale_cap)
         return quantize_scales(ideal, self.scale_fmt, bad)
 
-    def native_format(self) -> NativeFormat | None:
-        if self.fp8_dtype == torch.float8_e4m3fn and self.scale_fmt == "fp32" and self.super_values <= 4096:
-            cap = float(torch.tensor(self.scale_cap, dtype=torch.float32))  # what clamp(max=cap) compares with
-            return NativeFormat(FORMAT_FP8_E4M3, self.block, scale_cap=cap, range_limit=self.range_limit or 0.0)
-        return None
+    def _cast(self, scaled: torch.Tensor) -> torch.Tensor:
+        """uint8 FP8 bit patterns of scaled, clamped fp32 values (same shape): torch's cast, nearest even."""
+        return scaled.to(self.fp8_dtype).view(torch.uint8)
+
+    def with_cast(self, cast: Callable[[torch.Tensor], torch.Tensor]) -> Fp8Codec:
+        """A copy of this codec whose reference encode casts the scaled, clamped fp32 blocks (``[nb, B]``, ``|v| <=
+        fmax``) to FP8 codes (uint8 ``[nb, B]``) with ``cast``: how a backend with its own cast kernel (Transformer
+        Engine) runs this codec, alone or inside ``+had``. The payload equals the reference's when ``cast`` rounds
+        to nearest even."""
+        twin = copy.copy(self)
+        twin._cast = cast  # an instance attribute shadows the method, in the copy only
+        return twin
 
     def _quantize(self, y: torch.Tensor, bad: torch.Tensor, payload: torch.Tensor, layout: PayloadLayout) -> None:
         stored, s = self._scales(y, bad)
         inv = safe_reciprocal(torch.nan_to_num(s, nan=0.0)).unsqueeze(1)  # NaN-scale blocks: codes 0
         scaled = (y * inv).clamp(-self.fmax, self.fmax)
-        if self.uses_te(y):
-            if not y.is_cuda:
-                raise CodecError("fp8 backend 'te' needs a CUDA tensor; use backend 'torch' or 'auto' on CPU")
-            codes = _te_cast(scaled, self.fp8_dtype)
-        else:
-            codes = scaled.to(self.fp8_dtype).view(torch.uint8)
+        codes = self._cast(scaled)
         layout.view(payload, "codes").copy_(codes.reshape(-1))
         layout.view(payload, "scales").copy_(stored)
 
@@ -166,40 +150,6 @@ class Fp8Codec(BlockCodec):
         rounding = half_ulp(mag, self.min_exp, self.man_bits) * s
         clip = (amax - self.fmax * s).clamp(min=0)
         return rounding + clip + 2.0**-20 * amax + 2 * FP32_TINY_SUB
-
-
-def _te_cast(scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover - CUDA + TE only
-    """FP8 codes of already-scaled, already-clamped fp32 values through Transformer Engine's cast kernel.
-
-    TE's ``Float8Quantizer`` applies one fp32 factor per *tensor*; our scales are per block, so the per-block
-    factor is applied first (the same fp32 multiply as the reference) and TE casts with factor 1. Its cast
-    rounds to nearest even and saturates, like torch's on clamped input, so the bytes are expected to equal the
-    reference's (checked on GPU by tests/gpu/test_fp8_te.py).
-
-    Args:
-        scaled: fp32 CUDA ``[nb, B]`` with ``|values| <= fmax``.
-        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
-
-    Returns:
-        uint8 ``[nb, B]``: the FP8 bit patterns.
-    """
-    if _tex is None:
-        raise CodecError(f"Transformer Engine does not import here ({TE_IMPORT_ERROR})")
-    # The class lives in this module since TE 2.0; newer versions also export it from transformer_engine.pytorch.
-    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
-
-    te_dtype = _tex.DType.kFloat8E4M3 if fp8_dtype == torch.float8_e4m3fn else _tex.DType.kFloat8E5M2
-    dev = scaled.device
-    quantizer = Float8Quantizer(
-        scale=torch.ones(1, dtype=torch.float32, device=dev),
-        amax=torch.zeros(1, dtype=torch.float32, device=dev),
-        fp8_dtype=te_dtype,
-        rowwise=True,
-        columnwise=False,  # no transposed copy: we only need the row-major bytes
-    )
-    with torch.no_grad():
-        fp8_tensor = quantizer(scaled.contiguous())
-    return fp8_tensor._data.view(torch.uint8).view(scaled.shape)
 
 
 # --- registration (megatron_tpcomp/spec.py) --------------------------------------------------------------------

@@ -42,7 +42,7 @@ must be equal on every rank, see ``make_codec(hadamard_seed=...)``).
 
 Memory passes (torch reference, per direction): the padded fp32 copy, ``log2(block)`` butterfly stages and the
 scaling each make a pass, then the inner codec makes its own. On CPU tensors the fused library does it all in
-one pass per direction (``megatron_tpcomp/cpu_codecs.py``) for int4 and fp8-e4m3 inner codecs.
+one pass per direction (``megatron_tpcomp/backends/cpu.py``) for int4 and fp8-e4m3 inner codecs.
 
 Non-finite input: a NaN/Inf anywhere in a rotation block spreads to every rotated value of that block, the inner
 codec's rule turns each of its quantization blocks that holds one into NaN, and ``R^T`` spreads those back over
@@ -64,21 +64,16 @@ import torch
 from megatron_tpcomp.codecs.base import (
     Codec,
     CodecError,
-    PayloadLayout,
     _into,
     check_input,
     check_payload,
     clamp_to,
     from_blocks,
-    native_decode_sum,
-    native_encode,
     numel_of,
     to_blocks,
 )
 from megatron_tpcomp.codecs.blocks import EXPS_BITS, BlockCodec
 from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
-from megatron_tpcomp.cpu_codecs import NativeFormat
-from megatron_tpcomp.gpu import dispatch as gpu_dispatch
 from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 _FP32_EPS = 2.0**-24  # unit round-off of fp32
@@ -227,31 +222,8 @@ class HadamardCodec(Codec):
         y = self._by_super(flat, lambda v: pow2_mul(v, -j.unsqueeze(1)))
         return y.view(-1, self.block), j
 
-    def native_format(self) -> NativeFormat | None:
-        inner = self.inner.native_format()
-        if inner is None:
-            return None
-        return replace(
-            inner,
-            rot_block=self.block,
-            signs=rotation_signs(self.block, self.seed),
-            rot_scale=rotation_scale(self.block),
-        )
-
-    def _inner_layout(self, shape: Sequence[int]) -> PayloadLayout | None:
-        layout = getattr(self.inner, "layout", None)
-        return layout(self._padded(shape)) if layout is not None else None
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        fused = gpu_dispatch.encode(self, x)  # fused GPU kernel where one runs this format (gpu/dispatch.py)
-        if fused is not None:
-            return fused
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
-        layout = self._inner_layout(x.shape)
-        if layout is not None:
-            payload = native_encode(self, x, layout)
-            if payload is not None:
-                return payload
         if not isinstance(self.inner, BlockCodec):
             return self.inner.encode(self._rotate(x).reshape(-1))
         if x.numel() == 0:
@@ -259,10 +231,10 @@ class HadamardCodec(Codec):
         y, j = self._normalized(x)
         return self.inner.encode_prescaled(rotate(y, self.seed).reshape(-1), j)
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        return self.decode_sum(payload, 1, shape, dtype)
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return self._decode_sum(payload, 1, shape, dtype)
 
-    def decode_sum(
+    def _decode_sum(
         self,
         payloads: torch.Tensor,
         count: int,
@@ -270,15 +242,7 @@ class HadamardCodec(Codec):
         dtype: torch.dtype,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        fused = gpu_dispatch.decode_sum(self, payloads, count, shape, dtype, out)
-        if fused is not None:
-            return fused
         check_payload(payloads, count * self.payload_nbytes(shape), self.spec)
-        layout = self._inner_layout(shape)
-        if layout is not None:
-            native = native_decode_sum(self, payloads, count, shape, dtype, layout, out)
-            if native is not None:
-                return native
         inner_shape = self._padded(shape)
         if not isinstance(self.inner, BlockCodec):
             flat = self.inner.decode_sum(payloads, count, inner_shape, torch.float32)  # [padded_numel] fp32

@@ -36,7 +36,6 @@ Exact bits per value for aligned sizes: ``b + 16/G + 16/4096`` (int4:g32 = 4.503
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import torch
 
@@ -49,8 +48,6 @@ from megatron_tpcomp.codecs.scales import (
     safe_reciprocal,
     storage_dtype,
 )
-from megatron_tpcomp.cpu_codecs import FORMAT_INT4, NativeFormat
-from megatron_tpcomp.gpu import dispatch as gpu_dispatch
 from megatron_tpcomp.spec import CodecSpec, Example, Family, canonical, register_family, small_int, spec_error
 
 
@@ -73,25 +70,6 @@ class IntCodec(BlockCodec):
         # Asymmetric groups store their minimum in the scale format too: it reaches amax, not amax / qmax.
         self._init_range(1.0 if cs.asym else self.qmax)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        fused = gpu_dispatch.encode(self, x)  # fused GPU kernel where one runs this format (gpu/dispatch.py)
-        return fused if fused is not None else super().encode(x)
-
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        fused = gpu_dispatch.decode_sum(self, payload, 1, shape, dtype)
-        return fused if fused is not None else super().decode(payload, shape, dtype)
-
-    def decode_sum(
-        self,
-        payloads: torch.Tensor,
-        count: int,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        fused = gpu_dispatch.decode_sum(self, payloads, count, shape, dtype, out)
-        return fused if fused is not None else super().decode_sum(payloads, count, shape, dtype, out)
-
     def _sections(self, nblocks: int) -> list[tuple[str, torch.dtype, int]]:
         sections = [
             ("codes", torch.uint8, bitpack.packed_nbytes(nblocks * self.group, self.bits)),
@@ -106,12 +84,6 @@ class IntCodec(BlockCodec):
         at decode) overflows to inf. Normalized groups stay far below the cap (``|y| < 2^64``); it is a guard."""
         levels = (1 << self.bits) - 1
         return divide(hi - lo, levels).clamp(max=torch.finfo(torch.float32).max / levels / 2)
-
-    def native_format(self) -> NativeFormat | None:
-        native = self.bits == 4 and not self.asym and self.scale_fmt == "fp16" and self.group % 2 == 0
-        if native and self.super_values <= 4096:
-            return NativeFormat(FORMAT_INT4, self.group, range_limit=self.range_limit or 0.0)
-        return None
 
     def _quantize(self, y: torch.Tensor, bad: torch.Tensor, payload: torch.Tensor, layout: PayloadLayout) -> None:
         if self.asym:

@@ -217,7 +217,7 @@ class OutlierCodec(Codec):
         chosen = order[: self.k].sort().values
         return chosen, _complement(h, chosen)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
         rows, h = self._rows_h(x.shape)
@@ -239,7 +239,7 @@ class OutlierCodec(Codec):
         layout.view(payload, "inner").copy_(self.inner.encode(x2d[:, rest]))  # [rows, h - K] gather
         return payload
 
-    def decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         layout = self.layout(shape)
         check_payload(payload, layout.nbytes, self.spec)
         rows, h = self._rows_h(shape)

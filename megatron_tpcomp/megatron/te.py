@@ -7,7 +7,8 @@ are installed in every consumer module listed in ``TE_CONSUMERS``. Sites come fr
 local spec (``intercept.py``): calls outside a hooked module (backward, other code) run TE's own collective.
 
 Only the plain forms are compressed: a call with extra arguments (an FP8 quantizer for the all-gather, userbuffer
-overlap) keeps TE's path. Tested only where TE and at least two GPUs are available (tests/gpu/).
+overlap) keeps TE's path. Tested only where TE and at least two GPUs are available
+(tests/backends/test_te_intercept.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron_tpcomp import kernels as kern
+from megatron_tpcomp import backends
 from megatron_tpcomp.bench import kernels as bench
 from megatron_tpcomp.codecs import make_codec
 
@@ -128,8 +128,8 @@ def test_cuda_without_gpu_exits_2_with_reason(capsys) -> None:
     assert bench.main(["--sizes", "4KiB"]) == 2
     err = capsys.readouterr().err
     assert "cannot benchmark the GPU kernels here" in err
-    assert kern.backend_available("cuda")[1] in err and kern.backend_available("te")[1] in err
-    with pytest.raises(kern.KernelUnavailableError, match="no CUDA device"):
+    assert backends.available("cuda")[1] in err and backends.available("te")[1] in err
+    with pytest.raises(backends.BackendUnavailableError, match="no CUDA device"):
         bench.run([4 << 10], device="cuda", log=lambda _: None)
 
 

@@ -1,6 +1,6 @@
 """Transformer Engine interception. The wrapper's contract (TE's calling convention, site routing, stock path
 outside a site) is checked here over gloo with a collective of TE's signature; the real TE path needs TE and
-two GPUs (tests/gpu/test_te_intercept.py)."""
+two GPUs (tests/backends/test_te_intercept.py)."""
 
 from __future__ import annotations
 

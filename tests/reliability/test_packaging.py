@@ -96,9 +96,10 @@ import json, logging, os, sys
 from pathlib import Path
 import torch
 import megatron_tpcomp
-from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp import backends
+from megatron_tpcomp.backends import BackendUnavailableError
+from megatron_tpcomp.backends import cpu as cpu_codecs
 from megatron_tpcomp.codecs import make_codec
-from megatron_tpcomp.kernels import KernelUnavailableError
 
 records = []
 handler = logging.Handler()
@@ -108,23 +109,22 @@ codec, x = make_codec("int4:g32"), torch.randn(64, 256).bfloat16()
 ref = None
 
 def scenario(mode):
-    cpu_codecs._load.cache_clear()
-    getattr(cpu_codecs, "_warn_fallback", cpu_codecs._load).cache_clear()  # the warning is once per process
+    backends.reset()  # the library's load, the remembered choices and the once-per-process warning
     records.clear()
-    os.environ["TPCOMP_CPU_KERNELS"] = mode
+    os.environ["TPCOMP_BACKEND"] = mode
     out = {"available": list(cpu_codecs.available())}
     try:
         payloads = [codec.encode(x) for _ in range(3)]
         out["same_bytes"] = all(torch.equal(p, ref) for p in payloads) if ref is not None else None
-    except KernelUnavailableError as exc:
+    except BackendUnavailableError as exc:
         out["raised"] = str(exc)
     out["warnings"] = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     return out
 
 result = {"package": megatron_tpcomp.__file__}
-os.environ["TPCOMP_CPU_KERNELS"] = "off"
+os.environ["TPCOMP_BACKEND"] = "reference"
 ref = codec.encode(x)
-result["installed_on"] = scenario("on")
+result["installed_on"] = scenario("cpu")
 csrc = Path(megatron_tpcomp.__file__).parent / "_csrc" / "cpu_codecs.cpp"  # where the build puts the source
 good = csrc.read_text() if csrc.exists() else None
 os.environ["TPCOMP_CACHE"] = sys.argv[1]  # the broken source must not be built into the shared cache
@@ -133,7 +133,7 @@ if good is not None:
     result["compile_error_auto"] = scenario("auto")
     csrc.unlink()
 result["source_missing_auto"] = scenario("auto")
-result["source_missing_on"] = scenario("on")
+result["source_missing_on"] = scenario("cpu")
 if good is not None:
     csrc.write_text(good)
 os.environ["PATH"] = sys.argv[1]  # no g++ on PATH
@@ -148,7 +148,7 @@ def installed(built: dict[str, Path]) -> dict:
     run_dir = built["base"] / "run"
     run_dir.mkdir()
     (run_dir / "cache").mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TPCOMP_CPU_KERNELS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TPCOMP_BACKEND")}
     # The unpacked wheel first on sys.path; the venv's site-packages (torch, ...) after it. The checkout's
     # editable finder is consulted only after sys.path, so it cannot shadow the wheel.
     env["PYTHONPATH"] = str(built["site"])
@@ -166,7 +166,7 @@ def installed(built: dict[str, Path]) -> dict:
 
 
 def test_installed_wheel_builds_the_cpu_codecs(installed: dict, built: dict[str, Path]) -> None:
-    # Imported from the unpacked wheel (not the checkout), TPCOMP_CPU_KERNELS=on: the library builds from the
+    # Imported from the unpacked wheel (not the checkout), TPCOMP_BACKEND=cpu: the library builds from the
     # package's own copy of the sources and writes the reference bytes.
     assert Path(installed["package"]).resolve().parent == built["site"].resolve() / "megatron_tpcomp"
     on = installed["installed_on"]
@@ -193,7 +193,7 @@ def test_auto_fallback_warns_once_with_the_reason(installed: dict, case: str, re
 
 def test_on_without_sources_raises_naming_them(installed: dict) -> None:
     got = installed["source_missing_on"]
-    assert "raised" in got and "TPCOMP_CPU_KERNELS=on" in got["raised"]
+    assert "raised" in got and "TPCOMP_BACKEND=cpu" in got["raised"]
     assert "cpu_codecs.cpp is missing" in got["raised"] and "_csrc" in got["raised"]
 
 

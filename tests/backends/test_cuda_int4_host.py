@@ -1,7 +1,7 @@
 """The INT4 kernel core (kernels/int4_core.h), compiled for the host, matches the torch reference bit for bit.
 
 The CUDA kernels call the same TPC_HD functions, so these tests pin the exact arithmetic the GPU runs (the GPU
-tests in tests/gpu/test_int4_cuda.py check the kernels themselves where a GPU is available). The core is built
+tests in tests/backends/test_cuda_int4.py check the kernels themselves where a GPU is available). The core is built
 twice: plainly (-O2) and with FMA contraction allowed (-march=native -ffp-contract=fast), which must not change
 a bit because the core rounds every operation on its own.
 """

@@ -44,11 +44,12 @@ def test_gpu_check_dry_run_lists_every_step():
     by_step = dict(zip(found, lines, strict=True))
     assert "setup.py build_ext --inplace" in by_step["build_cuda_ext"]
     assert "cuda_int4_available" in by_step["build_cuda_ext"]  # a build that built nothing fails the step
-    assert "env -u TRITON_INTERPRET" in by_step["tests_gpu"] and "tests/gpu" in by_step["tests_gpu"]
+    assert "env -u TRITON_INTERPRET" in by_step["tests_gpu"] and "tests/backends " in by_step["tests_gpu"]
+    assert "tests/bench/test_bench_kernels_gpu.py" in by_step["tests_gpu"]
     assert "TRITON_INTERPRET=1" in by_step["tests_interpret"] and "-k interpret" in by_step["tests_interpret"]
-    assert "megatron_tpcomp.gpu.bench" in by_step["bench_kernels"]
+    assert "megatron_tpcomp.bench.triton_kernels" in by_step["bench_kernels"]
     assert "/nonexistent/gpu_check_out/bench.json" in by_step["bench_kernels"]
-    assert "megatron_tpcomp.gpu.graph_check --spec int4:g32+had" in by_step["cuda_graph_capture"]
+    assert "scripts/graph_check.py --spec int4:g32+had" in by_step["cuda_graph_capture"]
     assert "/nonexistent/gpu_check_out/graph_check.json" in by_step["cuda_graph_capture"]
     dyn = by_step["megatron_dynamic_engine"]
     assert "tests/megatron_lm/test_dynamic_engine.py -k on_gpu" in dyn and "-rs" in dyn  # -rs: skip reasons
@@ -150,7 +151,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_tpcomp.codecs import make_codec
-from megatron_tpcomp.gpu import triton_codecs as tc
+from megatron_tpcomp.backends import triton as tc
 
 assert not tc.INTERPRETED
 enc_sig = dict(x_ptr="*bf16", payload_ptr="*u8", signs_ptr="*fp32", n="i32", nblocks="i32", scales_off="i32",

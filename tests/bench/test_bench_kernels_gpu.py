@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron_tpcomp import kernels as kern
+from megatron_tpcomp.backends import available as backend_available
 from megatron_tpcomp.bench import kernels as bench
 
 pytestmark = [
@@ -19,9 +19,9 @@ pytestmark = [
 
 
 def test_cuda_harness_records(tmp_path) -> None:
-    available = [b for b in ("cuda", "te") if kern.backend_available(b)[0]]
+    available = [b for b in ("cuda", "te") if backend_available(b)[0]]
     if not available:
-        pytest.skip(f"no GPU kernel backend here: {kern.backend_available('cuda')[1]}")
+        pytest.skip(f"no GPU kernel backend here: {backend_available('cuda')[1]}")
     out = tmp_path / "kernels.json"
     argv = ["--sizes", "64KiB,8MiB", "--reps", "3", "--warmup", "1", "--json", str(out)]
     assert bench.main(argv) == 0

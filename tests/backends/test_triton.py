@@ -1,4 +1,4 @@
-"""Triton codec kernels (``megatron_tpcomp/gpu/triton_codecs.py``) against the torch reference, bit for bit.
+"""Triton codec kernels (``megatron_tpcomp/backends/triton.py``) against the torch reference, bit for bit.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` is set while the kernel module is
 imported): the whole kernel (loads, Hadamard butterflies, super-block exponent, group scales, rounding, packing,
@@ -6,9 +6,9 @@ unpacking, the rank-ordered fp32 sum, the clamp and the casts) executes on CPU t
 unset and CUDA present (``scripts/gpu_check.sh``) the same tests compile the kernels for the GPU and run them on
 CUDA tensors against the reference computed on the same device.
 
-Every test goes through the product path: ``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_GPU_KERNELS=triton``
-(the dispatch layer routes to the kernel) against the same calls with ``TPCOMP_GPU_KERNELS=reference`` and the fused
-CPU library off (the torch definition of the wire format).
+Every test goes through the product path: ``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_BACKEND=triton``
+(the kernel dispatch routes to the kernel) against the same calls with ``TPCOMP_BACKEND=reference`` (the torch
+definition of the wire format).
 
 What the equality pins (no tolerance: payloads byte-equal, decodes bit-equal):
 - IEEE division (``tl.math.div_rn``) for ``amax / qmax`` and ``1 / s``; round half to even of ``y * (1/s)``;
@@ -28,9 +28,9 @@ import os
 import pytest
 import torch
 
+from megatron_tpcomp.backends import dispatch
 from megatron_tpcomp.codecs import make_codec
 from megatron_tpcomp.codecs.base import CodecError
-from megatron_tpcomp.gpu import dispatch
 
 ON_GPU = torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
 
@@ -90,13 +90,11 @@ ALL_FORMATS = tuple(
 
 @pytest.fixture
 def triton_mode(monkeypatch):
-    """Returns ``run(mode, fn)``: ``fn()`` with ``TPCOMP_GPU_KERNELS=mode`` (reference: CPU library off too)."""
+    """Returns ``run(mode, fn)``: ``fn()`` with ``TPCOMP_BACKEND=mode`` (``triton`` or ``reference``)."""
 
     def run(mode: str, fn):  # noqa: ANN001, ANN202
         with monkeypatch.context() as m:
             m.setenv(dispatch.ENV, mode)
-            if mode == "reference":
-                m.setenv("TPCOMP_CPU_KERNELS", "off")
             return fn()
 
     return run
@@ -210,15 +208,19 @@ def test_interpret_empty_noncontiguous_and_out(triton_mode):
 
 
 def test_interpret_dispatch_routes_and_refuses(triton_mode, monkeypatch):
-    """The dispatch layer: ``triton`` routes supported formats to the kernels, ``reference`` and unsupported
-    formats do not, a bad mode or a wrong payload size is a one-line CodecError."""
+    """The dispatch: ``triton`` routes supported formats to the kernels, ``reference`` and unsupported formats do
+    not (the latter with the reason), ``auto`` leaves CPU tensors to the CPU library or the reference, a bad
+    setting or a wrong payload size is a one-line CodecError."""
     supported, other = make_codec("int4:g32"), make_codec("int3:g32")
-    assert triton_mode("triton", lambda: dispatch._use_triton(supported, DEVICE)) is True
-    assert triton_mode("triton", lambda: dispatch._use_triton(other, DEVICE)) is False
-    assert triton_mode("reference", lambda: dispatch._use_triton(supported, DEVICE)) is False
-    assert dispatch.encode(supported, torch.ones(3, device=DEVICE)) is None or ON_GPU  # auto: CPU -> reference
+    dtype = torch.float32
+    assert triton_mode("triton", lambda: dispatch.choose(supported, "encode", DEVICE, dtype)).backend == "triton"
+    unsupported = triton_mode("triton", lambda: dispatch.choose(other, "decode", DEVICE, dtype))
+    assert unsupported.backend == "reference" and "no Triton kernel for this format" in unsupported.reason
+    assert triton_mode("reference", lambda: dispatch.choose(supported, "encode", DEVICE, dtype)).backend == "reference"
+    auto = triton_mode("auto", lambda: dispatch.choose(supported, "encode", DEVICE, dtype))
+    assert auto.backend == ("cuda" if ON_GPU and dispatch.available("cuda")[0] else "triton" if ON_GPU else "cpu")
     monkeypatch.setenv(dispatch.ENV, "fast")
-    with pytest.raises(CodecError, match="TPCOMP_GPU_KERNELS='fast'"):
+    with pytest.raises(CodecError, match="TPCOMP_BACKEND='fast'"):
         supported.encode(torch.ones(3))
     monkeypatch.setenv(dispatch.ENV, "triton")
     with pytest.raises(CodecError, match="payload has shape"):
@@ -228,9 +230,9 @@ def test_interpret_dispatch_routes_and_refuses(triton_mode, monkeypatch):
 
 
 def test_interpret_bench_module_writes_json(tmp_path):
-    """``python -m megatron_tpcomp.gpu.bench`` (the GPU check's benchmark) on the decode size: one row per spec
-    with positive GB/s and the copy bandwidth it is compared with."""
-    from megatron_tpcomp.gpu import bench
+    """``python -m megatron_tpcomp.bench.triton_kernels`` (the GPU check's benchmark) on the decode size: one row
+    per spec with positive GB/s and the copy bandwidth it is compared with."""
+    from megatron_tpcomp.bench import triton_kernels as bench
 
     out = tmp_path / "bench.json"
     assert bench.main(["--specs", "int4:g32+had", "--sizes", "decode", "--reps", "1", "--json", str(out)]) == 0
@@ -286,23 +288,23 @@ def test_interpret_auto_mode_falls_back_after_a_failing_first_call(monkeypatch, 
     device type to the reference for good, with one warning; a CodecError (bad input) is raised, never hidden;
     ``triton`` (forced) raises whatever the kernel raised."""
     codec = make_codec("int4:g64:se4m3+had")
-    cpu = torch.device("cpu")
+    key = (type(codec).__name__, codec.spec, codec.seed, "encode", "cuda", torch.bfloat16, "auto")
+    auto = dispatch.Choice("triton", "TPCOMP_BACKEND=auto: triton implements this call and runs here")
 
     def broken():  # noqa: ANN202
         raise RuntimeError("PTX .version 9.9 does not support .target sm_70")
 
     monkeypatch.setattr(dispatch, "_choices", {})
     monkeypatch.setattr(dispatch, "_verified", set())
-    monkeypatch.setenv(dispatch.ENV, "auto")
     with caplog.at_level("WARNING", logger=dispatch.__name__):
-        assert dispatch._first_call(codec, cpu, broken) is None
-    assert "Triton kernel failed" in caplog.text and "sm_70" in caplog.text
-    assert dispatch._choices[(type(codec).__name__, codec.spec, 0, "cpu", "auto")] is False
+        assert dispatch._run(key, auto, codec, broken, lambda: "reference") == "reference"
+    assert "the triton kernel failed" in caplog.text and "sm_70" in caplog.text
+    assert dispatch._choices[key].backend == "reference"
     with pytest.raises(CodecError, match="bad"):
-        dispatch._first_call(make_codec("int4:g32"), cpu, lambda: (_ for _ in ()).throw(CodecError("bad")))
-    monkeypatch.setenv(dispatch.ENV, "triton")
+        dispatch._run(key[:-1] + ("x",), auto, codec, lambda: (_ for _ in ()).throw(CodecError("bad")), broken)
+    forced = dispatch.Choice("triton", "TPCOMP_BACKEND=triton", "TPCOMP_BACKEND=triton")
     with pytest.raises(RuntimeError, match="sm_70"):
-        dispatch._first_call(codec, cpu, broken)
+        dispatch._run(key, forced, codec, broken, lambda: "reference")
 
 
 def test_interpret_encode_writes_every_payload_byte(triton_mode, monkeypatch):

@@ -1,4 +1,5 @@
-"""Fused Triton codecs for ``int<N>:g<G>`` (N in 4..8, G in 32/64/128, fp16 or e4m3 scales), with and without ``+had``.
+"""The ``triton`` backend: fused Triton codecs for ``int<N>:g<G>`` (N in 4..8, G in 32/64/128, fp16 or e4m3
+scales), with and without ``+had``.
 
 One program handles one super-block of 4096 values (``scales.py``, "Second level"; ``lcm(G, 4096) = 4096`` for
 the supported groups), so the super-block exponent is chosen, applied and stored without a second pass.
@@ -22,8 +23,9 @@ Triton's interpreter converts bf16 subnormals wrongly and does not round fp32 ->
 the shift and the integer rounding are as cheap as the casts). NaN outputs are NaN (bf16 0x7FC0; their bits are
 not part of the contract).
 Kernels are created in interpreter mode when ``TRITON_INTERPRET=1`` is set before this module is imported
-(:data:`INTERPRETED`); then they run on CPU tensors only. tests/gpu/test_gpu_check.py compiles them for sm_80 and
-sm_90 (no GPU needed) and checks the PTX for FMA and approximate division.
+(:data:`INTERPRETED`); then they run on CPU tensors only. tests/backends/test_gpu_check.py compiles them for sm_80
+and sm_90 (no GPU needed) and checks the PTX for FMA and approximate division. Imported on first use by
+``backends/dispatch.py`` (triton is optional), which routes calls here.
 """
 
 from __future__ import annotations

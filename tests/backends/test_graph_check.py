@@ -1,10 +1,11 @@
-"""``python -m megatron_tpcomp.gpu.graph_check``: its argument handling everywhere; the capture itself on CUDA.
+"""``python scripts/graph_check.py``: its argument handling everywhere; the capture itself on CUDA.
 
 On a CPU machine the check must say ``skipped: no CUDA`` (the GPU check's ``cuda_graph_capture`` step reads that
 line) after validating its arguments, so a bad spec or shape fails the same way with or without a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tpcomp.gpu import graph_check
-
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "graph_check.py"
+_spec = importlib.util.spec_from_file_location("graph_check", SCRIPT)
+graph_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(graph_check)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; the CUDA test covers a GPU")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """The module as the GPU check runs it (a fresh interpreter: the dispatch's env var is read there)."""
+    """The script as the GPU check runs it (a fresh interpreter: the dispatch's env var is read there)."""
     return subprocess.run(
-        [sys.executable, "-m", "megatron_tpcomp.gpu.graph_check", *args],
+        [sys.executable, str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -48,7 +51,10 @@ def test_parse_shape_rejects(text: str) -> None:
         (["--spec", "bogus"], "unknown codec 'bogus'"),
         (["--shape", "4x0"], "--shape: shape '4x0'"),
         (["--count", "0"], "--count 0: expected an integer >= 1"),
-        (["--modes", "auto,fast"], "--modes 'auto,fast': expected a comma-separated list from auto, triton, reference"),
+        (
+            ["--modes", "auto,fast"],
+            "--modes 'auto,fast': expected a comma-separated list from auto, reference, cpu, triton, cuda, te",
+        ),
         (["--modes", ","], "--modes ','"),
         (["--dtype", "int8"], "invalid choice: 'int8'"),
     ],

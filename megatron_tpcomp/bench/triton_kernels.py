@@ -1,11 +1,11 @@
 """Kernel benchmark of the Triton codecs: GB/s of encode and decode-sum against the device's copy bandwidth.
 
-``python -m megatron_tpcomp.gpu.bench [--specs S,...] [--sizes decode,prefill] [--count 2] [--json OUT]``
+``python -m megatron_tpcomp.bench.triton_kernels [--specs S,...] [--sizes decode,prefill] [--count 2] [--json OUT]``
 
 - copy bandwidth: ``dst.copy_(src)`` of a 256 MiB bf16 buffer (CPU: 32 MiB), bytes read + written per second;
-- encode: (input bytes + payload bytes) / time of ``triton_codecs.encode``;
-- decode-sum: (``count`` payloads + output bytes) / time of ``triton_codecs.decode_sum``;
-- the torch reference (``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_GPU_KERNELS=reference``) the same way.
+- encode: (input bytes + payload bytes) / time of ``backends/triton.py``'s ``encode``;
+- decode-sum: (``count`` payloads + output bytes) / time of ``backends/triton.py``'s ``decode_sum``;
+- the torch reference (``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_BACKEND=reference``) the same way.
 Sizes: ``decode`` = one token of SmolLM2's hidden size (1 x 576 bf16), ``prefill`` = 8 MiB of bf16 (7281 x 576).
 Times are medians of ``--reps`` runs after 3 warm-ups (CUDA events on a GPU, perf_counter on CPU).
 The target: encode and decode-sum at prefill sizes >= 70% of the copy bandwidth.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,9 +22,9 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_tpcomp.backends import dispatch
 from megatron_tpcomp.codecs import make_codec
 from megatron_tpcomp.codecs.base import CodecError
-from megatron_tpcomp.gpu import dispatch
 
 DEFAULT_SPECS = (
     "int4:g32",
@@ -85,17 +84,10 @@ def bench_one(spec: str, size: str, device: torch.device, count: int, reps: int,
     row["decode_sum_gbps"] = (count * payload.numel() + in_bytes) / t_dec / 1e9
     row["encode_us"], row["decode_sum_us"] = t_enc * 1e6, t_dec * 1e6
     if reference:
-        old = os.environ.get(dispatch.ENV)
-        os.environ[dispatch.ENV] = "reference"
-        try:
+        with dispatch.forced("reference"):
             row["reference_encode_us"] = _timer(device, lambda: codec.encode(x), reps) * 1e6
             dec = lambda: codec.decode_sum(payloads, count, shape, torch.bfloat16)  # noqa: E731
             row["reference_decode_sum_us"] = _timer(device, dec, reps) * 1e6
-        finally:
-            if old is None:
-                del os.environ[dispatch.ENV]
-            else:
-                os.environ[dispatch.ENV] = old
     return row
 
 
@@ -154,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run([s for s in args.specs.split(",") if s], sizes, args.count, args.reps, not args.no_reference)
     except (RuntimeError, CodecError) as exc:  # no device / no triton: one line, not a traceback
-        print(f"megatron_tpcomp.gpu.bench: {exc}", file=sys.stderr)
+        print(f"megatron_tpcomp.bench.triton_kernels: {exc}", file=sys.stderr)
         return 1
     if args.json:
         with open(args.json, "w") as f:

@@ -12,15 +12,17 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from megatron_tpcomp import backends
+from megatron_tpcomp.backends import te
 from megatron_tpcomp.codecs import make_codec
-from megatron_tpcomp.codecs.fp8 import HAVE_TE, TE_IMPORT_ERROR, Fp8Codec
+from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.spec import parse_spec
 
 HAVE_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 needs_te = pytest.mark.skipif(
-    not HAVE_TE,
-    reason=f"needs NVIDIA Transformer Engine (transformer_engine[pytorch]); import failed: {TE_IMPORT_ERROR}",
+    bool(te.import_error()),
+    reason=f"needs NVIDIA Transformer Engine (transformer_engine[pytorch]); import failed: {te.import_error()}",
 )
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -51,7 +53,8 @@ def test_te_payload_decodes_like_the_reference(
     cs = parse_spec(spec)
     x = awkward_input(dtype)
     te_codec, ref = Fp8Codec(cs, backend="te"), Fp8Codec(cs, backend="torch")
-    assert te_codec.uses_te(x) and not ref.uses_te(x)
+    assert backends.choose(te_codec, "encode", x.device, x.dtype).backend == "te"
+    assert backends.choose(ref, "encode", x.device, x.dtype).backend == "reference"
     te_payload, ref_payload = te_codec.encode(x), ref.encode(x)
     assert te_payload.shape == ref_payload.shape and te_payload.device == x.device
     y_te = ref.decode(te_payload, x.shape, torch.float32)
@@ -70,7 +73,10 @@ def test_auto_backend_uses_te_for_cuda_tensors_only() -> None:
     codec = make_codec("fp8")
     assert isinstance(codec, Fp8Codec) and codec.backend == "auto"
     x = torch.randn(4, 256, device="cuda")
-    assert codec.uses_te(x) and not codec.uses_te(x.cpu())
+    with backends.forced("auto"):
+        assert backends.choose(codec, "encode", x.device, x.dtype).backend == "te"
+        assert backends.choose(codec, "encode", "cpu", x.dtype).backend != "te"
+        assert backends.choose(make_codec("fp8+had"), "encode", x.device, x.dtype).backend == "te"
     # Every backend's payload decodes with the same decode on any device.
     y_cpu = codec.decode(codec.encode(x).cpu(), x.shape, torch.float32)
     y_cuda = codec.decode(codec.encode(x), x.shape, torch.float32).cpu()

@@ -1,4 +1,5 @@
-"""Fused CPU codecs (``kernels/cpu_codecs.cpp``): one pass over memory per direction, bytes equal to the reference.
+"""The ``cpu`` backend: fused CPU codecs (``kernels/cpu_codecs.cpp``), one pass over memory per direction, bytes
+equal to the reference.
 
 On a CPU the codec's own speed decides whether compression pays: the torch reference codecs make
 five to ten passes over memory per direction (blocks, amax, scale, round, clamp, pack, ...). This library does
@@ -11,9 +12,11 @@ Formats (everything else runs the torch reference):
 - ``int4:g<G>`` (symmetric, fp16 scales, G even) and ``int4:g<G>+had[:b<H>]``;
 - ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``) and its ``+had`` form.
 
-The wire layout stays defined in Python (``IntCodec.layout``, ``Fp8Codec.layout``): this module passes the
-offsets of the scales and of the super-block exponents (``exps``) to the library, and the tests check every
-byte against the reference codecs. The library handles block sizes that divide 4096 (one super-block per tile).
+Which codecs these are is decided here (:func:`native_format`, from the codec's bits, group, scale format,
+Hadamard block and signs), not in the codecs. The wire layout stays defined in Python (``IntCodec.layout``,
+``Fp8Codec.layout``): this module passes the offsets of the scales and of the super-block exponents (``exps``)
+to the library, and the tests check every byte against the reference codecs. The library handles block sizes
+that divide 4096 (one super-block per tile).
 
 Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 5 s)
 into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
@@ -21,12 +24,12 @@ flags and the compiler, under a file lock so that concurrent ranks build it once
 because the library is built on the machine that runs it (it falls back to the baseline ISA if the compiler
 refuses). The source is the package's own copy (``megatron_tpcomp/_csrc/``, written into the wheel by setup.py)
 or, in a source checkout, ``kernels/`` (:func:`source_dir`). No compiler, no source or a failed build: the
-reference codecs run, :func:`available` says why and ``auto`` logs one warning saying so.
+reference codecs run, :func:`available` says why and ``TPCOMP_BACKEND=auto`` logs one warning saying so.
 
-Control: ``TPCOMP_CPU_KERNELS=auto`` (default: use the library when it builds), ``off`` (reference only) or
-``on`` (raise :class:`megatron_tpcomp.kernels.KernelUnavailableError` when it cannot be used). The payload
-bytes do not depend on the setting; decoded values match the reference bit for bit too, so ranks with
-different settings still agree.
+Control: ``TPCOMP_BACKEND`` (``backends/dispatch.py``): ``auto`` (default) uses the library for CPU tensors when
+it builds, ``cpu`` makes a library that cannot be used an error, ``reference`` never uses it. The payload bytes
+do not depend on the setting; decoded values match the reference bit for bit too, so ranks with different
+settings still agree.
 
 Threads: ``torch.get_num_threads()`` OpenMP threads per call (one below 64K values).
 """
@@ -44,48 +47,39 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from megatron_tpcomp.codecs.base import Codec, PayloadLayout, numel_of
+from megatron_tpcomp.codecs.fp8 import Fp8Codec
+from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotation_scale, rotation_signs
+from megatron_tpcomp.codecs.intx import IntCodec
+from megatron_tpcomp.paths import cache_dir
+
 logger = logging.getLogger("megatron_tpcomp")
 
 #: The repository's kernel sources (a source checkout or an editable install).
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 #: The copy of kernels/ inside an installed package (setup.py's build_py writes it into the wheel).
 PACKAGE_SOURCES = "_csrc"
 SOURCES = ("cpu_codecs.cpp", "int4_core.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math")
 NATIVE_FLAGS = ("-march=native",)
-ENV = "TPCOMP_CPU_KERNELS"
-MODES = ("auto", "on", "off")
 
 FORMAT_INT4 = 0
 FORMAT_FP8_E4M3 = 1
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def mode() -> str:
-    """``TPCOMP_CPU_KERNELS``: ``auto`` (default), ``on`` or ``off``; anything else raises ValueError.
-    Read on every call (tests and benchmarks switch it), parsed once per distinct value (it is on the hot path)."""
-    return _parse_mode(os.environ.get(ENV, "auto"))
-
-
-@lru_cache(maxsize=8)
-def _parse_mode(raw: str) -> str:
-    value = raw.strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV}={value!r} is not one of {', '.join(MODES)}")
-    return value
-
-
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++")
 
 
-def source_dir(package: str = __package__ or "megatron_tpcomp", repo_dir: Path = KERNELS_DIR) -> Path:
+def source_dir(package: str = "megatron_tpcomp", repo_dir: Path = KERNELS_DIR) -> Path:
     """The folder that holds ``cpu_codecs.cpp``: the package's own copy (``<package>/_csrc``, an installed wheel)
     first, then the repository's ``kernels/`` (editable install). Raises RuntimeError naming both places."""
     copy = importlib.resources.files(package) / PACKAGE_SOURCES
@@ -132,8 +126,6 @@ def build(cache: Path | None = None) -> Path:
         raise RuntimeError("no C++ compiler (g++ not on PATH and $CXX unset)")
     src = source_dir()
     if cache is None:
-        from megatron_tpcomp.assets import cache_dir
-
         cache = cache_dir()
     folder = cache / "native"
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,9 +160,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def available() -> tuple[bool, str]:
-    """``(True, "")`` when the library is built and loadable here, else ``(False, reason)`` (``off`` included)."""
-    if mode() == "off":
-        return False, f"{ENV}=off"
+    """``(True, "")`` when the library is built and loadable here, else ``(False, reason)``."""
     lib, reason = _load()
     return lib is not None, reason
 
@@ -217,38 +207,11 @@ class NativeFormat:
         return math.lcm(self.block, self.rot_block or 1, 4096)
 
 
-def _library() -> ctypes.CDLL | None:
-    """The loaded library when the mode allows it; raises for ``on`` when it cannot be used."""
-    m = mode()
-    if m == "off":
-        return None
+def _library() -> ctypes.CDLL:
     lib, reason = _load()
     if lib is None:
-        if m == "on":
-            from megatron_tpcomp.kernels import KernelUnavailableError
-
-            raise KernelUnavailableError(f"{ENV}=on but the CPU codec library is unavailable: {reason}")
-        _warn_fallback(reason)
-        return None
+        raise RuntimeError(f"the CPU codec library is unavailable: {reason}")
     return lib
-
-
-@lru_cache(maxsize=1)
-def _warn_fallback(reason: str) -> None:
-    """One warning per process (per reason) when ``auto`` falls back: the reference codecs are ~100x slower."""
-    logger.warning(
-        "megatron-tpcomp: the fused CPU codec library is unavailable, the torch reference codecs run instead "
-        "(much slower; set %s=off to silence this, =on to make it an error): %s",
-        ENV,
-        reason,
-    )
-
-
-def usable(fmt: NativeFormat | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the library handles this format for a CPU tensor of ``dtype`` (fp32/bf16/fp16) and is enabled."""
-    if fmt is None or device.type != "cpu" or dtype not in _DTYPES or fmt.tile() > 4096:
-        return False
-    return _library() is not None
 
 
 def encode_into(
@@ -274,7 +237,7 @@ def encode_into(
         raise ValueError(f"CPU codec library refused the format {fmt} for dtype {xc.dtype}")
 
 
-def decode_sum(
+def _decode_sum(
     fmt: NativeFormat,
     payloads: torch.Tensor,
     count: int,
@@ -313,3 +276,86 @@ def decode_sum(
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
+
+
+# --- the backend interface (backends/dispatch.py) -------------------------------------------------------------
+
+
+def native_format(codec: Codec) -> NativeFormat | None:
+    """What the library needs to run ``codec``, or None when it does not implement it: ``int4:g<G>`` (symmetric,
+    fp16 scales, G even), ``fp8-e4m3:b<B>`` with fp32 scales, and either one inside ``+had``; one super-block
+    (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile."""
+    if type(codec) is HadamardCodec:
+        inner = native_format(codec.inner)
+        if inner is None:
+            return None
+        fmt = NativeFormat(
+            inner.format,
+            inner.block,
+            inner.scale_cap,
+            inner.range_limit,
+            rot_block=codec.block,
+            signs=rotation_signs(codec.block, codec.seed),
+            rot_scale=rotation_scale(codec.block),
+        )
+    elif type(codec) is IntCodec:
+        if codec.bits != 4 or codec.asym or codec.scale_fmt != "fp16" or codec.group % 2:
+            return None
+        fmt = NativeFormat(FORMAT_INT4, codec.group, range_limit=codec.range_limit or 0.0)
+    elif type(codec) is Fp8Codec:
+        if codec.fp8_dtype != torch.float8_e4m3fn or codec.scale_fmt != "fp32":
+            return None
+        cap = float(torch.tensor(codec.scale_cap, dtype=torch.float32))  # what clamp(max=cap) compares with
+        fmt = NativeFormat(FORMAT_FP8_E4M3, codec.block, scale_cap=cap, range_limit=codec.range_limit or 0.0)
+    else:
+        return None
+    return fmt if fmt.tile() <= 4096 else None
+
+
+def unsupported(codec: Codec, op: str) -> str | None:
+    """None when the library implements ``op`` (``encode`` / ``decode``) for ``codec``, else why not."""
+    if native_format(codec) is None:
+        return "not one of int4:g<G> (fp16 scales), fp8-e4m3 (fp32 scales), optionally +had, within 4096 values"
+    return None
+
+
+def unavailable(device_type: str) -> str | None:
+    """None when the library can run on tensors of ``device_type`` here, else why not."""
+    if device_type != "cpu":
+        return f"the CPU codec library runs on CPU tensors only, not {device_type}"
+    ok, reason = available()
+    return None if ok else f"the CPU codec library is unavailable: {reason}"
+
+
+def _layout(codec: Codec, shape: Sequence[int]) -> PayloadLayout:
+    """The payload layout the library writes: the codec's, or for ``+had`` the inner codec's for the padded size."""
+    if type(codec) is HadamardCodec:
+        return codec.inner.layout((-(-numel_of(shape) // codec.block) * codec.block,))
+    return codec.layout(shape)
+
+
+def encode(codec: Codec, x: torch.Tensor) -> torch.Tensor:
+    """``codec.encode(x)`` by the library (``x``: a CPU fp32/bf16/fp16 tensor; ``native_format(codec)`` not None)."""
+    layout = _layout(codec, x.shape)
+    payload = layout.allocate_padding_zeroed(x.device)  # the library writes every code, scale and exponent byte
+    if x.numel():
+        encode_into(native_format(codec), x, payload, layout.sections["scales"].offset, layout.sections["exps"].offset)
+    return payload
+
+
+def decode_sum(
+    codec: Codec,
+    payloads: torch.Tensor,
+    count: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``codec.decode_sum`` by the library (arguments checked by the dispatcher; ``out`` on the CPU)."""
+    n = numel_of(shape)
+    if n == 0:
+        return out.view(tuple(shape)) if out is not None else torch.empty(tuple(shape), dtype=dtype)
+    layout = _layout(codec, shape)
+    scales, exps = layout.sections["scales"].offset, layout.sections["exps"].offset
+    fmt = native_format(codec)
+    return _decode_sum(fmt, payloads, count, layout.nbytes, scales, exps, n, dtype, out=out).view(tuple(shape))

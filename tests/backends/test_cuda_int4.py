@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_tpcomp import kernels
+from megatron_tpcomp import backends
+from megatron_tpcomp.backends import cuda_int4 as kernels
 from megatron_tpcomp.codecs import make_codec
 
 _available, _reason = kernels.cuda_int4_available()
@@ -106,9 +107,26 @@ def test_cuda_reference_matches_cpu_reference() -> None:
     ``tensor / 7`` on CUDA is ``tensor * (1/7)`` and used to put ~1 in 20000 fp16 scales one ulp off)."""
     x = make_input((2048, 4096), torch.float32, seed=3)
     codec = make_codec("int4:g32")
-    cpu_ref = codec.encode(x)
-    assert_same_bytes(codec.encode(x.cuda()).cpu(), cpu_ref)
+    with backends.forced("reference"):  # the torch codec on both devices, not the CPU library or these kernels
+        cpu_ref = codec.encode(x)
+        assert_same_bytes(codec.encode(x.cuda()).cpu(), cpu_ref)
     assert_same_bytes(kernels.int4_quantize_cuda(x.cuda(), 32), cpu_ref)
+
+
+def test_dispatch_auto_runs_the_extension_with_the_reference_bytes() -> None:
+    """``TPCOMP_BACKEND=auto`` on CUDA tensors picks this extension for plain int4:g<G> (fp16 scales): the codec's
+    public calls give the reference's payload and decode_sum bits."""
+    codec = make_codec("int4:g64")
+    x = make_input((64, 576), torch.bfloat16, seed=5).cuda()
+    with backends.forced("auto"):
+        assert backends.choose(codec, "encode", x.device, x.dtype).backend == "cuda"
+        assert backends.choose(codec, "decode", x.device, x.dtype).backend == "cuda"
+        payload = codec.encode(x)
+        summed = codec.decode_sum(torch.cat([payload, payload]), 2, x.shape, x.dtype)
+    with backends.forced("reference"):
+        assert_same_bytes(payload, codec.encode(x).cpu())
+        want = codec.decode_sum(torch.cat([payload, payload]), 2, x.shape, x.dtype)
+    assert_same_bits(summed, want.cpu())
 
 
 # --- dequantize -----------------------------------------------------------------------------------------------

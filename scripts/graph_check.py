@@ -1,13 +1,14 @@
 """Does a compressed all_reduce survive CUDA-graph capture? One codec's encode + decode_sum, captured and replayed.
 
-``python -m megatron_tpcomp.gpu.graph_check [--spec int4:g32+had] [--shape 4x576] [--dtype bf16] [--count 2]
+``python scripts/graph_check.py [--spec int4:g32+had] [--shape 4x576] [--dtype bf16] [--count 2]
 [--modes auto,reference] [--json OUT]``
 
 At world size 1 the plug-in's all_reduce sends nothing, so this checks what a captured TP all_reduce runs on
 each rank around the collective: ``payload = codec.encode(x)`` (uint8 ``[P]``), the gathered buffer (``count``
 payloads back to back, ``[count * P]``: what the all_gather of ``count`` ranks delivers) and
-``codec.decode_sum(buffer, count, shape, dtype)``, all through the GPU dispatch (``gpu/dispatch.py``) in the mode
-asked for (``auto``: the Triton kernels; ``reference``: the torch reference on CUDA tensors). For each mode it:
+``codec.decode_sum(buffer, count, shape, dtype)``, all through the kernel dispatch (``megatron_tpcomp/backends/``) with
+``TPCOMP_BACKEND`` set to each mode asked for (``auto``: the fused kernels; ``reference``: the torch reference on
+CUDA tensors). For each mode it:
 
 1. runs the sequence eagerly on input A (also the warm-up: Triton compiles, the rotation signs are cached on the
    device, so nothing is compiled or copied from the host inside the capture);
@@ -25,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from megatron_tpcomp import backends
 from megatron_tpcomp.codecs import make_codec
-from megatron_tpcomp.gpu import dispatch
 
 DEFAULT_SPEC = "int4:g32+had"
 DEFAULT_SHAPE = (4, 576)  # four tokens of SmolLM2's hidden size: a decode step's all_reduce at batch 4
@@ -58,34 +58,25 @@ def _compressed_all_reduce(codec: Any, x: torch.Tensor, count: int) -> torch.Ten
     return codec.decode_sum(gathered, count, x.shape, x.dtype)
 
 
-def _with_mode(mode: str) -> str | None:
-    old = os.environ.get(dispatch.ENV)
-    os.environ[dispatch.ENV] = mode
-    return old
-
-
-def _restore_mode(old: str | None) -> None:
-    if old is None:
-        os.environ.pop(dispatch.ENV, None)
-    else:
-        os.environ[dispatch.ENV] = old
-
-
 def check_mode(spec: str, shape: Sequence[int], dtype: torch.dtype, count: int, mode: str) -> dict[str, Any]:
-    """Capture + replay vs eager for one dispatch mode on the current CUDA device (see the module docstring).
+    """Capture + replay vs eager with ``TPCOMP_BACKEND=mode`` on the current CUDA device (see the module docstring).
     Returns ``{"mode", "kernel", "ok", "error", "max_abs_diff_a", "max_abs_diff_b"}``."""
+    with backends.forced(mode):
+        return _check(spec, shape, dtype, count, mode)
+
+
+def _check(spec: str, shape: Sequence[int], dtype: torch.dtype, count: int, mode: str) -> dict[str, Any]:
     codec = make_codec(spec)
     device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)
     a = torch.randn(tuple(shape), generator=g).to(dtype).to(device)
     b = (3.0 * torch.randn(tuple(shape), generator=g)).to(dtype).to(device)  # other scales: other exponents
     row: dict[str, Any] = {"mode": mode, "kernel": None, "ok": False, "error": None}
-    old = _with_mode(mode)
     try:
         eager_a = _compressed_all_reduce(codec, a, count)
         eager_b = _compressed_all_reduce(codec, b, count)
         # Asked after the eager runs: in auto mode a kernel that failed there was switched to the reference.
-        row["kernel"] = "triton" if dispatch._use_triton(codec, device) else "reference"
+        row["kernel"] = backends.choose(codec, "encode", device, dtype).backend
         static = a.clone()
         # Capture needs a side stream that has seen the warm-up (torch's documented recipe).
         side = torch.cuda.Stream()
@@ -114,8 +105,6 @@ def check_mode(spec: str, shape: Sequence[int], dtype: torch.dtype, count: int, 
             torch.cuda.synchronize()
         except Exception as sync_exc:  # noqa: BLE001
             row["error"] += f" (then synchronize: {type(sync_exc).__name__})"
-    finally:
-        _restore_mode(old)
     return row
 
 
@@ -143,14 +132,12 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_tpcomp.gpu.graph_check", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python scripts/graph_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=DEFAULT_SPEC, help=f"codec spec (default {DEFAULT_SPEC})")
     parser.add_argument("--shape", default="x".join(map(str, DEFAULT_SHAPE)), help="tensor shape, e.g. 4x576")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
     parser.add_argument("--count", type=int, default=2, help="payloads summed, as from COUNT ranks (default 2)")
-    parser.add_argument("--modes", default="auto,reference", help=f"comma-separated {dispatch.ENV} modes")
+    parser.add_argument("--modes", default="auto,reference", help=f"comma-separated {backends.ENV} values")
     parser.add_argument("--json", metavar="OUT", help="write the result to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -160,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         parser.error(f"--count {args.count}: expected an integer >= 1")
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in dispatch.MODES]
+    bad = [m for m in modes if m not in backends.NAMES]
     if bad or not modes:
-        parser.error(f"--modes {args.modes!r}: expected a comma-separated list from {', '.join(dispatch.MODES)}")
+        parser.error(f"--modes {args.modes!r}: expected a comma-separated list from {', '.join(backends.NAMES)}")
     try:
         result = run(args.spec, shape, DTYPES[args.dtype], args.count, modes)
     except ValueError as exc:  # CodecError is one: a bad spec, named by the spec parser
@@ -176,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in result["modes"]:
         print(
             f"{result['spec']} {'x'.join(map(str, shape))} {result['dtype']} count={args.count} "
-            f"{dispatch.ENV}={m['mode']} ({m['kernel']}): "
+            f"{backends.ENV}={m['mode']} ({m['kernel']}): "
             + ("capture+replay == eager" if m["ok"] else f"FAILED: {m['error']}"),
             flush=True,
         )

@@ -1,5 +1,5 @@
 """The CUDA sources compile for sm_80 and sm_90 and the torch binding passes a syntax check, through
-scripts/check_cuda.sh (nvcc is a compiler only in CI; the kernels run in tests/gpu/ where a GPU is lent)."""
+scripts/check_cuda.sh (nvcc is a compiler only in CI; the kernels run in tests/backends/ where a GPU is lent)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The fused CPU codec library (kernels/cpu_codecs.cpp) writes the reference codecs' bytes and decodes their bits.
+"""The ``cpu`` backend (kernels/cpu_codecs.cpp) writes the reference codecs' bytes and decodes their bits.
 
-Every comparison runs the same codec object twice in one process: with ``TPCOMP_CPU_KERNELS=off`` (the torch
-reference, which defines the format) and ``=on`` (the library; the test fails if it cannot be built). Payloads
+Every comparison runs the same codec object twice in one process: with ``TPCOMP_BACKEND=reference`` (the torch
+reference, which defines the format) and ``=cpu`` (the library; the test fails if it cannot be built). Payloads
 must be equal byte for byte and decodes bit for bit (NaN compared as NaN: torch itself writes different NaN
 payload bits on different paths).
 """
@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_tpcomp import cpu_codecs
+from megatron_tpcomp import backends
+from megatron_tpcomp.backends import BackendUnavailableError, cpu
 from megatron_tpcomp.codecs import CodecError, make_codec
-from megatron_tpcomp.kernels import KernelUnavailableError
 
 NATIVE_SPECS = [
     "int4:g32",
@@ -37,10 +37,13 @@ NATIVE_SPECS = [
     "fp8+had:b256",
 ]
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
+#: The old TPCOMP_CPU_KERNELS modes of these tests -> TPCOMP_BACKEND.
+MODES = {"off": "reference", "on": "cpu"}
 
 
 def with_mode(monkeypatch: pytest.MonkeyPatch, mode: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    monkeypatch.setenv(cpu_codecs.ENV, mode)
+    """``fn()`` with the library off (``TPCOMP_BACKEND=reference``) or on (``=cpu``)."""
+    monkeypatch.setenv(backends.ENV, MODES[mode])
     return fn()
 
 
@@ -74,7 +77,7 @@ def adversarial(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.
 
 @pytest.fixture(scope="module", autouse=True)
 def library() -> None:
-    ok, why = cpu_codecs.available()
+    ok, why = cpu.available()
     assert ok, f"the CPU codec library must build here (g++ is part of the supported setup): {why}"
 
 
@@ -85,7 +88,7 @@ def test_payload_and_decode_sum_match_the_reference(
     monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
     codec = make_codec(spec)
-    assert codec.native_format() is not None
+    assert cpu.native_format(codec) is not None
     inputs = [adversarial(shape, dtype, seed) for seed in range(3)]
     ref = [with_mode(monkeypatch, "off", lambda x=x: codec.encode(x)) for x in inputs]
     got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in inputs]
@@ -113,15 +116,15 @@ def test_payload_and_decode_sum_match_the_reference(
 def test_random_messages_match_the_reference(spec: str, numel: int, log_scale: float, seed: int) -> None:
     codec = make_codec(spec)
     x = (torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale).bfloat16()
-    os.environ[cpu_codecs.ENV] = "off"
+    os.environ[backends.ENV] = "reference"
     try:
         ref = codec.encode(x)
         ref_sum = codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32)
-        os.environ[cpu_codecs.ENV] = "on"
+        os.environ[backends.ENV] = "cpu"
         got = codec.encode(x)
         got_sum = codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32)
     finally:
-        os.environ.pop(cpu_codecs.ENV, None)
+        os.environ.pop(backends.ENV, None)
     assert torch.equal(ref, got)
     assert same_bits(ref_sum, got_sum)
 
@@ -174,9 +177,9 @@ def test_range_extremes_match_the_reference(monkeypatch: pytest.MonkeyPatch, spe
 
 def test_block_sizes_that_do_not_divide_the_super_block_are_left_to_the_reference() -> None:
     # The library runs one 4096-value super-block per tile; lcm(96, 4096) = 12288 does not fit.
-    assert make_codec("int4:g96").native_format() is None
-    assert make_codec("fp8:b96").native_format() is None
-    assert make_codec("int4:g32").native_format() is not None
+    assert cpu.native_format(make_codec("int4:g96")) is None
+    assert cpu.native_format(make_codec("fp8:b96")) is None
+    assert cpu.native_format(make_codec("int4:g32")) is not None
 
 
 def test_non_contiguous_input_is_read_row_major(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,31 +199,27 @@ def test_unsupported_formats_are_left_to_the_reference() -> None:
         "nvfp4",
         "int4:g32+outliers:k4",
     ):
-        assert make_codec(spec).native_format() is None, spec
+        assert cpu.native_format(make_codec(spec)) is None, spec
 
 
 def test_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(cpu_codecs.ENV, "sometimes")
-    with pytest.raises(ValueError, match="TPCOMP_CPU_KERNELS='sometimes' is not one of auto, on, off"):
-        cpu_codecs.mode()
-    monkeypatch.setenv(cpu_codecs.ENV, "off")
-    assert cpu_codecs.available() == (False, "TPCOMP_CPU_KERNELS=off")
-    # No compiler: `auto` quietly uses the reference, `on` raises and says why.
+    # No compiler: `auto` uses the reference (one warning), `cpu` raises naming the variable and the reason.
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TPCOMP_CACHE", str(tmp_path / "cache"))
-    cpu_codecs._load.cache_clear()
+    backends.reset()
     try:
         x = torch.randn(256, 64).bfloat16()
         codec = make_codec("int4:g32")
-        monkeypatch.setenv(cpu_codecs.ENV, "auto")
-        ok, why = cpu_codecs.available()
+        monkeypatch.setenv(backends.ENV, "auto")
+        ok, why = cpu.available()
         assert not ok and "no-such-compiler" in why
         ref = codec.encode(x)  # the reference ran
-        monkeypatch.setenv(cpu_codecs.ENV, "on")
-        with pytest.raises(KernelUnavailableError, match="TPCOMP_CPU_KERNELS=on but the CPU codec library"):
+        assert backends.choose(codec, "encode", "cpu", x.dtype).backend == "reference"
+        monkeypatch.setenv(backends.ENV, "cpu")
+        with pytest.raises(BackendUnavailableError, match="TPCOMP_BACKEND=cpu cannot run .*no-such-compiler"):
             codec.encode(x)
     finally:
-        cpu_codecs._load.cache_clear()
+        backends.reset()
     monkeypatch.delenv("CXX")
     monkeypatch.delenv("TPCOMP_CACHE")
     assert torch.equal(codec.encode(x), ref)
@@ -229,7 +228,7 @@ def test_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_concurrent_first_builds_agree(tmp_path: Path) -> None:
     # Three processes (like three ranks) build into an empty cache at once: one compiles under the lock, all
     # load the same library, and no temporary file is left behind.
-    code = "from megatron_tpcomp import cpu_codecs; print(cpu_codecs.build())"
+    code = "from megatron_tpcomp.backends import cpu; print(cpu.build())"
     env = {**os.environ, "TPCOMP_CACHE": str(tmp_path)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)
@@ -244,7 +243,7 @@ def test_concurrent_first_builds_agree(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["off", "on"])
 @pytest.mark.parametrize("spec", ["int4:g32+had", "fp8", "int8:g32"])
 def test_decode_sum_writes_into_out(monkeypatch: pytest.MonkeyPatch, mode: str, spec: str) -> None:
-    monkeypatch.setenv(cpu_codecs.ENV, mode)
+    monkeypatch.setenv(backends.ENV, MODES[mode])
     codec = make_codec(spec)
     x = adversarial((40, 576), torch.bfloat16, seed=5)
     payloads = torch.cat([codec.encode(x), codec.encode(x * 2)])

@@ -1,4 +1,4 @@
-"""Kernel backends: the torch reference codecs, the INT4 CUDA extension, Transformer Engine FP8.
+"""The ``cuda`` backend: the INT4 CUDA extension for ``int4:g<G>`` (symmetric, fp16 scales) on CUDA tensors.
 
 The reference codecs (``megatron_tpcomp/codecs``) define the wire format and run everywhere (CPU and GPU). The
 CUDA extension ``megatron_tpcomp._int4_cuda`` (sources in ``kernels/``) is built by ``setup.py`` only where
@@ -7,7 +7,9 @@ memory, byte-identical to the reference encode on the CPU, and decodes / decode-
 
 Wire layout of an ``int4:g<G>`` payload for ``n`` values (``ng = ceil(n / G)`` groups, the last zero-padded),
 as ``IntCodec.layout((n,))``: codes ``uint8[ng*G/2]`` (two per byte, even index in the low nibble, code = q + 8),
-then fp16 scales ``[ng]`` at the next 16-byte offset, total size rounded up to 16 bytes, padding zero.
+then fp16 scales ``[ng]`` at the next 16-byte offset, then the int16 super-block exponents (2-byte aligned),
+total size rounded up to 16 bytes, padding zero (``kernels/int4_core.h``; tests/backends/test_cuda_int4_host.py
+pins its bytes against the reference on the host, tests/backends/test_cuda_int4.py on a GPU).
 
 Usage::
 
@@ -18,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 import importlib
 import math
 from collections.abc import Sequence
@@ -27,29 +28,14 @@ from types import ModuleType
 
 import torch
 
+from megatron_tpcomp.backends.errors import BackendUnavailableError
+from megatron_tpcomp.codecs.base import Codec, numel_of
+from megatron_tpcomp.codecs.intx import IntCodec
+
 #: Module name of the compiled extension (setup.py builds it from kernels/).
 INT4_CUDA_MODULE = "megatron_tpcomp._int4_cuda"
 #: Group sizes the CUDA kernels support (G/8 threads share a group and must tile a 32-lane warp).
 INT4_CUDA_GROUPS = (8, 16, 32, 64, 128, 256)
-#: Output / input dtypes of the kernels.
-INT4_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class Backend(enum.Enum):
-    """Which implementation encodes and decodes.
-
-    REFERENCE: the torch codecs (any device; defines the wire format).
-    CUDA: this package's INT4 kernels (``int4:g<G>`` only, CUDA tensors, needs the built extension).
-    TE: Transformer Engine's FP8 cast (fp8 codecs, CUDA tensors, needs transformer_engine).
-    """
-
-    REFERENCE = "reference"
-    CUDA = "cuda"
-    TE = "te"
-
-
-class KernelUnavailableError(RuntimeError):
-    """A backend was requested explicitly but cannot run here; the message says why."""
 
 
 @lru_cache(maxsize=1)
@@ -75,40 +61,10 @@ def cuda_int4_available() -> tuple[bool, str]:
     return module is not None, reason
 
 
-def te_fp8_available() -> tuple[bool, str]:
-    """``(True, "")`` when Transformer Engine's FP8 cast can run here, else ``(False, reason)``."""
-    from megatron_tpcomp.codecs import fp8  # the fp8 codec owns the guarded TE import
-
-    if not fp8.HAVE_TE:
-        return False, "Transformer Engine is not installed (pip install transformer-engine[pytorch], GPU only)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device is visible (torch.cuda.is_available() is False)"
-    return True, ""
-
-
-def backend_available(backend: Backend | str) -> tuple[bool, str]:
-    """``(available, reason)`` for ``backend`` (an enum member or its value: "reference", "cuda", "te")."""
-    backend = Backend(backend)
-    if backend is Backend.CUDA:
-        return cuda_int4_available()
-    if backend is Backend.TE:
-        return te_fp8_available()
-    return True, ""
-
-
-def require_backend(backend: Backend | str) -> Backend:
-    """Return ``backend`` as an enum member; raise KernelUnavailableError (with the reason) if it cannot run."""
-    backend = Backend(backend)
-    ok, reason = backend_available(backend)
-    if not ok:
-        raise KernelUnavailableError(f"kernel backend {backend.value!r} requested but unavailable: {reason}")
-    return backend
-
-
 def _int4_module() -> ModuleType:
     module, reason = _load_int4_cuda()
     if module is None:
-        raise KernelUnavailableError(f"kernel backend 'cuda' requested but unavailable: {reason}")
+        raise BackendUnavailableError(f"kernel backend 'cuda' requested but unavailable: {reason}")
     return module
 
 
@@ -173,4 +129,49 @@ def int4_dequantize_sum_cuda(
     """
     _check_group(group)
     out = _int4_module().int4_dequantize_sum(payloads, math.prod(int(s) for s in shape), group, dtype)
+    return out.view(tuple(shape))
+
+
+# --- the backend interface (backends/dispatch.py) -------------------------------------------------------------
+
+
+def unsupported(codec: Codec, op: str) -> str | None:
+    """None when the extension implements ``codec`` (``int4:g<G>``, symmetric, fp16 scales, G in
+    ``INT4_CUDA_GROUPS``; encode and decode), else why not."""
+    if type(codec) is not IntCodec or codec.bits != 4 or codec.asym or codec.scale_fmt != "fp16":
+        return "the INT4 CUDA kernels implement plain int4:g<G> with fp16 scales only"
+    if codec.group not in INT4_CUDA_GROUPS:
+        return f"the INT4 CUDA kernels support groups {INT4_CUDA_GROUPS}, not {codec.group}"
+    return None
+
+
+def unavailable(device_type: str) -> str | None:
+    """None when the extension can run on tensors of ``device_type`` here, else why not."""
+    if device_type != "cuda":
+        return f"the INT4 CUDA kernels run on CUDA tensors only, not {device_type}"
+    ok, reason = cuda_int4_available()
+    return None if ok else reason
+
+
+def encode(codec: Codec, x: torch.Tensor) -> torch.Tensor:
+    """``codec.encode(x)`` by the extension (``x``: a CUDA fp32/fp16/bf16 tensor)."""
+    return int4_quantize_cuda(x, codec.group)
+
+
+def decode_sum(
+    codec: Codec,
+    payloads: torch.Tensor,
+    count: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``codec.decode_sum`` by the extension (arguments checked by the dispatcher; ``out`` on the payloads' device)."""
+    if numel_of(shape) == 0:
+        result = torch.empty(tuple(shape), dtype=dtype, device=payloads.device)
+    else:
+        result = int4_dequantize_sum_cuda(payloads.view(count, -1), shape, codec.group, dtype)
+    if out is None:
+        return result
+    out.view(-1).copy_(result.view(-1))
     return out.view(tuple(shape))
