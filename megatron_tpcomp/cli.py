@@ -76,7 +76,7 @@ def _cmd_specs(argv: list[str]) -> int:
 
 
 _BENCHES = {
-    "codecs": "codecs",
+    "codecs": "codec_speed",
     "collectives": "collectives",
     "perf-table": "perf_table",
     "e2e": "e2e",
@@ -118,15 +118,15 @@ def _cmd_collectives_demo(argv: list[str]) -> int:
 
 
 def _cmd_convert(argv: list[str]) -> int:
-    from megatron_tpcomp.checkpoint import cli
+    from megatron_tpcomp import checkpoint_cli as cli
 
     return cli.main(argv)
 
 
 def _cmd_megatron_args(argv: list[str]) -> int:
-    from megatron_tpcomp.checkpoint import megatron_args
+    from megatron_tpcomp import checkpoint_cli as cli
 
-    return megatron_args.main(argv)
+    return cli.megatron_args_main(argv)
 
 
 def _cmd_generate(argv: list[str]) -> int:

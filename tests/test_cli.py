@@ -187,8 +187,8 @@ def _parsed(build: object, argv: list[str]) -> dict[str, object]:
         ("calibration", ["--out", "c.json"], ["--tensor-model-parallel-size", "2"], ["--tp", "2"]),
         ("calibration", ["--out", "c.json"], ["--load", "ckpt-dir"], ["--model", "ckpt-dir"]),
         ("calibration", ["--out", "c.json"], ["--quiet"], ["-q"]),
-        ("checkpoint.cli", ["src", "dst"], ["--tensor-model-parallel-size", "2"], ["--tp", "2"]),
-        ("checkpoint.cli", ["src", "dst"], ["--quiet"], ["-q"]),
+        ("checkpoint_cli", ["src", "dst"], ["--tensor-model-parallel-size", "2"], ["--tp", "2"]),
+        ("checkpoint_cli", ["src", "dst"], ["--quiet"], ["-q"]),
     ],
 )
 def test_each_alias_parses_to_the_same_value(module: str, base: list[str], new: list[str], old: list[str]) -> None:

@@ -2,10 +2,10 @@
 
     python tools/bench_codecs.py --reps 20 --json bench_codecs.json
 
-From Python: ``megatron_tpcomp.bench.codecs.run(specs, sizes, dtype, reps) -> list[dict]``.
+From Python: ``megatron_tpcomp.bench.codec_speed.run(specs, sizes, dtype, reps) -> list[dict]``.
 """
 
-from megatron_tpcomp.bench.codecs import main
+from megatron_tpcomp.bench.codec_speed import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

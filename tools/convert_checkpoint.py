@@ -8,7 +8,7 @@
 From Python: ``megatron_tpcomp.checkpoint.convert.convert(source, output, tp_size)``.
 """
 
-from megatron_tpcomp.checkpoint.cli import main
+from megatron_tpcomp.checkpoint_cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import (
+from megatron_tpcomp.bench.collectives_worker import OPS
+from megatron_tpcomp.bench.common import (
     DTYPES,
     check_json_path,
     parse_size,
@@ -49,7 +50,6 @@ from megatron_tpcomp.bench.codecs import (
     size_label,
     split_list,
 )
-from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.collectives.algorithms import compressed_algorithms

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tpcomp import collectives
-from megatron_tpcomp.bench.codecs import DTYPES, message
+from megatron_tpcomp.bench.common import DTYPES, message
 from megatron_tpcomp.codecs import Codec
 from megatron_tpcomp.collectives import chunking
 from megatron_tpcomp.collectives.algorithms import all_gather_flat, reduce_scatter_flat
@@ -41,7 +41,7 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter")
 def make_input(op: str, nbytes: int, world_size: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's message of about ``nbytes``: ``[tokens, 576]`` in ``dtype``, seeded by rank.
 
-    N(0, 1) with one channel 300x larger, like :func:`megatron_tpcomp.bench.codecs.message`, but different on
+    N(0, 1) with one channel 300x larger, like :func:`megatron_tpcomp.bench.common.message`, but different on
     every rank (real partial sums differ). For reduce-scatter ``tokens`` is rounded down to a multiple of the
     world size (at least one token per rank), for the others it is at least 1.
     """

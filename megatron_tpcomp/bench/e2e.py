@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.codecs import check_json_path, partial_writer, report, split_list
+from megatron_tpcomp.bench.common import check_json_path, partial_writer, report, split_list
 from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
 
 #: Comm-bound link rate: about half of the baseline's prefill in TP communication (see the module docstring).
@@ -611,7 +611,7 @@ class _Options:
 def _options(args: argparse.Namespace) -> _Options:
     """Check the parsed options and resolve the checkpoint and the ``--config`` files against it, all before
     anything starts. ValueError (one line) names the bad option."""
-    from megatron_tpcomp.bench.codecs import parse_size
+    from megatron_tpcomp.bench.common import parse_size
 
     if args.tp < 2:
         raise ValueError(f"--tp must be >= 2, got {args.tp}")

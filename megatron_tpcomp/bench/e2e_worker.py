@@ -157,7 +157,7 @@ def calibrate(spec: str, sizes: list[int], dtype: torch.dtype, reps: int, n: int
 
     Link: stock all-reduces of ``[tokens, 576]`` messages of ``sizes`` bytes over the TP group (slowest rank per
     repetition, medians). Path overheads: the compressed one-shot and two-shot all-reduces of ``spec``, timed
-    alternately with the stock one. Codec: :func:`megatron_tpcomp.bench.codecs.run` of ``spec`` on every rank
+    alternately with the stock one. Codec: :func:`megatron_tpcomp.bench.codec_speed.run` of ``spec`` on every rank
     at once (the ranks share the cores as they do in the model), slowest rank per size. Returns ``(table,
     link_records, codec_records)`` (link records include the compressed ones); the table is the same on every
     rank.
@@ -165,8 +165,8 @@ def calibrate(spec: str, sizes: list[int], dtype: torch.dtype, reps: int, n: int
     from megatron.core import parallel_state
 
     from megatron_tpcomp import collectives
-    from megatron_tpcomp.bench.codecs import message
-    from megatron_tpcomp.bench.codecs import run as codec_run
+    from megatron_tpcomp.bench.codec_speed import run as codec_run
+    from megatron_tpcomp.bench.common import message
     from megatron_tpcomp.codecs import make_codec
     from megatron_tpcomp.costmodel import fit
 

@@ -58,7 +58,7 @@ import torch
 from megatron_tpcomp.backends import BackendUnavailableError, forced
 from megatron_tpcomp.backends import available as backend_available
 from megatron_tpcomp.backends import cuda_int4 as kern
-from megatron_tpcomp.bench.codecs import _time, check_json_path, message, parse_size, report, size_label, split_list
+from megatron_tpcomp.bench.common import check_json_path, message, parse_size, report, size_label, split_list, time_call
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.spec import parse_spec
@@ -141,7 +141,7 @@ def time_calls(
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
-        return [_time(fn) for _ in range(reps)]
+        return [time_call(fn) for _ in range(reps)]
     torch.cuda.synchronize(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

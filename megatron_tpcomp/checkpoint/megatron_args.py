@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -242,30 +241,3 @@ def mismatches(recorded: argparse.Namespace, given: argparse.Namespace) -> list[
         if not same:
             out.append(f"{_flag(name)} {got!r} (checkpoint: {want!r})")
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tpcomp megatron-args",
-        description="Print the Megatron-LM flags that build and load a megatron-tpcomp checkpoint (architecture, "
-        "TP size, tokenizer), for Megatron-LM's own scripts; with --use-checkpoint-args Megatron-LM reads the "
-        "architecture from the checkpoint itself (all but --norm-epsilon, which is printed anyway).",
-    )
-    parser.add_argument("checkpoint", help="a checkpoint directory written by `tpcomp convert`")
-    parser.add_argument("--cpu", action="store_true", help="also the flags a machine without CUDA needs")
-    parser.add_argument("--one-per-line", action="store_true", help="one flag per line (shell continuation)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megatron_tpcomp.checkpoint.store import CheckpointError, read_metadata
-
-    args = build_parser().parse_args(argv)
-    try:
-        meta = read_metadata(args.checkpoint)
-    except CheckpointError as exc:
-        print(f"tpcomp megatron-args: error: {exc}", file=sys.stderr)
-        return 2
-    flags = flag_line(meta.model_config, meta.tp_size, meta.dtype, meta.path, cpu=args.cpu)
-    print(" \\\n    ".join(flags) if args.one_per_line else " ".join(flags))
-    return 0

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 
 from megatron_tpcomp.checkpoint import megatron_args
+from megatron_tpcomp.checkpoint.errors import CheckpointError
+from megatron_tpcomp.checkpoint.locate import META_FILE, is_torch_dist
 from megatron_tpcomp.checkpoint.megatron_args import TOKENIZER_CONFIG_FILE
 from megatron_tpcomp.megatron.model import ModelConfig
 
@@ -50,7 +52,6 @@ logger = logging.getLogger("megatron_tpcomp")
 
 FORMAT = "megatron-tpcomp-checkpoint"
 VERSION = 1
-META_FILE = "tpcomp_checkpoint.json"
 TOKENIZER_FILE = "tokenizer.json"
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
 #: Written into a Hugging Face export (``tpcomp convert --to hf``) so that ``--force`` may replace it later.
@@ -80,10 +81,6 @@ BOOL_FIELDS = ("tie_embeddings", "qkv_bias")
 DTYPES = ("float32", "bfloat16")
 META_KEYS = ("format", "version", "model_config", "tp_size", "dtype", "tokenizer", "source", "compression", "files")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or source file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -714,8 +711,6 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMeta:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not meta_path.is_file():
-        from megatron_tpcomp.checkpoint.torch_dist import is_torch_dist
-
         hint = f"; it is a Megatron torch_dist checkpoint: `tpcomp convert {path} OUT --tp N` converts it"
         raise CheckpointError(
             f"{meta_path} is missing: {path} is not a megatron-tpcomp checkpoint (or its conversion did not finish)"
@@ -779,7 +774,7 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str
     model.load_state_dict(tensors, strict=False)
 
 
-def load_model(
+def load_tpcomp_model(
     ckpt_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -787,11 +782,11 @@ def load_model(
     sequence_parallel: bool = False,
     verify: bool = True,
 ) -> tuple[torch.nn.Module, CheckpointMeta]:
-    """Build the checkpoint's GPTModel on this rank and load this rank's shard.
+    """Build a megatron-tpcomp checkpoint's GPTModel on this rank and load this rank's shard
+    (:func:`megatron_tpcomp.checkpoint.load_model` also loads Megatron ``torch_dist`` checkpoints).
 
     Megatron's parallel state must be initialised with the checkpoint's TP size (reshard with ``tpcomp
-    convert`` for another one); a Megatron ``torch_dist`` checkpoint loads at any TP size that divides the model
-    (:mod:`.torch_dist`). On a machine without CUDA call ``megatron_tpcomp.megatron.cpu.enable_cpu()``
+    convert`` for another one). On a machine without CUDA call ``megatron_tpcomp.megatron.cpu.enable_cpu()``
     first.
 
     Returns:
@@ -802,13 +797,8 @@ def load_model(
     """
     from megatron.core import parallel_state
 
-    from megatron_tpcomp.checkpoint import torch_dist
     from megatron_tpcomp.megatron.model import build_gpt_model
 
-    if torch_dist.find_checkpoint(ckpt_dir) is not None:  # Megatron's torch_dist format: loads at any TP size
-        return torch_dist.load_model(
-            ckpt_dir, dtype=dtype, parallel_output=parallel_output, sequence_parallel=sequence_parallel
-        )
     meta = read_metadata(ckpt_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != meta.tp_size:

@@ -52,7 +52,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +60,18 @@ from typing import Any
 import torch
 
 from megatron_tpcomp.checkpoint import megatron_args
+from megatron_tpcomp.checkpoint.locate import (
+    COMMON_FILE,
+    CONFIG_FILE,
+    INDEX_FILE,
+    ITER_DIR,
+    TRACKER_FILE,
+    find_checkpoint,
+    read_small,
+    tracked_dir,
+)
 from megatron_tpcomp.checkpoint.megatron_args import TOKENIZER_CONFIG_FILE
 from megatron_tpcomp.checkpoint.store import (
-    META_FILE,
     TOKENIZER_FILE,
     CheckpointError,
     CheckpointMeta,
@@ -78,20 +86,13 @@ from megatron_tpcomp.megatron.model import ModelConfig, shard_state_dict
 
 logger = logging.getLogger("megatron_tpcomp")
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CONFIG_FILE = "metadata.json"
-COMMON_FILE = "common.pt"
-INDEX_FILE = ".metadata"
 FORMAT = "megatron-torch_dist"
 #: What Megatron-LM 0.16 passes to ``sharded_state_dict``/``dist_checkpointing.save`` for a model (its
 #: ``_build_sharded_state_dict_metadata`` without the optimizer entries and the process group).
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-#: Largest ``metadata.json`` / tracker file read (a real one is ~120 bytes).
-MAX_SMALL_FILE = 1 << 20
 #: Largest ``.metadata`` read: it lists every chunk of every tensor (model and optimizer); a 70B-class model
 #: with a distributed optimizer at a few thousand ranks is tens of MB.
 MAX_INDEX_BYTES = 1 << 30
-_ITER_DIR = re.compile(r"iter_(\d{7,})")
 _LAYER_KEY = re.compile(r"decoder\.layers\.(?:(\d+)\.)?(.+)")
 #: Top-level names of model tensors in a sharded state dict; anything else (``optimizer.*``, ``rng_state``,
 #: ``rerun_state_machine_state``) is training state this package does not read.
@@ -113,70 +114,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 # ------------------------------------------------------------------------------------------- finding one
-
-
-def _read_small(path: Path, what: str) -> str:
-    size = path.stat().st_size
-    if size > MAX_SMALL_FILE:
-        raise CheckpointError(f"{path}: {size} bytes; expected at most {MAX_SMALL_FILE} for {what}")
-    try:
-        return path.read_text()
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path}: not text ({exc}); expected {what}") from None
-
-
-def _has_files(d: Path) -> bool:
-    return any((d / n).exists() for n in (CONFIG_FILE, COMMON_FILE, INDEX_FILE)) or any(d.glob("*.distcp"))
-
-
-def _tracked_dir(root: Path) -> tuple[Path, int | None] | None:
-    """(iteration directory, iteration; None for a release) that ``root``'s tracker file names; None without a
-    tracker file."""
-    tracker = root / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = _read_small(tracker, "'release' or an iteration number").strip()
-    if text == "release":
-        return root / "release", None
-    if not re.fullmatch(r"[0-9]{1,18}", text):
-        raise CheckpointError(f"{tracker}: holds {text[:40]!r}; expected 'release' or an iteration number")
-    iteration = int(text)
-    return root / f"iter_{iteration:07d}", iteration
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """The iteration directory of the ``torch_dist`` checkpoint at ``path`` (``path`` itself, or the directory
-    its ``latest_checkpointed_iteration.txt`` names), incomplete ones included; None when ``path`` is something
-    else (a megatron-tpcomp checkpoint, a Hugging Face model, Megatron's legacy per-rank ``torch`` layout).
-
-    Raises:
-        CheckpointError: a tracker file that names no iteration, or an iteration directory that does not exist.
-    """
-    p = Path(path)
-    if not p.is_dir() or (p / META_FILE).exists():
-        return None
-    tracked = _tracked_dir(p)  # Megatron-LM's layout first: the tracker says which directory holds the files
-    if tracked is None:
-        return p if _has_files(p) else None
-    d, _ = tracked
-    if not d.is_dir():
-        raise CheckpointError(
-            f"{p / TRACKER_FILE} names {d.name}, but {d} does not exist (an incomplete or partly copied Megatron "
-            "checkpoint)"
-        )
-    if any(d.glob("mp_rank_*")):
-        return None  # Megatron's legacy per-rank layout (ckpt-format torch), not this one
-    return d
-
-
-def is_torch_dist(path: str | Path) -> bool:
-    """Whether ``path`` is (or looks like an incomplete) Megatron ``torch_dist`` checkpoint; never raises."""
-    try:
-        return find_checkpoint(path) is not None
-    except CheckpointError:
-        return True  # a tracker naming a missing iteration: a Megatron checkpoint, broken
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------- the index (.metadata)
@@ -292,7 +229,7 @@ def _read_config(d: Path) -> dict[str, Any]:
             "is an incomplete copy"
         )
     try:
-        data = json.loads(_read_small(path, "megatron-core's checkpoint config"))
+        data = json.loads(read_small(path, "megatron-core's checkpoint config"))
     except ValueError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("sharded_backend") != "torch_dist":
@@ -496,7 +433,7 @@ def _tokenizer_beside(root: Path, d: Path) -> tuple[str | None, dict[str, int | 
             from tokenizers import Tokenizer
 
             try:
-                config = json.loads(_read_small(tc, "a tokenizer config"))
+                config = json.loads(read_small(tc, "a tokenizer config"))
                 tk = Tokenizer.from_str(text)
             except Exception as exc:  # ValueError (JSON), tokenizers' Exception
                 raise CheckpointError(f"{tc}: unreadable beside {tj} ({exc})") from None
@@ -607,9 +544,9 @@ def open_checkpoint(path: str | Path) -> TorchDistCheckpoint:
         )
     root = given
     if d != given:  # found through the tracker file
-        iteration = _tracked_dir(given)[1]  # type: ignore[index]
+        iteration = tracked_dir(given)[1]  # type: ignore[index]
     else:  # the iteration directory itself
-        m = _ITER_DIR.fullmatch(given.name)
+        m = ITER_DIR.fullmatch(given.name)
         iteration = int(m[1]) if m else None
         if (m or given.name == "release") and (given.parent / TRACKER_FILE).is_file():
             root = given.parent  # where the tracker (and a tokenizer written by save()) is
@@ -779,7 +716,7 @@ def load_model(
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _require_psutil() -> None:
+def require_psutil() -> None:
     # megatron-core's writer processes call psutil before their error handling: without it each one dies and
     # the saving rank waits for them forever.
     import importlib.util
@@ -814,7 +751,7 @@ def save(
     from megatron.core import dist_checkpointing, parallel_state
 
     out = Path(output)
-    _require_psutil()
+    require_psutil()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if dist.get_world_size() != tp:
         raise CheckpointError(f"save: the world has {dist.get_world_size()} ranks but TP={tp}; expected one TP group")
@@ -858,85 +795,3 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def export(source: str | Path, output: str | Path) -> Path:
-    """Convert any ``tpcomp convert`` source into a ``torch_dist`` checkpoint at ``output``.
-
-    Run alone (one process: a world of one rank, TP=1) or under ``torchrun --nproc-per-node N`` (N ranks, TP=N,
-    over gloo): the stored tensors are the same global tensors either way; N only sets how the chunks are
-    split into files. On the CPU only (megatron-core's CPU patches).
-    """
-    import torch.distributed as dist
-
-    from megatron_tpcomp.checkpoint.convert import read_source as read_any
-    from megatron_tpcomp.checkpoint.store import load_model as load_tpcomp
-    from megatron_tpcomp.checkpoint.store import read_metadata
-    from megatron_tpcomp.megatron import cpu
-    from megatron_tpcomp.megatron import model as M
-
-    if torch.cuda.is_available():
-        raise CheckpointError("torch_dist export runs on the CPU (gloo); run it with CUDA_VISIBLE_DEVICES=''")
-    _require_psutil()
-    started = not dist.is_initialized()
-    store_dir = None
-    if started:
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("gloo")
-        else:
-            store_dir = tempfile.mkdtemp(prefix="tpcomp-export-")
-            dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=0, world_size=1)
-    patches = cpu.enable_cpu(inference=False, checkpoint=True)
-    try:
-        tp = dist.get_world_size()
-        M.init_parallel(tp)
-        try:
-            src = Path(source)
-            if src.is_dir() and (src / META_FILE).is_file() and read_metadata(src).tp_size == tp:
-                model, meta = load_tpcomp(src)
-                cfg = meta.model_config
-                tok = meta.tokenizer_path.read_text() if meta.tokenizer_path else None
-                ids = {k: (meta.tokenizer or {}).get(k) for k in ("bos_id", "eos_id")}
-            else:
-                cfg, full, info = read_any(source, progress=False)
-                stored = next(v.dtype for v in full.values() if isinstance(v, torch.Tensor))
-                # fp16 sources widen exactly to fp32 (this package's models run in fp32 or bf16).
-                model = M.build_gpt_model(cfg, tp, dtype=torch.bfloat16 if stored == torch.bfloat16 else torch.float32)
-                load_into(model, shard_state_dict(full, dist.get_rank(), tp, cfg), str(source))
-                del full
-                tok = info.get("tokenizer_json")
-                ids = {"bos_id": info.get("bos_token_id"), "eos_id": info.get("eos_token_id")}
-            return save(model, output, model_config=cfg, tokenizer_json=tok, tokenizer_ids=ids)
-        finally:
-            M.destroy_parallel()
-    finally:
-        patches.__exit__(None, None, None)  # undoes only what this call installed
-        if started:
-            dist.destroy_process_group()
-        if store_dir:
-            shutil.rmtree(store_dir, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``[torchrun --nproc-per-node N] python -m megatron_tpcomp.checkpoint.torch_dist SOURCE OUTPUT``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_tpcomp.checkpoint.torch_dist",
-        description="Write any `tpcomp convert` source (HF model, GGUF, megatron-tpcomp checkpoint) as a Megatron-LM "
-        "torch_dist checkpoint with megatron-core's own saver (alone: one rank; under torchrun: N ranks, TP=N).",
-    )
-    parser.add_argument("source")
-    parser.add_argument("output")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export(args.source, args.output)
-    except CheckpointError as exc:
-        print(f"torch_dist export: error: {exc}", file=sys.stderr)
-        return 2
-    if not os.environ.get("RANK") or os.environ["RANK"] == "0":
-        print(f"wrote torch_dist checkpoint {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from megatron_tpcomp.checkpoint import CheckpointError, read_metadata
-from megatron_tpcomp.checkpoint.cli import main
 from megatron_tpcomp.checkpoint.convert import convert, export_hf
 from megatron_tpcomp.checkpoint.store import load_shard, shard_relpath
+from megatron_tpcomp.checkpoint_cli import main
 from megatron_tpcomp.launch import run_distributed
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")

@@ -69,9 +69,9 @@ TINY = dict(
 
 
 def export(source: Path, out: Path, nproc: int, timeout: int = 420) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node NPROC -m megatron_tpcomp.checkpoint.torch_dist SOURCE OUT`` (TP=NPROC)."""
+    """``torchrun --nproc-per-node NPROC -m megatron_tpcomp.checkpoint.export SOURCE OUT`` (TP=NPROC)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += ["-m", "megatron_tpcomp.checkpoint.torch_dist", str(source), str(out)]
+    cmd += ["-m", "megatron_tpcomp.checkpoint.export", str(source), str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -31,9 +31,9 @@ import pytest
 import torch
 
 from megatron_tpcomp.checkpoint import CheckpointError, read_metadata
-from megatron_tpcomp.checkpoint.cli import main
 from megatron_tpcomp.checkpoint.convert import convert, export_hf
 from megatron_tpcomp.checkpoint.store import META_FILE, load_shard, save_checkpoint, shard_relpath
+from megatron_tpcomp.checkpoint_cli import main
 from megatron_tpcomp.megatron.model import ModelConfig, shard_state_dict
 
 # Only names that existed before the fixes are imported, so that this file runs (and fails) on the old code too.

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tpcomp.checkpoint import CheckpointError, megatron_args
-from megatron_tpcomp.checkpoint import torch_dist as T
+from megatron_tpcomp.checkpoint import CheckpointError, export, megatron_args
 from megatron_tpcomp.checkpoint.convert import convert
 from tests.checkpoint.test_torch_dist import mcore_writes_common_inside_index, tiny_torch_dist
 
@@ -193,6 +192,6 @@ def test_export_without_psutil_fails_at_once_instead_of_hanging(
     # the save waits for them forever (seen with megatron-core 0.16.1).
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psutil" else real(name, *a))
-    assert T.main([str(tiny[0]), str(tmp_path / "out")]) == 2
+    assert export.main([str(tiny[0]), str(tmp_path / "out")]) == 2
     assert "torch_dist saver needs psutil (pip install psutil)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""Codec throughput on this machine: encode and decode GB/s of input, beside ``torch.clone`` of the same tensor.
+"""Codec throughput on this machine (`tpcomp bench codecs`): encode and decode GB/s of input, beside ``torch.clone``
+of the same tensor.
 
 Throughput is input bytes (``numel * element size`` of the input dtype) over the median time of one call.
 Each repetition times a clone, an encode and a decode back to back, so machine noise (other processes, turbo
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from megatron_tpcomp.bench.common import DTYPES, check_json_path, message, parse_size, report, size_label, time_call
 from megatron_tpcomp.codecs import Codec, CodecError, make_codec
 
 # One spec per family and mode: fp8 (both element formats), integers (8/4/3 bits, symmetric and asymmetric),
@@ -30,54 +31,7 @@ DEFAULT_SPECS = (
     "int4:g32+had,int4:g32+outliers:k9"
 )
 DEFAULT_SIZES = "8MiB,16KiB"  # a prefill-like message and a decode-like one
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HIDDEN = 576  # SmolLM2-135M's hidden size: messages are [tokens, 576]
 WARMUP = 3
-
-
-def report(records: list[dict], table: str, targets: list[str], json_path: str | None) -> int:
-    """Print a benchmark's table and target lines, write its records to ``json_path`` (if given); exit code 0."""
-    print(table)
-    for line in targets:
-        print(line)
-    if json_path:
-        write_json(records, json_path)
-        print(f"wrote {len(records)} records to {json_path}")
-    return 0
-
-
-def split_list(text: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (comma-separated command-line lists)."""
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '16KiB', '8MiB', '1GiB', '64KB' or a plain integer."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}
-    low = text.strip().lower()
-    for suffix, mult in units.items():
-        if low.endswith(suffix) and low[: -len(suffix)].strip().replace(".", "", 1).isdigit():
-            return int(float(low[: -len(suffix)]) * mult)
-    if low.isdigit():
-        return int(low)
-    raise ValueError(f"bad size {text!r}; expected e.g. 16KiB, 8MiB or a byte count")
-
-
-def message(nbytes: int, dtype: torch.dtype, *, seed: int = 0, tokens_multiple: int = 1) -> torch.Tensor:
-    """A ``[tokens, 576]`` activation of about ``nbytes`` bytes, seeded; ``tokens`` is rounded down to a multiple
-    of ``tokens_multiple`` (at least one multiple)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    tokens = max(1, nbytes // (elem * HIDDEN))
-    tokens = max(tokens_multiple, tokens - tokens % tokens_multiple)
-    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(seed))
-    x[:, 7] *= 300.0  # one massive-activation channel, as in real row-parallel partials
-    return x.to(dtype)
-
-
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def try_make_codec(spec: str) -> Codec | None:
@@ -100,9 +54,9 @@ def measure(codec: Codec, x: torch.Tensor, reps: int) -> dict:
         x.clone()
     enc, dec, clone = [], [], []
     for _ in range(reps):
-        clone.append(_time(x.clone))
-        enc.append(_time(lambda: codec.encode(x)))
-        dec.append(_time(lambda: codec.decode(payload, x.shape, x.dtype)))
+        clone.append(time_call(x.clone))
+        enc.append(time_call(lambda: codec.encode(x)))
+        dec.append(time_call(lambda: codec.decode(payload, x.shape, x.dtype)))
     return {"encode": statistics.median(enc), "decode": statistics.median(dec), "clone": statistics.median(clone)}
 
 
@@ -154,13 +108,6 @@ def run(specs: Sequence[str], sizes: Sequence[int], dtype: torch.dtype = torch.b
     return records
 
 
-def size_label(nbytes: int) -> str:
-    """'8.0Mi' / '16.0Ki' for table columns."""
-    if nbytes >= 1 << 20:
-        return f"{nbytes / (1 << 20):.1f}Mi"
-    return f"{nbytes / 1024:.1f}Ki"
-
-
 def format_table(records: list[dict]) -> str:
     """A fixed-width text table of :func:`run`'s records."""
     head = (
@@ -175,31 +122,6 @@ def format_table(records: list[dict]) -> str:
             f"{r['encode_vs_clone']:>8.1f}x {r['decode_vs_clone']:>8.1f}x"
         )
     return "\n".join(lines)
-
-
-def write_json(records: list[dict], path: str) -> None:
-    """Write ``records`` as a JSON list, atomically (never a half-written file under the final name)."""
-    from megatron_tpcomp.cliutil import atomic_write_json, partial_path
-
-    atomic_write_json(path, records, indent=1)
-    partial_path(path).unlink(missing_ok=True)  # the records of the unfinished run, now complete
-
-
-def check_json_path(path: str | None) -> None:
-    """Check ``--json FILE`` before any timing (a bad path must not cost the run); its folder is created."""
-    if path:
-        from megatron_tpcomp.cliutil import check_output_file
-
-        check_output_file(path, "--json")
-
-
-def partial_writer(path: str | None) -> Callable[[list[dict]], None] | None:
-    """A callback that rewrites ``FILE.partial`` (atomically) with the records finished so far, or None."""
-    if not path:
-        return None
-    from megatron_tpcomp.cliutil import atomic_write_json, partial_path
-
-    return lambda records: atomic_write_json(partial_path(path), records, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

