@@ -43,6 +43,7 @@ from megatron_tpcomp.bench import link as linkmod
 from megatron_tpcomp.bench.collectives_worker import OPS
 from megatron_tpcomp.bench.common import (
     DTYPES,
+    add_launch_arguments,
     check_json_path,
     parse_size,
     partial_writer,
@@ -255,7 +256,7 @@ def target_lines(records: list[dict]) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     """The command line of ``tpcomp bench collectives``."""
-    from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_specs_argument
+    from megatron_tpcomp.cliutil import HelpFormatter, add_specs_argument
 
     parser = argparse.ArgumentParser(
         prog="tpcomp bench collectives",
@@ -287,10 +288,7 @@ def _parser() -> argparse.ArgumentParser:
         help="cost-model table (tpcomp bench perf-table) for spec 'auto', which sends each message compressed or "
         "stock, whichever the table predicts faster (default: published defaults)",
     )
-    parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 1800)")
-    parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
-    add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
+    add_launch_arguments(parser, DEFAULT_TIMEOUT_S)
     return parser
 
 

@@ -3,6 +3,7 @@ lists from the command line, a timer, the table-and-JSON report and its partial 
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -89,3 +90,14 @@ def partial_writer(path: str | None) -> Callable[[list[dict]], None] | None:
     from megatron_tpcomp.cliutil import atomic_write_json, partial_path
 
     return lambda records: atomic_write_json(partial_path(path), records, indent=1)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
+    """The options every benchmark that launches ranks on a shaped link ends with: the tbf queue, the deadline of
+    one launch, the JSON output and ``--quiet``."""
+    from megatron_tpcomp.cliutil import add_quiet_argument
+
+    parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
+    parser.add_argument("--timeout", type=float, default=timeout_s, help=f"seconds per launch (default {timeout_s:g})")
+    parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
+    add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")

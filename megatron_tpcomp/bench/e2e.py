@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.bench.common import check_json_path, partial_writer, report, split_list
+from megatron_tpcomp.bench.common import add_launch_arguments, check_json_path, partial_writer, report, split_list
 from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
 
 #: Comm-bound link rate: about half of the baseline's prefill in TP communication (see the module docstring).
@@ -519,7 +519,6 @@ def _parser() -> argparse.ArgumentParser:
         HelpFormatter,
         add_gen_tokens_argument,
         add_load_argument,
-        add_quiet_argument,
         add_specs_argument,
         add_tp_argument,
     )
@@ -588,10 +587,7 @@ def _parser() -> argparse.ArgumentParser:
         help="tbf burst, e.g. 256KiB (default: 1 ms at the rate, >= 128KiB: smaller buckets stall on 64 KiB GSO "
         "packets)",
     )
-    parser.add_argument("--limit", default=None, help="tbf queue, e.g. 1MiB (default: 250 ms at the rate, >= 8MiB)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per launch (default 3600)")
-    parser.add_argument("--json", metavar="FILE", help="also write one record per case as a JSON list to FILE")
-    add_quiet_argument(parser, "no progress or link lines from this process (the table and errors only)")
+    add_launch_arguments(parser, DEFAULT_TIMEOUT_S)
     return parser
 
 
