@@ -230,6 +230,55 @@ def device_info(device: torch.device) -> dict:
     return {"device": device.type, "device_name": name, "nominal_entry": label, "nominal_gbps": gbps}
 
 
+def _check_run_args(
+    dev: torch.device,
+    kernels: Sequence[str],
+    backends: Sequence[str],
+    group: int,
+    fp8_spec: str,
+    sum_payloads: Sequence[int],
+    reps: int,
+    warmup: int,
+) -> None:
+    """Raise ValueError naming the bad argument of :func:`run` (BackendUnavailableError: CUDA asked, none here)."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps} and {warmup}")
+    bad = [k for k in kernels if k not in KERNELS] + [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown kernel(s)/backend(s) {bad}; kernels {KERNELS}, backends {BACKENDS}")
+    if group not in kern.INT4_CUDA_GROUPS:
+        raise ValueError(f"group must be one of {kern.INT4_CUDA_GROUPS}, got {group}")
+    if any(n < 1 for n in sum_payloads):
+        raise ValueError(f"sum payload counts must be >= 1, got {list(sum_payloads)}")
+    if parse_spec(fp8_spec).kind != "fp8":
+        raise ValueError(f"fp8 spec {fp8_spec!r} is not an fp8 spec")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"no CUDA device: {cuda_unavailable_reason()}")
+
+
+def _usable_backends(backends: Sequence[str], dev: torch.device, log: Callable[[str], None]) -> list[str]:
+    """The backends of ``backends`` that can run on ``dev`` here; each one left out is logged with the reason."""
+    usable = []
+    for b in backends:
+        if b != "reference" and dev.type != "cuda":
+            log(f"skipping backend {b!r}: it runs on CUDA tensors only (--device {dev.type})")
+            continue
+        ok, why = backend_available(b)
+        if not ok:
+            log(f"skipping backend {b!r}: {why}")
+            continue
+        usable.append(b)
+    return usable
+
+
+def _message_fields(x: torch.Tensor) -> dict:
+    return {"bytes": x.numel() * x.element_size(), "shape": list(x.shape), "numel": x.numel()}
+
+
+def _run_fields(reps: int, warmup: int, l2_flush: bool, date: str) -> dict:
+    return {"reps": reps, "warmup": warmup, "l2_flush": l2_flush, "torch": torch.__version__, "date": date}
+
+
 def run(
     sizes: Sequence[int] = (16 << 10, 64 << 10, 8 << 20, 64 << 20),
     *,
@@ -272,29 +321,8 @@ def run(
     """
     dev = torch.device(device)
     reps = DEFAULT_REPS.get(dev.type, 10) if reps is None else reps
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps} and {warmup}")
-    bad = [k for k in kernels if k not in KERNELS] + [b for b in backends if b not in BACKENDS]
-    if bad:
-        raise ValueError(f"unknown kernel(s)/backend(s) {bad}; kernels {KERNELS}, backends {BACKENDS}")
-    if group not in kern.INT4_CUDA_GROUPS:
-        raise ValueError(f"group must be one of {kern.INT4_CUDA_GROUPS}, got {group}")
-    if any(n < 1 for n in sum_payloads):
-        raise ValueError(f"sum payload counts must be >= 1, got {list(sum_payloads)}")
-    if parse_spec(fp8_spec).kind != "fp8":
-        raise ValueError(f"fp8 spec {fp8_spec!r} is not an fp8 spec")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"no CUDA device: {cuda_unavailable_reason()}")
-    usable = []
-    for b in backends:
-        if b != "reference" and dev.type != "cuda":
-            log(f"skipping backend {b!r}: it runs on CUDA tensors only (--device {dev.type})")
-            continue
-        ok, why = backend_available(b)
-        if not ok:
-            log(f"skipping backend {b!r}: {why}")
-            continue
-        usable.append(b)
+    _check_run_args(dev, kernels, backends, group, fp8_spec, sum_payloads, reps, warmup)
+    usable = _usable_backends(backends, dev, log)
     info = device_info(dev)
     if nominal_gbps is not None:
         info.update(nominal_entry="--nominal-gbps", nominal_gbps=float(nominal_gbps))
@@ -325,9 +353,7 @@ def run(
                     **info,
                     dtype=str(dtype).replace("torch.", ""),
                     requested_bytes=int(nbytes),
-                    bytes=x.numel() * x.element_size(),
-                    shape=list(x.shape),
-                    numel=x.numel(),
+                    **_message_fields(x),
                     bytes_read=read,
                     bytes_written=written,
                     median_ms=med * 1e3,
@@ -336,11 +362,7 @@ def run(
                     pct_nominal=100.0 * gbps / nominal if nominal else None,
                     copy_gbps=copy_gbps,
                     pct_copy=100.0 * gbps / copy_gbps if copy_gbps else None,
-                    reps=reps,
-                    warmup=warmup,
-                    l2_flush=flush is not None,
-                    torch=torch.__version__,
-                    date=date,
+                    **_run_fields(reps, warmup, flush is not None, date),
                 )
             )
             log(f"  {size_label(nbytes):>7} {_kernel_label(records[-1]):<36} {med * 1e3:9.4f} ms {gbps:9.3f} GB/s")
@@ -404,6 +426,37 @@ def target_lines(records: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``tpcomp bench kernels``: parse options, :func:`run`, print the table and the targets, write ``--json``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        sizes, kernels, backends, sums = _lists(args)
+    except (CodecError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and not _gpu_usable(backends):
+        return 2
+    _announce(args)
+    records = run(
+        sizes,
+        device=args.device,
+        kernels=kernels,
+        backends=backends,
+        group=args.group,
+        fp8_spec=args.fp8_spec,
+        sum_payloads=sums,
+        reps=args.reps,
+        warmup=args.warmup,
+        flush_l2=not args.no_flush_l2,
+        nominal_gbps=args.nominal_gbps,
+        log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
+    )
+    return report(records, format_table(records), target_lines(records), args.json)
+
+
+def _parser() -> argparse.ArgumentParser:
     from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument
 
     parser = argparse.ArgumentParser(
@@ -428,46 +481,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nominal-gbps", type=float, default=None, help="nominal bandwidth (default: table lookup)")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list to FILE")
     add_quiet_argument(parser, "no progress or skip lines (the table and errors only)")
-    args = parser.parse_args(argv)
-    try:
-        sizes = [parse_size(s) for s in split_list(args.sizes)]
-        if not sizes or any(s <= 0 for s in sizes):
-            raise ValueError(f"--sizes needs positive sizes, got {args.sizes!r}")
-        kernels = split_list(args.kernels)
-        bad = [k for k in kernels if k not in KERNELS]
-        if bad or not kernels:
-            raise ValueError(f"--kernels: unknown {bad or args.kernels!r}; expected {', '.join(KERNELS)}")
-        backends = split_list(args.backends)
-        bad = [b for b in backends if b not in BACKENDS]
-        if bad or not backends:
-            raise ValueError(f"--backends: unknown {bad or args.backends!r}; expected {', '.join(BACKENDS)}")
-        sums = [int(n) for n in split_list(args.sum_payloads)]
-        if any(n < 1 for n in sums):
-            raise ValueError(f"--sum-payloads needs counts >= 1, got {args.sum_payloads!r}")
-        if args.group not in kern.INT4_CUDA_GROUPS:
-            raise ValueError(f"--group must be one of {kern.INT4_CUDA_GROUPS}, got {args.group}")
-        if parse_spec(args.fp8_spec).kind != "fp8":
-            raise ValueError(f"--fp8-spec {args.fp8_spec!r} is not an fp8 spec")
-        check_json_path(args.json)
-    except (CodecError, ValueError) as exc:
-        parser.error(str(exc))
-    if args.reps is not None and args.reps < 1:
-        parser.error(f"--reps must be >= 1, got {args.reps}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.device == "cuda":
-        gpu = [b for b in backends if b != "reference"]
-        reasons = {b: backend_available(b) for b in gpu}
-        no_device = cuda_unavailable_reason()
-        if no_device is not None or (gpu and not any(ok for ok, _ in reasons.values())):
-            print("error: cannot benchmark the GPU kernels here:", file=sys.stderr)
-            if no_device is not None:
-                print(f"  device: {no_device}", file=sys.stderr)
-            for b, (ok, why) in reasons.items():
-                if not ok:
-                    print(f"  backend {b!r}: {why}", file=sys.stderr)
-            print("  (--device cpu runs the harness with the reference codecs)", file=sys.stderr)
-            return 2
+    return parser
+
+
+def _lists(args: argparse.Namespace) -> tuple[list[int], list[str], list[str], list[int]]:
+    """(sizes, kernels, backends, sum payload counts) from the command line; ValueError names a bad one."""
+    sizes = [parse_size(s) for s in split_list(args.sizes)]
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ValueError(f"--sizes needs positive sizes, got {args.sizes!r}")
+    kernels = split_list(args.kernels)
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad or not kernels:
+        raise ValueError(f"--kernels: unknown {bad or args.kernels!r}; expected {', '.join(KERNELS)}")
+    backends = split_list(args.backends)
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise ValueError(f"--backends: unknown {bad or args.backends!r}; expected {', '.join(BACKENDS)}")
+    sums = [int(n) for n in split_list(args.sum_payloads)]
+    if any(n < 1 for n in sums):
+        raise ValueError(f"--sum-payloads needs counts >= 1, got {args.sum_payloads!r}")
+    if args.group not in kern.INT4_CUDA_GROUPS:
+        raise ValueError(f"--group must be one of {kern.INT4_CUDA_GROUPS}, got {args.group}")
+    if parse_spec(args.fp8_spec).kind != "fp8":
+        raise ValueError(f"--fp8-spec {args.fp8_spec!r} is not an fp8 spec")
+    check_json_path(args.json)
+    return sizes, kernels, backends, sums
+
+
+def _gpu_usable(backends: list[str]) -> bool:
+    """Whether a CUDA device and one of the GPU ``backends`` can run here; if not, say why on stderr."""
+    gpu = [b for b in backends if b != "reference"]
+    reasons = {b: backend_available(b) for b in gpu}
+    no_device = cuda_unavailable_reason()
+    if no_device is not None or (gpu and not any(ok for ok, _ in reasons.values())):
+        print("error: cannot benchmark the GPU kernels here:", file=sys.stderr)
+        if no_device is not None:
+            print(f"  device: {no_device}", file=sys.stderr)
+        for b, (ok, why) in reasons.items():
+            if not ok:
+                print(f"  backend {b!r}: {why}", file=sys.stderr)
+        print("  (--device cpu runs the harness with the reference codecs)", file=sys.stderr)
+        return False
+    return True
+
+
+def _announce(args: argparse.Namespace) -> None:
+    """The header line: device, nominal bandwidth, torch, message shape, repetitions, L2 flushing."""
     dev = torch.device(args.device)
     info = device_info(dev)
     nominal = args.nominal_gbps if args.nominal_gbps is not None else info["nominal_gbps"]
@@ -478,21 +537,6 @@ def main(argv: list[str] | None = None) -> int:
         f"warm-up{'; L2 flushed before each call' if dev.type == 'cuda' and not args.no_flush_l2 else ''}",
         flush=True,
     )
-    records = run(
-        sizes,
-        device=args.device,
-        kernels=kernels,
-        backends=backends,
-        group=args.group,
-        fp8_spec=args.fp8_spec,
-        sum_payloads=sums,
-        reps=args.reps,
-        warmup=args.warmup,
-        flush_l2=not args.no_flush_l2,
-        nominal_gbps=args.nominal_gbps,
-        log=(lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True)),
-    )
-    return report(records, format_table(records), target_lines(records), args.json)
 
 
 if __name__ == "__main__":
