@@ -116,6 +116,24 @@ def _finish(rec: dict, link_label: str, link_info: dict, threads: int) -> dict:
     return rec
 
 
+def _check_run_args(
+    world_sizes: Sequence[int], algos: Sequence[str], ops: Sequence[str], reps: int, warmup: int, dtype: str
+) -> None:
+    """Raise ValueError naming the first bad argument of :func:`run`."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps} and {warmup}")
+    if any(n < 2 for n in world_sizes):
+        raise ValueError(f"world sizes must be >= 2, got {list(world_sizes)}")
+    bad_ops = [op for op in ops if op not in OPS]
+    if bad_ops:
+        raise ValueError(f"unknown op(s) {bad_ops}; expected {', '.join(OPS)}")
+    bad_algos = [a for a in algos if a not in ALGOS]
+    if bad_algos:
+        raise ValueError(f"unknown algorithm(s) {bad_algos}; expected {', '.join(ALGOS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected {', '.join(sorted(DTYPES))}")
+
+
 def run(
     world_sizes: Sequence[int] = (2,),
     links: Sequence[str] | None = None,
@@ -168,18 +186,7 @@ def run(
     Raises:
         ValueError: bad arguments. BenchError: a rank failed or timed out.
     """
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"reps must be >= 1 and warmup >= 0, got {reps} and {warmup}")
-    if any(n < 2 for n in world_sizes):
-        raise ValueError(f"world sizes must be >= 2, got {list(world_sizes)}")
-    bad_ops = [op for op in ops if op not in OPS]
-    if bad_ops:
-        raise ValueError(f"unknown op(s) {bad_ops}; expected {', '.join(OPS)}")
-    bad_algos = [a for a in algos if a not in ALGOS]
-    if bad_algos:
-        raise ValueError(f"unknown algorithm(s) {bad_algos}; expected {', '.join(ALGOS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected {', '.join(sorted(DTYPES))}")
+    _check_run_args(world_sizes, algos, ops, reps, warmup, dtype)
     links = list(links) if links is not None else default_links()
     for lk in links:
         linkmod.parse_rate(lk)  # ValueError on a typo, before anything starts
