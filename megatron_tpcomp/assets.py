@@ -61,7 +61,8 @@ def ensure_checkpoint(name_or_path: str | Path, tp_size: int, *, progress: bool 
     """A checkpoint directory for ``name_or_path`` at ``tp_size``: a path is used as is; a known model name is
     converted into the cache once (atomically, so concurrent or interrupted runs never see half a checkpoint)."""
     from megatron_tpcomp.checkpoint.convert import convert
-    from megatron_tpcomp.checkpoint.store import META_FILE, CheckpointError
+    from megatron_tpcomp.checkpoint.errors import CheckpointError
+    from megatron_tpcomp.checkpoint.locate import META_FILE
 
     if str(name_or_path) not in MODELS:
         return Path(name_or_path)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from megatron_tpcomp import assets
 from megatron_tpcomp.checkpoint.convert import DTYPES, convert, export_hf
+from megatron_tpcomp.checkpoint.errors import CheckpointError
 from megatron_tpcomp.checkpoint.megatron_args import flag_line
-from megatron_tpcomp.checkpoint.store import CheckpointError, read_metadata
+from megatron_tpcomp.checkpoint.metadata import read_metadata
 from megatron_tpcomp.cliutil import HelpFormatter, add_quiet_argument, add_tp_argument
 
 

@@ -348,7 +348,7 @@ def source_model_config(model: str | Path) -> Any:
     """
     from megatron_tpcomp import assets
     from megatron_tpcomp.checkpoint import read_metadata
-    from megatron_tpcomp.checkpoint.store import META_FILE
+    from megatron_tpcomp.checkpoint.locate import META_FILE
 
     name = str(model)
     if name not in assets.MODELS:

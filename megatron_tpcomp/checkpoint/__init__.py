@@ -2,7 +2,8 @@
 
 - :mod:`.hf`: Hugging Face Llama-family configs and safetensors, and the HF <-> Megatron tensor layout.
 - :mod:`.gguf_source`: GGUF files (llama.cpp), dequantized, Q/K rows un-permuted, tokenizer rebuilt.
-- :mod:`.store`: the checkpoint directory (atomic save, verified weights-only load, metadata).
+- :mod:`.store`: the checkpoint directory (atomic save, verified weights-only load); :mod:`.metadata` its
+  ``tpcomp_checkpoint.json`` and the checks; :mod:`.directories` writing a directory atomically.
 - :mod:`.torch_dist`: Megatron-LM's ``torch_dist`` checkpoints (read, load at any TP size, write);
   :mod:`.locate` tells the kinds of directory apart, :mod:`.megatron_args` maps our metadata to Megatron-LM flags.
 - :mod:`.convert`: conversion (HF or GGUF -> Megatron at a TP size; Megatron -> another TP size or HF);
@@ -13,6 +14,6 @@ The command lines of ``tpcomp convert`` and ``tpcomp megatron-args`` are ``megat
 
 from megatron_tpcomp.checkpoint.errors import CheckpointError
 from megatron_tpcomp.checkpoint.loader import load_model
-from megatron_tpcomp.checkpoint.store import CheckpointMeta, read_metadata
+from megatron_tpcomp.checkpoint.metadata import CheckpointMeta, read_metadata
 
 __all__ = ["CheckpointError", "CheckpointMeta", "load_model", "read_metadata"]

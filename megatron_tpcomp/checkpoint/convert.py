@@ -24,19 +24,17 @@ from typing import Any
 import torch
 
 from megatron_tpcomp.checkpoint import hf
-from megatron_tpcomp.checkpoint.store import (
+from megatron_tpcomp.checkpoint.directories import (
     HF_EXPORT_FORMAT,
     HF_EXPORT_MARKER,
-    META_FILE,
-    CheckpointError,
-    CheckpointMeta,
     check_replaceable,
     install_partial_dir,
-    load_shard,
     make_partial_dir,
-    read_metadata,
-    save_checkpoint,
 )
+from megatron_tpcomp.checkpoint.errors import CheckpointError
+from megatron_tpcomp.checkpoint.locate import META_FILE
+from megatron_tpcomp.checkpoint.metadata import CheckpointMeta, read_metadata
+from megatron_tpcomp.checkpoint.store import load_shard, save_checkpoint
 from megatron_tpcomp.megatron.model import ModelConfig, merge_shards, shard_state_dict
 
 logger = logging.getLogger("megatron_tpcomp")

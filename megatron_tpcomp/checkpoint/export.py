@@ -19,7 +19,9 @@ import torch
 
 from megatron_tpcomp.checkpoint.convert import read_source
 from megatron_tpcomp.checkpoint.errors import CheckpointError
-from megatron_tpcomp.checkpoint.store import META_FILE, load_into, load_tpcomp_model, read_metadata
+from megatron_tpcomp.checkpoint.locate import META_FILE
+from megatron_tpcomp.checkpoint.metadata import read_metadata
+from megatron_tpcomp.checkpoint.store import load_into, load_tpcomp_model
 from megatron_tpcomp.checkpoint.torch_dist import require_psutil, save
 from megatron_tpcomp.megatron.model import shard_state_dict
 

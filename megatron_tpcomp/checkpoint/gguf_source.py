@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_tpcomp.checkpoint.errors import CheckpointError
 from megatron_tpcomp.checkpoint.hf import check_hf_state_dict
-from megatron_tpcomp.checkpoint.store import CheckpointError, validate_model_config
+from megatron_tpcomp.checkpoint.metadata import validate_model_config
 from megatron_tpcomp.megatron.model import ModelConfig
 
 _LAYER_NAMES = {

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from megatron_tpcomp.checkpoint.store import CheckpointError, validate_model_config
+from megatron_tpcomp.checkpoint.errors import CheckpointError
+from megatron_tpcomp.checkpoint.metadata import validate_model_config
 from megatron_tpcomp.megatron.model import ModelConfig, fuse_qkv, split_qkv
 
 #: Hugging Face ``model_type`` -> architecture class name written back on export.

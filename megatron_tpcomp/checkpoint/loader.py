@@ -9,7 +9,8 @@ import torch
 
 from megatron_tpcomp.checkpoint import torch_dist
 from megatron_tpcomp.checkpoint.locate import find_checkpoint
-from megatron_tpcomp.checkpoint.store import CheckpointMeta, load_tpcomp_model
+from megatron_tpcomp.checkpoint.metadata import CheckpointMeta
+from megatron_tpcomp.checkpoint.store import load_tpcomp_model
 
 
 def load_model(

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from megatron_tpcomp.checkpoint.errors import CheckpointError
 
-#: A megatron-tpcomp checkpoint's metadata (``store.py``).
+#: A megatron-tpcomp checkpoint's metadata (``metadata.py``), and the Hugging Face tokenizer file beside it.
 META_FILE = "tpcomp_checkpoint.json"
+TOKENIZER_FILE = "tokenizer.json"
 #: Megatron ``torch_dist`` files (``torch_dist.py``): the tracker beside the iteration directories, and in one
 #: the config, the common state and the index.
 TRACKER_FILE = "latest_checkpointed_iteration.txt"

@@ -60,28 +60,27 @@ from typing import Any
 import torch
 
 from megatron_tpcomp.checkpoint import megatron_args
+from megatron_tpcomp.checkpoint.directories import install_partial_dir, make_partial_dir
+from megatron_tpcomp.checkpoint.errors import CheckpointError
 from megatron_tpcomp.checkpoint.locate import (
     COMMON_FILE,
     CONFIG_FILE,
     INDEX_FILE,
     ITER_DIR,
+    TOKENIZER_FILE,
     TRACKER_FILE,
     find_checkpoint,
     read_small,
     tracked_dir,
 )
 from megatron_tpcomp.checkpoint.megatron_args import TOKENIZER_CONFIG_FILE
-from megatron_tpcomp.checkpoint.store import (
-    TOKENIZER_FILE,
-    CheckpointError,
+from megatron_tpcomp.checkpoint.metadata import (
     CheckpointMeta,
     check_shard,
     expected_shard_shapes,
-    install_partial_dir,
-    load_into,
-    make_partial_dir,
     validate_model_config,
 )
+from megatron_tpcomp.checkpoint.store import load_into
 from megatron_tpcomp.megatron.model import ModelConfig, shard_state_dict
 
 logger = logging.getLogger("megatron_tpcomp")

@@ -169,7 +169,8 @@ def _wrap_parse_args(original: Callable[..., Any]) -> Callable[..., Any]:
 def checkpoint_compression(args: argparse.Namespace) -> Any:
     """The per-layer config a megatron-tpcomp checkpoint (``--load``) records (``tpcomp convert
     --compression-config``), used when no flag or variable asks for compression; None otherwise."""
-    from megatron_tpcomp.checkpoint.store import META_FILE, read_metadata
+    from megatron_tpcomp.checkpoint.locate import META_FILE
+    from megatron_tpcomp.checkpoint.metadata import read_metadata
     from megatron_tpcomp.config import CompressionConfig
 
     load = getattr(args, "load", None)
@@ -224,7 +225,8 @@ def check_checkpoint_args(args: argparse.Namespace) -> None:
     must agree with what it records (Megatron-LM loads with ``strict=False`` and would "successfully load" a
     wrong ``--rotary-base``). Raises ArchitectureMismatchError naming each disagreeing flag."""
     from megatron_tpcomp.checkpoint import megatron_args
-    from megatron_tpcomp.checkpoint.store import META_FILE, read_metadata
+    from megatron_tpcomp.checkpoint.locate import META_FILE
+    from megatron_tpcomp.checkpoint.metadata import read_metadata
 
     load = getattr(args, "load", None)
     if not load or not (Path(load) / META_FILE).is_file():

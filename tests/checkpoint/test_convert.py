@@ -17,7 +17,8 @@ import torch
 
 from megatron_tpcomp.checkpoint import CheckpointError, read_metadata
 from megatron_tpcomp.checkpoint.convert import convert, export_hf
-from megatron_tpcomp.checkpoint.store import load_shard, shard_relpath
+from megatron_tpcomp.checkpoint.metadata import shard_relpath
+from megatron_tpcomp.checkpoint.store import load_shard
 from megatron_tpcomp.checkpoint_cli import main
 from megatron_tpcomp.launch import run_distributed
 

@@ -32,7 +32,9 @@ import torch
 
 from megatron_tpcomp.checkpoint import CheckpointError, read_metadata
 from megatron_tpcomp.checkpoint.convert import convert, export_hf
-from megatron_tpcomp.checkpoint.store import META_FILE, load_shard, save_checkpoint, shard_relpath
+from megatron_tpcomp.checkpoint.locate import META_FILE
+from megatron_tpcomp.checkpoint.metadata import shard_relpath
+from megatron_tpcomp.checkpoint.store import load_shard, save_checkpoint
 from megatron_tpcomp.checkpoint_cli import main
 from megatron_tpcomp.megatron.model import ModelConfig, shard_state_dict
 

@@ -1,4 +1,4 @@
-"""The checkpoint store's metadata checks that need no checkpoint: the header and the shard list."""
+"""The checkpoint metadata checks that need no checkpoint: the header and the shard list."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ from typing import Any
 
 import pytest
 
-from megatron_tpcomp.checkpoint.store import (
-    FORMAT,
-    VERSION,
-    CheckpointError,
-    _check_file_list,
-    _check_header,
-    shard_relpath,
-)
+from megatron_tpcomp.checkpoint.errors import CheckpointError
+from megatron_tpcomp.checkpoint.metadata import FORMAT, VERSION, _check_file_list, _check_header, shard_relpath
 
 _SHA = "0" * 64
 
