@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -281,6 +282,12 @@ def _threads() -> int:
 # --- the backend interface (backends/dispatch.py) -------------------------------------------------------------
 
 
+def _as_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), as ``torch.tensor(value, dtype=float32)`` stores
+    it, without creating a tensor on every codec call."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def native_format(codec: Codec) -> NativeFormat | None:
     """What the library needs to run ``codec``, or None when it does not implement it: ``int4:g<G>`` (symmetric,
     fp16 scales, G even), ``fp8-e4m3:b<B>`` with fp32 scales, and either one inside ``+had``; one super-block
@@ -305,7 +312,7 @@ def native_format(codec: Codec) -> NativeFormat | None:
     elif type(codec) is Fp8Codec:
         if codec.fp8_dtype != torch.float8_e4m3fn or codec.scale_fmt != "fp32":
             return None
-        cap = float(torch.tensor(codec.scale_cap, dtype=torch.float32))  # what clamp(max=cap) compares with
+        cap = _as_float32(codec.scale_cap)  # what clamp(max=cap) compares with
         fmt = NativeFormat(FORMAT_FP8_E4M3, codec.block, scale_cap=cap, range_limit=codec.range_limit or 0.0)
     else:
         return None

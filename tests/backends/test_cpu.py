@@ -256,3 +256,17 @@ def test_decode_sum_writes_into_out(monkeypatch: pytest.MonkeyPatch, mode: str, 
     for bad in (torch.empty(x.numel(), dtype=torch.float32), torch.empty(x.numel() + 1, dtype=torch.bfloat16)):
         with pytest.raises(CodecError, match="out must be a contiguous torch.bfloat16 tensor of 23040 elements"):
             codec.decode_sum(payloads, 2, x.shape, torch.bfloat16, out=bad)
+
+
+def test_the_fp8_scale_cap_is_rounded_to_float32_as_torch_does() -> None:
+    # native_format passes the fp8 scale cap to the library as the float32 that torch's clamp compares with;
+    # it is rounded without a tensor (per-call cost): it must equal torch's rounding, ties and subnormals included.
+    from megatron_tpcomp.backends.cpu import _as_float32
+
+    gen = torch.Generator().manual_seed(0)
+    values = [3.4028234663852886e38 / (2 * 448.0), 3.4028234663852886e38 / (2 * 57344.0), 1 / 3, 0.1, 1e-45, 2.0**-149]
+    values += (torch.randn(2000, generator=gen, dtype=torch.float64) * 1e30).tolist()
+    values += (torch.rand(2000, generator=gen, dtype=torch.float64) * 1e-38).tolist()
+    values += [1.0 + 2.0**-24, 1.0 + 3 * 2.0**-24]  # halfway cases: ties to even
+    for v in values:
+        assert _as_float32(v) == float(torch.tensor(v, dtype=torch.float32)), v
