@@ -51,9 +51,10 @@ from megatron_tpcomp.bench.common import (
     size_label,
     split_list,
 )
-from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
+from megatron_tpcomp.bench.ranks import BenchError, launch_workers
 from megatron_tpcomp.collectives import ALGOS
 from megatron_tpcomp.collectives.algorithms import compressed_algorithms
+from megatron_tpcomp.launch import default_threads
 
 DEFAULT_SIZES = "16KiB,1MiB,8MiB"  # a decode-sized message, a mid one, a prefill-sized one
 DEFAULT_SPECS = "int4:g32,fp8,int8:g32"
@@ -193,7 +194,7 @@ def run(
     cases = plan_cases(ops, sizes, specs, algos)
     records: list[dict] = []
     for n in world_sizes:
-        threads = threads_per_rank(n)
+        threads = default_threads(n)
         with contextlib.closing(linkmod.each_link(n, links, burst=burst, limit=limit, log=log)) as each:
             for label, info, shaped in each:
                 plan = dict(

@@ -51,7 +51,8 @@ from typing import Any
 
 from megatron_tpcomp.bench import link as linkmod
 from megatron_tpcomp.bench.common import add_launch_arguments, check_json_path, partial_writer, report, split_list
-from megatron_tpcomp.bench.ranks import BenchError, launch_workers, threads_per_rank
+from megatron_tpcomp.bench.ranks import BenchError, launch_workers
+from megatron_tpcomp.launch import default_threads
 
 #: Comm-bound link rate: about half of the baseline's prefill in TP communication (see the module docstring).
 #: (Rates below ~600 Mbit/s stalled with a tbf bucket under one 64 KiB GSO segment; link.MIN_BURST is 128 KiB.)
@@ -382,7 +383,7 @@ def _plan(
     return dict(
         model=ckpt,
         dtype=dtype,
-        threads=threads_per_rank(tp),
+        threads=default_threads(tp),
         timeout_s=timeout_s,
         prompt_lens=[int(L) for L in prompt_lens],
         gen_tokens=gen_tokens,

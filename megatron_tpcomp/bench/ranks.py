@@ -13,7 +13,7 @@ from typing import Any
 
 import megatron_tpcomp
 from megatron_tpcomp.bench import link as linkmod
-from megatron_tpcomp.launch import default_threads, free_port
+from megatron_tpcomp.launch import free_port
 
 #: Rendezvous port inside rank 0's namespace: the namespace is ours alone, so a fixed port cannot collide.
 NS_MASTER_PORT = 29500
@@ -26,11 +26,6 @@ class BenchError(RuntimeError):
 def package_root() -> str:
     # The rank processes must import this very package, also when it is not installed (a source checkout).
     return str(Path(megatron_tpcomp.__file__).resolve().parents[1])
-
-
-def threads_per_rank(world_size: int) -> int:
-    """Torch threads per rank: the CPUs this process may use, shared by the ranks (at least one each)."""
-    return default_threads(world_size)
 
 
 def stop_ranks(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
