@@ -39,7 +39,8 @@ Per mode, in the JSON (``status`` ok | failed | skipped):
 
 Random weights make near-uniform logits, so top-1 agreement and KL say how much the codec perturbs the forward,
 not how a trained model's quality changes (``tpcomp eval`` measures that on SmolLM2's real weights).
-Without CUDA, ``--device cuda`` reports ``skipped: no CUDA`` (after validating the arguments) and exits 0;
+Without CUDA, ``--device cuda`` reports ``skipped: no CUDA`` (after validating the arguments) and exits 0, as does
+a machine without megatron-core (``skipped: megatron-core is not installed ...``);
 ``--device cpu`` runs everything on the CPU (megatron-core's CPU patches). Exit 1 when a mode failed.
 """
 
@@ -338,6 +339,11 @@ def run(
     }
     if device == "cuda" and not torch.cuda.is_available():
         return {**result, "status": "skipped", "reason": "no CUDA"}
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        reason = "megatron-core is not installed (scripts/fetch_gpu_wheels.sh fetches the wheel the GPU check installs)"
+        return {**result, "status": "skipped", "reason": reason}
     from megatron_tpcomp.launch import run_distributed
     from megatron_tpcomp.megatron.compat import megatron_version
 
