@@ -323,6 +323,11 @@ def run(
     device: a bad spec or a shape that does not split ``tp`` ways raises ValueError naming it."""
     from megatron_tpcomp.megatron.model import ModelConfig
 
+    if device == "cpu" and torch.cuda.is_available():
+        raise ValueError(
+            "--device cpu needs a machine without CUDA: megatron-core's CPU patches (megatron/cpu.py) refuse to "
+            "install where CUDA is available; use --device cuda"
+        )
     shape = model_shape(small, layers)
     ModelConfig.from_dict(shape).check_tp(tp)  # ValueError: "TP size 2 does not divide: ..."
     dtype = dtype or ("bf16" if device == "cuda" else "fp32")
