@@ -1,7 +1,7 @@
-"""Does a compressed all_reduce survive CUDA-graph capture? One codec's encode + decode_sum, captured and replayed.
+"""Do a compressed all_reduce and a whole compressed forward survive CUDA-graph capture? Captured, replayed, compared.
 
 ``python scripts/graph_check.py [--spec int4:g32+had] [--shape 4x576] [--dtype bf16] [--count 2]
-[--modes auto,reference] [--json OUT]``
+[--modes auto,reference] [--forward-layers 2] [--tokens 2x16] [--json OUT]``
 
 At world size 1 the plug-in's all_reduce sends nothing, so this checks what a captured TP all_reduce runs on
 each rank around the collective: ``payload = codec.encode(x)`` (uint8 ``[P]``), the gathered buffer (``count``
