@@ -138,7 +138,7 @@ cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cac
 cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/backends -k interpret"
 cmd[bench_kernels]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.bench.triton_kernels --json '$out/bench.json'"
 cmd[cuda_graph_capture]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION $py scripts/graph_check.py --spec int4:g32+had --forward-layers 2 --json '$out/graph_check.json'"
-cmd[tp_forward]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION -u TPCOMP_BACKEND $py scripts/tp_forward_check.py --device cuda --tp 3 --tokens 2x128 --timeout 70 --json '$out/tp_forward.json'"
+cmd[tp_forward]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION -u TPCOMP_BACKEND $py scripts/tp_forward_check.py --device cuda --tp 3 --tokens 2x128 --reps 3 --timeout 70 --json '$out/tp_forward.json'"
 cmd[megatron_dynamic_engine]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION $py -c \"\$GPU_CHECK_PYTEST_STEP\" $py -m pytest -q -rs -p no:cacheprovider tests/megatron_lm/test_dynamic_engine.py -k on_gpu"
 # Limits add up to 460 s: the whole check fits one 8-minute command (480 s) with room for the report and process
 # starts. Nothing here has run on a GPU yet, so these are estimates: tests_gpu gets the most (it compiles every
