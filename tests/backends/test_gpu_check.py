@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,14 @@ STEPS = (
     "tests_interpret",
     "bench_kernels",
     "cuda_graph_capture",
+    "tp_forward",
     "megatron_dynamic_engine",
 )
-KERNEL_STEPS = STEPS[:5]
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    # No wheels unless a test carries some: the checkout's gpu_wheels/ may hold real ones.
+    env = {"GPU_CHECK_WHEELS": "/nonexistent/gpu_wheels", **env}
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
     )
@@ -38,7 +41,7 @@ def test_gpu_check_dry_run_lists_every_step():
     """Every step in order with its command and limit; the limits fit one 8-minute command; nothing is run."""
     res = run("--dry-run", "--out", "/nonexistent/gpu_check_out")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    lines = [line for line in res.stdout.strip().splitlines() if line.startswith("gpu_check: step ")]
     found = [m.group(1) for m in (re.match(r"gpu_check: step (\w+)", line) for line in lines) if m]
     assert found == [*STEPS, "report"], res.stdout
     by_step = dict(zip(found, lines, strict=True))
@@ -49,16 +52,61 @@ def test_gpu_check_dry_run_lists_every_step():
     assert "TRITON_INTERPRET=1" in by_step["tests_interpret"] and "-k interpret" in by_step["tests_interpret"]
     assert "megatron_tpcomp.bench.triton_kernels" in by_step["bench_kernels"]
     assert "/nonexistent/gpu_check_out/bench.json" in by_step["bench_kernels"]
-    assert "scripts/graph_check.py --spec int4:g32+had" in by_step["cuda_graph_capture"]
+    assert "scripts/graph_check.py --spec int4:g32+had --forward-layers 2" in by_step["cuda_graph_capture"]
     assert "/nonexistent/gpu_check_out/graph_check.json" in by_step["cuda_graph_capture"]
+    assert "scripts/tp_forward_check.py --device cuda --tp 3" in by_step["tp_forward"]
+    assert "/nonexistent/gpu_check_out/tp_forward.json" in by_step["tp_forward"]
     dyn = by_step["megatron_dynamic_engine"]
     assert "tests/megatron_lm/test_dynamic_engine.py -k on_gpu" in dyn and "-rs" in dyn  # -rs: skip reasons
     assert "/nonexistent/gpu_check_out/gpu_check.json" in by_step["report"]
     limits = {s: int(re.search(r"\(limit (\d+) s\)", by_step[s]).group(1)) for s in STEPS}
-    assert sum(limits.values()) <= 10 * 60 - 20, f"step limits {limits} leave no room in a 10-minute command"
-    kernel = sum(limits[s] for s in KERNEL_STEPS)
-    assert kernel <= 8 * 60 - 20, f"kernel step limits {limits} leave no room in an 8-minute command"
+    assert sum(limits.values()) <= 8 * 60 - 20, f"step limits {limits} leave no room in an 8-minute command"
+    # tp_forward's own multi-process timeout ends before the step's limit, so it reports which rank hung.
+    own = int(re.search(r"--timeout (\d+)", by_step["tp_forward"]).group(1))
+    assert own + 5 <= limits["tp_forward"], (own, limits["tp_forward"])
+    assert "wheels: none in /nonexistent/gpu_wheels" in res.stdout
     assert not Path("/nonexistent/gpu_check_out").exists()
+
+
+def test_gpu_check_dry_run_shows_the_carried_wheels_install(tmp_path):
+    """A wheel in the wheel folder: the env step installs it (no deps, no index) before anything else, into a
+    folder every step has on PYTHONPATH."""
+    wheel = tmp_path / "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"")
+    res = run("--dry-run", GPU_CHECK_WHEELS=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    site = f"{tmp_path}/site-packages"
+    assert f"wheels: the env step installs {wheel} into {site}" in res.stdout
+    assert re.search(rf"PYTHONPATH={re.escape(str(ROOT))}:{re.escape(site)}(:|$)", res.stdout, re.M), res.stdout
+    env_line = next(line for line in res.stdout.splitlines() if line.startswith("gpu_check: step env "))
+    install = f"-m pip install --disable-pip-version-check --no-deps --no-index --upgrade --target '{site}' {wheel}"
+    assert install in env_line and env_line.index(install) < env_line.index("nvidia-smi"), env_line
+
+
+def test_gpu_check_env_step_installs_a_carried_wheel(tmp_path):
+    """A real (tiny, pure-Python) wheel is installed into the site folder by the env step, which then fails here
+    without a GPU (nvidia-smi) after the install."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "tpcomp_carried-0.1-py3-none-any.whl", "w") as z:
+        z.writestr("tpcomp_carried/__init__.py", "VALUE = 42\n")
+        dist = "tpcomp_carried-0.1.dist-info"
+        z.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: tpcomp-carried\nVersion: 0.1\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    out = tmp_path / "out"
+    res = run("--only", "env", "--out", str(out), PYTHON=sys.executable, GPU_CHECK_WHEELS=str(wheels), TIMEOUT_ENV="60")
+    assert res.returncode == 0, res.stderr
+    log = (out / "env.log").read_text()
+    assert "installing the carried wheels" in log, log
+    assert (wheels / "site-packages" / "tpcomp_carried" / "__init__.py").exists(), log
+    check = subprocess.run(
+        [sys.executable, "-c", "import tpcomp_carried; print(tpcomp_carried.VALUE)"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(wheels / "site-packages")},
+    )
+    assert check.stdout.strip() == "42", check.stderr
 
 
 def test_gpu_check_only_selects_steps_in_order():
@@ -103,6 +151,17 @@ def test_cuda_graph_capture_step_says_skipped_without_cuda(tmp_path):
     (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert step["ok"] and step["skipped"] == ["no CUDA"], step
     assert "cuda_graph_capture=skipped" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer; on a GPU the step runs the TP forward")
+def test_tp_forward_step_says_skipped_without_cuda(tmp_path):
+    res = run("--only", "tp_forward", "--out", str(tmp_path), PYTHON=sys.executable)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    (step,) = report["steps"]
+    assert step["ok"] and step["skipped"] == ["no CUDA"], step
+    assert report["tp_forward"]["status"] == "skipped" and report["tp_forward"]["tp"] == 3
+    assert "tp_forward=skipped" in res.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer: pytest skips the GPU test here")

@@ -57,6 +57,8 @@ def test_parse_shape_rejects(text: str) -> None:
         ),
         (["--modes", ","], "--modes ','"),
         (["--dtype", "int8"], "invalid choice: 'int8'"),
+        (["--forward-layers", "-1"], "--forward-layers -1: expected an integer >= 0"),
+        (["--tokens", "16"], "--tokens: tokens '16': expected BATCHxSEQUENCE"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_value(args: list[str], expected: str) -> None:
@@ -88,8 +90,59 @@ def test_run_without_cuda_validates_the_spec_first() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph: needs CUDA")
 def test_capture_and_replay_equal_eager_on_cuda() -> None:
     """Both dispatch modes: bit-identical replay on two inputs (the module docstring says why exactly)."""
-    result = graph_check.run()
+    result = graph_check.run(forward_layers=0)  # the whole forward has its own test below
     assert result["status"] == "ok", result
     assert [m["mode"] for m in result["modes"]] == ["auto", "reference"]
     for m in result["modes"]:
         assert m["max_abs_diff_a"] == 0.0 and m["max_abs_diff_b"] == 0.0, m
+
+
+FORWARD_STAND_IN = r"""
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("graph_check", sys.argv[1])
+gc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gc)
+rows = [gc.check_forward("int4:g32+had", 1, (1, 8), ("auto", "reference"), device=torch.device("cpu"))]
+# A torch whose fake process group does not copy in its all-gather: the check replaces the one-shot gather.
+from megatron_tpcomp.collectives import one_shot, transport
+original = one_shot.all_gather_flat
+transport.all_gather_flat = lambda out, inp, group=None, async_op=False: None
+rows.append(gc.check_forward("int4:g32+had", 1, (1, 8), ("auto",), device=torch.device("cpu")))
+rows.append(one_shot.all_gather_flat is original)
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.megatron
+@NO_CUDA
+def test_forward_check_set_up_on_cpu() -> None:
+    """The whole-forward check's set-up without a GPU: the fake TP=3 world, the megatron-core model with the
+    plug-in, the compressed path taken in the "captured" forward (one per block per layer) and the comparisons,
+    with a second eager call standing in for capture and replay (a CPU has no graphs; the CUDA test covers them).
+    Also the branch for a fake all-gather that does not copy, and that the one-shot gather is restored after."""
+    pytest.importorskip("megatron.core", reason="builds a megatron-core model")
+    res = subprocess.run(
+        [sys.executable, "-c", FORWARD_STAND_IN, str(SCRIPT)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    native, replaced, restored = json.loads(res.stdout.strip().splitlines()[-1])
+    assert native["status"] == "ok", native
+    assert native["gather"].startswith("the fake process group's all-gather")
+    assert [m["mode"] for m in native["modes"]] == ["auto", "reference"]
+    for m in native["modes"]:
+        assert m["ok"] and m["captured_compressed_calls"] == 2, m
+        assert m["max_abs_diff_a"] == 0.0 and m["max_abs_diff_b"] == 0.0
+    assert native["modes"][1]["kernel"] == "reference"
+    assert native["model"]["hidden_size"] == 576 and native["model"]["num_layers"] == 1 and native["tp"] == 3
+    assert replaced["status"] == "ok" and replaced["gather"].startswith("one_shot.all_gather_flat replaced"), replaced
+    assert restored is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph: needs CUDA")
+def test_whole_forward_capture_equals_eager_on_cuda() -> None:
+    """A 2-layer SmolLM2-shaped forward with the plug-in's compressed all-reduces, captured and replayed."""
+    pytest.importorskip("megatron.core", reason="builds a megatron-core model")
+    result = graph_check.check_forward()
+    assert result["status"] == "ok", result
+    for m in result["modes"]:
+        assert m["captured_compressed_calls"] == 2 * graph_check.DEFAULT_FORWARD_LAYERS, m
