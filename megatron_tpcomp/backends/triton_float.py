@@ -5,20 +5,22 @@ plain, ``+had`` and/or ``+chscale``; byte-identical encodes and bit-identical de
 
 One program handles one super-block of 4096 values (block sizes dividing 4096), as the integer kernels do:
 
-- encode: load (bf16 on the bits), ``+chscale`` factor ``2^e_c``, ``+had`` pre-normalization and rotation, NaN/Inf
-  blocks zeroed and marked, super-block exponent ``k`` (narrow rule for fp16/e4m3 scales without a tensor scale,
-  else the wide window), ``y = pow2_mul(v, -k)``; ideal scale ``div_rn(amax, emax)`` (capped; nvfp4:
-  ``div_rn(., t)``), scale rounding per format on the bits (``triton_common._quantize_scale``), ``inv = div_rn(1,
-  s)`` (0 for a zero or NaN scale), ``v = y * inv``, element code: ``e = max(floor(log2 |v|), min_exp)`` from the
-  exponent bits, ``code = ((e - min_exp) << m) + rint(|v| * 2^(m - e))`` (round half to even: for fp8 exactly
-  torch's E4M3/E5M2 cast on ``clamp(v, -fmax, fmax)``, sign bit copied from ``v`` so ``-0`` is 0x80; for
-  minifloats the reference's ``_codes``, saturating at ``emax``, a negative value rounding to 0 is +0), codes
-  packed 8 at a time into ``bits`` bytes (1 byte per code for fp8).
-- nvfp4's tensor scale ``t = amax_tensor / (6 * 448)`` needs the whole message's amax before any block scale:
-  a first kernel (:func:`_amax_kernel`) forms each super-block's normalized ``amax`` and ``atomic_max``-es its
-  fp32 bits (non-negative floats order as integers, so the maximum is exact and independent of the order) into a
-  one-int32 device buffer; the encode kernel reads it, every program computes ``t`` alike, program 0 stores it.
-  Two launches on one stream, no host sync (graph-capturable).
+- encode: load (bf16 on the bits), ``+chscale`` factor ``2^e_c``, ``+had`` pre-normalization and rotation (values
+  past the rotated length set to +0, the reference's padding of the last block), NaN/Inf blocks zeroed and marked,
+  super-block exponent ``k`` (narrow rule for fp16/e4m3 scales without a tensor scale, else the wide window),
+  ``y = pow2_mul(v, -k)``; ideal scale ``div_rn(amax, emax)`` (capped; nvfp4: ``div_rn(., t)``), scale rounding
+  per format on the bits (``triton_common._quantize_scale``), ``inv = div_rn(1, s)`` (0 for a zero or NaN scale),
+  ``v = y * inv``, element code: ``e = max(floor(log2 |v|), min_exp)`` from the exponent bits, ``code = ((e -
+  min_exp) << m) + rint(|v| * 2^(m - e))`` (round half to even: for fp8 exactly torch's E4M3/E5M2 cast on
+  ``clamp(v, -fmax, fmax)``, sign bit copied from ``v`` so ``-0`` is 0x80; for minifloats the reference's
+  ``_codes``, saturating at ``emax``, a negative value rounding to 0 is +0), codes packed 8 at a time into
+  ``bits`` bytes (1 byte per code for fp8).
+- nvfp4's tensor scale ``t = amax_tensor / (6 * 448)`` (clamped to ``[2^-117, cap]``; 1 for an all-zero message)
+  needs the whole message's amax before any block scale: a first kernel (:func:`_amax_kernel`) forms each
+  super-block's normalized ``amax`` and ``atomic_max``-es its fp32 bits (non-negative floats order as integers, so
+  the maximum is exact and independent of the order) into a one-int32 device buffer; the encode kernel reads it,
+  every program computes ``t`` alike, program 0 stores it. Two launches on one stream, no host sync
+  (graph-capturable).
 - decode-sum: per payload in rank order the codes' values (from the bits; E4M3 0x7F NaN, E5M2 Inf/NaN) times the
   decoded scale (nvfp4: ``scale * t`` of that payload), ``pow2_mul`` by ``k``, clamped and added in fp32 (``+had``:
   shifted by ``k_r - K``, added, rotated back once, ``pow2_mul`` by ``K``); ``+chscale`` multiplies the fp32 sum by

@@ -283,3 +283,25 @@ def test_interpret_bench_module_covers_float_and_chscale(tmp_path):
         "int4:g64:se4m3+had:b32+chscale",
     ]
     assert all(r["encode_gbps"] > 0 and r["decode_sum_gbps"] > 0 for r in rows)
+
+
+def test_interpret_float_seed_noncontiguous_and_out(triton_mode):
+    """A non-zero rotation seed (the kernel must load the codec's signs), a transposed (non-contiguous) input and
+    ``out=`` on the float and ``+chscale`` paths behave as in the reference."""
+    for spec, kw in (
+        ("fp8-e5m2:b64+had:b128", {"hadamard_seed": 7}),
+        ("nvfp4+had:b16", {"hadamard_seed": 3}),
+        ("fp8+had+chscale", {"hadamard_seed": 5, "channel_scale_exponents": channel_exponents(20)}),
+    ):
+        codec = make_codec(spec, **kw)
+        x = make_input(20 * 40, torch.float32, seed=11).view(20, 40).t()  # [40, 20], not contiguous
+        assert not x.is_contiguous()
+        ref = triton_mode("reference", lambda c=codec, x=x: c.encode(x))
+        assert torch.equal(triton_mode("triton", lambda c=codec, x=x: c.encode(x)), ref), spec
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+        res = triton_mode(
+            "triton", lambda c=codec, p=ref, o=out, s=x.shape: c.decode_sum(p, 1, s, torch.bfloat16, out=o)
+        )
+        assert res.data_ptr() == out.data_ptr()
+        want = triton_mode("reference", lambda c=codec, p=ref, s=x.shape: c.decode_sum(p, 1, s, torch.bfloat16))
+        assert_bits_equal(res, want, f"{spec} out=")
