@@ -283,6 +283,13 @@ def _plan(codec: object) -> Plan:
 
 
 def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
+    """The integer kernels' constexprs (a fresh dict: the callers pop what their kernel does not take)."""
+    return dict(_int_constexprs(inner, had))
+
+
+@functools.lru_cache(maxsize=64)
+def _int_constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
+    # Cached: the limit's mantissa bits come from a tensor, not to be created on every codec call.
     lim_mant, lim_exp = math.frexp(inner.qmax * NARROW_FORMAT_MAX[inner.scale_fmt])
     lim_mant_bits = int(torch.tensor(lim_mant, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
     hb = had.block if had is not None else 0
@@ -305,12 +312,16 @@ def _signs_on(block: int, seed: int, device: str) -> torch.Tensor:
     return rotation_signs(block, seed).to(device) if block else torch.ones(1, dtype=torch.float32, device=device)
 
 
+#: ``hadamard.rotation_scale`` cached: it rounds through a tensor, not to be created on every codec call.
+_rotation_scale = functools.lru_cache(maxsize=16)(rotation_scale)
+
+
 def _signs(had: HadamardCodec | None, device: torch.device) -> tuple[torch.Tensor, float, int]:
     """(fp32 ``[block]`` rotation signs on ``device``, ``c = fp32(1/sqrt(block))``, block); a dummy for plain
     codecs (block 0)."""
     if had is None:
         return _signs_on(0, 0, str(device)), 1.0, 0
-    return _signs_on(had.block, had.seed, str(device)), rotation_scale(had.block), had.block
+    return _signs_on(had.block, had.seed, str(device)), _rotation_scale(had.block), had.block
 
 
 def _channel_factors(

@@ -34,6 +34,7 @@ nearest even in both); powers of two are built from their bits; no FMA (``enable
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -376,13 +377,26 @@ def _decode_sum_kernel(
 # ------------------------------------------------------------------------------------------------- host side
 
 
+@functools.lru_cache(maxsize=8)
+def _dummy_int32(device: str) -> torch.Tensor:
+    # The encode kernel's tmax_ptr where no tensor scale is read: no allocation or memset per call.
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
 def _fp32(value: float) -> float:
-    """``value`` rounded to fp32 (as torch's clamp rounds a Python bound for an fp32 tensor)."""
+    """``value`` rounded to fp32 (as torch's clamp rounds a Python bound for an fp32 tensor); cached: no tensor is
+    created per codec call."""
     return float(torch.tensor(value, dtype=torch.float32))
 
 
 def constexprs(inner: Fp8Codec | MinifloatCodec) -> dict:
-    """The format's constexprs, shared by encode and decode-sum (encode-only ones included)."""
+    """The format's constexprs, shared by encode and decode-sum (encode-only ones included); a fresh dict."""
+    return dict(_constexprs(inner))
+
+
+@functools.lru_cache(maxsize=64)
+def _constexprs(inner: Fp8Codec | MinifloatCodec) -> dict:
     fp8 = type(inner) is Fp8Codec
     emax = inner.fmax if fp8 else inner.emax
     tscale = (not fp8) and inner.tensor_scale
@@ -441,7 +455,8 @@ def encode(
     flat = x.view(torch.int16) if in_bf16 else x
     ch, h = (up[0], up[1]) if up is not None else (signs, 1)
     common = dict(TILE_=TILE, HB=hb, LOG_HB=hb.bit_length() - 1 if hb else 0, IN_BF16=in_bf16, CH=up is not None)
-    tmax = torch.zeros(1, dtype=torch.int32, device=x.device)  # nvfp4's amax (fp32 bits); a dummy otherwise
+    # nvfp4's message amax (fp32 bits, zeroed: one small memset per encode); other formats get a cached dummy.
+    tmax = torch.zeros(1, dtype=torch.int32, device=x.device) if cx["TSCALE"] else _dummy_int32(str(x.device))
     if cx["TSCALE"]:
         _amax_kernel[grid](flat, ch, signs, tmax, n, n_inner, h, c, B=inner.block, **common, **opts)
     tscale_off = layout.sections["tensor_scale"].offset if cx["TSCALE"] else 0
