@@ -7,7 +7,9 @@ nothing from here; the backends read the codecs' attributes (bits, group, scale 
 
 - ``dispatch.py``   the choice (``TPCOMP_BACKEND``), its log line, the dispatcher
 - ``cpu.py``        the fused CPU library (``kernels/cpu_codecs.cpp``): build, load, formats
-- ``triton.py``     the Triton kernels (imported on first use; triton is optional)
+- ``triton.py``     the Triton kernels (imported on first use; triton is optional): entry points, integer kernels
+- ``triton_float.py``  its fp8 / minifloat (nvfp4, mxfp4, fp3-fp6) kernels; ``triton_common.py`` their shared
+  bit-exact helpers
 - ``cuda_int4.py``  the INT4 CUDA extension (``kernels/int4_*``, built by setup.py where nvcc exists)
 - ``te.py``         Transformer Engine's FP8 cast
 - ``errors.py``     BackendUnavailableError

@@ -8,7 +8,8 @@ name       module                      runs
 reference  the codec (``codecs/``)     every format, every device: the torch code that defines the wire format
 cpu        ``backends/cpu.py``         CPU tensors: int4:g<G> (fp16 scales), fp8-e4m3 (fp32 scales), their +had
 triton     ``backends/triton.py``      CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``): int4/5/6/8:g32/64/128
-                                       with fp16 or e4m3 scales, their +had
+                                       with fp16 or e4m3 scales; fp8 (e4m3/e5m2), nvfp4, mxfp4 and fp3-fp6 with
+                                       blocks of 16..256 and any scale format; each plain, +had and/or +chscale
 cuda       ``backends/cuda_int4.py``   CUDA tensors: int4:g<G> (fp16 scales, G in 8..256), the built extension
 te         ``backends/te.py``          CUDA tensors: the fp8 codecs' encode, plain or +had (TE's FP8 cast)
 =========  ==========================  ==========================================================================
@@ -112,7 +113,7 @@ class _Triton:
         kernels = self.load()
         if kernels is None or kernels.supports(codec):
             return None  # not importable: unavailable() says so
-        return "no Triton kernel for this format (int4/5/6/8:g32/64/128, fp16 or e4m3 scales, optionally +had)"
+        return f"no Triton kernel for this format (expected {kernels.SUPPORTED})"
 
     def unavailable(self, device_type: str) -> str | None:
         kernels = self.load()

@@ -1,5 +1,13 @@
 """The ``triton`` backend: fused Triton codecs for ``int<N>:g<G>`` (N in 4..8, G in 32/64/128, fp16 or e4m3
-scales), with and without ``+had``.
+scales), ``fp8`` (e4m3/e5m2), ``nvfp4``, ``mxfp4`` and ``fp3``-``fp6`` (blocks of 16..256, any scale format), each
+plain, with ``+had`` and/or with ``+chscale``.
+
+This module holds the public entry points (:func:`supports`, :func:`encode`, :func:`decode_sum`, which split a codec
+into ``+chscale`` / ``+had`` / inner block codec) and the integer kernels; the float formats' kernels are in
+``triton_float.py`` and the bit-exact helpers both use in ``triton_common.py``. ``+chscale`` is folded into the
+kernels: the encode multiplies each loaded value by ``2^e_c`` of its channel (``flat index % h``) before anything
+else, the decode-sum clamps each payload to fp32's range (the inner decode-sum's ``float32`` output), multiplies
+the fp32 sum by ``2^-e_c`` and clamps to the output dtype (``chscale.py``); both exact powers of two.
 
 One program handles one super-block of 4096 values (``scales.py``, "Second level"; ``lcm(G, 4096) = 4096`` for
 the supported groups), so the super-block exponent is chosen, applied and stored without a second pass.
@@ -33,12 +41,29 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from megatron_tpcomp.backends import triton_float
+from megatron_tpcomp.backends.triton_common import (
+    SCALE_CODES,
+    _choose_exponent,
+    _clamp,
+    _finish_out,
+    _load_input,
+    _load_scales,
+    _postrotate,
+    _pow2_mul,
+    _prerotate,
+    _quantize_scale,
+    _rint,
+    _store_scales,
+)
 from megatron_tpcomp.codecs.base import CodecError, numel_of
+from megatron_tpcomp.codecs.chscale import ChannelScaleCodec
 from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotation_scale, rotation_signs
 from megatron_tpcomp.codecs.intx import IntCodec
 from megatron_tpcomp.codecs.scales import NARROW_FORMAT_MAX
@@ -54,88 +79,6 @@ HAD_BLOCKS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-# ------------------------------------------------------------------------------------------- bit-exact helpers
-
-
-@triton.jit
-def _pow2(e):
-    """fp32 ``2^e`` for int32 ``e`` in [-126, 127], from its bits."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pow2_mul(v, e):
-    """``scales.pow2_mul``: ``v * f1 * f2`` (two exact steps), ``e`` clamped to [-252, 254]."""
-    e = tl.minimum(tl.maximum(e, -252), 254)
-    big = e > 127
-    small = e < -126
-    f1 = tl.where(big, _pow2(e * 0 + 127), tl.where(small, _pow2(e + 126), _pow2(e * 0)))
-    f2 = tl.where(big, _pow2(e - 127), tl.where(small, _pow2(e * 0 - 126), _pow2(e)))
-    return v * f1 * f2
-
-
-@triton.jit
-def _choose_exponent(amax, NARROW: tl.constexpr, LIM_MANT_BITS: tl.constexpr, LIM_EXP: tl.constexpr):
-    """``scales.choose_exponents`` for one finite fp32 ``amax >= 0`` (int32), frexp done on the bits."""
-    bits = amax.to(tl.int32, bitcast=True)
-    efield = (bits >> 23) & 0xFF
-    sub = efield == 0
-    # Subnormals: scale by 2^64 (exact) and take 64 off the exponent.
-    nbits = tl.where(sub, (amax * 18446744073709551616.0).to(tl.int32, bitcast=True), bits)
-    exp = ((nbits >> 23) & 0xFF) - 126 - tl.where(sub, 64, 0)  # frexp: amax = mant * 2^exp, mant in [0.5, 1)
-    mant_bits = nbits & 0x7FFFFF
-    if NARROW:
-        k = exp - LIM_EXP + (mant_bits > LIM_MANT_BITS).to(tl.int32)
-    else:
-        inside = (amax >= 5.421010862427522e-20) & (amax < 18446744073709551616.0)
-        k = tl.where(inside, 0, exp - 1)
-    return tl.where(amax > 0, k, 0)
-
-
-@triton.jit
-def _rint(t):
-    """Round half to even for fp32 ``|t| < 2^22`` (the quantized values are clamped to the code range first)."""
-    a = tl.abs(t)
-    r = (a + 8388608.0) - 8388608.0
-    return tl.where(t < 0, -r, r)
-
-
-@triton.jit
-def _e4m3_bits(s):
-    """float8 e4m3fn bits (int32) of fp32 ``s`` in [0, 448] (round to nearest even), integer operations only."""
-    bits = s.to(tl.int32, bitcast=True)
-    # Normal range (s >= 2^-6): round the 23-bit mantissa to 3 bits, rebias the exponent from 127 to 7.
-    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20
-    normal = r - ((127 - 7) << 3)
-    # Subnormals: multiples of 2^-9; the exact product s * 512 rounded to an integer (8 = the smallest normal).
-    subn = _rint(s * 512.0).to(tl.int32)
-    return tl.where(s >= 0.015625, normal, subn)
-
-
-@triton.jit
-def _e4m3_value(b):
-    """fp32 value of e4m3fn bits ``b`` (int32 0..255); 0x7F/0xFF are NaN."""
-    e = (b >> 3) & 0xF
-    m = b & 7
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True))
-    val = tl.where((b & 0x80) != 0, -mag, mag)
-    return tl.where((b & 0x7F) == 0x7F, float("nan"), val)
-
-
-@triton.jit
-def _fwht(v, TILE_: tl.constexpr, HB: tl.constexpr, LOG_HB: tl.constexpr):
-    """Unnormalized Walsh-Hadamard butterflies of every ``HB`` block of fp32 ``v`` ``[TILE_]``: stage ``h`` maps
-    ``(v[j], v[j+h])`` of every ``2h`` chunk to ``(a + b, a - b)``, ``h = 1, 2, 4, ...`` (``hadamard.fwht``)."""
-    for stage in tl.static_range(LOG_HB):
-        w = tl.reshape(v, [TILE_ // (2 << stage), 2, 1 << stage])  # [chunks of 2h, (a, b), h]
-        w = tl.permute(w, [0, 2, 1])
-        a, b = tl.split(w)
-        w = tl.join(a + b, a - b)
-        w = tl.permute(w, [0, 2, 1])
-        v = tl.reshape(w, [TILE_])
-    return v
-
-
 # --------------------------------------------------------------------------------------------------- encode
 
 
@@ -144,7 +87,9 @@ def _encode_kernel(
     x_ptr,
     payload_ptr,
     signs_ptr,
+    up_ptr,
     n,
+    h,
     nblocks,
     scales_off,
     exps_off,
@@ -153,32 +98,19 @@ def _encode_kernel(
     G: tl.constexpr,
     BITS_: tl.constexpr,
     QMAX: tl.constexpr,
-    E4M3: tl.constexpr,
+    SFMT: tl.constexpr,
     LIM_MANT_BITS: tl.constexpr,
     LIM_EXP: tl.constexpr,
     HB: tl.constexpr,
     LOG_HB: tl.constexpr,
     IN_BF16: tl.constexpr,
+    CH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    base = pid.to(tl.int64) * TILE_
-    offs = tl.arange(0, TILE_)
-    raw = tl.load(x_ptr + base + offs, mask=base + offs < n, other=0)
-    if IN_BF16:
-        # bf16 arrives as its int16 bits: widening is a shift (the interpreter's bf16 cast is wrong for subnormals).
-        v = ((raw.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-    else:
-        v = raw.to(tl.float32)
+    v = _load_input(x_ptr, up_ptr, pid, n, h, TILE_, IN_BF16, CH)
     j = 0
     if HB > 0:
-        # Pre-rotation normalization (hadamard._normalized): wide rule on the largest finite |x|.
-        fin = (v == v) & (tl.abs(v) != float("inf"))
-        top = tl.max(tl.where(fin, tl.abs(v), 0.0), axis=0)
-        j = _choose_exponent(top, False, 0, 0)
-        v = _pow2_mul(v, -j)
-        signs = tl.load(signs_ptr + tl.arange(0, HB))
-        v = tl.reshape(tl.reshape(v, [TILE_ // HB, HB]) * signs[None, :], [TILE_])
-        v = _fwht(v, TILE_, HB, LOG_HB) * rot_c
+        v, j = _prerotate(v, signs_ptr, rot_c, TILE_, HB, LOG_HB)
     blocks = tl.reshape(v, [TILE_ // G, G])
     nonfin = ((blocks != blocks) | (tl.abs(blocks) == float("inf"))).to(tl.int32)
     bad = tl.max(nonfin, axis=1) > 0
@@ -186,14 +118,7 @@ def _encode_kernel(
     k = _choose_exponent(tl.max(tl.max(tl.abs(blocks), axis=1), axis=0), True, LIM_MANT_BITS, LIM_EXP)
     y = _pow2_mul(blocks, -k)
     ideal = tl.math.div_rn(tl.max(tl.abs(y), axis=1), tl.full([TILE_ // G], QMAX, tl.float32))
-    if E4M3:
-        sbits = _e4m3_bits(tl.minimum(tl.maximum(ideal, -448.0), 448.0))
-        s = _e4m3_value(sbits)
-        stored = tl.where(bad, 0x7F, sbits).to(tl.uint8)
-    else:
-        h = tl.minimum(tl.maximum(ideal, -65504.0), 65504.0).to(tl.float16)
-        s = h.to(tl.float32)
-        stored = tl.where(bad, 0x7E00, h.to(tl.int16, bitcast=True).to(tl.int32)).to(tl.int16)
+    stored, s = _quantize_scale(ideal, bad, SFMT)
     # 1 / s only where s != 0 (the interpreter would warn about the division it then discards).
     inv = tl.where(s == 0, 0.0, tl.math.div_rn(tl.full([TILE_ // G], 1.0, tl.float32), tl.where(s == 0, 1.0, s)))
     q = _rint(tl.minimum(tl.maximum(y * inv[:, None], -QMAX), QMAX))
@@ -208,11 +133,7 @@ def _encode_kernel(
     for i in tl.static_range(BITS_):
         tl.store(code_base + i, ((word >> (8 * i)) & 0xFF).to(tl.uint8), mask=unit_ok)
     gidx = pid.to(tl.int64) * (TILE_ // G) + tl.arange(0, TILE_ // G)
-    if E4M3:
-        tl.store(payload_ptr + scales_off + gidx, stored, mask=gidx < nblocks)
-    else:
-        sptr = (payload_ptr + scales_off).to(tl.pointer_type(tl.int16))
-        tl.store(sptr + gidx, stored, mask=gidx < nblocks)
+    _store_scales(payload_ptr, scales_off, gidx, stored, gidx < nblocks, SFMT)
     eptr = (payload_ptr + exps_off).to(tl.pointer_type(tl.int16))
     tl.store(eptr + pid, (k + j).to(tl.int16))
 
@@ -231,7 +152,7 @@ def _decode_tile(
     G: tl.constexpr,
     BITS_: tl.constexpr,
     QMAX: tl.constexpr,
-    E4M3: tl.constexpr,
+    SFMT: tl.constexpr,
 ):
     """(fp32 ``[TILE_ // G, G]`` normalized values, int32 ``k``) of super-block ``pid`` of one payload; groups past
     ``nblocks`` (not in the payload) read as zero scales and feed only values that are dropped."""
@@ -245,11 +166,7 @@ def _decode_tile(
     codes = ((word[:, None] >> shifts[None, :]) & ((1 << BITS_) - 1)).to(tl.int32)
     codes = tl.reshape(codes, [TILE_ // G, G])
     gidx = pid.to(tl.int64) * (TILE_ // G) + tl.arange(0, TILE_ // G)
-    if E4M3:
-        s = _e4m3_value(tl.load(payload_ptr + scales_off + gidx, mask=gidx < nblocks, other=0).to(tl.int32))
-    else:
-        sptr = (payload_ptr + scales_off).to(tl.pointer_type(tl.float16))
-        s = tl.load(sptr + gidx, mask=gidx < nblocks, other=0.0).to(tl.float32)
+    s = _load_scales(payload_ptr, scales_off, gidx, gidx < nblocks, SFMT)
     k = tl.load((payload_ptr + exps_off).to(tl.pointer_type(tl.int16)) + pid).to(tl.int32)
     return (codes - (QMAX + 1)).to(tl.float32) * s[:, None], k
 
@@ -259,100 +176,120 @@ def _decode_sum_kernel(
     payload_ptr,
     out_ptr,
     signs_ptr,
+    down_ptr,
     count,
     nbytes,
     n,
+    h,
     nblocks,
     scales_off,
     exps_off,
     rot_c,
+    clamp_max,
     out_max,
     TILE_: tl.constexpr,
     G: tl.constexpr,
     BITS_: tl.constexpr,
     QMAX: tl.constexpr,
-    E4M3: tl.constexpr,
+    SFMT: tl.constexpr,
     HB: tl.constexpr,
     LOG_HB: tl.constexpr,
     OUT: tl.constexpr,
+    CH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = tl.arange(0, TILE_)
     if HB > 0:
         top = tl.load((payload_ptr + exps_off).to(tl.pointer_type(tl.int16)) + pid).to(tl.int32)
         pr = payload_ptr
         for _r in range(1, count):
             pr += nbytes  # pointer steps: no int32 overflow of r * nbytes
             top = tl.maximum(top, tl.load((pr + exps_off).to(tl.pointer_type(tl.int16)) + pid).to(tl.int32))
-        vals, k = _decode_tile(payload_ptr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, E4M3)
+        vals, k = _decode_tile(payload_ptr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, SFMT)
         acc = _pow2_mul(vals, k - top)
         pr = payload_ptr
         for _r in range(1, count):
             pr += nbytes
-            vals, k = _decode_tile(pr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, E4M3)
+            vals, k = _decode_tile(pr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, SFMT)
             acc += _pow2_mul(vals, k - top)
-        signs = tl.load(signs_ptr + tl.arange(0, HB))
-        u = _fwht(tl.reshape(acc, [TILE_]), TILE_, HB, LOG_HB) * rot_c
-        u = tl.reshape(tl.reshape(u, [TILE_ // HB, HB]) * signs[None, :], [TILE_])
-        x = _pow2_mul(u, top)
-        res = tl.where(x > out_max, out_max, tl.where(x < -out_max, -out_max, x))
+        u = _postrotate(tl.reshape(acc, [TILE_]), signs_ptr, rot_c, TILE_, HB, LOG_HB)
+        res = _clamp(_pow2_mul(u, top), clamp_max)
     else:
-        vals, k = _decode_tile(payload_ptr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, E4M3)
-        v = _pow2_mul(vals, k)
-        acc = tl.where(v > out_max, out_max, tl.where(v < -out_max, -out_max, v))
+        vals, k = _decode_tile(payload_ptr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, SFMT)
+        acc = _clamp(_pow2_mul(vals, k), clamp_max)
         pr = payload_ptr
         for _r in range(1, count):
             pr += nbytes
-            vals, k = _decode_tile(pr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, E4M3)
-            v = _pow2_mul(vals, k)
-            acc += tl.where(v > out_max, out_max, tl.where(v < -out_max, -out_max, v))
+            vals, k = _decode_tile(pr, pid, nblocks, scales_off, exps_off, TILE_, G, BITS_, QMAX, SFMT)
+            acc += _clamp(_pow2_mul(vals, k), clamp_max)
         res = tl.reshape(acc, [TILE_])
-    idx = pid.to(tl.int64) * TILE_ + offs
-    if OUT == 1:
-        res = res.to(tl.float16)
-        tl.store(out_ptr + idx, res, mask=idx < n)
-    elif OUT == 2:
-        # fp32 -> bf16 round to nearest even on the bits (the interpreter's bf16 cast does not round so);
-        # NaN -> 0x7FC0.
-        bits = res.to(tl.int32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-        bf = tl.where(res != res, 0x7FC0, rounded).to(tl.int16)
-        tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + idx, bf, mask=idx < n)
-    else:
-        tl.store(out_ptr + idx, res, mask=idx < n)
+    _finish_out(out_ptr, down_ptr, res, pid, n, h, out_max, TILE_, OUT, CH)
 
 
 # ------------------------------------------------------------------------------------------------- host side
 
 
-def _split(codec: object) -> tuple[IntCodec, HadamardCodec | None] | None:
-    """(inner IntCodec, HadamardCodec or None) when the kernels implement ``codec``, else None."""
-    had = codec if isinstance(codec, HadamardCodec) else None
-    inner = had.inner if had is not None else codec
-    if type(inner) is not IntCodec:
-        return None
-    ok = inner.bits in BITS and inner.group in GROUPS and not inner.asym and inner.scale_fmt in SCALE_FORMATS
+@dataclass(frozen=True)
+class Plan:
+    """How the kernels run a codec: the ``+chscale`` wrapper (or None), the ``+had`` wrapper (or None) and the
+    innermost block codec (IntCodec: the kernels above; Fp8Codec/MinifloatCodec: ``triton_float.py``)."""
+
+    chscale: ChannelScaleCodec | None
+    had: HadamardCodec | None
+    inner: object
+
+
+def _int_ok(inner: object) -> bool:
+    return (
+        type(inner) is IntCodec
+        and inner.bits in BITS
+        and inner.group in GROUPS
+        and not inner.asym
+        and inner.scale_fmt in SCALE_FORMATS
+    )
+
+
+def _split(codec: object) -> Plan | None:
+    """The :class:`Plan` of ``codec`` when the kernels implement it, else None."""
+    ch = codec if type(codec) is ChannelScaleCodec else None
+    rest = ch.inner if ch is not None else codec
+    had = rest if type(rest) is HadamardCodec else None
+    inner = had.inner if had is not None else rest
     if had is not None and had.block not in HAD_BLOCKS:
         return None
-    return (inner, had) if ok else None
+    if not (_int_ok(inner) or triton_float.supports_inner(inner)):
+        return None
+    return Plan(ch, had, inner)
 
 
 def supports(codec: object) -> bool:
-    """True when these kernels implement ``codec`` (plain or ``+had`` ``int<N>:g<G>`` with fp16/e4m3 scales)."""
+    """True when these kernels implement ``codec`` (:data:`SUPPORTED`, plain, ``+had`` and/or ``+chscale``)."""
     return _split(codec) is not None
 
 
-def _parts(codec: object) -> tuple[IntCodec, HadamardCodec | None]:
-    parts = _split(codec)
-    if parts is None:
-        raise CodecError(
-            f"no Triton kernel for {getattr(codec, 'spec', codec)!r}; expected int<N>:g<G> with N in {BITS}, "
-            f"G in {GROUPS}, symmetric, fp16 or e4m3 scales, optionally +had"
-        )
-    return parts
+#: What the kernels implement, in words (the CodecError and the dispatch's reason quote it).
+SUPPORTED = (
+    f"int<N>:g<G> (N in {'/'.join(map(str, BITS))}, G in {'/'.join(map(str, GROUPS))}, symmetric, fp16 or e4m3 "
+    f"scales), fp8-e4m3/fp8-e5m2 and the minifloats (nvfp4, mxfp4, fp3-fp6) with blocks of "
+    f"{'/'.join(map(str, triton_float.BLOCKS))} and any scale format; each optionally +had:b<H> (H <= 4096) "
+    "and +chscale"
+)
+
+
+def _plan(codec: object) -> Plan:
+    plan = _split(codec)
+    if plan is None:
+        raise CodecError(f"no Triton kernel for {getattr(codec, 'spec', codec)!r}; expected {SUPPORTED}")
+    return plan
 
 
 def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
+    """The integer kernels' constexprs (a fresh dict: the callers pop what their kernel does not take)."""
+    return dict(_int_constexprs(inner, had))
+
+
+@functools.lru_cache(maxsize=64)
+def _int_constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
+    # Cached: the limit's mantissa bits come from a tensor, not to be created on every codec call.
     lim_mant, lim_exp = math.frexp(inner.qmax * NARROW_FORMAT_MAX[inner.scale_fmt])
     lim_mant_bits = int(torch.tensor(lim_mant, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
     hb = had.block if had is not None else 0
@@ -361,7 +298,7 @@ def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
         G=inner.group,
         BITS_=inner.bits,
         QMAX=inner.qmax,
-        E4M3=inner.scale_fmt == "e4m3",
+        SFMT=SCALE_CODES[inner.scale_fmt],
         LIM_MANT_BITS=lim_mant_bits,
         LIM_EXP=lim_exp,
         HB=hb,
@@ -375,11 +312,27 @@ def _signs_on(block: int, seed: int, device: str) -> torch.Tensor:
     return rotation_signs(block, seed).to(device) if block else torch.ones(1, dtype=torch.float32, device=device)
 
 
-def _signs(had: HadamardCodec | None, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(fp32 ``[block]`` rotation signs on ``device``, ``c = fp32(1/sqrt(block))``); a dummy for plain codecs."""
+#: ``hadamard.rotation_scale`` cached: it rounds through a tensor, not to be created on every codec call.
+_rotation_scale = functools.lru_cache(maxsize=16)(rotation_scale)
+
+
+def _signs(had: HadamardCodec | None, device: torch.device) -> tuple[torch.Tensor, float, int]:
+    """(fp32 ``[block]`` rotation signs on ``device``, ``c = fp32(1/sqrt(block))``, block); a dummy for plain
+    codecs (block 0)."""
     if had is None:
-        return _signs_on(0, 0, str(device)), 1.0
-    return _signs_on(had.block, had.seed, str(device)), rotation_scale(had.block)
+        return _signs_on(0, 0, str(device)), 1.0, 0
+    return _signs_on(had.block, had.seed, str(device)), _rotation_scale(had.block), had.block
+
+
+def _channel_factors(
+    ch: ChannelScaleCodec | None, shape: Sequence[int], device: torch.device, down: bool
+) -> tuple[torch.Tensor, int] | None:
+    """(fp32 ``[h]`` ``2^e_c`` (``down``: ``2^-e_c``) on ``device``, ``h``) of ``+chscale`` (the codec's own cached
+    factors), or None; checks ``shape`` against the table as the reference does (one-line CodecError)."""
+    if ch is None:
+        return None
+    ch._rows(shape)
+    return ch._factors(device)[1 if down else 0], ch.h
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -390,9 +343,14 @@ def _launch_opts(device: torch.device) -> dict:
 def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
     """Payload (uint8, 1-D, the codec's ``payload_nbytes(x.shape)``) of bf16/fp16/fp32 ``x`` (any shape), on
     ``x.device``: byte-identical to ``codec.encode(x)``'s torch reference."""
-    inner, had = _parts(codec)
+    plan = _plan(codec)
+    inner, had = plan.inner, plan.had
+    up = _channel_factors(plan.chscale, x.shape, x.device, down=False)
     n = x.numel()
     inner_n = -(-n // had.block) * had.block if had is not None else n
+    flat = x.contiguous().view(-1)
+    if type(inner) is not IntCodec:
+        return triton_float.encode(inner, flat, inner_n, _signs(had, x.device), up, _launch_opts(x.device))
     layout = inner.layout((inner_n,))
     if n == 0:
         return layout.allocate(x.device)
@@ -401,21 +359,24 @@ def encode(codec: object, x: torch.Tensor) -> torch.Tensor:
     payload = layout.allocate_padding_zeroed(x.device)
     nblocks = -(-inner_n // inner.group)
     grid = (-(-inner_n // TILE),)
-    signs, c = _signs(had, x.device)
+    signs, c, _ = _signs(had, x.device)
     cx = _constexprs(inner, had)
     cx.pop("TILE_")
-    flat = x.contiguous().view(-1)
+    ch, h = up if up is not None else (signs, 1)
     _encode_kernel[grid](
         flat.view(torch.int16) if x.dtype == torch.bfloat16 else flat,
         payload,
         signs,
+        ch,
         n,
+        h,
         nblocks,
         layout.sections["scales"].offset,
         layout.sections["exps"].offset,
         c,
         TILE_=TILE,
         IN_BF16=x.dtype == torch.bfloat16,
+        CH=up is not None,
         **cx,
         **_launch_opts(x.device),
     )
@@ -432,31 +393,45 @@ def decode_sum(
 ) -> torch.Tensor:
     """Sum of the decodes of ``count`` payloads (uint8 ``[count * nbytes]``, checked by the caller) as a contiguous
     ``dtype`` tensor of ``shape`` (or written into ``out``): bit-identical to the torch reference's decode_sum."""
-    inner, had = _parts(codec)
+    plan = _plan(codec)
+    inner, had = plan.inner, plan.had
+    down = _channel_factors(plan.chscale, shape, payloads.device, down=True)
     n = numel_of(shape)
     inner_n = -(-n // had.block) * had.block if had is not None else n
-    layout = inner.layout((inner_n,))
     result = torch.empty(n, dtype=dtype, device=payloads.device) if out is None else out.view(-1)
-    if n:
-        signs, c = _signs(had, payloads.device)
+    opts = _launch_opts(payloads.device)
+    if type(inner) is not IntCodec:
+        triton_float.decode_sum(
+            inner, payloads, count, n, inner_n, result, _signs(had, payloads.device), down, _OUT_CODE[dtype], opts
+        )
+    elif n:
+        layout = inner.layout((inner_n,))
+        signs, c, _ = _signs(had, payloads.device)
         cx = _constexprs(inner, had)
         for key in ("LIM_MANT_BITS", "LIM_EXP", "TILE_"):
             cx.pop(key)
+        out_max = float(torch.finfo(dtype).max)
+        ch, h = down if down is not None else (signs, 1)
         _decode_sum_kernel[(-(-inner_n // TILE),)](
             payloads,
             result,
             signs,
+            ch,
             count,
             layout.nbytes,
             n,
+            h,
             -(-inner_n // inner.group),
             layout.sections["scales"].offset,
             layout.sections["exps"].offset,
             c,
-            float(torch.finfo(dtype).max),
+            # +chscale: the inner decode-sum clamps to fp32's range, the dtype's after the channel scaling
+            float(torch.finfo(torch.float32).max) if down is not None else out_max,
+            out_max,
             TILE_=TILE,
             OUT=_OUT_CODE[dtype],
+            CH=down is not None,
             **cx,
-            **_launch_opts(payloads.device),
+            **opts,
         )
     return result.view(tuple(shape)) if out is None else out.view(tuple(shape))

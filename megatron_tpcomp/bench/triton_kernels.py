@@ -7,6 +7,8 @@
 - decode-sum: (``count`` payloads + output bytes) / time of ``backends/triton.py``'s ``decode_sum``;
 - the torch reference (``codec.encode`` / ``codec.decode_sum`` with ``TPCOMP_BACKEND=reference``) the same way.
 Sizes: ``decode`` = one token of SmolLM2's hidden size (1 x 576 bf16), ``prefill`` = 8 MiB of bf16 (7281 x 576).
+Formats: integers, fp8 (e4m3/e5m2), nvfp4 (two kernels per encode: the message amax, then the encode), with
+``+had`` and ``+chscale`` (a fixed table of exponents -2..2 over the 576 channels: the cost does not depend on it).
 Times are medians of ``--reps`` runs after 3 warm-ups (CUDA events on a GPU, perf_counter on CPU).
 The target: encode and decode-sum at prefill sizes >= 70% of the copy bandwidth.
 """
@@ -33,6 +35,11 @@ DEFAULT_SPECS = (
     "int4:g32:se4m3+had",
     "int5:g64:se4m3+had",
     "int6:g128+had:b128",
+    "fp8",
+    "fp8+had",
+    "nvfp4",
+    "nvfp4+had:b16",
+    "int4:g64:se4m3+had+chscale",
 )
 SIZES = {"decode": (1, 576), "prefill": (8 * 2**20 // (2 * 576), 576)}
 TARGET_FRACTION = 0.70
@@ -69,8 +76,9 @@ def copy_bandwidth(device: torch.device, reps: int = 10) -> float:
 def bench_one(spec: str, size: str, device: torch.device, count: int, reps: int, reference: bool) -> dict:
     """One row: GB/s of the Triton encode and decode-sum (and of the torch reference) for ``spec`` at ``size``."""
     tc = dispatch.triton_module()
-    codec = make_codec(spec)
     shape = SIZES[size]
+    kw = {"channel_scale_exponents": [(c % 5) - 2 for c in range(shape[-1])]} if "chscale" in spec else {}
+    codec = make_codec(spec, **kw)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(torch.bfloat16).to(device)
     in_bytes = x.numel() * x.element_size()

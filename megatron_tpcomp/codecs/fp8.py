@@ -31,8 +31,9 @@ Bits per value: ``8 + scale_bits / B + 16 / 4096`` (8.25390625 for the default `
 
 Backends produce the same wire layout, so any rank decodes any rank's payload with :meth:`Fp8Codec.decode`:
 ``torch`` (this reference; CPU and GPU), ``te`` (Transformer Engine's FP8 cast kernel on CUDA tensors, through
-:meth:`Fp8Codec.with_cast`) and ``auto`` (``TPCOMP_BACKEND`` decides; its ``auto`` casts CUDA tensors with
-Transformer Engine where it imports). The choice is made by the kernel dispatch, ``megatron_tpcomp/backends/``.
+:meth:`Fp8Codec.with_cast`) and ``auto`` (``TPCOMP_BACKEND`` decides; its ``auto`` runs CUDA tensors through the
+fused Triton kernels where triton imports, else casts with Transformer Engine where it imports). The choice is made
+by the kernel dispatch, ``megatron_tpcomp/backends/``.
 """
 
 from __future__ import annotations

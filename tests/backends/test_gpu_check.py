@@ -204,48 +204,91 @@ def test_gpu_check_help(flag):
     assert res.returncode == 0 and "--dry-run" in res.stdout
 
 
+#: Kernels the compile check builds: integer formats (fp16 and e4m3 scales, the first with +chscale) and float
+#: formats (E4M3/E5M2/E2M1/E3M2 elements, fp32/e4m3/e8m0/bf16 scales, nvfp4 with its amax pass, +had, +chscale).
+COMPILE_INT_SPECS = ("int4:g32+chscale", "int5:g64:se4m3+had", "int6:g128+had:b128")
+COMPILE_FLOAT_SPECS = (
+    "fp8",
+    "fp8-e5m2:b32:se4m3+had+chscale",
+    "nvfp4+had:b16+chscale",
+    "mxfp4",
+    "fp6-e3m2:b32:sbf16",
+)
+
 COMPILE_CHECK = r"""
 import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_tpcomp.codecs import make_codec
-from megatron_tpcomp.backends import triton as tc
+from megatron_tpcomp.backends import triton as tc, triton_float as tf
 
 assert not tc.INTERPRETED
-enc_sig = dict(x_ptr="*bf16", payload_ptr="*u8", signs_ptr="*fp32", n="i32", nblocks="i32", scales_off="i32",
-               exps_off="i32", rot_c="fp32")
-dec_sig = dict(payload_ptr="*u8", out_ptr="*bf16", signs_ptr="*fp32", count="i32", nbytes="i32", n="i32",
-               nblocks="i32", scales_off="i32", exps_off="i32", rot_c="fp32", out_max="fp32")
-for arch, spec in itertools.product((80, 90), ("int4:g32", "int5:g64:se4m3+had", "int6:g128+had:b128")):
-    codec = make_codec(spec)
-    inner, had = tc._split(codec)
-    cx = tc._constexprs(inner, had)
-    for kind, kernel, sig, const in (
-        ("encode", tc._encode_kernel, enc_sig, {**cx, "IN_BF16": True}),
-        ("decode_sum", tc._decode_sum_kernel, dec_sig,
-         {k: v for k, v in cx.items() if k not in ("LIM_MANT_BITS", "LIM_EXP")} | {"OUT": 2}),
-    ):
+INT_SPECS, FLOAT_SPECS = sys.argv[1].split(","), sys.argv[2].split(",")
+f32, i32 = "fp32", "i32"
+enc_sig = dict(x_ptr="*i16", payload_ptr="*u8", signs_ptr="*fp32", up_ptr="*fp32", n=i32, h=i32, nblocks=i32,
+               scales_off=i32, exps_off=i32, rot_c=f32)
+dec_sig = dict(payload_ptr="*u8", out_ptr="*bf16", signs_ptr="*fp32", down_ptr="*fp32", count=i32, nbytes=i32, n=i32,
+               h=i32, nblocks=i32, scales_off=i32, exps_off=i32, rot_c=f32, clamp_max=f32, out_max=f32)
+amax_sig = dict(x_ptr="*i16", up_ptr="*fp32", signs_ptr="*fp32", tmax_ptr="*i32", n=i32, n_inner=i32, h=i32,
+                rot_c=f32)
+fenc_sig = dict(x_ptr="*i16", payload_ptr="*u8", signs_ptr="*fp32", up_ptr="*fp32", tmax_ptr="*i32", n=i32,
+                n_inner=i32, h=i32, nblocks=i32, scales_off=i32, tscale_off=i32, exps_off=i32, rot_c=f32, cap=f32,
+                tcap=f32)
+fdec_sig = dict(payload_ptr="*u8", out_ptr="*bf16", signs_ptr="*fp32", down_ptr="*fp32", count=i32, nbytes=i32,
+                n=i32, h=i32, nblocks=i32, scales_off=i32, tscale_off=i32, exps_off=i32, rot_c=f32, clamp_max=f32,
+                out_max=f32)
+
+
+def kernels(spec):
+    codec = make_codec(spec, channel_scale_exponents=[1, -2, 0, 3] if "chscale" in spec else None)
+    plan = tc._split(codec)
+    ch = plan.chscale is not None
+    hb = plan.had.block if plan.had is not None else 0
+    rot = dict(HB=hb, LOG_HB=hb.bit_length() - 1 if hb else 0)
+    if spec in INT_SPECS:
+        cx = tc._constexprs(plan.inner, plan.had)
+        yield "encode", tc._encode_kernel, enc_sig, {**cx, "IN_BF16": True, "CH": ch}
+        dec = {k: v for k, v in cx.items() if k not in ("LIM_MANT_BITS", "LIM_EXP")}
+        yield "decode_sum", tc._decode_sum_kernel, dec_sig, {**dec, "OUT": 2, "CH": ch}
+        return
+    cx = tf.constexprs(plan.inner)
+    common = dict(TILE_=tf.TILE, IN_BF16=True, CH=ch, **rot)
+    if cx["TSCALE"]:
+        yield "amax", tf._amax_kernel, amax_sig, dict(B=cx["B"], **common)
+    yield "encode", tf._encode_kernel, fenc_sig, {**cx, **common}
+    dec = {k: v for k, v in cx.items() if k not in tf.ENCODE_ONLY}
+    yield "decode_sum", tf._decode_sum_kernel, fdec_sig, {**dec, "TILE_": tf.TILE, "OUT": 2, "CH": ch, **rot}
+
+
+for arch, spec in itertools.product((80, 90), INT_SPECS + FLOAT_SPECS):
+    for kind, kernel, sig, const in kernels(spec):
         signature = {**sig, **{k: "constexpr" for k in const}}
         k = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", arch, 32),
                            options={"enable_fp_fusion": False})
         ptx = k.asm["ptx"]
-        bad = [op for op in ("fma.", "div.full", "div.approx", "rcp.approx") if op in ptx]
+        bad = [op for op in ("fma.", "div.full", "div.approx", "rcp.approx", ".ftz") if op in ptx]
         print(f"{kind} {spec} sm_{arch}: {'ok' if not bad else 'uses ' + ', '.join(bad)}")
 """
 
 
 def test_triton_kernels_compile_for_sm80_sm90_without_fast_math():
-    """The real Triton compiler (no GPU needed: PTX and ptxas only) builds the encode and decode-sum kernels for
-    sm_80 and sm_90, and their PTX has no FMA contraction and no approximate division or reciprocal: what the
-    interpreter tests cannot see (it caught a constexpr reassignment the interpreter accepts)."""
+    """The real Triton compiler (no GPU needed: PTX and ptxas only) builds the encode and decode-sum kernels (and
+    nvfp4's amax pass) of integer and float formats, with +had and +chscale, for sm_80 and sm_90, and their PTX
+    has no FMA contraction, no approximate division or reciprocal and no flush of subnormals to zero: what the
+    interpreter tests cannot see (it caught a constexpr reassignment the interpreter accepts). bf16 inputs are
+    compiled as what the host passes, their int16 bits."""
     pytest.importorskip("triton", reason="triton is not installed (the megatron-lm extra brings it)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [",".join(COMPILE_INT_SPECS), ",".join(COMPILE_FLOAT_SPECS)]
     res = subprocess.run(
-        [sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+        [sys.executable, "-c", COMPILE_CHECK, *args], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
     )
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip(f"triton's ptxas is unavailable here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 12 and all(line.endswith(": ok") for line in lines), res.stdout
+    per_arch = (
+        2 * len(COMPILE_INT_SPECS) + 2 * len(COMPILE_FLOAT_SPECS) + sum("nvfp4" in s for s in COMPILE_FLOAT_SPECS)
+    )
+    assert len(lines) == 2 * per_arch and all(line.endswith(": ok") for line in lines), res.stdout

@@ -346,13 +346,29 @@ def test_interpret_plain_decode_goes_through_the_kernel(triton_mode, monkeypatch
 HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "nonzero")
 
 
-@pytest.mark.parametrize("spec", ["int4:g32", "int5:g64:se4m3+had", "int6:g128+had:b128"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "int4:g32",
+        "int5:g64:se4m3+had",
+        "int6:g128+had:b128",
+        "fp8",
+        "fp8-e5m2:b32:se4m3+had",
+        "nvfp4",
+        "nvfp4+had:b16",
+        "int4:g32+chscale",
+        "fp8+had+chscale",
+        "nvfp4+chscale",
+    ],
+)
 def test_interpret_no_sync_triton_path(triton_mode, monkeypatch, spec):
     """After warm-up, encode and decode-sum through the dispatch and the Triton kernels call no host-sync entry
-    point (``Tensor.item/tolist/__bool__/cpu/nonzero`` patched to raise): graph-capturable. The torch reference
+    point (``Tensor.item/tolist/__bool__/cpu/nonzero`` patched to raise): graph-capturable, nvfp4's message amax
+    (a device-side atomic max read by the second kernel) and ``+chscale``'s factors included. The torch reference
     does sync (its NaN-scale mask uses ``bool(bad.any())``), which shows the patch bites."""
-    codec = make_codec(spec)
-    x = make_input(5000, torch.bfloat16)
+    kw = {"channel_scale_exponents": [(c % 9) - 4 for c in range(40)]} if "chscale" in spec else {}
+    codec = make_codec(spec, **kw)
+    x = make_input(5000, torch.bfloat16).view(125, 40)
     payload = triton_mode("triton", lambda: codec.encode(x))
     triton_mode("triton", lambda: codec.decode_sum(torch.cat([payload, payload]), 2, x.shape, torch.bfloat16))
     two = torch.cat([payload, payload])
