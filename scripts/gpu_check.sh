@@ -11,7 +11,10 @@
 #   tests_gpu        pytest tests/backends (but the CPU library's and nvcc's tests, which CI runs) and the GPU test
 #                    of tpcomp bench kernels, TRITON_INTERPRET unset: the Triton kernels compiled for the GPU
 #                    against the torch reference on CUDA tensors, the INT4 CUDA kernels, the dispatch, TE's FP8
-#   tests_interpret  pytest tests/backends -k interpret with TRITON_INTERPRET=1 (the CI path, on this machine)
+#   tests_gpu_float  pytest tests/backends/test_triton_float.py on the GPU: the fp8 / nvfp4 / minifloat and +chscale
+#                    Triton kernels compiled for it, against the reference (its own step: many kernel variants)
+#   tests_interpret  the interpreter tests that pin rounding and the no-sync property, TRITON_INTERPRET=1 (CI runs
+#                    all of them; here they show the interpreter on this machine agrees)
 #   bench_kernels    python -m megatron_tpcomp.bench.triton_kernels: GB/s of the Triton encode/decode-sum vs the
 #                    device's copy bandwidth, decode (1x576) and prefill (8 MiB) sizes, JSON in DIR/bench.json
 #   cuda_graph_capture  python scripts/graph_check.py: one compressed all_reduce (encode + decode_sum of
@@ -46,7 +49,7 @@ py=${PYTHON:-python3}
 out=${GPU_CHECK_OUT:-${OUT:-$root/gpu_check_out}}
 dry=0
 only=""
-all_steps=(env build_cuda_ext tests_gpu tests_interpret bench_kernels cuda_graph_capture tp_forward megatron_dynamic_engine)
+all_steps=(env build_cuda_ext tests_gpu tests_gpu_float tests_interpret bench_kernels cuda_graph_capture tp_forward megatron_dynamic_engine)
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry=1 ;;
@@ -134,8 +137,9 @@ fi
 declare -A cmd limit
 cmd[env]="${install}nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader && $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__); assert torch.cuda.is_available(), \"torch sees no CUDA device\"' && nvcc --version | tail -n 1"
 cmd[build_cuda_ext]="cd '$root' && TORCH_CUDA_ARCH_LIST=\$($py -c 'import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())') $py setup.py build_ext --inplace && $py -c 'from megatron_tpcomp.backends import cuda_int4; ok, why = cuda_int4.cuda_int4_available(); print(\"INT4 CUDA extension:\", ok, why); raise SystemExit(0 if ok else 1)'"
-cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/backends --ignore=tests/backends/test_cpu.py --ignore=tests/backends/test_cuda_compile.py tests/bench/test_bench_kernels_gpu.py"
-cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/backends -k interpret"
+cmd[tests_gpu]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/backends --ignore=tests/backends/test_cpu.py --ignore=tests/backends/test_cuda_compile.py --ignore=tests/backends/test_triton_float.py tests/bench/test_bench_kernels_gpu.py"
+cmd[tests_gpu_float]="cd '$root' && env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/backends/test_triton_float.py"
+cmd[tests_interpret]="cd '$root' && TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/backends -k 'interpret and (pins or no_sync)'"
 cmd[bench_kernels]="cd '$root' && env -u TRITON_INTERPRET $py -m megatron_tpcomp.bench.triton_kernels --json '$out/bench.json'"
 cmd[cuda_graph_capture]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION $py scripts/graph_check.py --spec int4:g32+had --forward-layers 2 --json '$out/graph_check.json'"
 cmd[tp_forward]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_COMPRESSION -u TPCOMP_BACKEND $py scripts/tp_forward_check.py --device cuda --tp 3 --tokens 2x128 --reps 3 --timeout 70 --json '$out/tp_forward.json'"
@@ -147,13 +151,14 @@ cmd[megatron_dynamic_engine]="cd '$root' && env -u TRITON_INTERPRET -u TPCOMP_CO
 # --timeout, 70 s, lets it report before the step's limit). megatron_dynamic_engine skips in seconds without
 # flash-attn; with it, its four Megatron-LM launches need more: run it alone
 # (--only env,megatron_dynamic_engine, TIMEOUT_MEGATRON_DYNAMIC_ENGINE=400).
-limit[env]=${TIMEOUT_ENV:-20}
-limit[build_cuda_ext]=${TIMEOUT_BUILD_CUDA_EXT:-75}
-limit[tests_gpu]=${TIMEOUT_TESTS_GPU:-150}
-limit[tests_interpret]=${TIMEOUT_TESTS_INTERPRET:-30}
+limit[env]=${TIMEOUT_ENV:-15}
+limit[build_cuda_ext]=${TIMEOUT_BUILD_CUDA_EXT:-70}
+limit[tests_gpu]=${TIMEOUT_TESTS_GPU:-100}
+limit[tests_gpu_float]=${TIMEOUT_TESTS_GPU_FLOAT:-80}
+limit[tests_interpret]=${TIMEOUT_TESTS_INTERPRET:-20}
 limit[bench_kernels]=${TIMEOUT_BENCH_KERNELS:-35}
-limit[cuda_graph_capture]=${TIMEOUT_CUDA_GRAPH_CAPTURE:-40}
-limit[tp_forward]=${TIMEOUT_TP_FORWARD:-80}
+limit[cuda_graph_capture]=${TIMEOUT_CUDA_GRAPH_CAPTURE:-35}
+limit[tp_forward]=${TIMEOUT_TP_FORWARD:-75}
 limit[megatron_dynamic_engine]=${TIMEOUT_MEGATRON_DYNAMIC_ENGINE:-30}
 
 if [[ $dry -eq 1 ]]; then

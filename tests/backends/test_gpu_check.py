@@ -21,6 +21,7 @@ STEPS = (
     "env",
     "build_cuda_ext",
     "tests_gpu",
+    "tests_gpu_float",
     "tests_interpret",
     "bench_kernels",
     "cuda_graph_capture",
@@ -49,7 +50,9 @@ def test_gpu_check_dry_run_lists_every_step():
     assert "cuda_int4_available" in by_step["build_cuda_ext"]  # a build that built nothing fails the step
     assert "env -u TRITON_INTERPRET" in by_step["tests_gpu"] and "tests/backends " in by_step["tests_gpu"]
     assert "tests/bench/test_bench_kernels_gpu.py" in by_step["tests_gpu"]
-    assert "TRITON_INTERPRET=1" in by_step["tests_interpret"] and "-k interpret" in by_step["tests_interpret"]
+    assert "--ignore=tests/backends/test_triton_float.py" in by_step["tests_gpu"]
+    assert "tests/backends/test_triton_float.py" in by_step["tests_gpu_float"]
+    assert "TRITON_INTERPRET=1" in by_step["tests_interpret"] and "-k 'interpret and (pins or no_sync)'" in by_step["tests_interpret"]
     assert "megatron_tpcomp.bench.triton_kernels" in by_step["bench_kernels"]
     assert "/nonexistent/gpu_check_out/bench.json" in by_step["bench_kernels"]
     assert "scripts/graph_check.py --spec int4:g32+had --forward-layers 2" in by_step["cuda_graph_capture"]
