@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -354,7 +355,8 @@ def _parts(codec: object) -> tuple[IntCodec, HadamardCodec | None]:
 
 def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
     lim_mant, lim_exp = math.frexp(inner.qmax * NARROW_FORMAT_MAX[inner.scale_fmt])
-    lim_mant_bits = int(torch.tensor(lim_mant, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
+    # The fp32 mantissa bits of lim_mant (exact in fp32), read without a tensor: this runs on every launch.
+    lim_mant_bits = struct.unpack("<I", struct.pack("<f", lim_mant))[0] & 0x7FFFFF
     hb = had.block if had is not None else 0
     return dict(
         TILE_=TILE,
