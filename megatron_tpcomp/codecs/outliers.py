@@ -38,6 +38,10 @@ large ``[rows, 1024]`` int4:g32 message with K = 9, ``(9 * 16 + 1015 * 4.504) / 
 Non-finite input: NaN/+-Inf in an outlier channel travels as is in BF16 (it stays alone: NaN stays NaN, Inf
 keeps its sign); elsewhere the inner codec's rule applies (its block decodes to NaN). Dynamic selection ranks
 NaN/Inf channels first, so a non-finite value only reaches the inner codec when more than K channels hold one.
+
+Corrupt payload (dynamic mode: indices out of ``[0, h)``, repeated or not ascending): the whole message decodes
+to NaN, decided on the device so that decoding never waits for the GPU (CUDA graphs); with
+``TPCOMP_CHECK_PAYLOADS=1`` the decoder raises CodecError naming the indices instead (a host sync per decode).
 """
 
 from __future__ import annotations

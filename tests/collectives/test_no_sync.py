@@ -17,7 +17,7 @@ on; the second result must equal the first bit for bit (same input). Cases: ever
 (int, fp8, microscaling incl. nvfp4, ``+had``, ``+outliers`` static and dynamic, ``+chscale``) x every
 all-reduce algorithm (one-shot, pipelined one-shot, two-shot, auto) and the all-gather / reduce-scatter entry
 points, under ``TPCOMP_BACKEND=reference`` and ``auto`` (the fused CPU library where it runs the format), and
-one small case under ``TPCOMP_BACKEND=triton`` in Triton's interpreter. A compressed forward of a megatron-core
+three small cases under ``TPCOMP_BACKEND=triton`` in Triton's interpreter. A compressed forward of a megatron-core
 GPT model at TP=2 runs under the guard too. What does sync is shown to raise: ``check_finite=True``,
 ``check_ranks=True`` and the first call of ``check_ranks="first"`` (the agreement exchange reads its record
 back), so the guard is known to bite inside a collective.
@@ -371,15 +371,16 @@ def test_no_sync_policy_auto_depends_on_shape_only() -> None:
     from megatron_tpcomp.costmodel import CostModel
 
     model = CostModel.default()
+    seen = set()
     for spec in ("int4:g32", "int4:g32+had", "fp8+outliers:k2"):
         codec = make_codec(spec)
-        for shape in ((1, 1, 576), (256, 2, 576), (4096, 1, 576)):
-            choices = {
-                model.choose_message(op, x, codec, 2, "auto")
-                for x in (torch.zeros(shape), torch.full(shape, 1e30), torch.full(shape, float("nan")))
-                for op in ("all_reduce",)
-            }
-            assert len(choices) == 1, (spec, shape, choices)
+        for shape in ((2, 1, 576), (256, 2, 576), (4096, 1, 576)):
+            for op in ("all_reduce", "all_gather", "reduce_scatter"):
+                values = (torch.zeros(shape), torch.full(shape, 1e30), torch.full(shape, float("nan")))
+                choices = {model.choose_message(op, x, codec, 2, "auto") for x in values}
+                assert len(choices) == 1, (spec, shape, op, choices)
+                seen |= choices
+    assert len(seen) > 1, f"every message got the same choice {seen}: the test would prove nothing"
 
 
 # ------------------------------------------------------------------------------ a compressed megatron forward
