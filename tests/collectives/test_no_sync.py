@@ -26,6 +26,7 @@ back), so the guard is known to bite inside a collective.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -173,11 +174,22 @@ def make_codec_for(spec: str) -> Any:
     return make_codec(spec)
 
 
-def make_input(rank: int, salt: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
-    """bf16 row-parallel-like partial: N(0, 1) with one channel 50x larger, different per rank and case."""
+#: The other input dtypes (the fused CPU library and the casts differ per dtype), on a few formats and paths.
+DTYPE_CASES = tuple(
+    (spec, op, dtype)
+    for dtype in (torch.float16, torch.float32)
+    for spec in ("int4:g32+had", "fp8", "nvfp4", "int4:g32+outliers")
+    for op in ("one-shot/piped", "two-shot", "scatter0")
+)
+
+
+def make_input(
+    rank: int, salt: int, shape: tuple[int, ...] = SHAPE, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Row-parallel-like partial of ``dtype``: N(0, 1) with one channel 50x larger, different per rank and case."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1000 * rank + salt))
     x[..., 3] *= 50.0
-    return x.to(torch.bfloat16)
+    return x.to(dtype)
 
 
 @contextlib.contextmanager
@@ -206,10 +218,12 @@ def run_op(x: torch.Tensor, codec: Any, op: str, stats: list | None = None) -> t
         return collectives.all_reduce(x, codec, algo=op.split("/")[0], stats=stats)
 
 
-def _case(rank: int, salt: int, spec: str, op: str, shape: tuple[int, ...] = SHAPE) -> tuple[str, Any]:
+def _case(
+    rank: int, salt: int, spec: str, op: str, shape: tuple[int, ...] = SHAPE, dtype: torch.dtype = torch.bfloat16
+) -> tuple[str, Any]:
     """Warm up, then the same call under :func:`no_sync`: ``("ok", stats)`` or what went wrong."""
     codec = make_codec_for(spec)
-    x = make_input(rank, salt, shape)
+    x = make_input(rank, salt, shape, dtype)
     stats: list = []
     try:
         warm = run_op(x, codec, op)
@@ -267,6 +281,8 @@ def _collective_cases(rank: int, world_size: int, backend: str) -> dict:
     for i, spec in enumerate(SPECS):
         for j, op in enumerate(OPS):
             out[(spec, op)] = _case(rank, 10 * i + j, spec, op)
+    for k, (spec, op, dtype) in enumerate(DTYPE_CASES):
+        out[(spec, op, dtype)] = _case(rank, 500 + k, spec, op, SHAPE, dtype)
     return out
 
 
@@ -282,6 +298,17 @@ def test_no_sync_hot_path(collective_runs: tuple[str, list[dict]], spec: str, op
     _, results = collective_runs
     for rank, res in enumerate(results):
         verdict, _ = res[(spec, op)]
+        assert verdict == "ok", f"rank {rank}: {verdict}"
+
+
+@pytest.mark.parametrize("spec,op,dtype", DTYPE_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_no_sync_hot_path_other_dtypes(
+    collective_runs: tuple[str, list[dict]], spec: str, op: str, dtype: torch.dtype
+) -> None:
+    """fp16 and fp32 inputs: no host sync after warm-up, the same bits."""
+    _, results = collective_runs
+    for rank, res in enumerate(results):
+        verdict, _ = res[(spec, op, dtype)]
         assert verdict == "ok", f"rank {rank}: {verdict}"
 
 
@@ -387,7 +414,7 @@ def test_no_sync_policy_auto_depends_on_shape_only() -> None:
 
 TOKENS = (2, 16)
 #: Representative settings: a rotated integer codec, fp8, nvfp4, dynamic outliers, a per-layer config with
-#: two-shot, and sequence parallel (reduce-scatter + all-gather).
+#: two-shot, sequence parallel (reduce-scatter + all-gather) and policy ``auto`` (the cost model per message).
 FORWARD_CASES: dict[str, tuple[Any, bool]] = {
     "int4:g32+had": ("int4:g32+had", False),
     "fp8": ("fp8", False),
@@ -398,7 +425,18 @@ FORWARD_CASES: dict[str, tuple[Any, bool]] = {
         False,
     ),
     "sequence-parallel int4:g32": ("int4:g32", True),
+    "policy auto": ({"default": "int4:g32+had", "policy": "auto"}, False),
 }
+
+
+def _slow_link_table(path: Path) -> None:
+    """A performance table whose TP=2 link is slow (8 Mbit/s): policy ``auto`` compresses every message."""
+    from megatron_tpcomp.costmodel import CodecSpeed, CostModel, Link
+
+    model = CostModel.default()
+    model.links[2] = Link(alpha_s=20e-6, beta_bytes_per_s=1e6, source="test")
+    model.codecs["*"] = CodecSpeed(40e-6, 0.3e9, 40e-6, 1e9, source="test")
+    path.write_text(json.dumps(model.to_json()))
 
 
 def _guarded(call: Any, proceed: Callable[[], Any]) -> Any:
@@ -408,7 +446,7 @@ def _guarded(call: Any, proceed: Callable[[], Any]) -> Any:
         return proceed()
 
 
-def _forward(rank: int, world_size: int, backend: str) -> dict:
+def _forward(rank: int, world_size: int, backend: str, table: str) -> dict:
     from megatron_tpcomp.config import CompressionConfig
     from megatron_tpcomp.megatron import cpu, intercept
     from megatron_tpcomp.megatron import model as M
@@ -425,7 +463,11 @@ def _forward(rank: int, world_size: int, backend: str) -> dict:
         with torch.no_grad():
             for name, (setting, sp) in FORWARD_CASES.items():
                 gpt = models[sp]
-                config = CompressionConfig.from_dict(setting) if isinstance(setting, dict) else setting
+                if isinstance(setting, dict):
+                    perf = {"perf_table": table} if setting.get("policy") == "auto" else {}
+                    config = CompressionConfig.from_dict({**setting, **perf})
+                else:
+                    config = setting
                 intercept.enable(gpt, config, telemetry=True)
                 warm = gpt(tokens, positions, attention_mask=None)
                 intercept.reset_counts()
@@ -448,7 +490,7 @@ def _forward(rank: int, world_size: int, backend: str) -> dict:
 
 @pytest.mark.megatron
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_sync_megatron_forward(backend: str) -> None:
+def test_no_sync_megatron_forward(backend: str, tmp_path: Path) -> None:
     """A compressed forward of a megatron-core GPT model at TP=2 (gloo) after a warm-up forward: no host sync in
     any intercepted collective (everything the plug-in does per collective runs under the guard), the same logits,
     every forward TP collective compressed.
@@ -458,7 +500,8 @@ def test_no_sync_megatron_forward(backend: str) -> None:
     generator's state with ``.item()`` around attention; its vocabulary-parallel embedding masks with a boolean
     index), which are not device syncs on a GPU."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-    results = run_distributed(_forward, 2, backend, timeout_s=300, pg_timeout_s=120)
+    _slow_link_table(tmp_path / "table.json")
+    results = run_distributed(_forward, 2, backend, str(tmp_path / "table.json"), timeout_s=300, pg_timeout_s=120)
     for rank, res in enumerate(results):
         for name in FORWARD_CASES:
             verdict, compressed = res[name]
