@@ -26,6 +26,11 @@ differently from the start, the common case. It cannot catch a rank that changes
 others repeat a call they already checked: only that rank sees a new fingerprint and exchanges alone, and the
 collectives mismatch as without a check. ``check_ranks=True`` exchanges on every call (use it where setups may
 change mid-run); ``False`` never.
+
+Host synchronisation: an exchange reads the gathered records back to the host (on a GPU it waits for the
+device), so it must not run inside a captured CUDA graph. With ``"first"`` it runs at the warm-up call of each
+fingerprint only; later calls cost the tuple and the set lookup and touch no tensor. ``True`` (and the
+collectives' ``check_finite``) syncs on every call.
 """
 
 from __future__ import annotations

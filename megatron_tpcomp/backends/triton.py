@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -291,7 +292,8 @@ def _constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
 def _int_constexprs(inner: IntCodec, had: HadamardCodec | None) -> dict:
     # Cached: the limit's mantissa bits come from a tensor, not to be created on every codec call.
     lim_mant, lim_exp = math.frexp(inner.qmax * NARROW_FORMAT_MAX[inner.scale_fmt])
-    lim_mant_bits = int(torch.tensor(lim_mant, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
+    # The fp32 mantissa bits of lim_mant (exact in fp32), read without a tensor: this runs on every launch.
+    lim_mant_bits = struct.unpack("<I", struct.pack("<f", lim_mant))[0] & 0x7FFFFF
     hb = had.block if had is not None else 0
     return dict(
         TILE_=TILE,

@@ -32,6 +32,7 @@ so there the clamp applies to the sum.
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,21 @@ CHUNK_ALIGN = 256
 
 #: Input dtypes every codec accepts.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: Environment variable: ``1`` makes decoders raise CodecError on payload contents that only a host read-back can
+#: judge (a dynamic ``+outliers`` index table that is out of range or not ascending). Unset or ``0`` (default):
+#: such a payload decodes to NaN, decided on the device, so the decode never waits for the GPU (CUDA graphs).
+#: Sizes, dtypes and shapes are checked either way (they are known on the host).
+CHECK_PAYLOADS_ENV = "TPCOMP_CHECK_PAYLOADS"
+
+
+def check_payloads() -> bool:
+    """Whether ``TPCOMP_CHECK_PAYLOADS`` asks decoders to validate payload contents on the host (a sync per
+    decode; see :data:`CHECK_PAYLOADS_ENV`). Raises CodecError for a value other than ``0`` or ``1``."""
+    value = os.environ.get(CHECK_PAYLOADS_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise CodecError(f"{CHECK_PAYLOADS_ENV}={value!r} is not valid; expected 0 (default) or 1")
+    return value == "1"
 
 
 def align_up(n: int, alignment: int = SECTION_ALIGN) -> int:

@@ -92,8 +92,11 @@ def rotation_signs(block: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 2, (block,), generator=gen).to(torch.float32) * 2 - 1
 
 
+@functools.lru_cache(maxsize=32)
 def rotation_scale(block: int) -> float:
-    """``c = fp32(1 / sqrt(block))``, as a Python float holding the fp32 value (what every backend multiplies by)."""
+    """``c = fp32(1 / sqrt(block))``, as a Python float holding the fp32 value (what every backend multiplies by).
+    Cached: the backends ask for it on every call, and reading a tensor back into a float there is what the
+    no-sync tests forbid on the hot path."""
     return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
 
 

@@ -120,6 +120,7 @@ class MinifloatCodec(BlockCodec):
         self.tensor_scale = cs.tensor_scale
         self.spec = canonical(cs)
         self.values = torch.tensor(element_values(cs.exp_bits, cs.man_bits), dtype=torch.float32)
+        self._values_on: dict[str, torch.Tensor] = {}  # device -> self.values there (a cache: no copy per call)
         self.emax = float(self.values[-1])
         self.min_exp = 2 - 2 ** (cs.exp_bits - 1)  # exponent of the smallest normal: 1 - bias
         self.sign_bit = 1 << (cs.bits - 1)
@@ -184,9 +185,18 @@ class MinifloatCodec(BlockCodec):
         if t is not None:
             layout.view(payload, "tensor_scale").copy_(t)
 
+    def _values(self, device: torch.device) -> torch.Tensor:
+        """fp32 ``[2**(bits-1)]`` element values on ``device``, cached per device: a host-to-device copy per decode
+        would wait for the host (and cannot be captured in a CUDA graph)."""
+        key = str(device)
+        values = self._values_on.get(key)
+        if values is None:
+            values = self._values_on[key] = self.values.to(device)
+        return values
+
     def _dequantize(self, payload: torch.Tensor, layout: PayloadLayout, nblocks: int) -> torch.Tensor:
         codes = bitpack.unpack(layout.view(payload, "codes"), nblocks * self.block, self.bits).to(torch.int64)
-        mag = self.values.to(payload.device)[codes & (self.sign_bit - 1)]
+        mag = self._values(payload.device)[codes & (self.sign_bit - 1)]
         vals = torch.where(codes >= self.sign_bit, -mag, mag).view(nblocks, self.block)
         s = decode_scales(layout.view(payload, "scales"), self.scale_fmt)
         if self.tensor_scale:

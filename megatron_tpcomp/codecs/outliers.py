@@ -38,6 +38,10 @@ large ``[rows, 1024]`` int4:g32 message with K = 9, ``(9 * 16 + 1015 * 4.504) / 
 Non-finite input: NaN/+-Inf in an outlier channel travels as is in BF16 (it stays alone: NaN stays NaN, Inf
 keeps its sign); elsewhere the inner codec's rule applies (its block decodes to NaN). Dynamic selection ranks
 NaN/Inf channels first, so a non-finite value only reaches the inner codec when more than K channels hold one.
+
+Corrupt payload (dynamic mode: indices out of ``[0, h)``, repeated or not ascending): the whole message decodes
+to NaN, decided on the device so that decoding never waits for the GPU (CUDA graphs); with
+``TPCOMP_CHECK_PAYLOADS=1`` the decoder raises CodecError naming the indices instead (a host sync per decode).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from megatron_tpcomp.codecs.base import (
     PayloadLayout,
     check_input,
     check_payload,
+    check_payloads,
     clamp_to,
     numel_of,
 )
@@ -143,6 +148,9 @@ class OutlierCodec(Codec):
         self.static = channels is not None
         self._channels = _validate_channels(channels, k) if channels is not None else None
         self.k = int(self._channels.numel()) if self._channels is not None else k
+        # The largest static channel as a Python int: the shape check reads it on every call without touching
+        # a tensor.
+        self._max_channel = int(self._channels[-1]) if self._channels is not None else -1
         self.spec = f"{inner.spec}+outliers" + ("" if self.static else f":k{self.k}")
         k_spec = 0 if self.static else self.k
         self.cs = None if inner.cs is None else replace(inner.cs, outliers=True, outliers_k=k_spec)
@@ -169,9 +177,9 @@ class OutlierCodec(Codec):
                 f"tensor of shape {tuple(shape)} has {h} channels in its last dimension; '+outliers' with "
                 f"{self.k} outlier channels expects at least {self.k}"
             )
-        if self._channels is not None and int(self._channels[-1]) >= h:
+        if self._max_channel >= h:
             raise CodecError(
-                f"outlier channel {int(self._channels[-1])} is out of range for hidden size {h} "
+                f"outlier channel {self._max_channel} is out of range for hidden size {h} "
                 f"(tensor of shape {tuple(shape)}); expected channels in [0, {h})"
             )
         if not self.static and h > MAX_DYNAMIC_HIDDEN:
@@ -246,19 +254,11 @@ class OutlierCodec(Codec):
         out = torch.empty((rows, h), dtype=dtype, device=payload.device)
         if rows == 0:
             return out.reshape(tuple(shape))
+        valid = None
         if self.static:
             chosen, rest = self._static_indices(h, payload.device)
         else:
-            chosen = layout.view(payload, "indices").to(torch.int64)
-            # One host sync per decode: a corrupt index would otherwise scatter out of bounds.
-            ok = (chosen >= 0).all() & (chosen < h).all()
-            if self.k > 1:
-                ok &= (chosen[1:] > chosen[:-1]).all()  # ascending, hence unique
-            if not bool(ok):
-                raise CodecError(
-                    f"{self.spec}: payload carries invalid outlier indices {chosen.tolist()[:8]}; expected "
-                    f"{self.k} ascending channels in [0, {h})"
-                )
+            chosen, valid = self._sent_indices(layout.view(payload, "indices"), h)
             rest = _complement(h, chosen)
         e = layout.view(payload, "out_exp").to(torch.int32)
         stored = layout.view(payload, "outliers").view(rows, self.k).float()
@@ -266,7 +266,30 @@ class OutlierCodec(Codec):
         # A sent Inf stays Inf; a finite value that rounding pushed past the dtype's maximum is clamped.
         out[:, chosen] = torch.where(torch.isinf(stored), stored, clamp_to(outl, dtype)).to(dtype)
         out[:, rest] = self.inner.decode(layout.view(payload, "inner"), (rows, h - self.k), dtype)
+        if valid is not None:  # a corrupt index table poisons the whole message (device-side: no host sync)
+            out.masked_fill_(~valid, float("nan"))
         return out.reshape(tuple(shape))
+
+    def _sent_indices(self, sent: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 ``[K]`` channels to scatter into, bool 0-d ``valid``) from a payload's int16 ``indices``.
+
+        Valid indices are K ascending (hence unique) channels in ``[0, h)``. The check runs on the device: an
+        invalid table is replaced by channels ``0..K-1`` (so nothing scatters out of bounds) and ``valid`` is
+        False, which makes the decode all NaN. With ``TPCOMP_CHECK_PAYLOADS=1``
+        (:func:`~megatron_tpcomp.codecs.base.check_payloads`) it raises CodecError naming the indices instead,
+        which reads the flag back to the host (a sync: not for CUDA graphs).
+        """
+        chosen = sent.to(torch.int64)
+        valid = (chosen >= 0).all() & (chosen < h).all()
+        if self.k > 1:
+            valid &= (chosen[1:] > chosen[:-1]).all()  # ascending, hence unique
+        if check_payloads() and not bool(valid):
+            raise CodecError(
+                f"{self.spec}: payload carries invalid outlier indices {chosen.tolist()[:8]}; expected "
+                f"{self.k} ascending channels in [0, {h})"
+            )
+        fallback = torch.arange(self.k, dtype=torch.int64, device=chosen.device)
+        return torch.where(valid, chosen, fallback), valid
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """Elementwise bound (fp32, shape of ``x``): ``|x| * 2^-8`` plus two fp32 subnormal steps in the outlier

@@ -126,7 +126,7 @@ def encode_scales(scale: torch.Tensor, fmt: str, bad: torch.Tensor | None = None
     else:
         storage_dtype(fmt)  # raises with the list of valid formats
         raise AssertionError("unreachable")
-    if bad is not None and bool(bad.any()):
+    if bad is not None:  # unconditionally: a Python branch on ``bad.any()`` would be a host sync on a GPU
         nan = {"e8m0": 0xFF, "e4m3": 0x7F}.get(fmt)
         out = out.masked_fill(bad, nan if nan is not None else float("nan"))
     return out

@@ -30,6 +30,11 @@ Guarantees:
   two-shot on another), raises CollectiveError on every rank naming each rank's call. Errors caused by the
   arguments (bad ``algo``, indivisible reduce-scatter size) are raised on every rank before any communication,
   and ``check_finite`` agrees across ranks before raising, so nobody is left waiting.
+- No host synchronisation after warm-up (CUDA-graph safe): once a call of the same (op, shape, dtype, codec,
+  path) has run (the agreement exchange of ``check_ranks="first"`` reads its record back: that is the warm-up),
+  the call reads nothing back to the host and sizes nothing from the data; every decision (path, algorithm,
+  chunks, backend) is taken from shapes, dtypes and arguments. ``check_ranks=True`` and ``check_finite=True``
+  read back on every call: not graph-safe. ``tests/collectives/test_no_sync.py`` checks this.
 
 Algorithms (``algo`` for all-reduce: ``one-shot``, ``two-shot``, ``auto``), their bytes, rounds and chunking:
 :mod:`megatron_tpcomp.collectives.algorithms`; ``auto`` is :func:`~megatron_tpcomp.collectives.algorithms.choose_algo`
@@ -272,9 +277,11 @@ def all_reduce(
             outside it (seeds, calibrated tables), algorithm, chunk plan, min_bytes decision; on a mismatch
             raise CollectiveError on every rank naming each rank's call, before any payload moves (one
             all-gather of a fixed-size record, shared with ``check_finite``). ``"first"`` (default): at the first
-            call of each distinct such fingerprint per process group, cached; True: every call; False: never.
+            call of each distinct such fingerprint per process group, cached (later calls make no host sync);
+            True: every call (a host sync every call); False: never.
         check_finite: raise CollectiveError on every rank if any rank's ``x`` holds NaN/Inf (one extra tiny
-            all-gather). Without it a non-finite value decodes as NaN for its whole block on every rank.
+            all-gather; the count is read back to the host on every call: a sync, not for CUDA graphs). Without it
+            a non-finite value decodes as NaN for its whole block on every rank.
         stats: if a list is given, a :class:`CommStats` record of this call is appended.
 
     Returns:

@@ -17,7 +17,8 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 
 
 def is_float8(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() == 1
+    """True for the 1-byte float dtypes (float8 and friends), from the dtype alone: no tensor per call."""
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def decode_sum(

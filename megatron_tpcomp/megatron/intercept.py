@@ -52,8 +52,9 @@ class _ModelState:
 #: Environment variable choosing when compressed collectives verify that all ranks agree on everything that
 #: changes the bits (op, shape, dtype, codec spec, seeds and tables, algorithm, chunking, min_bytes decision; one
 #: extra all-gather of a fixed-size record, see ``megatron_tpcomp.agreement``): ``first`` (default: the first
-#: call of each distinct such fingerprint per process group, which catches a rank that was set up differently),
-#: ``always`` (every call), ``off``.
+#: call of each distinct such fingerprint per process group, which catches a rank that was set up differently;
+#: CUDA-graph safe after a warm-up forward), ``always`` (every call: a host sync per collective, not graph-safe),
+#: ``off``.
 CHECK_RANKS_ENV = "TPCOMP_CHECK_RANKS"
 
 #: ``TPCOMP_CHECK_RANKS`` value -> the collectives' ``check_ranks`` argument.

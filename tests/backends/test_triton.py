@@ -364,19 +364,25 @@ HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "nonzero")
 def test_interpret_no_sync_triton_path(triton_mode, monkeypatch, spec):
     """After warm-up, encode and decode-sum through the dispatch and the Triton kernels call no host-sync entry
     point (``Tensor.item/tolist/__bool__/cpu/nonzero`` patched to raise): graph-capturable, nvfp4's message amax
-    (a device-side atomic max read by the second kernel) and ``+chscale``'s factors included. The torch reference
-    does sync (its NaN-scale mask uses ``bool(bad.any())``), which shows the patch bites."""
+    (a device-side atomic max read by the second kernel) and ``+chscale``'s factors included; so does the torch
+    reference. A payload check that reads back (``TPCOMP_CHECK_PAYLOADS=1`` on a dynamic ``+outliers`` payload)
+    shows the patch bites. (``tests/collectives/test_no_sync.py`` covers every format inside the collectives.)"""
     kw = {"channel_scale_exponents": [(c % 9) - 4 for c in range(40)]} if "chscale" in spec else {}
     codec = make_codec(spec, **kw)
     x = make_input(5000, torch.bfloat16).view(125, 40)
     payload = triton_mode("triton", lambda: codec.encode(x))
     triton_mode("triton", lambda: codec.decode_sum(torch.cat([payload, payload]), 2, x.shape, torch.bfloat16))
     two = torch.cat([payload, payload])
+    outliers = make_codec("int4:g32+outliers:k2")
+    rows = x.float().reshape(-1, 100)
+    sent = outliers.encode(rows)
     with monkeypatch.context() as m:
         for name in HOST_SYNCS:
             m.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host sync: Tensor.{_n}"))
         again = triton_mode("triton", lambda: codec.encode(x))
         triton_mode("triton", lambda: codec.decode_sum(two, 2, x.shape, torch.bfloat16))
+        assert torch.equal(triton_mode("reference", lambda: codec.encode(x)), payload)
+        m.setenv("TPCOMP_CHECK_PAYLOADS", "1")
         with pytest.raises(pytest.fail.Exception, match="host sync"):
-            triton_mode("reference", lambda: codec.encode(x))
+            outliers.decode(sent, rows.shape, torch.float32)
     assert torch.equal(again, payload)

@@ -348,14 +348,53 @@ def test_non_finite_elsewhere_follows_the_inner_rule() -> None:
     assert torch.isnan(y[expected]).all()
 
 
-def test_corrupt_dynamic_indices_are_rejected() -> None:
+CORRUPT_INDICES = ([1, 192, 576], [-1, 1, 192], [192, 1, 574], [1, 1, 574])
+
+
+def _corrupted(codec, x: torch.Tensor, bad: list[int]) -> torch.Tensor:
+    payload = codec.encode(x).clone()
+    payload[:6].view(torch.int16).copy_(torch.tensor(bad, dtype=torch.int16))
+    return payload
+
+
+def test_corrupt_dynamic_indices_are_rejected_when_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TPCOMP_CHECK_PAYLOADS=1``: a corrupt index table (out of range, not ascending, repeated) is a clear error."""
+    monkeypatch.setenv("TPCOMP_CHECK_PAYLOADS", "1")
     codec = make_codec("int4:g32+outliers:k3")
     x = heavy_tailed((4, 576), seed=0, dtype=torch.float32)
-    for bad in ([1, 192, 576], [-1, 1, 192], [192, 1, 574], [1, 1, 574]):
-        payload = codec.encode(x).clone()
-        payload[:6].view(torch.int16).copy_(torch.tensor(bad, dtype=torch.int16))
+    for bad in CORRUPT_INDICES:
+        payload = _corrupted(codec, x, bad)
         with pytest.raises(CodecError, match="invalid outlier indices .*expected 3 ascending channels in \\[0, 576\\)"):
             codec.decode(payload, x.shape, torch.float32)
+
+
+def test_corrupt_dynamic_indices_decode_to_nan_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the index check runs on the device (no host sync): a corrupt table makes the whole decode NaN
+    (never a finite value, never an out-of-bounds scatter); decode_sum with a good payload is NaN too; a good
+    payload decodes exactly as with the check on."""
+    monkeypatch.delenv("TPCOMP_CHECK_PAYLOADS", raising=False)
+    codec = make_codec("int4:g32+outliers:k3")
+    x = heavy_tailed((4, 576), seed=0, dtype=torch.float32)
+    good = codec.encode(x)
+    for bad in CORRUPT_INDICES:
+        payload = _corrupted(codec, x, bad)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.isnan(codec.decode(payload, x.shape, dtype)).all(), (bad, dtype)
+        assert torch.isnan(codec.decode_sum(torch.cat([good, payload]), 2, x.shape, torch.float32)).all()
+    plain = codec.decode(good, x.shape, torch.float32)
+    monkeypatch.setenv("TPCOMP_CHECK_PAYLOADS", "1")
+    assert torch.equal(codec.decode(good, x.shape, torch.float32), plain)
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "on"])
+def test_check_payloads_rejects_other_values(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("TPCOMP_CHECK_PAYLOADS", value)
+    codec = make_codec("int4:g32+outliers:k3")
+    x = heavy_tailed((4, 576), seed=0, dtype=torch.float32)
+    with pytest.raises(
+        CodecError, match=f"TPCOMP_CHECK_PAYLOADS='{value}' is not valid; expected 0 \\(default\\) or 1"
+    ):
+        codec.decode(codec.encode(x), x.shape, torch.float32)
 
 
 def test_wrong_payload_size_names_the_codec() -> None:
