@@ -12,10 +12,11 @@ Formats (everything else runs the torch reference):
 - ``int<N>:g<G>`` for N in 4, 5, 6, 8 (symmetric), with fp16 scales or e4m3 ones (``:se4m3``); G even for int4,
   a multiple of 8 for int5/int6 (groups start on a byte);
 - ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``);
-- either one inside ``+had[:b<H>]``.
+- either one inside ``+had[:b<H>]``, and any of these inside ``+chscale`` (the per-channel powers of two are
+  applied as the library loads the input and after it sums the payloads).
 
 Which codecs these are is decided here (:func:`native_format`, from the codec's bits, group, scale format,
-Hadamard block and signs), not in the codecs. The wire layout stays defined in Python
+Hadamard block and signs, channel scales), not in the codecs. The wire layout stays defined in Python
 (``IntCodec.layout``, ``Fp8Codec.layout``): this module passes the offsets of the scales and of the super-block
 exponents (``exps``) to the library, and the tests check every byte against the reference codecs. The library
 handles block sizes that divide 4096 (one super-block per tile).
@@ -58,6 +59,7 @@ from pathlib import Path
 import torch
 
 from megatron_tpcomp.codecs.base import Codec, PayloadLayout, numel_of
+from megatron_tpcomp.codecs.chscale import ChannelScaleCodec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotation_scale, rotation_signs
 from megatron_tpcomp.codecs.intx import IntCodec
@@ -314,8 +316,14 @@ def _as_float32(value: float) -> float:
 def native_format(codec: Codec) -> NativeFormat | None:
     """What the library needs to run ``codec``, or None when it does not implement it: ``int<N>:g<G>`` (N in
     ``INT_BITS``, symmetric, fp16 or e4m3 scales, G even for int4 and a multiple of 8 for int5/int6),
-    ``fp8-e4m3:b<B>`` with fp32 scales, and either one inside ``+had``; one
+    ``fp8-e4m3:b<B>`` with fp32 scales, either one inside ``+had``, and any of these inside ``+chscale``; one
     super-block (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile."""
+    if type(codec) is ChannelScaleCodec:
+        inner = native_format(codec.inner)
+        if inner is None:
+            return None
+        up, down = codec._factors(torch.device("cpu"))  # cached by the codec: the pointers stay valid
+        return replace(inner, ch_up=up, ch_down=down)
     if type(codec) is HadamardCodec:
         inner = native_format(codec.inner)
         if inner is None or inner.rot_block:
@@ -352,8 +360,8 @@ def unsupported(codec: Codec, op: str) -> str | None:
     """None when the library implements ``op`` (``encode`` / ``decode``) for ``codec``, else why not."""
     if native_format(codec) is None:
         return (
-            "not one of int4/5/6/8:g<G> (fp16 or e4m3 scales), fp8-e4m3 (fp32 scales), optionally +had, "
-            "within 4096 values"
+            "not one of int4/5/6/8:g<G> (fp16 or e4m3 scales), fp8-e4m3 (fp32 scales), optionally +had and "
+            "+chscale, within 4096 values"
         )
     return None
 
@@ -367,7 +375,11 @@ def unavailable(device_type: str) -> str | None:
 
 
 def _layout(codec: Codec, shape: Sequence[int]) -> PayloadLayout:
-    """The payload layout the library writes: the codec's, or for ``+had`` the inner codec's for the padded size."""
+    """The payload layout the library writes: the codec's, for ``+had`` the inner codec's for the padded size,
+    for ``+chscale`` its inner codec's."""
+    if type(codec) is ChannelScaleCodec:
+        codec.payload_nbytes(shape)  # raises the CodecError naming a shape that is not whole rows of channels
+        return _layout(codec.inner, shape)
     if type(codec) is HadamardCodec:
         return codec.inner.layout((-(-numel_of(shape) // codec.block) * codec.block,))
     return codec.layout(shape)

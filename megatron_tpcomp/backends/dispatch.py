@@ -7,7 +7,7 @@ name       module                      runs
 =========  ==========================  ==========================================================================
 reference  the codec (``codecs/``)     every format, every device: the torch code that defines the wire format
 cpu        ``backends/cpu.py``         CPU tensors: int4/5/6/8:g<G> (fp16 or e4m3 scales), fp8-e4m3 (fp32
-                                       scales), their +had
+                                       scales), their +had, any of these +chscale
 triton     ``backends/triton.py``      CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``): int4/5/6/8:g32/64/128
                                        with fp16 or e4m3 scales, their +had
 cuda       ``backends/cuda_int4.py``   CUDA tensors: int4:g<G> (fp16 scales, G in 8..256), the built extension

@@ -375,3 +375,100 @@ def test_every_e4m3_byte_decodes_as_the_reference(monkeypatch: pytest.MonkeyPatc
             want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
             have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
             assert same_bits(want, have), f"{spec} decode_sum({count}) -> {dtype}"
+
+
+# --- +chscale: the channel scales folded into the library's passes -------------------------------------------
+
+CHSCALE_SPECS = [
+    "int4:g32+chscale",
+    "int4:g32+had+chscale",
+    "int4:g64:se4m3+had+chscale",
+    "int5:g64:se4m3+had+chscale",
+    "int6:g128+had:b128+chscale",
+    "int8:g32:se4m3+chscale",
+    "fp8+chscale",
+    "fp8+had+chscale",
+]
+
+
+def channel_exponents(h: int, seed: int) -> list[int]:
+    """``h`` exponents in [-16, 16], the extremes and 0 included."""
+    e = torch.randint(-16, 17, (h,), generator=torch.Generator().manual_seed(seed))
+    e[:3] = torch.tensor([16, -16, 0])
+    return e.tolist()
+
+
+def chscale_cases(dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """Per case, three inputs (ranks) of one shape: the adversarial ones with 576 channels (rows of 576 split over
+    super-blocks, a few rows, none), and the range extremes as 40 rows of 512 channels (dtype maxima times 2^16
+    overflow to Inf: the reference makes their blocks NaN, and so must the library)."""
+    cases = [[adversarial(shape, dtype, seed) for seed in range(3)] for shape in ((200, 576), (3, 576), (0, 576))]
+    extremes = [range_extremes(dtype, seed).view(40, 512) for seed in range(3)]
+    extremes[1] = extremes[1].flip(0)
+    return [*cases, extremes]
+
+
+def check_against_reference(monkeypatch: pytest.MonkeyPatch, codec: object, xs: list[torch.Tensor]) -> None:
+    """Library payloads of ``xs`` (one shape) equal the reference's byte for byte; decode_sum of 1 and 3 of them
+    to every dtype, and decode, equal bit for bit."""
+    shape = xs[0].shape
+    ref = [with_mode(monkeypatch, "off", lambda x=x: codec.encode(x)) for x in xs]
+    got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in xs]
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(r, g), f"{codec.spec} {tuple(shape)}: {int((r != g).sum())} of {r.numel()} bytes differ"
+    for count in (1, 3):
+        for out_dtype in DTYPES:
+            args = (torch.cat(ref[:count]), count, shape, out_dtype)
+            want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
+            have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
+            assert same_bits(want, have), f"{codec.spec} {tuple(shape)} decode_sum({count}) -> {out_dtype}"
+    want = with_mode(monkeypatch, "off", lambda: codec.decode(ref[0], shape, xs[0].dtype))
+    have = with_mode(monkeypatch, "on", lambda: codec.decode(ref[0], shape, xs[0].dtype))
+    assert same_bits(want, have)
+
+
+@pytest.mark.parametrize("spec", CHSCALE_SPECS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_chscale_payload_and_decode_sum_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype
+) -> None:
+    for xs in chscale_cases(dtype):
+        shape = xs[0].shape
+        codec = make_codec(spec, channel_scale_exponents=channel_exponents(shape[-1], seed=len(shape) + shape[0]))
+        assert cpu.native_format(codec) is not None
+        check_against_reference(monkeypatch, codec, xs)
+
+
+@pytest.mark.parametrize("spec", CHSCALE_SPECS)
+def test_chscale_runs_in_the_library(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    # The wrapper itself goes to the library (not its reference, which would call the inner codec: two more
+    # passes over memory); with the reference methods of the wrapper and of its inner codecs made to fail, every
+    # call still runs and matches.
+    codec = make_codec(spec, channel_scale_exponents=channel_exponents(576, seed=3))
+    x = adversarial((16, 576), torch.float16, seed=4)
+    ref = with_mode(monkeypatch, "off", lambda: codec.encode(x))
+    want = with_mode(monkeypatch, "off", lambda: codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.bfloat16))
+    monkeypatch.setenv(backends.ENV, "cpu")
+    for op in ("encode", "decode"):
+        assert backends.choose(codec, op, "cpu", torch.float16).backend == "cpu", (spec, op)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{spec}: a reference codec ran instead of the CPU library")
+
+    part = codec
+    while part is not None:
+        for name in ("_encode", "_decode", "_decode_sum"):
+            monkeypatch.setattr(part, name, refuse)
+        part = getattr(part, "inner", None)
+    assert torch.equal(codec.encode(x), ref)
+    assert same_bits(codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.bfloat16), want)
+
+
+def test_chscale_shape_errors_are_the_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The library path checks the shape as the reference does: whole rows of the table's channels.
+    codec = make_codec("int5:g64:se4m3+had+chscale", channel_scale_exponents=channel_exponents(576, seed=0))
+    monkeypatch.setenv(backends.ENV, "cpu")
+    with pytest.raises(CodecError, match="has 575 channels; the '\\+chscale' table has 576"):
+        codec.encode(torch.randn(4, 575))
+    with pytest.raises(CodecError, match="not a whole number of rows"):
+        codec.encode(torch.randn(1000))
