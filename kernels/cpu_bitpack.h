@@ -60,6 +60,23 @@ inline void pack_codes(const uint8_t* q, int n, int bits, uint8_t* out) {
   }
 }
 
+// The packed codes of g zero values (code 2^(N-1)), g as for pack_codes: what a NaN/Inf group gets. No buffer
+// of g codes (a large stack frame in a hot function costs a stack probe per call).
+inline void fill_zero_codes(uint8_t* out, int g, int bits) {
+  const int zero = 1 << (bits - 1);
+  if (bits == 8) {
+    memset(out, zero, static_cast<size_t>(g));
+  } else if (bits == 4) {
+    memset(out, zero | (zero << 4), static_cast<size_t>(g / 2));
+  } else {
+    uint8_t eight[8];
+    memset(eight, zero, 8);
+    uint8_t packed[8];
+    pack_codes(eight, 8, bits, packed);
+    for (int j = 0; j < g / 8; ++j) memcpy(out + j * bits, packed, static_cast<size_t>(bits));
+  }
+}
+
 // Packed bytes -> signed values code - zero in q[0, n) (the inverse of pack_codes).
 inline void unpack_codes(const uint8_t* in, int n, int bits, int8_t* q) {
   const int zero = 1 << (bits - 1);

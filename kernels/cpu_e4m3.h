@@ -75,6 +75,19 @@ inline e4m3_v8f e4m3_values8(const uint8_t* p) {
 #endif
 
 #if defined(__AVX2__) && defined(__F16C__)
+// Eight codes at once through fp16 (F16C): an E4M3 byte s eeee mmm placed as the fp16 bits s 0eeee mmm0000000 is
+// the fp16 number (1 + m/8) 2^(e-15) (e > 0) or (m/8) 2^-14 (e == 0, an fp16 subnormal): the E4M3 value times
+// 2^-8, exactly, for every byte but the NaN codes, whose exponent field is set to all ones (fp16 NaN, quiet
+// after vcvtph2ps: 0x7FC00000 with the code's sign, as e4m3_bits_to_float). vcvtph2ps is exact; the caller
+// multiplies by 2^8 (alone, or folded into the block scale where that product is exact).
+inline __m256 e4m3_values8_scaled(const uint8_t* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7F));
+  __m128i h = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+  h = _mm_or_si128(h, _mm_and_si128(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7C00)));
+  return _mm256_cvtph_ps(h);
+}
+
 // E4M3 bits of 8 values t (int32 lanes, 0..255), after clamping t to [-448, 448]: max(t, -448) then min(., 448)
 // (maxps/minps return the second operand unless the compare says otherwise, so -0 stays -0 as with the
 // scalar ternaries; a NaN t becomes -448: callers overwrite such lanes). Then float_to_e4m3_bits with the same
