@@ -124,10 +124,14 @@ inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_
                          gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 1))),
                          gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 2))),
                          gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 3)))};
-  for (int j = 0; j < 4; ++j) memcpy(out + j * N, &w[j], N);  // exactly N bytes: the next group may be another thread's
+  // 8-byte stores, each overwritten past its N bytes by the next; the last one writes exactly N bytes (what follows
+  // may be another thread's group).
+  for (int j = 0; j < 3; ++j) memcpy(out + j * N, &w[j], 8);
+  memcpy(out + 3 * N, &w[3], N);
 }
 
 // 4N packed bytes at `in` -> the signed values (code - zero) of 32 codes as int8: values 0-15 in *lo, 16-31 in *hi.
+// N = 5, 6 read up to 3 bytes past the 4N (see below).
 template <int N>
 inline void load_codes32(const uint8_t* in, __m128i* lo, __m128i* hi) {
   if constexpr (N == 4) {
@@ -144,8 +148,11 @@ inline void load_codes32(const uint8_t* in, __m128i* lo, __m128i* hi) {
     *hi = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 16)), zero);
     return;
   }
-  uint64_t w[4] = {0, 0, 0, 0};
-  for (int j = 0; j < 4; ++j) memcpy(&w[j], in + j * N, N);  // exactly N bytes: never past the payload
+  // One 8-byte load per 8 codes (N bytes): the last one reads 8 - N <= 3 bytes past the 4N. Callers decode runs of
+  // 8 whole groups, and a payload's scales section (at least one byte per group) follows its codes: those bytes
+  // are inside the payload (scatter8 drops them).
+  uint64_t w[4];
+  for (int j = 0; j < 4; ++j) memcpy(&w[j], in + j * N, 8);
   *lo = _mm_sub_epi8(_mm_set_epi64x(static_cast<long long>(scatter8<N>(w[1])), static_cast<long long>(scatter8<N>(w[0]))), zero);
   *hi = _mm_sub_epi8(_mm_set_epi64x(static_cast<long long>(scatter8<N>(w[3])), static_cast<long long>(scatter8<N>(w[2]))), zero);
 }

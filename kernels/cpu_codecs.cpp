@@ -310,6 +310,7 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
     case 16: rotate_forward_fixed<16>(buf, len, r.signs, r.scale); return;
     case 32: rotate_forward_fixed<32>(buf, len, r.signs, r.scale); return;
     case 64: rotate_forward_fixed<64>(buf, len, r.signs, r.scale); return;
+    case 128: rotate_forward_fixed<128>(buf, len, r.signs, r.scale); return;
     default: break;
   }
 #endif
@@ -329,6 +330,7 @@ void rotate_backward(float* buf, int len, const Rotation& r, float top) {
     case 16: rotate_backward_fixed<16>(buf, len, r.signs, r.scale, top); return;
     case 32: rotate_backward_fixed<32>(buf, len, r.signs, r.scale, top); return;
     case 64: rotate_backward_fixed<64>(buf, len, r.signs, r.scale, top); return;
+    case 128: rotate_backward_fixed<128>(buf, len, r.signs, r.scale, top); return;
     default: break;
   }
 #endif
