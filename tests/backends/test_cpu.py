@@ -472,3 +472,22 @@ def test_chscale_shape_errors_are_the_codecs(monkeypatch: pytest.MonkeyPatch) ->
         codec.encode(torch.randn(4, 575))
     with pytest.raises(CodecError, match="not a whole number of rows"):
         codec.encode(torch.randn(1000))
+
+
+def test_the_searched_configs_run_entirely_in_the_library() -> None:
+    # Every compressed site of the shipped searched config and of its +chscale variant maps to the library (the
+    # reason these formats were added): none falls back to the torch reference on CPU tensors.
+    from megatron_tpcomp.config import CompressionConfig
+
+    root = Path(__file__).resolve().parents[2]
+    paths = [root / "megatron_tpcomp" / "configs" / "smollm2-135m-tp3-kl0.0085.json"]
+    paths += sorted((root / "examples" / "configs").glob("*-chscale.json"))
+    assert len(paths) >= 2, paths
+    for path in paths:
+        config = CompressionConfig.load(path)
+        settings = [config.default, config.embedding, config.logits]
+        settings += [s for blocks in config.layers.values() for s in blocks.values()]
+        codecs = [s.codec() for s in settings if s.spec != "none"]
+        assert len(codecs) > 10, path
+        missing = sorted({c.spec for c in codecs if cpu.native_format(c) is None})
+        assert not missing, f"{path.name}: {missing} would run the torch reference on CPU"
