@@ -109,4 +109,25 @@ inline __m256i e4m3_bits8(__m256 t) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// e4m3_bits8 on 16 lanes (AVX-512; the same operations, masks instead of vector blends): the FP8 encoder's
+// element conversion on CPUs that have it.
+inline __m512i e4m3_bits16(__m512 t) {
+  const __m512i x =
+      _mm512_castps_si512(_mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-kE4m3Max)), _mm512_set1_ps(kE4m3Max)));
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(x, 24), _mm512_set1_epi32(0x80));
+  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(mag, 20), _mm512_set1_epi32(1));
+  const __m512i normal = _mm512_sub_epi32(
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(0x7FFFF)), odd), 20),
+      _mm512_set1_epi32(120 << 3));
+  const __m512 shifted =
+      _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(512.0f)), _mm512_set1_ps(8388608.0f));
+  const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B000000));
+  const __mmask16 is_normal = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x3C7FFFFF));  // mag >= 2^-6
+  return _mm512_or_si512(sign, _mm512_mask_blend_epi32(is_normal, sub, normal));
+}
+#define TPC_E4M3_AVX512 1
+#endif
+
 }  // namespace tpcomp_cpu
