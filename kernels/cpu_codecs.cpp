@@ -862,6 +862,16 @@ inline void fp8_accumulate(const Codec& c, const uint8_t* codes, const uint8_t* 
   const __m256 vf1 = _mm256_set1_ps(f1), vf2 = _mm256_set1_ps(f2);
   const __m256 hi = _mm256_set1_ps(top), lo = _mm256_set1_ps(-top);
   if (plain && fold8) {
+#if defined(TPC_E4M3_AVX512)
+    const __m512 ws = _mm512_set1_ps(s8);
+    if (first) {
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(acc + i, _mm512_mul_ps(e4m3_values16_scaled(codes + i), ws));
+    } else {
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i),
+                                                _mm512_mul_ps(e4m3_values16_scaled(codes + i), ws)));
+    }
+#endif
     if (first) {
       for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(e4m3_values8_scaled(codes + i), vs));
     } else {

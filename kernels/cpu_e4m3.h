@@ -127,6 +127,15 @@ inline __m512i e4m3_bits16(__m512 t) {
   const __mmask16 is_normal = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x3C7FFFFF));  // mag >= 2^-6
   return _mm512_or_si512(sign, _mm512_mask_blend_epi32(is_normal, sub, normal));
 }
+
+// e4m3_values8_scaled on 16 codes: the E4M3 values times 2^-8 in 16 fp32 lanes (vcvtph2ps on zmm, exact).
+inline __m512 e4m3_values16_scaled(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
+  __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7), _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+  h = _mm256_or_si256(h, _mm256_and_si256(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7C00)));
+  return _mm512_cvtph_ps(h);
+}
 #define TPC_E4M3_AVX512 1
 #endif
 
