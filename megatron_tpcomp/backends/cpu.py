@@ -21,7 +21,7 @@ Hadamard block and signs, channel scales), not in the codecs. The wire layout st
 exponents (``exps``) to the library, and the tests check every byte against the reference codecs. The library
 handles block sizes that divide 4096 (one super-block per tile).
 
-Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 5 s)
+Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 6 s)
 into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
 flags and the compiler, under a file lock so that concurrent ranks build it once. ``-march=native`` is right
 because the library is built on the machine that runs it (it falls back to the baseline ISA if the compiler
