@@ -2,17 +2,24 @@
 //
 // Formats (wire layouts are defined in Python, megatron_tpcomp/codecs/*.py; the caller passes the offset of the
 // scales section so that the layout lives in one place):
-//   int4:g<G>             symmetric INT4, fp16 scale per group of G values (arithmetic: int4_core.h)
-//   fp8-e4m3:b<B>:sfp32   E4M3 "fn" codes, fp32 scale per block of B values (codecs/fp8.py)
+//   int<N>:g<G>[:se4m3]   symmetric N-bit integers, N in 4, 5, 6, 8 (codecs/intx.py; INT4 arithmetic:
+//                         int4_core.h), fp16 or e4m3 scale per group of G values, codes bit-packed as in
+//                         codecs/bitpack.py (cpu_bitpack.h)
+//   fp8-e4m3:b<B>:sfp32   E4M3 "fn" codes, fp32 scale per block of B values (codecs/fp8.py; cpu_e4m3.h)
 //   either one +had:b<H>  randomized Hadamard rotation of blocks of H values before quantization
 //                         (codecs/hadamard.py: v -> fwht(v * signs) * c, c = fp32(1/sqrt(H)); inverse
 //                         w -> fwht(w) * c * signs; fwht = the in-place butterfly below, stage h = 1, 2, 4, ...)
+//   any of these +chscale static per-channel powers of two (codecs/chscale.py): encode multiplies each input
+//                         value by 2^e_c of its channel (c = index mod h) as it loads the tile (exact, as the
+//                         reference's fp32 product); decode-sum forms the inner codec's fp32 sum (its values
+//                         clamped to fp32's range, as the reference decodes the inner codec to fp32), multiplies
+//                         it by 2^-e_c and clamps it to the output dtype's range before rounding to it once.
 //
 // Encode works one super-block of 4096 values at a time (codecs/scales.py, "Second level"; G and H must divide
 // 4096): it reads the tile's input values (fp32/bf16/fp16) into a float buffer, rotates them in place (+had),
 // takes the largest magnitude of each block once (block_maxima), derives the super-block exponent k from the
 // largest finite one, and quantizes the blocks (on AVX2: eight at a time) with 2^-k folded into each block's
-// amax and reciprocal (INT4; exact, see kInt4FoldMin) or applied to the tile first (other cases, rare). It writes
+// amax and reciprocal (integers; exact, see kIntFoldMin) or applied to the tile first (other cases, rare). It writes
 // codes, scales and the int16 exponent: the input is read once and the payload written once. +had's pre-rotation
 // normalization 2^-j needs no look at the input unless the rotated maximum says it might be nonzero.
 // Decode-sum reads the codes of each of N payloads tile by tile and adds the decoded values in fp32 in payload
@@ -29,15 +36,27 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_bitpack.h"
+#include "cpu_e4m3.h"
 #include "int4_core.h"
 
-// AVX2 + F16C (every x86 CPU with AVX2 has F16C; -march=native defines both): the INT4 encoder and decoder and
-// the FP8 encoder work on eight groups / blocks at once (int4_quantize8, int4_accumulate8, fp8_quantize8 below)
+// AVX2 + F16C (every x86 CPU with AVX2 has F16C; -march=native defines both): the integer encoder and decoder and
+// the FP8 encoder work on eight groups / blocks at once (int_quantize8, int_accumulate8, fp8_quantize8 below)
 // and the bf16/fp16 output conversion is vectorized. Without them (other ISAs, a baseline build) the scalar
 // paths run; they stay in use for leftover groups and other block sizes.
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define TPC_INT4_AVX2 1
+#endif
+
+// The eight-group integer kernels are instantiated per width, scale format and group size: kept out of line
+// (one call per 8 groups), so that the tile loops that call them stay small enough for the compiler to inline
+// their small helpers (measured: with everything inlined, GCC stopped inlining block_maxima, fp8_codes32 and
+// the stores, and the plain fp8 and int4 encoders lost 5-10%).
+#if defined(__GNUC__)
+#define TPC_NOINLINE __attribute__((noinline))
+#else
+#define TPC_NOINLINE
 #endif
 
 namespace {
@@ -48,13 +67,14 @@ using tpcomp::float_to_bf16_bits;
 using tpcomp::float_to_half_bits;
 using tpcomp::half_bits_to_float;
 
+using namespace tpcomp_cpu;
+
 constexpr int kMaxTile = 4096;  // = tpcomp::kSuperValues: one tile is one super-block
-constexpr float kE4m3Max = 448.0f;
-constexpr uint32_t kF32NaNBits = 0x7FC00000u;  // what torch's masked_fill(nan) writes into an fp32 scale
 constexpr float kMinNormal = 1.17549435e-38f;  // 2^-126: smallest fp32 scale whose reciprocal is finite
 
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
-enum Format { kInt4 = 0, kFp8E4m3 = 1 };
+enum Format { kInt = 0, kFp8E4m3 = 1 };
+enum ScaleFmt { kScaleF16 = 0, kScaleE4m3 = 1 };  // integer group scales
 
 // ---------------------------------------------------------------------------------------------- element I/O
 
@@ -76,6 +96,20 @@ void load_tile(const void* x, int dt, int64_t start, int64_t n, float* buf, int 
     for (int64_t i = 0; i < n; ++i) buf[i] = load(x, dt, start + i);
   }
   for (int64_t i = n; i < len; ++i) buf[i] = 0.0f;
+}
+
+// +chscale: buf[0, n), the values start .. start + n of the flattened tensor, times f[c] of their channel
+// c = index mod h (f: 2^e_c at encode, 2^-e_c at decode; one fp32 product each, as the reference's).
+void channel_scale(const float* f, int h, int64_t start, int64_t n, float* buf) {
+  int64_t c0 = start % h;
+  for (int64_t i = 0; i < n;) {
+    const int64_t len = n - i < h - c0 ? n - i : h - c0;
+    float* b = buf + i;
+    const float* g = f + c0;
+    for (int64_t j = 0; j < len; ++j) b[j] = b[j] * g[j];
+    i += len;
+    c0 = 0;
+  }
 }
 
 #if defined(TPC_INT4_AVX2)
@@ -276,6 +310,7 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
     case 16: rotate_forward_fixed<16>(buf, len, r.signs, r.scale); return;
     case 32: rotate_forward_fixed<32>(buf, len, r.signs, r.scale); return;
     case 64: rotate_forward_fixed<64>(buf, len, r.signs, r.scale); return;
+    case 128: rotate_forward_fixed<128>(buf, len, r.signs, r.scale); return;
     default: break;
   }
 #endif
@@ -295,6 +330,7 @@ void rotate_backward(float* buf, int len, const Rotation& r, float top) {
     case 16: rotate_backward_fixed<16>(buf, len, r.signs, r.scale, top); return;
     case 32: rotate_backward_fixed<32>(buf, len, r.signs, r.scale, top); return;
     case 64: rotate_backward_fixed<64>(buf, len, r.signs, r.scale, top); return;
+    case 128: rotate_backward_fixed<128>(buf, len, r.signs, r.scale, top); return;
     default: break;
   }
 #endif
@@ -305,62 +341,31 @@ void rotate_backward(float* buf, int len, const Rotation& r, float top) {
   }
 }
 
-// --------------------------------------------------------------------------------------------------- FP8 E4M3
-
-// fp32 -> E4M3 "fn" bits, round to nearest even, for finite |f| <= 448 (the encoder clamps first). The sign of
-// zero is kept, as torch's cast does.
-inline uint8_t float_to_e4m3_bits(float f) {
-  const uint32_t x = float_as_bits(f);
-  const uint32_t sign = (x >> 24) & 0x80u;
-  const uint32_t mag = x & 0x7FFFFFFFu;
-  // >= 2^-6: normal; keep 3 of 23 mantissa bits, ties to even, rebias 127 -> 7 (wraps for subnormals: unused).
-  const uint32_t normal = ((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (120u << 3);
-  // Subnormal: m * 2^-9, m = rint(|f| * 2^9) in 0..8 (8 is the smallest normal, whose bits are 0x08). Adding
-  // 2^23 rounds a value in [0, 2^23) to an integer, half to even, and leaves it in the low mantissa bits: the
-  // same result as rintf, without a call the vectorizer would not inline.
-  const float shifted = tpcomp::bits_as_float(mag) * 512.0f + 8388608.0f;
-  const uint32_t sub = float_as_bits(shifted) - 0x4B000000u;
-  const uint32_t is_normal = 0u - static_cast<uint32_t>(mag >= 0x3C800000u);  // all ones or zero: a mask, not a branch
-  return static_cast<uint8_t>(sign | (normal & is_normal) | (sub & ~is_normal));
-}
-
-inline float e4m3_bits_to_float(uint8_t b) {
-  const uint32_t e = (b >> 3) & 0xFu, m = b & 7u;
-  float v;
-  if (e == 15 && m == 7) {
-    v = tpcomp::bits_as_float(kF32NaNBits);
-  } else if (e == 0) {
-    v = static_cast<float>(m) * 0.001953125f;  // m * 2^-9, exact
-  } else {
-    v = tpcomp::bits_as_float(((e + 120u) << 23) | (m << 20));
-  }
-  return (b & 0x80u) ? -v : v;
-}
-
-struct E4m3Table {
-  float v[256];
-  E4m3Table() {
-    for (int i = 0; i < 256; ++i) v[i] = e4m3_bits_to_float(static_cast<uint8_t>(i));
-  }
-};
-const E4m3Table kE4m3;
-
 // ------------------------------------------------------------------------------------------- group quantizers
+
+struct ChannelScale {
+  int h;               // channels (the last dimension); 0: no +chscale
+  const float* up;     // [h] fp32 2^e_c: the input is multiplied by it before the codec
+  const float* down;   // [h] fp32 2^-e_c: the decoded sum is multiplied by it
+};
 
 struct Codec {
   int format;           // Format
+  int bits;             // kInt: 4, 5, 6 or 8
+  int scale_fmt;        // kInt: ScaleFmt of the group scales (FP8: fp32)
   int block;            // values per scale (G or B)
   float scale_cap;      // fp8: cap of the ideal scale (fp32 max / (2 * 448), rounded to fp32)
   float range_limit;    // top-binade limit of the super-block exponent (0: the wide window rule)
   int64_t scales_offset;  // byte offset of the scales section in a payload
   int64_t exps_offset;    // byte offset of the int16 super-block exponents
   Rotation rot;
+  ChannelScale ch;
 
-  int code_bytes(int nvalues) const { return format == kInt4 ? nvalues / 2 : nvalues; }
-  int scale_bytes() const { return format == kInt4 ? 2 : 4; }
+  int qmax() const { return (1 << (bits - 1)) - 1; }
+  int64_t code_bytes(int64_t nvalues) const { return format == kInt ? nvalues * bits / 8 : nvalues; }
+  int scale_bytes() const { return format == kInt ? (scale_fmt == kScaleE4m3 ? 1 : 2) : 4; }
 };
 
-// Quantize block `v` (c.block values) into codes and one scale (written to `scale`, little-endian).
 // Largest |v[i]| and whether all are finite, in one integer max over the magnitude bits: for non-negative floats
 // the bit patterns order like the values, and Inf/NaN patterns are >= 0x7F800000. (A float max with a ternary does
 // not vectorize without -ffast-math.) Equal to the core's amax_update loop for finite groups.
@@ -374,64 +379,110 @@ inline float abs_max(const float* v, int n, bool* finite) {
   return tpcomp::bits_as_float(m);
 }
 
-// The super-block exponent folded into the INT4 quantizers: they read the raw values v and a factor f = 2^-k
-// (k in [-103, 110], see kInt4FoldMin/Max), and compute what the reference computes on y = v * 2^-k:
+// The super-block exponent folded into the integer quantizers: they read the raw values v and a factor f = 2^-k
+// (k in [-103, 110], see kIntFoldMin/Max), and compute what the reference computes on y = v * 2^-k:
 //   amax_y = amax * f            max |v * f| is (max |v|) * f: rounding is monotonic and odd
-//   codes  = rint(v * (inv * f)) inv * f is exact (a power of two times inv in [2^-16, 2^24] stays normal), so
-//                                v * (inv * f) rounds the same real number as (v * f) * inv; where v * f would
-//                                be subnormal (|v| < 2^-126 * 2^k) both products are below 2^-102 and round to 0.
+//   codes  = rint(v * (inv * f)) inv * f is exact (a power of two times inv, inv in [2^-16, 2^24] for fp16
+//                                scales and in [2^-9, 2^9] for e4m3 ones, stays normal), so v * (inv * f)
+//                                rounds the same real number as (v * f) * inv; where v * f would be subnormal
+//                                (|v| < 2^-126 * 2^k) both products are below 2^-102 and round to 0.
 // f = 1 (k = 0) is the plain codec.
-constexpr int kInt4FoldMin = -103, kInt4FoldMax = 110;
+constexpr int kIntFoldMin = -103, kIntFoldMax = 110;
 
-// int4_core.h's int4_quantize_group, with the codes formed in one loop and packed in another (the core's pair
-// loop does not vectorize). Same operations, same bits.
-// `amax_bits`: the group's largest magnitude bits (block_maxima; >= 0x7F800000 for a NaN/Inf group).
-template <int G>  // G > 0: the group size known at compile time (loops unroll); 0: runtime `g`
-inline void int4_quantize_g(const float* v, int g_runtime, uint32_t amax_bits, float f, uint8_t* codes,
-                            uint8_t* scale) {
-  const int g = G > 0 ? G : g_runtime;
-  const bool finite = amax_bits < 0x7F800000u;
-  const uint16_t s = tpcomp::int4_scale_bits(tpcomp::bits_as_float(amax_bits) * f, finite);
-  memcpy(scale, &s, 2);
-  if (!finite) {
-    memset(codes, tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4), static_cast<size_t>(g / 2));
-    return;
-  }
-  const float inv = tpcomp::int4_inverse_scale(s) * f;
-  uint8_t q[kMaxTile];
-  for (int i = 0; i < g; ++i) {
-    float r = rintf(v[i] * inv);
-    r = r < -7.0f ? -7.0f : (r > 7.0f ? 7.0f : r);
-    q[i] = static_cast<uint8_t>(static_cast<int>(r) + tpcomp::kInt4Zero);
-  }
-  for (int i = 0; i < g / 2; ++i) codes[i] = static_cast<uint8_t>(q[2 * i] | (q[2 * i + 1] << 4));
+// Stored bits of a group scale (intx.py: ideal = amax / qmax, scales.encode_scales): fp16: round to nearest even
+// of min(ideal, 65504), NaN 0x7E00; e4m3: E4M3 bits of min(ideal, 448), NaN 0x7F (`finite` false: the group
+// holds NaN/Inf). `amax` is already times f.
+inline uint32_t int_scale_bits(const Codec& c, float amax, bool finite) {
+  const bool e4m3 = c.scale_fmt == kScaleE4m3;
+  if (!finite) return e4m3 ? 0x7Fu : tpcomp::kHalfNaN;
+  float ideal = amax / static_cast<float>(c.qmax());  // a true division, as codecs.base.divide
+  const float cap = e4m3 ? kE4m3Max : tpcomp::kHalfMax;
+  if (ideal > cap) ideal = cap;
+  return e4m3 ? float_to_e4m3_bits(ideal) : tpcomp::float_to_half_bits(ideal);
 }
 
-// int4_core.h's int4_accumulate_group, unpacking first so that the arithmetic loop vectorizes. (Not unrolled by
-// a fixed G like int4_quantize: measured, that makes decode slower.) On AVX2, int4_accumulate8 below takes the
-// runs of eight groups; this handles the rest.
+// fp32 value of stored scale bits (scales.decode_scales; exact).
+inline float int_scale_value(const Codec& c, uint32_t bits) {
+  return c.scale_fmt == kScaleE4m3 ? e4m3_bits_to_float(static_cast<uint8_t>(bits))
+                                   : half_bits_to_float(static_cast<uint16_t>(bits));
+}
+
+inline void store_scale(uint8_t* p, uint32_t bits, int nbytes) {
+  if (nbytes == 1) {
+    *p = static_cast<uint8_t>(bits);
+  } else {
+    const uint16_t b = static_cast<uint16_t>(bits);
+    memcpy(p, &b, 2);
+  }
+}
+
+inline uint32_t load_scale(const uint8_t* p, int nbytes) {
+  if (nbytes == 1) return *p;
+  uint16_t b;
+  memcpy(&b, p, 2);
+  return b;
+}
+
+// One group of an integer codec (intx.py, symmetric): q = clamp(rint(y * inv), -qmax, qmax), code = q + 2^(N-1),
+// packed in bitpack.py's order; the codes formed in one loop and packed in another (vectorizable). A group with
+// NaN/Inf gets the NaN scale and zero codes (q = 0). `amax_bits`: the group's largest magnitude bits
+// (block_maxima; >= 0x7F800000 for a NaN/Inf group).
+template <int G>  // G > 0: the group size known at compile time (loops unroll); 0: runtime `g`
+inline void int_quantize_g(const Codec& c, const float* v, int g_runtime, uint32_t amax_bits, float f,
+                           uint8_t* codes, uint8_t* scale) {
+  const int g = G > 0 ? G : g_runtime;
+  const bool finite = amax_bits < 0x7F800000u;
+  const uint32_t sb = int_scale_bits(c, tpcomp::bits_as_float(amax_bits) * f, finite);
+  store_scale(scale, sb, c.scale_bytes());
+  const int zero = 1 << (c.bits - 1);
+  const float qmax = static_cast<float>(c.qmax());
+  if (!finite) {
+    fill_zero_codes(codes, g, c.bits);
+    return;
+  }
+  uint8_t q[kMaxTile];
+  {
+    const float s = int_scale_value(c, sb);
+    const float inv = (s == 0.0f ? 0.0f : 1.0f / s) * f;
+    for (int i = 0; i < g; ++i) {
+      float r = rintf(v[i] * inv);
+      r = r < -qmax ? -qmax : (r > qmax ? qmax : r);
+      q[i] = static_cast<uint8_t>(static_cast<int>(r) + zero);
+    }
+  }
+  pack_codes(q, g, c.bits, codes);
+}
+
+inline void int_quantize(const Codec& c, const float* v, uint32_t amax, float f, uint8_t* codes, uint8_t* scale) {
+  switch (c.block) {
+    case 32: int_quantize_g<32>(c, v, c.block, amax, f, codes, scale); return;
+    case 64: int_quantize_g<64>(c, v, c.block, amax, f, codes, scale); return;
+    case 128: int_quantize_g<128>(c, v, c.block, amax, f, codes, scale); return;
+    default: int_quantize_g<0>(c, v, c.block, amax, f, codes, scale);
+  }
+}
+
 // Scaling of one payload in one tile: each decoded value v becomes (v * f1) * f2 (= pow2_mul(v, e)), then it is
 // clamped to [-top, top] (top = +inf: no clamp). `fold`: the factor may be applied to the block scale instead
-// (s * f2 is exact and q * (s * f2) rounds the same real number as (q * s) * f2; INT4: q * s is exact, fp16
-// scales times 2^e with e in [-102, 111] stay normal; FP8: e == 0 only), which costs nothing per value.
+// (s * f2 is exact and q * (s * f2) rounds the same real number as (q * s) * f2; integers: q * s is exact (at
+// most 7 + 11 significant bits), fp16 scales times 2^e with e in [-102, 111] stay normal, and so do e4m3 ones
+// (2^-9 .. 448); FP8: e == 0 only), which costs nothing per value.
 struct Shift {
   float f1, f2, top;
   bool fold;
 };
 
-constexpr int kInt4DecodeFoldMin = -102, kInt4DecodeFoldMax = 111;
+constexpr int kIntDecodeFoldMin = -102, kIntDecodeFoldMax = 111;
 
-inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, const Shift& sh, bool first,
-                            float* acc) {
-  uint16_t sb;
-  memcpy(&sb, scale, 2);
-  const float s = half_bits_to_float(sb);
+// Decode one integer group and add it to acc[0, g) (first: overwrite): value = float(code - zero) * scale, then
+// shifted and clamped as `sh` says. Unpacking first, so that the arithmetic loop vectorizes.
+inline void int_accumulate(const Codec& c, const uint8_t* codes, const uint8_t* scale, const Shift& sh, bool first,
+                           float* acc) {
+  const int g = c.block;
+  const float s = int_scale_value(c, load_scale(scale, c.scale_bytes()));
   const float f1 = sh.f1, f2 = sh.f2, top = sh.top;
   int8_t q[kMaxTile];
-  for (int i = 0; i < g / 2; ++i) {
-    q[2 * i] = static_cast<int8_t>((codes[i] & 0xF) - tpcomp::kInt4Zero);
-    q[2 * i + 1] = static_cast<int8_t>((codes[i] >> 4) - tpcomp::kInt4Zero);
-  }
+  unpack_codes(codes, g, c.bits, q);
   float v[kMaxTile];
   if (sh.fold) {
     const float sf = s * f2;
@@ -447,21 +498,24 @@ inline void int4_accumulate(const uint8_t* codes, const uint8_t* scale, int g, c
 }
 
 #if defined(TPC_INT4_AVX2)
-// Eight consecutive groups at once: the per-group scalar work (absmax reduction, amax / 7, the fp16 rounding,
+// Eight consecutive groups at once: the per-group scalar work (absmax reduction, amax / qmax, the scale rounding,
 // 1 / scale) runs once per 8 groups in the lanes of one vector, and the quantize/pack loop has no branch.
-// Every lane does what the scalar path (int4_core.h) does, with instructions that round identically:
+// Every lane does what the scalar path (int_quantize_g) does, with instructions that round identically:
 //   absmax     the same integer max over the magnitude bits as abs_max (also tells NaN/Inf: bits >= 0x7F800000)
-//   amax / 7   vdivps: an IEEE division, correctly rounded like the scalar divss (no reciprocal trick)
-//   min 65504  equal to `if (ideal > 65504) ideal = 65504` for the non-NaN ideals of finite groups
-//   fp16       vcvtps2ph with imm 0: round to nearest even, subnormal halves and underflow to +0 included, as
-//              float_to_half_bits (ideal is in [0, 65504]: no overflow or NaN case; checked over every fp32 amax)
-//   1 / scale  vcvtph2ps (exact) and vdivps; 0 where the scale is 0, as int4_inverse_scale
-//   codes      clamp(x * inv) to [-7, 7], then vcvtps2dq: rounds in the current rounding mode, as rintf does
-//              (round half to even by default); clamping before rounding gives the same integer, since 7 is an
-//              integer and rounding is monotonic. x * inv is never NaN for a finite group (|x| <= amax, inv finite)
-// A group with NaN/Inf gets the NaN scale 0x7E00 and zero codes (0x88 bytes), written after the fact: such groups
-// are rare, so the common path carries no mask.
-// `g` (= G when G > 0) is a multiple of 8; v holds 8 * g floats, codes gets 4 * g bytes, scales 16 bytes.
+//   amax/qmax  vdivps: an IEEE division, correctly rounded like the scalar divss (no reciprocal trick)
+//   fp16       min 65504 (equal to `if (ideal > 65504) ideal = 65504` for the non-NaN ideals of finite groups),
+//              then vcvtps2ph with imm 0: round to nearest even, subnormal halves and underflow to +0 included,
+//              as float_to_half_bits (ideal is in [0, 65504]: no overflow or NaN case; checked over every amax)
+//   e4m3       e4m3_bits8 (clamp to 448 and the integer rounding of float_to_e4m3_bits), decoded back exactly
+//              by e4m3_values8
+//   1 / scale  vdivps; 0 where the scale is 0, as the scalar path
+//   codes      clamp(x * inv) to [-qmax, qmax], then vcvtps2dq: rounds in the current rounding mode, as rintf
+//              does (round half to even by default); clamping before rounding gives the same integer, since qmax
+//              is an integer and rounding is monotonic. x * inv is never NaN for a finite group
+// A group with NaN/Inf gets the NaN scale and zero codes, written after the fact: such groups are rare, so the
+// common path carries no mask.
+// `g` (= G when G > 0) is a multiple of 8; v holds 8 * g floats, codes gets g * N bytes, scales 16 (fp16) or 8
+// (e4m3) bytes.
 
 // Per-lane maximum of the magnitude bits of one group's g values: 8 partial maxima.
 inline __m256i int4_group_absmax_bits(const float* v, int g) {
@@ -487,18 +541,6 @@ inline __m256i hmax8x8(const __m256i a[8]) {
   return _mm256_max_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
 }
 
-// 32 codes (four vectors of int32 q in [-7, 7], in value order) -> 16 bytes, even index in the low nibble.
-inline __m128i int4_pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
-  // Narrowing packs work per 128-bit half: b = [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | the same for lanes 4-7], as int8.
-  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-  // Neighbours 2i, 2i + 1 are adjacent bytes: q_even * 1 + q_odd * 16 in each int16, + 0x88 = the byte
-  // (q + 8) | (q' + 8) << 4, in 0..255.
-  const __m256i w = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
-  const __m256i bytes = _mm256_packus_epi16(w, w);  // per half: its 8 bytes, twice
-  // Low half: bytes of q0-q3 lanes 0-3 (two bytes each), high half: lanes 4-7: interleave 16-bit units.
-  return _mm_unpacklo_epi16(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
-}
-
 // The largest magnitude bits of eight consecutive groups of g values (g a multiple of 8), lane j for group j.
 inline __m256i absmax8(const float* v, int g) {
   __m256i partial[8];
@@ -506,29 +548,57 @@ inline __m256i absmax8(const float* v, int g) {
   return hmax8x8(partial);
 }
 
+// The low bytes of eight int32 lanes, in order.
+inline void store_bytes8(__m256i x, uint8_t* p) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+}
+
+inline __m256 e4m3_scales8(const uint8_t* p) {
+#if defined(TPC_E4M3_VECTOR)
+  const e4m3_v8f v = e4m3_values8(p);
+  __m256 r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+#else
+  alignas(32) float s[8];
+  for (int j = 0; j < 8; ++j) s[j] = e4m3_bits_to_float(p[j]);
+  return _mm256_load_ps(s);
+#endif
+}
+
 // `amax_bits`: absmax8 of the eight groups (block_maxima computed it for the super-block's exponent).
-template <int G>
-inline void int4_quantize8_g(const float* v, int g_runtime, __m256i amax_bits, float f, uint8_t* codes,
-                             uint8_t* scales) {
+template <int G, int N, bool E4M3>
+TPC_NOINLINE void int_quantize8_g(const float* v, int g_runtime, __m256i amax_bits, float f, uint8_t* codes,
+                            uint8_t* scales) {
   const int g = G > 0 ? G : g_runtime;
+  constexpr int kQmax = (1 << (N - 1)) - 1;
   const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));  // NaN/Inf in the group
-  const __m256 vf = _mm256_set1_ps(f);  // 2^-k, folded in as int4_quantize_g does
+  const __m256 vf = _mm256_set1_ps(f);  // 2^-k, folded in as int_quantize_g does
 
-  __m256 ideal = _mm256_div_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax_bits), vf),
-                               _mm256_set1_ps(static_cast<float>(tpcomp::kInt4Qmax)));
-  ideal = _mm256_min_ps(ideal, _mm256_set1_ps(tpcomp::kHalfMax));
-  const __m128i half = _mm256_cvtps_ph(ideal, _MM_FROUND_TO_NEAREST_INT);
-  const __m128i bad16 = _mm_packs_epi32(_mm256_castsi256_si128(bad), _mm256_extracti128_si256(bad, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(scales),
-                   _mm_blendv_epi8(half, _mm_set1_epi16(static_cast<short>(tpcomp::kHalfNaN)), bad16));
-
-  const __m256 s = _mm256_cvtph_ps(half);
+  const __m256 ideal = _mm256_div_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax_bits), vf),
+                                     _mm256_set1_ps(static_cast<float>(kQmax)));
+  __m256 s;
+  if constexpr (E4M3) {
+    const __m256i sb = e4m3_bits8(ideal);
+    alignas(8) uint8_t sbytes[8];
+    store_bytes8(sb, sbytes);
+    s = e4m3_scales8(sbytes);
+    store_bytes8(_mm256_blendv_epi8(sb, _mm256_set1_epi32(0x7F), bad), scales);
+  } else {
+    const __m128i half = _mm256_cvtps_ph(_mm256_min_ps(ideal, _mm256_set1_ps(tpcomp::kHalfMax)),
+                                         _MM_FROUND_TO_NEAREST_INT);
+    const __m128i bad16 = _mm_packs_epi32(_mm256_castsi256_si128(bad), _mm256_extracti128_si256(bad, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(scales),
+                     _mm_blendv_epi8(half, _mm_set1_epi16(static_cast<short>(tpcomp::kHalfNaN)), bad16));
+    s = _mm256_cvtph_ps(half);
+  }
   const __m256 nonzero = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_NEQ_OQ);
   alignas(32) float inv[8];
   _mm256_store_ps(inv, _mm256_mul_ps(_mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), s), nonzero), vf));
 
-  const __m256 lo = _mm256_set1_ps(-7.0f), hi = _mm256_set1_ps(7.0f);
-  // 8 * g values = g vectors of 8, packed 4 vectors (32 values, 16 bytes) at a time; vector k is in group k / (g / 8).
+  const __m256 lo = _mm256_set1_ps(-static_cast<float>(kQmax)), hi = _mm256_set1_ps(static_cast<float>(kQmax));
+  // 8 * g values = g vectors of 8, packed 4 vectors (32 values, 4N bytes) at a time; vector k is in group k / (g / 8).
   const int vecs_per_group = g / 8;
   for (int k = 0; k < g; k += 4) {
     __m256i q[4];
@@ -537,123 +607,161 @@ inline void int4_quantize8_g(const float* v, int g_runtime, __m256i amax_bits, f
       const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * (k + u)), inv_k);
       q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 4 * k), int4_pack32(q[0], q[1], q[2], q[3]));
+    store_codes32<N>(q[0], q[1], q[2], q[3], codes + k * N);
   }
-  const int zero_pair = tpcomp::kInt4Zero | (tpcomp::kInt4Zero << 4);
   for (int m = _mm256_movemask_ps(_mm256_castsi256_ps(bad)); m != 0; m &= m - 1)
-    memset(codes + __builtin_ctz(m) * (g / 2), zero_pair, static_cast<size_t>(g / 2));
+    fill_zero_codes(codes + __builtin_ctz(m) * (g * N / 8), g, N);
 }
 
-// Quantize groups v[0, 8g) (g a multiple of 8) into codes[0, 4g) and scales[0, 16).
-inline void int4_quantize8(const float* v, int g, __m256i amax, float f, uint8_t* codes, uint8_t* scales) {
+template <int N, bool E4M3>
+inline void int_quantize8_n(const float* v, int g, __m256i amax, float f, uint8_t* codes, uint8_t* scales) {
   switch (g) {
-    case 8: int4_quantize8_g<8>(v, g, amax, f, codes, scales); return;
-    case 16: int4_quantize8_g<16>(v, g, amax, f, codes, scales); return;
-    case 32: int4_quantize8_g<32>(v, g, amax, f, codes, scales); return;
-    case 64: int4_quantize8_g<64>(v, g, amax, f, codes, scales); return;
-    case 128: int4_quantize8_g<128>(v, g, amax, f, codes, scales); return;
-    default: int4_quantize8_g<0>(v, g, amax, f, codes, scales);
+    case 32: int_quantize8_g<32, N, E4M3>(v, g, amax, f, codes, scales); return;
+    case 64: int_quantize8_g<64, N, E4M3>(v, g, amax, f, codes, scales); return;
+    case 128: int_quantize8_g<128, N, E4M3>(v, g, amax, f, codes, scales); return;
+    default: int_quantize8_g<0, N, E4M3>(v, g, amax, f, codes, scales);
   }
 }
 
-// Decode eight consecutive groups and add them to acc[0, 8g) (first: overwrite), as int4_accumulate does group
-// by group: per value acc = acc + float(code - 8) * scale (or acc = float(code - 8) * scale), the same two
+// Quantize groups v[0, 8g) (g a multiple of 8) into codes[0, g N) and the eight scales.
+inline void int_quantize8(const Codec& c, const float* v, __m256i amax, float f, uint8_t* codes, uint8_t* scales) {
+  const int g = c.block;
+  if (c.scale_fmt == kScaleE4m3) {
+    switch (c.bits) {
+      case 4: int_quantize8_n<4, true>(v, g, amax, f, codes, scales); return;
+      case 5: int_quantize8_n<5, true>(v, g, amax, f, codes, scales); return;
+      case 6: int_quantize8_n<6, true>(v, g, amax, f, codes, scales); return;
+      default: int_quantize8_n<8, true>(v, g, amax, f, codes, scales); return;
+    }
+  }
+  switch (c.bits) {
+    case 4: int_quantize8_n<4, false>(v, g, amax, f, codes, scales); return;
+    case 5: int_quantize8_n<5, false>(v, g, amax, f, codes, scales); return;
+    case 6: int_quantize8_n<6, false>(v, g, amax, f, codes, scales); return;
+    default: int_quantize8_n<8, false>(v, g, amax, f, codes, scales); return;
+  }
+}
+
+// Decode eight consecutive groups and add them to acc[0, 8g) (first: overwrite), as int_accumulate does group
+// by group: per value acc = acc + float(code - zero) * scale (or acc = float(code - zero) * scale), the same two
 // roundings in the same order. The 8 fp16 scales convert in one vcvtph2ps, exact like half_bits_to_float
-// (a signalling-NaN scale comes out quieted; the product with it is the same quiet NaN either way). Codes
-// unpack 16 bytes (32 values) at a time: low and high nibbles interleaved back into value order, minus 8 as
-// int8, widened to int32 and converted exactly to float.
+// (a signalling-NaN scale comes out quieted; the product with it is the same quiet NaN either way); e4m3 scales
+// with e4m3_values8. Codes unpack 32 values at a time (load_codes32: minus the zero code as int8), widened to
+// int32 and converted exactly to float.
 // The clamp to [-top, top] is min(top, v) then max(-top, .): minps/maxps return their second operand when one
 // is NaN, so a NaN value stays NaN, as clamp_abs and torch.clamp keep it.
-template <int G>
-inline void int4_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, const Shift& sh, bool first,
-                               float* acc) {
+template <int G, int N, bool E4M3>
+TPC_NOINLINE void int_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, const Shift& sh, bool first,
+                              float* acc) {
   const int g = G > 0 ? G : g_runtime;
+  constexpr int kQmax = (1 << (N - 1)) - 1;
   alignas(32) float s[8];
-  const __m256 raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+  __m256 raw;
+  if constexpr (E4M3) {
+    raw = e4m3_scales8(scales);
+  } else {
+    raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+  }
   const bool fold = sh.fold;
   const __m256 scaled = fold ? _mm256_mul_ps(raw, _mm256_set1_ps(sh.f2)) : raw;
   _mm256_store_ps(s, scaled);
-  // The clamp can only bite where 7 * |scale| exceeds top (a NaN scale takes the clamping path, which keeps it;
+  // The clamp can only bite where qmax * |scale| exceeds top (a NaN scale takes the clamping path, which keeps it;
   // top = +inf, the rotated codecs' accumulation, never clamps).
   bool clamp = !fold;
   if (fold && sh.top < tpcomp::bits_as_float(0x7F800000u)) {
     const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
-    const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(7.0f)), _mm256_set1_ps(sh.top),
-                                      _CMP_NLE_UQ);
+    const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(static_cast<float>(kQmax))),
+                                      _mm256_set1_ps(sh.top), _CMP_NLE_UQ);
     clamp = _mm256_movemask_ps(over) != 0;
   }
   const __m256 f1 = _mm256_set1_ps(sh.f1), f2 = _mm256_set1_ps(sh.f2);
   const __m256 top = _mm256_set1_ps(sh.top), bottom = _mm256_set1_ps(-sh.top);
-  const __m128i nibble = _mm_set1_epi8(0x0F), zero_code = _mm_set1_epi8(tpcomp::kInt4Zero);
   const int vecs_per_group = g / 8;
-  for (int k = 0; k < g; k += 4) {  // 8g values = g vectors of 8; vector k is in group k / (g / 8)
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 4 * k));
-    const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-    const __m128i q01 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), zero_code);  // values 0-15 as int8
-    const __m128i q23 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), zero_code);  // values 16-31
+  // 8g values = g vectors of 8; vector k is in group k / (g / 8). values(k, v): v[u] = q * scale of vectors
+  // k .. k + 3. The three loops below are the cases of (clamp, first) with no branch inside.
+  const auto values = [&](int k, __m256* v) {
+    __m128i q01, q23;
+    load_codes32<N>(codes + k * N, &q01, &q23);
     const __m128i q[4] = {q01, _mm_srli_si128(q01, 8), q23, _mm_srli_si128(q23, 8)};
-    for (int u = 0; u < 4; ++u) {
-      const __m256 scale = _mm256_broadcast_ss(s + (k + u) / vecs_per_group);
-      __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), scale);
-      if (clamp) {
+    for (int u = 0; u < 4; ++u)
+      v[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), _mm256_broadcast_ss(s + (k + u) / vecs_per_group));
+  };
+  __m256 v[4];
+  if (!clamp && first) {
+    for (int k = 0; k < g; k += 4) {
+      values(k, v);
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(acc + 8 * (k + u), v[u]);
+    }
+  } else if (!clamp) {
+    for (int k = 0; k < g; k += 4) {
+      values(k, v);
+      for (int u = 0; u < 4; ++u) {
+        float* a = acc + 8 * (k + u);
+        _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), v[u]));
+      }
+    }
+  } else {
+    for (int k = 0; k < g; k += 4) {
+      values(k, v);
+      for (int u = 0; u < 4; ++u) {
+        __m256 value = v[u];
         if (!fold) value = _mm256_mul_ps(_mm256_mul_ps(value, f1), f2);
         value = _mm256_max_ps(bottom, _mm256_min_ps(top, value));
+        float* a = acc + 8 * (k + u);
+        _mm256_storeu_ps(a, first ? value : _mm256_add_ps(_mm256_loadu_ps(a), value));
       }
-      float* a = acc + 8 * (k + u);
-      _mm256_storeu_ps(a, first ? value : _mm256_add_ps(_mm256_loadu_ps(a), value));
     }
   }
 }
 
-inline void int4_accumulate8(const uint8_t* codes, const uint8_t* scales, int g, const Shift& sh, bool first,
-                             float* acc) {
+template <int N, bool E4M3>
+inline void int_accumulate8_n(const uint8_t* codes, const uint8_t* scales, int g, const Shift& sh, bool first,
+                              float* acc) {
   switch (g) {
-    case 8: int4_accumulate8_g<8>(codes, scales, g, sh, first, acc); return;
-    case 16: int4_accumulate8_g<16>(codes, scales, g, sh, first, acc); return;
-    case 32: int4_accumulate8_g<32>(codes, scales, g, sh, first, acc); return;
-    case 64: int4_accumulate8_g<64>(codes, scales, g, sh, first, acc); return;
-    case 128: int4_accumulate8_g<128>(codes, scales, g, sh, first, acc); return;
-    default: int4_accumulate8_g<0>(codes, scales, g, sh, first, acc);
-  }
-}
-#endif
-
-inline void int4_quantize(const float* v, int g, uint32_t amax, float f, uint8_t* codes, uint8_t* scale) {
-  switch (g) {
-    case 32: int4_quantize_g<32>(v, g, amax, f, codes, scale); return;
-    case 64: int4_quantize_g<64>(v, g, amax, f, codes, scale); return;
-    case 128: int4_quantize_g<128>(v, g, amax, f, codes, scale); return;
-    default: int4_quantize_g<0>(v, g, amax, f, codes, scale);
+    case 32: int_accumulate8_g<32, N, E4M3>(codes, scales, g, sh, first, acc); return;
+    case 64: int_accumulate8_g<64, N, E4M3>(codes, scales, g, sh, first, acc); return;
+    case 128: int_accumulate8_g<128, N, E4M3>(codes, scales, g, sh, first, acc); return;
+    default: int_accumulate8_g<0, N, E4M3>(codes, scales, g, sh, first, acc);
   }
 }
 
-#if defined(TPC_INT4_AVX2)
-// FP8 E4M3 element conversion, 8 lanes per vector (AVX2; the same macro as the INT4 paths). Per lane the
-// operations of quantize_block's two scalar loops: t = v * inv; clamp with max(t, -448) then min(., 448)
-// (maxps/minps return the second operand unless the compare says otherwise, so -0 stays -0 as with the
-// ternaries; t is never NaN for a finite block); then float_to_e4m3_bits with the same integer steps and the
-// same separately rounded |q| * 512 + 2^23. Checked against the scalar code over all 2^32 fp32 patterns of t.
-
-// E4M3 bits of 8 scaled values t (int32 lanes, 0..255).
-inline __m256i e4m3_bits8(__m256 t) {
-  const __m256i x = _mm256_castps_si256(_mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-kE4m3Max)), _mm256_set1_ps(kE4m3Max)));
-  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(x, 24), _mm256_set1_epi32(0x80));
-  const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
-  const __m256i normal = _mm256_sub_epi32(
-      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(0x7FFFF)), odd), 20),
-      _mm256_set1_epi32(120 << 3));
-  const __m256 shifted =
-      _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(512.0f)), _mm256_set1_ps(8388608.0f));
-  const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B000000));
-  const __m256i is_normal = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x3C7FFFFF));  // mag >= 2^-6 (mag >= 0)
-  return _mm256_or_si256(sign, _mm256_blendv_epi8(sub, normal, is_normal));
+inline void int_accumulate8(const Codec& c, const uint8_t* codes, const uint8_t* scales, const Shift& sh, bool first,
+                            float* acc) {
+  const int g = c.block;
+  if (c.scale_fmt == kScaleE4m3) {
+    switch (c.bits) {
+      case 4: int_accumulate8_n<4, true>(codes, scales, g, sh, first, acc); return;
+      case 5: int_accumulate8_n<5, true>(codes, scales, g, sh, first, acc); return;
+      case 6: int_accumulate8_n<6, true>(codes, scales, g, sh, first, acc); return;
+      default: int_accumulate8_n<8, true>(codes, scales, g, sh, first, acc); return;
+    }
+  }
+  switch (c.bits) {
+    case 4: int_accumulate8_n<4, false>(codes, scales, g, sh, first, acc); return;
+    case 5: int_accumulate8_n<5, false>(codes, scales, g, sh, first, acc); return;
+    case 6: int_accumulate8_n<6, false>(codes, scales, g, sh, first, acc); return;
+    default: int_accumulate8_n<8, false>(codes, scales, g, sh, first, acc); return;
+  }
 }
+
+// FP8 E4M3 element conversion, 8 lanes per vector (AVX2; the same macro as the integer paths). Per lane the
+// operations of quantize_block's two scalar loops: t = v * inv, then e4m3_bits8 (clamp and round; t is never
+// NaN for a finite block).
 
 // E4M3 codes of v[0, n) scaled by inv, 32 at a time; returns how many were done (n rounded down to 32).
 inline int fp8_codes32(const float* v, int n, float inv, uint8_t* codes) {
-  const __m256 vinv = _mm256_set1_ps(inv);
   int i = 0;
+#if defined(TPC_E4M3_AVX512)
+  // 16 lanes per conversion, narrowed to bytes by vpmovdb (values 0..255: truncation is exact).
+  const __m512 winv = _mm512_set1_ps(inv);
+  for (; i + 32 <= n; i += 32) {
+    const __m512i r0 = e4m3_bits16(_mm512_mul_ps(_mm512_loadu_ps(v + i), winv));
+    const __m512i r1 = e4m3_bits16(_mm512_mul_ps(_mm512_loadu_ps(v + i + 16), winv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(r0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i + 16), _mm512_cvtepi32_epi8(r1));
+  }
+#else
+  const __m256 vinv = _mm256_set1_ps(inv);
   for (; i + 32 <= n; i += 32) {
     const __m256i r0 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv));
     const __m256i r1 = e4m3_bits8(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8), vinv));
@@ -664,6 +772,7 @@ inline int fp8_codes32(const float* v, int n, float inv, uint8_t* codes) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
                         _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
+#endif
   return i;
 }
 
@@ -674,7 +783,7 @@ inline int fp8_codes32(const float* v, int n, float inv, uint8_t* codes) {
 //   cap          `if (s > cap) s = cap` as a compare and blend
 //   tiny         0 < s < 2^-126 -> 2^-126
 //   1 / s        vdivps; 0 where s == 0
-// Non-finite blocks get the NaN scale and zero codes, written after the fact as in int4_quantize8_g.
+// Non-finite blocks get the NaN scale and zero codes, written after the fact as in int_quantize8_g.
 inline void fp8_quantize8(const float* v, int b, __m256i amax_bits, float scale_cap, uint8_t* codes,
                           uint8_t* scales) {
   const __m256i bad = _mm256_cmpgt_epi32(amax_bits, _mm256_set1_epi32(0x7F7FFFFF));
@@ -697,8 +806,8 @@ inline void fp8_quantize8(const float* v, int b, __m256i amax_bits, float scale_
 
 inline void quantize_block(const Codec& c, const float* v, uint32_t amax_bits, float f, uint8_t* codes,
                            uint8_t* scale) {
-  if (c.format == kInt4) {
-    int4_quantize(v, c.block, amax_bits, f, codes, scale);
+  if (c.format == kInt) {
+    int_quantize(c, v, amax_bits, f, codes, scale);
     return;
   }
   const bool finite = amax_bits < 0x7F800000u;
@@ -733,30 +842,89 @@ inline void quantize_block(const Codec& c, const float* v, uint32_t amax_bits, f
   for (int i = done; i < n; ++i) codes[i] = float_to_e4m3_bits(q[i]);
 }
 
-// acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
-inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, const Shift& sh, bool first,
-                             float* acc) {
-  if (c.format == kInt4) {
-    int4_accumulate(codes, scale, c.block, sh, first, acc);
-    return;
-  }
+// FP8 block: acc[0, B) = (first ? 0 : acc) + clamp(((e4m3(code) * s) * f1) * f2, top), eight codes at a time
+// (bit operations, no table), the scalar conversion for a tail of fewer than 8.
+inline void fp8_accumulate(const Codec& c, const uint8_t* codes, const uint8_t* scale, const Shift& sh, bool first,
+                           float* acc) {
   float s;
   memcpy(&s, scale, 4);
   const float f1 = sh.f1, f2 = sh.f2, top = sh.top;
   const int n = c.block;
-  float v[kMaxTile];
-  if (sh.fold && 448.0f * tpcomp::abs_f(s) <= top) {  // f1 = f2 = 1 and no value can pass top: the plain decode
-    for (int i = 0; i < n; ++i) v[i] = kE4m3.v[codes[i]] * s;
+  const bool plain = sh.fold && 448.0f * tpcomp::abs_f(s) <= top;  // f1 = f2 = 1, no value can pass top
+  int i = 0;
+#if defined(TPC_INT4_AVX2)
+  // e4m3_values8_scaled gives value * 2^-8; value * s = (that * 2^8) * s, and = that * (s * 2^8) where s * 2^8
+  // is exact (always, unless it overflows: a power of two times a finite float, subnormals included; NaN and
+  // Inf scales stay NaN and Inf): one multiply per value, as the table decode had.
+  const float s8 = s * 256.0f;
+  const bool fold8 = !(tpcomp::is_finite(s) && !tpcomp::is_finite(s8));
+  const __m256 vs = _mm256_set1_ps(fold8 ? s8 : s), v256 = _mm256_set1_ps(fold8 ? 1.0f : 256.0f);
+  const __m256 vf1 = _mm256_set1_ps(f1), vf2 = _mm256_set1_ps(f2);
+  const __m256 hi = _mm256_set1_ps(top), lo = _mm256_set1_ps(-top);
+  if (plain && fold8) {
+#if defined(TPC_E4M3_AVX512)
+    const __m512 ws = _mm512_set1_ps(s8);
+    if (first) {
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(acc + i, _mm512_mul_ps(e4m3_values16_scaled(codes + i), ws));
+    } else {
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i),
+                                                _mm512_mul_ps(e4m3_values16_scaled(codes + i), ws)));
+    }
+#endif
+    if (first) {
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(e4m3_values8_scaled(codes + i), vs));
+    } else {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i),
+                                                _mm256_mul_ps(e4m3_values8_scaled(codes + i), vs)));
+    }
   } else {
-    for (int i = 0; i < n; ++i) v[i] = tpcomp::clamp_abs(kE4m3.v[codes[i]] * s * f1 * f2, top);
+    for (; i + 8 <= n; i += 8) {
+      __m256 v = e4m3_values8_scaled(codes + i);
+      if (!fold8) v = _mm256_mul_ps(v, v256);
+      v = _mm256_mul_ps(v, vs);
+      if (!plain) {
+        v = _mm256_mul_ps(_mm256_mul_ps(v, vf1), vf2);
+        v = _mm256_max_ps(lo, _mm256_min_ps(hi, v));  // NaN stays NaN (minps/maxps return the second operand)
+      }
+      _mm256_storeu_ps(acc + i, first ? v : _mm256_add_ps(_mm256_loadu_ps(acc + i), v));
+    }
   }
-  if (first) {
-    for (int i = 0; i < n; ++i) acc[i] = v[i];
-  } else {
-    for (int i = 0; i < n; ++i) acc[i] = acc[i] + v[i];
+#elif defined(TPC_E4M3_VECTOR)
+  const e4m3_v8f hi = {top, top, top, top, top, top, top, top};
+  const e4m3_v8f lo = -hi;
+  for (; i + 8 <= n; i += 8) {
+    e4m3_v8f v = e4m3_values8(codes + i) * s;
+    if (!plain) {
+      v = v * f1 * f2;
+      v = v > hi ? hi : v;  // NaN stays NaN: its comparisons are false
+      v = v < lo ? lo : v;
+    }
+    if (!first) {
+      e4m3_v8f a;
+      memcpy(&a, acc + i, sizeof a);
+      v = a + v;
+    }
+    memcpy(acc + i, &v, sizeof v);
+  }
+#endif
+  for (; i < n; ++i) {
+    float v = e4m3_bits_to_float(codes[i]) * s;
+    if (!plain) v = tpcomp::clamp_abs(v * f1 * f2, top);
+    acc[i] = first ? v : acc[i] + v;
   }
 }
 
+// acc[0, block) = (first ? 0 : acc) + decoded block (first copies, as the reference's decode-then-add does).
+inline void accumulate_block(const Codec& c, const uint8_t* codes, const uint8_t* scale, const Shift& sh, bool first,
+                             float* acc) {
+  if (c.format == kInt) {
+    int_accumulate(c, codes, scale, sh, first, acc);
+    return;
+  }
+  fp8_accumulate(c, codes, scale, sh, first, acc);
+}
 int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
 // One super-block: lcm(block, rotation block, 4096); the library takes the formats where that is 4096.
@@ -804,7 +972,7 @@ inline float dtype_max(int dt) {
 inline Shift shift_of(const Codec& c, int e, float top) {
   Shift sh{1.0f, 1.0f, top, false};
   tpcomp::pow2_factors(e, &sh.f1, &sh.f2);
-  sh.fold = c.format == kInt4 ? (e >= kInt4DecodeFoldMin && e <= kInt4DecodeFoldMax) : e == 0;
+  sh.fold = c.format == kInt ? (e >= kIntDecodeFoldMin && e <= kIntDecodeFoldMax) : e == 0;
   return sh;
 }
 
@@ -843,12 +1011,12 @@ inline uint32_t block_maxima(const Codec& c, const float* v, int nbt, uint32_t* 
 }
 
 // Tile of the encode loop: one super-block (tile_values), whose exponent must be known before its blocks are
-// quantized. It holds a multiple of 8 INT4 groups or FP8 blocks for blocks up to 512 (int4_quantize8 and
+// quantized. It holds a multiple of 8 integer groups or FP8 blocks for blocks up to 512 (int_quantize8 and
 // fp8_quantize8 take 8 at a time).
 int work_tile_values(const Codec& c) { return tile_values(c); }
 
 // Tile of the decode loop: lcm(block, rotation block) (256 values at least), times the smallest factor that
-// makes it hold 8 INT4 groups or FP8 blocks (int4_accumulate8); it divides 4096, so a tile lies inside one
+// makes it hold 8 integer groups or FP8 blocks (int_accumulate8); it divides 4096, so a tile lies inside one
 // super-block. Smaller than a super-block: the accumulator stays small in L1 (measured: 4096-value tiles
 // decode about 15% slower). The tile only decides how the work is cut: the bits do not depend on it.
 int decode_tile_values(const Codec& c) {
@@ -877,6 +1045,7 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
     const int rot_len = static_cast<int>((avail + c.rot.block - 1) / (c.rot.block ? c.rot.block : 1) *
                                          (c.rot.block ? c.rot.block : 1));
     load_tile(x, dt, start, avail, buf, tile);
+    if (c.ch.h) channel_scale(c.ch.up, c.ch.h, start, avail, buf);
     if (c.rot.block) {
       rotate_forward(buf, rot_len, c.rot);
       // Values past the rotated input are the inner codec's zero padding (+0: fp8 keeps the sign of a zero).
@@ -893,6 +1062,7 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
       // [2^-57, 2^57), the input's largest is within sqrt(H) <= 2^6 of it (|Rv|max <= |v|2 <= sqrt(H) |v|max
       // and |v|max <= |v|2 = |Rv|2 <= sqrt(H) |Rv|max), inside [2^-64, 2^64): j = 0. Otherwise redo the tile.
       load_tile(x, dt, start, avail, buf, tile);
+      if (c.ch.h) channel_scale(c.ch.up, c.ch.h, start, avail, buf);
       j = tpcomp::range_exponent(tpcomp::bits_as_float(finite_amax_bits(buf, static_cast<int>(avail))), 0.0f);
       if (j != 0) scale_by_pow2(buf, rot_len, -j);
       rotate_forward(buf, rot_len, c.rot);
@@ -902,7 +1072,7 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
     const int k = tpcomp::range_exponent(tpcomp::bits_as_float(top), c.range_limit);
     float f = 1.0f;  // 2^-k folded into the INT4 quantizers; otherwise the tile is scaled first (exactly)
     if (k != 0) {
-      if (c.format == kInt4 && k >= kInt4FoldMin && k <= kInt4FoldMax) {
+      if (c.format == kInt && k >= kIntFoldMin && k <= kIntFoldMax) {
         f = tpcomp::pow2_exact(-k);
       } else {
         scale_by_pow2(buf, used, -k);
@@ -916,9 +1086,9 @@ void encode(const Codec& c, const void* x, int dt, int64_t numel, uint8_t* paylo
       const int64_t b = b0 + l;
       const int o = l * c.block;
 #if defined(TPC_INT4_AVX2)
-      if (c.format == kInt4 && c.block % 8 == 0 && l + 8 <= nbt) {
+      if (c.format == kInt && c.block % 8 == 0 && l + 8 <= nbt) {
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(amax + l));
-        int4_quantize8(buf + o, c.block, a, f, payload + b * (c.block / 2), scales + b * 2);
+        int_quantize8(c, buf + o, a, f, payload + b * c.code_bytes(c.block), scales + b * c.scale_bytes());
         l += 8;
         continue;
       }
@@ -943,8 +1113,11 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
   const int64_t nblocks = (inner + c.block - 1) / c.block;
   const int tile = decode_tile_values(c);
   const int64_t ntiles = (nblocks * c.block + tile - 1) / tile;
-  const float top = dtype_max(dt);
   const float inf = tpcomp::bits_as_float(0x7F800000u);
+  // +chscale: the inner codec's sum is formed as its decode to fp32 (values clamped to fp32's range); the channel
+  // scaling and the clamp to the output dtype's range follow.
+  const float top = c.ch.h ? dtype_max(kF32) : dtype_max(dt);
+  const float out_top = c.ch.h ? dtype_max(dt) : inf;
 #pragma omp parallel for schedule(static) num_threads(threads_for(numel * count, nthreads))
   for (int64_t t = 0; t < ntiles; ++t) {
     float acc[kMaxTile];
@@ -965,12 +1138,13 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       if (b >= nblocks) break;
 #if defined(TPC_INT4_AVX2)
       // Eight groups at a time, payloads in order 0..count-1 for each: every value sees the same adds.
-      if (c.format == kInt4 && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
+      if (c.format == kInt && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
         for (int r = 0; r < count; ++r) {
           const uint8_t* p = payloads + r * nbytes;
           const int k = load_exponent(p, c, super);
           const Shift sh = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
-          int4_accumulate8(p + b * (c.block / 2), p + c.scales_offset + b * 2, c.block, sh, r == 0, acc + o);
+          int_accumulate8(c, p + b * c.code_bytes(c.block), p + c.scales_offset + b * c.scale_bytes(), sh, r == 0,
+                          acc + o);
         }
         o += 8 * c.block;
         len = o;
@@ -997,7 +1171,7 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       // products), nonzero sums are multiples of m = 2^(lowest - K - 24) (fp16 scales are multiples of 2^-24),
       // so fwht * c >= m * 2^-6 (c >= 2^-6) and the result >= 2^(lowest - 30): both normal when lowest - K and
       // lowest are >= -96. FP8's fp32 scales have no such granularity: only K = k_r = 0 (the plain rotation).
-      const bool fold = c.format == kInt4 ? (lowest - common >= -96 && lowest >= -96 && common <= 100)
+      const bool fold = c.format == kInt ? (lowest - common >= -96 && lowest >= -96 && common <= 100)
                                           : (lowest == 0 && common == 0);
       if (fold) {
         Rotation r2 = c.rot;
@@ -1010,23 +1184,38 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       }
     }
     const int64_t n = numel - start < tile ? numel - start : tile;
-    // The rotated sum is clamped above; the others clamped each payload's values already.
-    if (n > 0) store_tile(acc, n, dt, start, out, inf);
+    // The rotated sum is clamped above; the others clamped each payload's values already (+chscale: again after
+    // the channel scaling, to the output dtype's range).
+    if (n > 0) {
+      if (c.ch.h) channel_scale(c.ch.down, c.ch.h, start, n, acc);
+      store_tile(acc, n, dt, start, out, out_top);
+    }
   }
 }
 
 bool valid(const Codec& c, int dt) {
   if (dt != kF32 && dt != kBF16 && dt != kF16) return false;
-  if (c.format == kInt4 && (c.block < 2 || (c.block & 1))) return false;
-  if (c.format != kInt4 && c.format != kFp8E4m3) return false;
   if (c.block < 1 || c.block > kMaxTile) return false;
+  if (c.format == kInt) {
+    if (c.bits != 4 && c.bits != 5 && c.bits != 6 && c.bits != 8) return false;
+    if (c.scale_fmt != kScaleF16 && c.scale_fmt != kScaleE4m3) return false;
+    if (c.bits == 4 && (c.block & 1)) return false;            // two codes per byte: groups start on bytes
+    if ((c.bits == 5 || c.bits == 6) && c.block % 8) return false;  // 8 codes per N bytes
+  } else if (c.format != kFp8E4m3) {
+    return false;
+  }
   if (c.rot.block && (c.rot.block & (c.rot.block - 1))) return false;
+  if (c.ch.h < 0 || (c.ch.h > 0 && (c.ch.up == nullptr || c.ch.down == nullptr))) return false;
   return tile_values(c) == kMaxTile;  // one super-block per tile: block and rotation block divide 4096
 }
 
-Codec make(int format, int block, float scale_cap, float range_limit, int64_t scales_offset, int64_t exps_offset,
-           int rot_block, const float* signs, float rot_scale) {
-  return Codec{format, block, scale_cap, range_limit, scales_offset, exps_offset, Rotation{rot_block, signs, rot_scale}};
+Codec make(int format, int bits, int scale_fmt, int block, float scale_cap, float range_limit, int64_t scales_offset,
+           int64_t exps_offset, int rot_block, const float* signs, float rot_scale, int ch_h, const float* ch_up,
+           const float* ch_down) {
+  return Codec{format,        bits,        scale_fmt,
+               block,         scale_cap,   range_limit,
+               scales_offset, exps_offset, Rotation{rot_block, signs, rot_scale},
+               ChannelScale{ch_h, ch_up, ch_down}};
 }
 
 }  // namespace
@@ -1036,25 +1225,34 @@ extern "C" {
 // Largest tile (values) the library handles: lcm(block, rotation block) must not exceed it.
 int tpc_cpu_max_tile() { return kMaxTile; }
 
+// The codec arguments of both calls: format (0 integer, 1 fp8-e4m3), bits (integers: 4, 5, 6, 8), scale_fmt
+// (integers: 0 fp16, 1 e4m3), block, scale_cap (fp8), range_limit, the byte offsets of the scales and exponents
+// sections, the rotation (block, fp32 signs, fp32 constant; block 0: none), the channel scales (h, fp32 2^e
+// and 2^-e per channel; h 0: none).
+#define TPC_CODEC_PARAMS                                                                                      \
+  int format, int bits, int scale_fmt, int block, float scale_cap, float range_limit, int64_t scales_offset, \
+      int64_t exps_offset, int rot_block, const float *signs, float rot_scale, int ch_h, const float *ch_up,  \
+      const float *ch_down
+#define TPC_CODEC_ARGS                                                                                             \
+  format, bits, scale_fmt, block, scale_cap, range_limit, scales_offset, exps_offset, rot_block, signs, rot_scale, \
+      ch_h, ch_up, ch_down
+
 // Encode `numel` values of dtype `dt` (0 fp32, 1 bf16, 2 fp16) at `x` into `payload` (all of the payload's
 // code and scale bytes are written; the caller zeroes it so that alignment padding is zero). Returns 0, or -1
 // for an unsupported configuration.
-int tpc_cpu_encode(int format, int block, float scale_cap, float range_limit, int64_t scales_offset,
-                   int64_t exps_offset, int rot_block, const float* signs, float rot_scale, const void* x, int dt,
-                   int64_t numel, uint8_t* payload, int nthreads) {
-  const Codec c = make(format, block, scale_cap, range_limit, scales_offset, exps_offset, rot_block, signs, rot_scale);
-  if (!valid(c, dt)) return -1;
+int tpc_cpu_encode(TPC_CODEC_PARAMS, const void* x, int dt, int64_t numel, uint8_t* payload, int nthreads) {
+  const Codec c = make(TPC_CODEC_ARGS);
+  if (!valid(c, dt) || (c.ch.h && numel % c.ch.h)) return -1;
   encode(c, x, dt, numel, payload, nthreads);
   return 0;
 }
 
 // Decode `count` payloads of `nbytes` each (laid end to end) of a `numel`-value tensor, add them in fp32 in
 // order 0..count-1, rotate back once, write dtype `dt` to `out`. Returns 0, or -1 for an unsupported configuration.
-int tpc_cpu_decode_sum(int format, int block, float scale_cap, float range_limit, int64_t scales_offset,
-                       int64_t exps_offset, int rot_block, const float* signs, float rot_scale, const uint8_t* payloads,
-                       int count, int64_t nbytes, int64_t numel, void* out, int dt, int nthreads) {
-  const Codec c = make(format, block, scale_cap, range_limit, scales_offset, exps_offset, rot_block, signs, rot_scale);
-  if (!valid(c, dt) || count < 1 || count > kMaxCount) return -1;
+int tpc_cpu_decode_sum(TPC_CODEC_PARAMS, const uint8_t* payloads, int count, int64_t nbytes, int64_t numel, void* out,
+                       int dt, int nthreads) {
+  const Codec c = make(TPC_CODEC_ARGS);
+  if (!valid(c, dt) || count < 1 || count > kMaxCount || (c.ch.h && numel % c.ch.h)) return -1;
   decode_sum(c, payloads, count, nbytes, numel, out, dt, nthreads);
   return 0;
 }

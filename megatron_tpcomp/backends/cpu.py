@@ -9,16 +9,19 @@ once and writes the output dtype.
 
 Formats (everything else runs the torch reference):
 
-- ``int4:g<G>`` (symmetric, fp16 scales, G even) and ``int4:g<G>+had[:b<H>]``;
-- ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``) and its ``+had`` form.
+- ``int<N>:g<G>`` for N in 4, 5, 6, 8 (symmetric), with fp16 scales or e4m3 ones (``:se4m3``); G even for int4,
+  a multiple of 8 for int5/int6 (groups start on a byte);
+- ``fp8-e4m3:b<B>`` with fp32 scales (the default ``fp8``);
+- either one inside ``+had[:b<H>]``, and any of these inside ``+chscale`` (the per-channel powers of two are
+  applied as the library loads the input and after it sums the payloads).
 
 Which codecs these are is decided here (:func:`native_format`, from the codec's bits, group, scale format,
-Hadamard block and signs), not in the codecs. The wire layout stays defined in Python (``IntCodec.layout``,
-``Fp8Codec.layout``): this module passes the offsets of the scales and of the super-block exponents (``exps``)
-to the library, and the tests check every byte against the reference codecs. The library handles block sizes
-that divide 4096 (one super-block per tile).
+Hadamard block and signs, channel scales), not in the codecs. The wire layout stays defined in Python
+(``IntCodec.layout``, ``Fp8Codec.layout``): this module passes the offsets of the scales and of the super-block
+exponents (``exps``) to the library, and the tests check every byte against the reference codecs. The library
+handles block sizes that divide 4096 (one super-block per tile).
 
-Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 5 s)
+Build: the first use compiles the library with ``g++ -O3 -march=native -ffp-contract=off -fopenmp`` (about 6 s)
 into ``<cache>/native/`` (``$TPCOMP_CACHE`` or ``~/.cache/megatron-tpcomp``), keyed by a hash of the sources, the
 flags and the compiler, under a file lock so that concurrent ranks build it once. ``-march=native`` is right
 because the library is built on the machine that runs it (it falls back to the baseline ISA if the compiler
@@ -49,13 +52,14 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from megatron_tpcomp.codecs.base import Codec, PayloadLayout, numel_of
+from megatron_tpcomp.codecs.chscale import ChannelScaleCodec
 from megatron_tpcomp.codecs.fp8 import Fp8Codec
 from megatron_tpcomp.codecs.hadamard import HadamardCodec, rotation_scale, rotation_signs
 from megatron_tpcomp.codecs.intx import IntCodec
@@ -67,12 +71,16 @@ logger = logging.getLogger("megatron_tpcomp")
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 #: The copy of kernels/ inside an installed package (setup.py's build_py writes it into the wheel).
 PACKAGE_SOURCES = "_csrc"
-SOURCES = ("cpu_codecs.cpp", "int4_core.h")
+SOURCES = ("cpu_codecs.cpp", "cpu_bitpack.h", "cpu_e4m3.h", "int4_core.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math")
 NATIVE_FLAGS = ("-march=native",)
 
-FORMAT_INT4 = 0
+FORMAT_INT = 0
 FORMAT_FP8_E4M3 = 1
+#: Integer widths the library packs (``kernels/cpu_bitpack.h``).
+INT_BITS = (4, 5, 6, 8)
+#: Integer group scale formats -> the library's code.
+INT_SCALES = {"fp16": 0, "e4m3": 1}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -154,7 +162,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (RuntimeError, OSError) as exc:
         return None, str(exc)
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    codec_args = [i32, i32, f32, f32, i64, i64, i32, ptr, f32]
+    codec_args = [i32, i32, i32, i32, f32, f32, i64, i64, i32, ptr, f32, i32, ptr, ptr]
     lib.tpc_cpu_encode.argtypes = [*codec_args, ptr, i32, i64, ptr, i32]
     lib.tpc_cpu_decode_sum.argtypes = [*codec_args, ptr, i32, i64, i64, ptr, i32, i32]
     return lib, ""
@@ -171,28 +179,42 @@ class NativeFormat:
     """What the library needs to know about a codec: the element format, the block, the rotation.
 
     Attributes:
-        format: ``FORMAT_INT4`` or ``FORMAT_FP8_E4M3``.
+        format: ``FORMAT_INT`` or ``FORMAT_FP8_E4M3``.
         block: values per scale.
+        bits: integers: the code width (``INT_BITS``).
+        scale_fmt: integers: the group scale format's code (``INT_SCALES``).
         scale_cap: fp8 only: the cap of the ideal scale (``Fp8Codec.scale_cap`` rounded to fp32).
         range_limit: the top-binade limit of the super-block exponents (``scales.range_limit``), 0 for the
             window rule of wide scale formats.
         rot_block: Hadamard block (0 = no rotation).
         signs: fp32 ``[rot_block]`` of +-1 (the rotation's random signs), or None.
         rot_scale: fp32 ``1 / sqrt(rot_block)`` exactly as the reference multiplies by it.
+        ch_up: ``+chscale``: fp32 ``[h]`` contiguous CPU tensor of ``2^e_c`` (the codec's own, kept alive by it),
+            or None.
+        ch_down: ``+chscale``: fp32 ``[h]`` of ``2^-e_c``, or None.
     """
 
     format: int
     block: int
+    bits: int = 0
+    scale_fmt: int = 0
     scale_cap: float = 0.0
     range_limit: float = 0.0
     rot_block: int = 0
     signs: torch.Tensor | None = None
     rot_scale: float = 0.0
+    ch_up: torch.Tensor | None = None
+    ch_down: torch.Tensor | None = None
 
     def args(self, scales_offset: int, exps_offset: int) -> tuple:
         signs = self.signs.data_ptr() if self.signs is not None else None
+        h = 0 if self.ch_up is None else self.ch_up.numel()
+        up = None if self.ch_up is None else self.ch_up.data_ptr()
+        down = None if self.ch_down is None else self.ch_down.data_ptr()
         return (
             self.format,
+            self.bits,
+            self.scale_fmt,
             self.block,
             self.scale_cap,
             self.range_limit,
@@ -201,6 +223,9 @@ class NativeFormat:
             self.rot_block,
             signs,
             self.rot_scale,
+            h,
+            up,
+            down,
         )
 
     def tile(self) -> int:
@@ -289,26 +314,38 @@ def _as_float32(value: float) -> float:
 
 
 def native_format(codec: Codec) -> NativeFormat | None:
-    """What the library needs to run ``codec``, or None when it does not implement it: ``int4:g<G>`` (symmetric,
-    fp16 scales, G even), ``fp8-e4m3:b<B>`` with fp32 scales, and either one inside ``+had``; one super-block
-    (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile."""
-    if type(codec) is HadamardCodec:
+    """What the library needs to run ``codec``, or None when it does not implement it: ``int<N>:g<G>`` (N in
+    ``INT_BITS``, symmetric, fp16 or e4m3 scales, G even for int4 and a multiple of 8 for int5/int6),
+    ``fp8-e4m3:b<B>`` with fp32 scales, either one inside ``+had``, and any of these inside ``+chscale``; one
+    super-block (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile."""
+    if type(codec) is ChannelScaleCodec:
         inner = native_format(codec.inner)
         if inner is None:
             return None
-        fmt = NativeFormat(
-            inner.format,
-            inner.block,
-            inner.scale_cap,
-            inner.range_limit,
+        up, down = codec._factors(torch.device("cpu"))  # cached by the codec: the pointers stay valid
+        return replace(inner, ch_up=up, ch_down=down)
+    if type(codec) is HadamardCodec:
+        inner = native_format(codec.inner)
+        if inner is None or inner.rot_block:
+            return None
+        fmt = replace(
+            inner,
             rot_block=codec.block,
             signs=rotation_signs(codec.block, codec.seed),
             rot_scale=rotation_scale(codec.block),
         )
     elif type(codec) is IntCodec:
-        if codec.bits != 4 or codec.asym or codec.scale_fmt != "fp16" or codec.group % 2:
+        if codec.bits not in INT_BITS or codec.asym or codec.scale_fmt not in INT_SCALES:
             return None
-        fmt = NativeFormat(FORMAT_INT4, codec.group, range_limit=codec.range_limit or 0.0)
+        if codec.group * codec.bits % 8 or (codec.bits not in (4, 8) and codec.group % 8):
+            return None
+        fmt = NativeFormat(
+            FORMAT_INT,
+            codec.group,
+            bits=codec.bits,
+            scale_fmt=INT_SCALES[codec.scale_fmt],
+            range_limit=codec.range_limit or 0.0,
+        )
     elif type(codec) is Fp8Codec:
         if codec.fp8_dtype != torch.float8_e4m3fn or codec.scale_fmt != "fp32":
             return None
@@ -322,7 +359,10 @@ def native_format(codec: Codec) -> NativeFormat | None:
 def unsupported(codec: Codec, op: str) -> str | None:
     """None when the library implements ``op`` (``encode`` / ``decode``) for ``codec``, else why not."""
     if native_format(codec) is None:
-        return "not one of int4:g<G> (fp16 scales), fp8-e4m3 (fp32 scales), optionally +had, within 4096 values"
+        return (
+            "not one of int4/5/6/8:g<G> (fp16 or e4m3 scales), fp8-e4m3 (fp32 scales), optionally +had and "
+            "+chscale, within 4096 values"
+        )
     return None
 
 
@@ -335,7 +375,11 @@ def unavailable(device_type: str) -> str | None:
 
 
 def _layout(codec: Codec, shape: Sequence[int]) -> PayloadLayout:
-    """The payload layout the library writes: the codec's, or for ``+had`` the inner codec's for the padded size."""
+    """The payload layout the library writes: the codec's, for ``+had`` the inner codec's for the padded size,
+    for ``+chscale`` its inner codec's."""
+    if type(codec) is ChannelScaleCodec:
+        codec.payload_nbytes(shape)  # raises the CodecError naming a shape that is not whole rows of channels
+        return _layout(codec.inner, shape)
     if type(codec) is HadamardCodec:
         return codec.inner.layout((-(-numel_of(shape) // codec.block) * codec.block,))
     return codec.layout(shape)

@@ -6,7 +6,8 @@ Backends (every one writes the reference's payload bytes and decodes its bits):
 name       module                      runs
 =========  ==========================  ==========================================================================
 reference  the codec (``codecs/``)     every format, every device: the torch code that defines the wire format
-cpu        ``backends/cpu.py``         CPU tensors: int4:g<G> (fp16 scales), fp8-e4m3 (fp32 scales), their +had
+cpu        ``backends/cpu.py``         CPU tensors: int4/5/6/8:g<G> (fp16 or e4m3 scales), fp8-e4m3 (fp32
+                                       scales), their +had, any of these +chscale
 triton     ``backends/triton.py``      CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``): int4/5/6/8:g32/64/128
                                        with fp16 or e4m3 scales; fp8 (e4m3/e5m2), nvfp4, mxfp4 and fp3-fp6 with
                                        blocks of 16..256 and any scale format; each plain, +had and/or +chscale

@@ -42,7 +42,7 @@ must be equal on every rank, see ``make_codec(hadamard_seed=...)``).
 
 Memory passes (torch reference, per direction): the padded fp32 copy, ``log2(block)`` butterfly stages and the
 scaling each make a pass, then the inner codec makes its own. On CPU tensors the fused library does it all in
-one pass per direction (``megatron_tpcomp/backends/cpu.py``) for int4 and fp8-e4m3 inner codecs.
+one pass per direction (``megatron_tpcomp/backends/cpu.py``) for int4/5/6/8 and fp8-e4m3 inner codecs.
 
 Non-finite input: a NaN/Inf anywhere in a rotation block spreads to every rotated value of that block, the inner
 codec's rule turns each of its quantization blocks that holds one into NaN, and ``R^T`` spreads those back over

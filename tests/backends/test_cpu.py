@@ -35,7 +35,23 @@ NATIVE_SPECS = [
     "fp8:b32",
     "fp8+had",
     "fp8+had:b256",
+    "fp8:b4",  # blocks shorter than the 8-code vector decode: the scalar tail
+    # int<N>:g<G> with N in 5, 6, 8 and fp16 or e4m3 scales (the searched per-layer configs' formats first)
+    "int5:g64:se4m3+had",
+    "int4:g32:se4m3+had",
+    "int4:g64:se4m3+had",
+    "int6:g128+had:b128",
+    "int4:g32:se4m3",
+    "int5:g32",
+    "int5:g8:se4m3",  # a group size that takes the runtime-G vector path
+    "int6:g64:se4m3",
+    "int6:g16+had:b8",
+    "int8:g32",
+    "int8:g128:se4m3+had",
+    "int8:g4:se4m3",  # fewer than 8 values per group: scalar groups only
 ]
+#: The formats added to the library with int5/6/8 and e4m3 group scales (each must run there, not in the reference).
+NEW_INT_SPECS = [s for s in NATIVE_SPECS if s.startswith(("int5", "int6", "int8")) or ":se4m3" in s]
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 #: The old TPCOMP_CPU_KERNELS modes of these tests -> TPCOMP_BACKEND.
 MODES = {"off": "reference", "on": "cpu"}
@@ -161,7 +177,7 @@ def test_range_extremes_match_the_reference(monkeypatch: pytest.MonkeyPatch, spe
     got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in xs]
     for r, g in zip(ref, got, strict=True):
         assert torch.equal(r, g), f"{spec}: {int((r != g).sum())} of {r.numel()} payload bytes differ"
-    block = codec.inner if hasattr(codec, "inner") else codec
+    block = block_codec(codec)
     exps = block.exponents(ref[0], (xs[0].numel(),))
     if block.range_limit is not None or dtype != torch.float16:  # fp32 scales keep k = 0 for all of fp16's range
         assert len(set(exps.tolist())) >= 3, exps  # the super-blocks really do carry different exponents
@@ -173,6 +189,13 @@ def test_range_extremes_match_the_reference(monkeypatch: pytest.MonkeyPatch, spe
             assert same_bits(want, have), f"{spec} decode_sum({count}) -> {out_dtype}"
             if count == 1:
                 assert torch.isfinite(want[:4]).all()  # finite in, finite out (row 4 holds the NaN)
+
+
+def block_codec(codec: object) -> object:
+    """The block codec inside ``+had`` / ``+chscale`` wrappers."""
+    while hasattr(codec, "inner"):
+        codec = codec.inner
+    return codec
 
 
 def test_block_sizes_that_do_not_divide_the_super_block_are_left_to_the_reference() -> None:
@@ -192,8 +215,13 @@ def test_non_contiguous_input_is_read_row_major(monkeypatch: pytest.MonkeyPatch)
 def test_unsupported_formats_are_left_to_the_reference() -> None:
     for spec in (
         "int4:g32:asym",
-        "int8:g32",
+        "int6:g32:asym",
+        "int3:g32",
+        "int7:g32",
+        "int6:g4",  # 8 codes of 6 bits span two groups: the library packs whole groups of 8
         "int4:g32:sbf16",
+        "int5:g32:se8m0",
+        "int8:g32:sfp32",
         "fp8-e5m2",
         "fp8:sfp16",
         "nvfp4",
@@ -270,3 +298,196 @@ def test_the_fp8_scale_cap_is_rounded_to_float32_as_torch_does() -> None:
     values += [1.0 + 2.0**-24, 1.0 + 3 * 2.0**-24]  # halfway cases: ties to even
     for v in values:
         assert _as_float32(v) == float(torch.tensor(v, dtype=torch.float32)), v
+
+
+@pytest.mark.parametrize("spec", NEW_INT_SPECS)
+def test_new_formats_run_in_the_library(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    # Not a silent fallback: the dispatcher picks the library for both directions, and with the codec's own
+    # (reference) methods made to fail, encode, decode and decode_sum still run and match the reference.
+    codec = make_codec(spec)
+    x = adversarial((16, 576), torch.bfloat16, seed=2)
+    ref = with_mode(monkeypatch, "off", lambda: codec.encode(x))
+    want = with_mode(monkeypatch, "off", lambda: codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32))
+    monkeypatch.setenv(backends.ENV, "cpu")
+    for op in ("encode", "decode"):
+        assert backends.choose(codec, op, "cpu", torch.bfloat16).backend == "cpu", (spec, op)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{spec}: the reference ran instead of the CPU library")
+
+    for name in ("_encode", "_decode", "_decode_sum"):
+        monkeypatch.setattr(codec, name, refuse)
+    assert torch.equal(codec.encode(x), ref)
+    assert same_bits(codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.float32), want)
+    codec.decode(ref, x.shape, torch.bfloat16)
+
+
+def test_int_kernel_dispatch_covers_every_width_and_scale_format() -> None:
+    # native_format passes the width and the scale format through (a codec that maps to the wrong kernel would
+    # still round-trip but write other bytes: the comparisons above catch that, this names the mapping).
+    for bits in cpu.INT_BITS:
+        for scale, code in cpu.INT_SCALES.items():
+            fmt = cpu.native_format(make_codec(f"int{bits}:g32:s{scale}"))
+            assert fmt is not None and (fmt.format, fmt.bits, fmt.scale_fmt) == (cpu.FORMAT_INT, bits, code)
+
+
+def test_e4m3_group_scales_round_ties_to_even_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Group maxima qmax * m for every midpoint m between neighbouring E4M3 values (subnormal, normal, and the
+    # step to 448) and their neighbours one fp32 ulp away: the e4m3 rounding of the ideal scale amax / qmax is
+    # tested at its ties. One group at qmax * 448 keeps the super-block exponent at 0 (the maxima stay exact).
+    values = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, ascending
+    mids = (values[:-1] + values[1:]) / 2
+    ulp = torch.nextafter(mids, torch.full_like(mids, float("inf"))) - mids
+    for bits in (4, 5, 6, 8):
+        codec = make_codec(f"int{bits}:g32:se4m3")
+        qmax = (1 << (bits - 1)) - 1
+        maxima = torch.cat([mids, mids + ulp, mids - ulp]) * qmax  # 378 = 3 * 126 groups
+        # Super-blocks of 128 groups: the top group first, then 127 of the tie groups (the last one padded).
+        maxima = torch.nn.functional.pad(maxima, (0, (-maxima.numel()) % 127), value=1.0).view(-1, 127)
+        maxima = torch.cat([torch.full((maxima.shape[0], 1), 448.0 * qmax), maxima], dim=1).reshape(-1)
+        groups = torch.randn(maxima.numel(), 32, generator=torch.Generator().manual_seed(bits)).clamp(-1, 1)
+        groups[:, 0] = 1.0
+        x = (groups * maxima.unsqueeze(1)).reshape(-1)
+        ref = with_mode(monkeypatch, "off", lambda x=x, codec=codec: codec.encode(x))
+        got = with_mode(monkeypatch, "on", lambda x=x, codec=codec: codec.encode(x))
+        assert block_codec(codec).exponents(ref, x.shape).eq(0).all()
+        assert torch.equal(ref, got), f"int{bits}: {int((ref != got).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("spec", ["int5:g32:se4m3", "int8:g64:se4m3", "fp8:b32"])
+def test_every_e4m3_byte_decodes_as_the_reference(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    # The vectorized E4M3 decode (bit operations, no table) against torch's float8_e4m3fn cast for all 256 byte
+    # values, NaN codes and -0 included: as the FP8 codes of a payload, or as the e4m3 group scales of int<N>.
+    codec = make_codec(spec)
+    block = block_codec(codec)
+    x = torch.randn(256 * block.block, generator=torch.Generator().manual_seed(0))
+    payload = with_mode(monkeypatch, "off", lambda: codec.encode(x))
+    layout = block.layout(x.shape)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if spec.startswith("fp8"):
+        layout.view(payload, "codes").copy_(every.repeat(block.block))
+        layout.view(payload, "scales").copy_(torch.logspace(-40, 30, 256))  # fp32 scales, subnormal to large
+    else:
+        layout.view(payload, "scales").copy_(every)
+    for count in (1, 2):
+        for dtype in DTYPES:
+            args = (payload.repeat(count), count, x.shape, dtype)
+            want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
+            have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
+            assert same_bits(want, have), f"{spec} decode_sum({count}) -> {dtype}"
+
+
+# --- +chscale: the channel scales folded into the library's passes -------------------------------------------
+
+CHSCALE_SPECS = [
+    "int4:g32+chscale",
+    "int4:g32+had+chscale",
+    "int4:g64:se4m3+had+chscale",
+    "int5:g64:se4m3+had+chscale",
+    "int6:g128+had:b128+chscale",
+    "int8:g32:se4m3+chscale",
+    "fp8+chscale",
+    "fp8+had+chscale",
+]
+
+
+def channel_exponents(h: int, seed: int) -> list[int]:
+    """``h`` exponents in [-16, 16], the extremes and 0 included."""
+    e = torch.randint(-16, 17, (h,), generator=torch.Generator().manual_seed(seed))
+    e[:3] = torch.tensor([16, -16, 0])
+    return e.tolist()
+
+
+def chscale_cases(dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """Per case, three inputs (ranks) of one shape: the adversarial ones with 576 channels (rows of 576 split over
+    super-blocks, a few rows, none), and the range extremes as 40 rows of 512 channels (dtype maxima times 2^16
+    overflow to Inf: the reference makes their blocks NaN, and so must the library)."""
+    cases = [[adversarial(shape, dtype, seed) for seed in range(3)] for shape in ((200, 576), (3, 576), (0, 576))]
+    extremes = [range_extremes(dtype, seed).view(40, 512) for seed in range(3)]
+    extremes[1] = extremes[1].flip(0)
+    return [*cases, extremes]
+
+
+def check_against_reference(monkeypatch: pytest.MonkeyPatch, codec: object, xs: list[torch.Tensor]) -> None:
+    """Library payloads of ``xs`` (one shape) equal the reference's byte for byte; decode_sum of 1 and 3 of them
+    to every dtype, and decode, equal bit for bit."""
+    shape = xs[0].shape
+    ref = [with_mode(monkeypatch, "off", lambda x=x: codec.encode(x)) for x in xs]
+    got = [with_mode(monkeypatch, "on", lambda x=x: codec.encode(x)) for x in xs]
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(r, g), f"{codec.spec} {tuple(shape)}: {int((r != g).sum())} of {r.numel()} bytes differ"
+    for count in (1, 3):
+        for out_dtype in DTYPES:
+            args = (torch.cat(ref[:count]), count, shape, out_dtype)
+            want = with_mode(monkeypatch, "off", lambda args=args: codec.decode_sum(*args))
+            have = with_mode(monkeypatch, "on", lambda args=args: codec.decode_sum(*args))
+            assert same_bits(want, have), f"{codec.spec} {tuple(shape)} decode_sum({count}) -> {out_dtype}"
+    want = with_mode(monkeypatch, "off", lambda: codec.decode(ref[0], shape, xs[0].dtype))
+    have = with_mode(monkeypatch, "on", lambda: codec.decode(ref[0], shape, xs[0].dtype))
+    assert same_bits(want, have)
+
+
+@pytest.mark.parametrize("spec", CHSCALE_SPECS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_chscale_payload_and_decode_sum_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype
+) -> None:
+    for xs in chscale_cases(dtype):
+        shape = xs[0].shape
+        codec = make_codec(spec, channel_scale_exponents=channel_exponents(shape[-1], seed=len(shape) + shape[0]))
+        assert cpu.native_format(codec) is not None
+        check_against_reference(monkeypatch, codec, xs)
+
+
+@pytest.mark.parametrize("spec", CHSCALE_SPECS)
+def test_chscale_runs_in_the_library(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    # The wrapper itself goes to the library (not its reference, which would call the inner codec: two more
+    # passes over memory); with the reference methods of the wrapper and of its inner codecs made to fail, every
+    # call still runs and matches.
+    codec = make_codec(spec, channel_scale_exponents=channel_exponents(576, seed=3))
+    x = adversarial((16, 576), torch.float16, seed=4)
+    ref = with_mode(monkeypatch, "off", lambda: codec.encode(x))
+    want = with_mode(monkeypatch, "off", lambda: codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.bfloat16))
+    monkeypatch.setenv(backends.ENV, "cpu")
+    for op in ("encode", "decode"):
+        assert backends.choose(codec, op, "cpu", torch.float16).backend == "cpu", (spec, op)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{spec}: a reference codec ran instead of the CPU library")
+
+    part = codec
+    while part is not None:
+        for name in ("_encode", "_decode", "_decode_sum"):
+            monkeypatch.setattr(part, name, refuse)
+        part = getattr(part, "inner", None)
+    assert torch.equal(codec.encode(x), ref)
+    assert same_bits(codec.decode_sum(torch.cat([ref, ref]), 2, x.shape, torch.bfloat16), want)
+
+
+def test_chscale_shape_errors_are_the_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The library path checks the shape as the reference does: whole rows of the table's channels.
+    codec = make_codec("int5:g64:se4m3+had+chscale", channel_scale_exponents=channel_exponents(576, seed=0))
+    monkeypatch.setenv(backends.ENV, "cpu")
+    with pytest.raises(CodecError, match="has 575 channels; the '\\+chscale' table has 576"):
+        codec.encode(torch.randn(4, 575))
+    with pytest.raises(CodecError, match="not a whole number of rows"):
+        codec.encode(torch.randn(1000))
+
+
+def test_the_searched_configs_run_entirely_in_the_library() -> None:
+    # Every compressed site of the shipped searched config and of its +chscale variant maps to the library (the
+    # reason these formats were added): none falls back to the torch reference on CPU tensors.
+    from megatron_tpcomp.config import CompressionConfig
+
+    root = Path(__file__).resolve().parents[2]
+    paths = [root / "megatron_tpcomp" / "configs" / "smollm2-135m-tp3-kl0.0085.json"]
+    paths += sorted((root / "examples" / "configs").glob("*-chscale.json"))
+    assert len(paths) >= 2, paths
+    for path in paths:
+        config = CompressionConfig.load(path)
+        settings = [config.default, config.embedding, config.logits]
+        settings += [s for blocks in config.layers.values() for s in blocks.values()]
+        codecs = [s.codec() for s in settings if s.spec != "none"]
+        assert len(codecs) > 10, path
+        missing = sorted({c.spec for c in codecs if cpu.native_format(c) is None})
+        assert not missing, f"{path.name}: {missing} would run the torch reference on CPU"

@@ -46,7 +46,10 @@ def _library() -> None:
         ("fp8", "cpu"),
         ("fp8+had:b64", "cpu"),
         ("int4:g96", "reference"),  # a super-block of 12288 values: past the library's tile
-        ("int8:g32", "reference"),
+        ("int8:g32", "cpu"),
+        ("int5:g64:se4m3+had", "cpu"),
+        ("int6:g128+had:b128", "cpu"),
+        ("int6:g32:asym", "reference"),
         ("fp8-e5m2", "reference"),
         ("nvfp4", "reference"),
         ("int4:g32+outliers:k4", "reference"),  # the wrapper: its inner int4:g32 still runs in the library
