@@ -32,7 +32,7 @@ DEFAULT_CANDIDATES = (
     "int4:g32:se4m3+had",
     "int5:g64:se4m3+had",
     "int6:g128+had:b128",
-    "fp8",
+    "int8:g128+had",
 )
 
 

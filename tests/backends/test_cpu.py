@@ -475,14 +475,14 @@ def test_chscale_shape_errors_are_the_codecs(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_the_searched_configs_run_entirely_in_the_library() -> None:
-    # Every compressed site of the shipped searched config and of its +chscale variant maps to the library (the
-    # reason these formats were added): none falls back to the torch reference on CPU tensors.
+    # Every compressed site of the shipped searched config and of every example config (its +chscale variant
+    # included) maps to the library (the reason these formats were added): none falls back to the torch reference.
     from megatron_tpcomp.config import CompressionConfig
 
     root = Path(__file__).resolve().parents[2]
     paths = [root / "megatron_tpcomp" / "configs" / "smollm2-135m-tp3-kl0.0085.json"]
-    paths += sorted((root / "examples" / "configs").glob("*-chscale.json"))
-    assert len(paths) >= 2, paths
+    paths += sorted((root / "examples" / "configs").glob("*.json"))
+    assert len(paths) >= 4, paths
     for path in paths:
         config = CompressionConfig.load(path)
         settings = [config.default, config.embedding, config.logits]
