@@ -317,7 +317,19 @@ def native_format(codec: Codec) -> NativeFormat | None:
     """What the library needs to run ``codec``, or None when it does not implement it: ``int<N>:g<G>`` (N in
     ``INT_BITS``, symmetric, fp16 or e4m3 scales, G even for int4 and a multiple of 8 for int5/int6),
     ``fp8-e4m3:b<B>`` with fp32 scales, either one inside ``+had``, and any of these inside ``+chscale``; one
-    super-block (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile."""
+    super-block (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile.
+    Memoized on the codec (codecs do not change after construction; every call asks)."""
+    memo = codec.__dict__.get("_native_format", _UNSET)
+    if memo is _UNSET:
+        memo = _native_format(codec)
+        codec.__dict__["_native_format"] = memo
+    return memo
+
+
+_UNSET = object()
+
+
+def _native_format(codec: Codec) -> NativeFormat | None:
     if type(codec) is ChannelScaleCodec:
         inner = native_format(codec.inner)
         if inner is None:

@@ -106,6 +106,13 @@ class PayloadLayout:
             self.sections[name] = sec
             offset += sec.nbytes
         self.nbytes = align_up(offset) if offset else 0
+        # The alignment padding (start, end) byte ranges, non-empty ones only: allocate_padding_zeroed zeroes them.
+        gaps, end = [], 0
+        for sec in sorted(self.sections.values(), key=lambda s: s.offset):
+            gaps.append((end, sec.offset))
+            end = sec.offset + sec.nbytes
+        gaps.append((end, self.nbytes))
+        self._gaps = tuple((a, b) for a, b in gaps if b > a)
 
     def view(self, payload: torch.Tensor, name: str) -> torch.Tensor:
         """Typed 1-D view of section ``name`` inside ``payload`` (uint8, 1-D, contiguous)."""
@@ -120,11 +127,8 @@ class PayloadLayout:
         """A uint8 payload of ``nbytes`` whose alignment padding is zero and whose sections are NOT initialised:
         for writers that fill every section byte (saves a pass over the payload)."""
         payload = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        end = 0
-        for sec in sorted(self.sections.values(), key=lambda s: s.offset):
-            payload[end : sec.offset].zero_()
-            end = sec.offset + sec.nbytes
-        payload[end:].zero_()
+        for a, b in self._gaps:
+            payload[a:b].zero_()
         return payload
 
 
