@@ -17,6 +17,8 @@ Grammar (whitespace is not allowed; case-insensitive)::
                                       or, with no table, the K largest channels of each message (indices sent)
               | "chscale"             static per-channel power-of-two scales (last dim) applied before the
                                       codec, from calibration (nothing sent; codecs/chscale.py)
+              | "rows:k" K            the K token rows (last dim = channels) of largest magnitude of each message
+                                      travel in bf16, at most one row in 64 (codecs/rows.py)
 
 Examples: ``fp8``, ``fp8-e5m2:b128``, ``int8:g32``, ``int4:g32:asym``, ``mxfp4``, ``nvfp4``, ``fp5:b32``,
 ``int4:g32+had``, ``int4:g32+outliers:k9``, ``int4:g64:se4m3+had+chscale``.
@@ -44,10 +46,11 @@ from megatron_tpcomp.errors import CodecError
 SCALE_FORMATS = ("fp32", "fp16", "bf16", "e8m0", "e4m3")
 
 VALID_MODIFIERS = (
-    "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels), +chscale (static per-channel scales)"
+    "+had[:b<N>] (Hadamard rotation), +outliers[:k<K>] (bf16 outlier channels), +chscale (static per-channel scales), "
+    "+rows:k<K> (bf16 outlier token rows)"
 )
 #: Modifier names in the order their wrappers are applied (innermost first).
-MODIFIERS = ("had", "outliers", "chscale")
+MODIFIERS = ("had", "outliers", "chscale", "rows")
 #: Options of the fixed grammar a family may accept (``Family.options``).
 OPTION_KINDS = ("block", "scale", "asym")
 MAX_BLOCK = 4096
@@ -71,6 +74,7 @@ class CodecSpec:
         outliers: whether the ``+outliers`` modifier is present.
         outliers_k: number of outlier channels (0 = take the count from the static table).
         chscale: whether the ``+chscale`` modifier is present (static per-channel scales before the codec).
+        rows_k: ``+rows:k<K>``: K outlier token rows per message in bf16 (0 = no such modifier).
     """
 
     kind: str
@@ -85,16 +89,22 @@ class CodecSpec:
     outliers: bool = False
     outliers_k: int = 0
     chscale: bool = False
+    rows_k: int = 0
 
     @property
     def base(self) -> CodecSpec:
         """This spec without modifiers (the element codec)."""
-        return replace(self, hadamard_block=0, outliers=False, outliers_k=0, chscale=False)
+        return replace(self, hadamard_block=0, outliers=False, outliers_k=0, chscale=False, rows_k=0)
 
     @property
     def modifiers(self) -> tuple[str, ...]:
         """Names of the modifiers present, in the order their wrappers apply (a subset of ``MODIFIERS``)."""
-        present = {"had": bool(self.hadamard_block), "outliers": self.outliers, "chscale": self.chscale}
+        present = {
+            "had": bool(self.hadamard_block),
+            "outliers": self.outliers,
+            "chscale": self.chscale,
+            "rows": bool(self.rows_k),
+        }
         return tuple(name for name in MODIFIERS if present[name])
 
     def __str__(self) -> str:
@@ -380,6 +390,18 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
         if opts:
             raise spec_error(spec, f"'chscale' takes no options, got {quote(':'.join(opts))}", "+chscale")
         return replace(cs, chscale=True)
+    if name == "rows":
+        if cs.rows_k:
+            raise spec_error(spec, "modifier 'rows' given twice", VALID_MODIFIERS)
+        k = 0
+        for opt in opts:
+            if opt.startswith("k") and opt[1:].isdigit() and 1 <= small_int(opt[1:]) <= MAX_OUTLIERS:
+                k = small_int(opt[1:])
+            else:
+                raise spec_error(spec, f"unknown rows option {quote(opt)}", f"+rows:k<K> with 1 <= K <= {MAX_OUTLIERS}")
+        if not k:
+            raise spec_error(spec, "'rows' needs the number of rows", "+rows:k<K>, e.g. +rows:k4")
+        return replace(cs, rows_k=k)
     raise spec_error(spec, f"unknown modifier {quote(name)}", VALID_MODIFIERS)
 
 
@@ -397,6 +419,8 @@ def _validate(cs: CodecSpec, spec: str) -> None:
         raise spec_error(
             spec, f"asymmetric integers need an fp16/bf16/fp32 offset, not s{cs.scale}", "sfp16, sbf16 or sfp32"
         )
+    if cs.rows_k and cs.kind == "none":
+        raise spec_error(spec, "outlier rows need a codec for the other rows", "for example int4:g32+had+rows:k4")
     if cs.hadamard_block and cs.kind == "none":
         raise spec_error(spec, "a Hadamard rotation needs a codec", "for example int4:g32+had")
     if cs.chscale and cs.outliers:
@@ -456,6 +480,8 @@ def canonical(cs: CodecSpec) -> str:
         head += "+outliers" + (f":k{cs.outliers_k}" if cs.outliers_k else "")
     if cs.chscale:
         head += "+chscale"
+    if cs.rows_k:
+        head += f"+rows:k{cs.rows_k}"
     return head
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 # The family and modifier modules register themselves with megatron_tpcomp.spec when imported.
-from megatron_tpcomp.codecs import chscale, fp8, hadamard, intx, microscaling, outliers  # noqa: F401
+from megatron_tpcomp.codecs import chscale, fp8, hadamard, intx, microscaling, outliers, rows  # noqa: F401
 from megatron_tpcomp.codecs.base import Codec, CodecError, IdentityCodec
 from megatron_tpcomp.spec import CodecSpec, canonical, family, modifier, parse_spec
 
@@ -81,7 +81,7 @@ def make_codec(
             f"use {canonical(cs.base)}+outliers"
         )
     codec: Codec = family(cs.kind).factory(cs.base)
-    for name in cs.modifiers:  # innermost first: +had, then +outliers, then +chscale
+    for name in cs.modifiers:  # innermost first: +had, then +outliers, then +chscale, then +rows
         codec = modifier(name).wrap(
             codec,
             cs,

@@ -389,8 +389,10 @@ def test_exact_bits_per_value(spec: str) -> None:
     nominal = codec.nominal_bits_per_value()
     assert nominal < 16
     assert abs(nominal - expected) < 1e-6, f"{spec}: nominal {nominal} bits, expected {expected}"
-    # A large aligned message pays the same up to per-message constants (< 64 bytes over 4M values).
-    assert abs(codec.bits_per_value((4096, 1024)) - nominal) < 1e-3
+    # A large aligned message pays the same up to per-message constants (< 64 bytes over 4M values), and +rows
+    # its K bf16 rows per message (K * 16 bits per row of the message).
+    per_message = parse_spec(spec).rows_k * 16 / 4096
+    assert abs(codec.bits_per_value((4096, 1024)) - nominal - per_message) < 1e-3
     # bits_per_value is exactly the payload size.
     assert codec.bits_per_value((4096, 1024)) == 8 * codec.payload_nbytes((4096, 1024)) / (4096 * 1024)
 

@@ -157,6 +157,7 @@ SPECS = (
     "fp6",
     "int4:g32+outliers",
     "int4:g32+had+outliers:k4",
+    "int5:g64:se4m3+had+rows:k2",
 )
 #: all-reduce algorithms (``one-shot/piped``: the pipelined one-shot of large CPU messages), all-gather along the
 #: first and last dimension, reduce-scatter.
