@@ -10,23 +10,29 @@ Rows are the ``[rows, h]`` view of the input (``h = shape[-1]``; a 1-D tensor is
 sent in BF16 is ``min(K, rows // ROWS_PER_OUTLIER)``: at most one row in 64, so a message under 64 tokens (a
 decode step) is the inner codec alone and the overhead stays under ``16 / 64`` bits per value.
 
-Selection: the rows with the largest ``max |x|`` (NaN counts as largest; ties to the lower index), sent in
-ascending order with their indices.
+Selection: the rows with the largest ``max |x|`` (rows holding NaN or Inf first; ties to the lower index), sent
+in ascending order with their indices.
 
 Wire layout for ``[rows, h]`` and ``k = min(K, rows // 64)`` rows (sections at 16-byte offsets):
 
 =========  ======================  ==============================================================
 section    type, count             content
 =========  ======================  ==============================================================
-indices    int32, k                the chosen rows, ascending
-outliers   bfloat16, k*h           those rows times ``2^-e``, row-major ``[k, h]``
-out_exp    int16, 1                ``e`` (2-byte aligned, right after the outliers)
+indices    int64, k                the chosen rows, ascending
+outliers   bfloat16, k*h           those rows, row-major ``[k, h]``
 inner      uint8, inner bytes      inner codec payload of the ``[rows, h]`` input with the chosen rows zeroed
 =========  ======================  ==============================================================
 
-Range: ``e`` as in ``+outliers`` (``codecs/outliers.py``): 0 while the largest finite magnitude of the chosen
-rows lies in ``[2^-64, 2^64)``. Decoding writes the BF16 rows (times ``2^e``, clamped to the output dtype's
-finite range; Inf stays Inf) over the inner codec's decode, whose zeroed rows decode to zero.
+The rows travel as bf16 (the input's own bytes for a bf16 message; fp32 and fp16 input rounded to nearest, with
+fp32 values beyond bf16's largest finite value clamped to it, Inf and NaN kept).
+
+Decode-sum of N payloads (decode is the sum of one): the inner codec's sum formed in fp32 (its decode-sum to
+fp32, so one fused pass over the N inner payloads; each payload's values clamped to fp32's range), then each
+payload's BF16 rows added at their rows in payload order 0..N-1, then the result clamped to the
+output dtype's finite range (except an Inf in a row sent in BF16, which stays Inf as in ``+outliers``) and
+rounded to it once (as ``+chscale``). Where the inner codec's blocks lie inside
+rows (the block and any rotation block divide ``h``) a zeroed row decodes to zero, so a row sent in BF16 comes
+back as its BF16 value.
 
 Corrupt payload (indices out of ``[0, rows)`` or not ascending): the whole message decodes to NaN, decided on the
 device; with ``TPCOMP_CHECK_PAYLOADS=1`` the decoder raises CodecError instead (a host sync).
@@ -44,6 +50,7 @@ from megatron_tpcomp.codecs.base import (
     Codec,
     CodecError,
     PayloadLayout,
+    _into,
     check_input,
     check_payload,
     check_payloads,
@@ -51,12 +58,22 @@ from megatron_tpcomp.codecs.base import (
     numel_of,
 )
 from megatron_tpcomp.codecs.blocks import EXPS_BITS
-from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
 from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 #: At most one BF16 row per this many rows of a message.
 ROWS_PER_OUTLIER = 64
 _BF16_MAX = torch.finfo(torch.bfloat16).max
+#: bf16's smallest subnormal (2^-133): fp32 values below it round to 0 or to it.
+BF16_TINY = 2.0**-133
+
+
+def _to_bf16(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to bf16 (exact for bf16 input): finite fp32 values beyond bf16's largest are clamped to it
+    (they would round to Inf), Inf and NaN stay."""
+    if v.dtype == torch.bfloat16:
+        return v
+    f = v.float()
+    return torch.where(torch.isinf(f), f, f.clamp(-_BF16_MAX, _BF16_MAX)).to(torch.bfloat16)
 
 
 class RowOutlierCodec(Codec):
@@ -101,9 +118,8 @@ class RowOutlierCodec(Codec):
         k = self.rows_sent(rows)
         return PayloadLayout(
             [
-                ("indices", torch.int32, k),
+                ("indices", torch.int64, k),
                 ("outliers", torch.bfloat16, k * h),
-                ("out_exp", torch.int16, 1, 2),
                 ("inner", torch.uint8, self.inner.payload_nbytes((rows, h))),
             ]
         )
@@ -112,64 +128,82 @@ class RowOutlierCodec(Codec):
         return self.layout(shape).nbytes
 
     def _select(self, x2d: torch.Tensor, k: int) -> torch.Tensor:
-        """int64 ``[k]`` row indices, ascending: the k rows with the largest ``max |x|`` (NaN first, ties low)."""
-        score = torch.linalg.vector_norm(x2d, ord=float("inf"), dim=1).float()  # [rows]
-        order = torch.sort(torch.nan_to_num(score, nan=0.0), descending=True, stable=True).indices
-        order = order[torch.sort(torch.isnan(score[order]).to(torch.uint8), descending=True, stable=True).indices]
-        return order[:k].sort().values
+        """int64 ``[k]`` row indices, ascending: the k rows with the largest ``max |x|`` (rows holding NaN or
+        Inf first; ties to the lower row)."""
+        if x2d.dtype == torch.float32:
+            score = torch.nan_to_num(x2d.abs().amax(dim=1), nan=float("inf"))  # [rows]
+        else:  # bf16/fp16: the magnitude bits order like the values (NaN above Inf), and integers max faster
+            score = (x2d.view(torch.int16) & 0x7FFF).amax(dim=1)
+        return torch.sort(score, descending=True, stable=True).indices[:k].sort().values
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x)
         layout = self.layout(x.shape)
         rows, h = self._rows_h(x.shape)
-        payload = layout.allocate(x.device)
+        payload = layout.allocate_padding_zeroed(x.device)  # every section byte is written below
         if rows == 0 or h == 0:
             return payload
         x2d = x.reshape(rows, h)
         k = self.rows_sent(rows)
-        if k == 0:
-            layout.view(payload, "inner").copy_(self.inner.encode(x2d))
-            return payload
-        chosen = self._select(x2d, k)
-        layout.view(payload, "indices").copy_(chosen.to(torch.int32))
-        outl = x2d[chosen].float()  # [k, h]
-        top = torch.where(torch.isfinite(outl), outl.abs(), torch.zeros_like(outl)).amax().reshape(1)
-        e = choose_exponents(top, None)
-        scaled = pow2_mul(outl, -e)
-        scaled = torch.where(torch.isinf(scaled), scaled, scaled.clamp(-_BF16_MAX, _BF16_MAX))
-        layout.view(payload, "outliers").copy_(scaled.to(torch.bfloat16).reshape(-1))
-        layout.view(payload, "out_exp").copy_(e.to(torch.int16))
-        rest = x2d.clone()
-        rest[chosen] = 0
-        layout.view(payload, "inner").copy_(self.inner.encode(rest))
+        inner = x2d
+        if k:
+            chosen = self._select(x2d, k)
+            layout.view(payload, "indices").copy_(chosen)
+            layout.view(payload, "outliers").view(k, h).copy_(_to_bf16(x2d[chosen]))
+            inner = x2d.index_fill(0, chosen, 0)
+        layout.view(payload, "inner").copy_(self.inner.encode(inner))
         return payload
 
     def _decode(self, payload: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return self._decode_sum(payload, 1, shape, dtype)
+
+    def _decode_sum(
+        self,
+        payloads: torch.Tensor,
+        count: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         layout = self.layout(shape)
-        check_payload(payload, layout.nbytes, self.spec)
+        nbytes = layout.nbytes
+        check_payload(payloads, count * nbytes, self.spec)
         rows, h = self._rows_h(shape)
         if rows == 0 or h == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=payload.device)
-        out = self.inner.decode(layout.view(payload, "inner"), (rows, h), dtype).reshape(rows, h)
+            return _into(torch.empty(tuple(shape), dtype=dtype, device=payloads.device), out, shape)
+        per = payloads.view(count, nbytes)  # [N, P]: payload r in row r
+
+        def section(name: str) -> torch.Tensor:
+            sec = layout.sections[name]
+            return per[:, sec.offset : sec.offset + sec.nbytes]  # [N, bytes], strided
+
+        inner = section("inner").reshape(-1)  # the N inner payloads end to end (a copy when N > 1)
+        acc = self.inner.decode_sum(inner, count, (rows, h), torch.float32).reshape(rows, h)
         k = self.rows_sent(rows)
-        if k == 0:
-            return out.reshape(tuple(shape))
-        chosen = layout.view(payload, "indices").to(torch.int64)
-        valid = (chosen >= 0).all() & (chosen < rows).all()
-        if k > 1:
-            valid &= (chosen[1:] > chosen[:-1]).all()
-        if check_payloads() and not bool(valid):
-            raise CodecError(
-                f"{self.spec}: payload carries invalid row indices {chosen.tolist()[:8]}; expected {k} ascending "
-                f"rows in [0, {rows})"
-            )
-        chosen = torch.where(valid, chosen, torch.arange(k, dtype=torch.int64, device=chosen.device))
-        e = layout.view(payload, "out_exp").to(torch.int32)
-        stored = layout.view(payload, "outliers").view(k, h).float()
-        values = torch.where(torch.isinf(stored), stored, clamp_to(pow2_mul(stored, e), dtype))
-        out[chosen] = values.to(dtype)
-        out.masked_fill_(~valid, float("nan"))
-        return out.reshape(tuple(shape))
+        if k:
+            chosen = section("indices").contiguous().view(torch.int64)  # [N, k]
+            valid = (chosen >= 0).all() & (chosen < rows).all()
+            if k > 1:
+                valid &= (chosen[:, 1:] > chosen[:, :-1]).all()
+            if check_payloads() and not bool(valid):
+                raise CodecError(
+                    f"{self.spec}: payload carries invalid row indices {chosen.tolist()[:4]}; expected {k} "
+                    f"ascending rows in [0, {rows}) per payload"
+                )
+            fallback = torch.arange(k, dtype=torch.int64, device=chosen.device).expand(count, k)
+            chosen = torch.where(valid, chosen, fallback)
+            values = section("outliers").contiguous().view(torch.bfloat16).view(count, k, h).float()
+            for r in range(count):  # payload order; one payload's rows are distinct
+                acc.index_add_(0, chosen[r], values[r])
+            sent = chosen.reshape(-1)
+            kept = acc[sent]  # the rows sent in bf16: an Inf there stays Inf, as in +outliers
+            # The clamp to dtype's range, with a NaN bound when the index table is corrupt: the whole message
+            # decodes to NaN, in the same pass and without a host sync.
+            top = torch.where(valid, torch.finfo(dtype).max, float("nan"))
+            result = acc.clamp(-top, top)
+            result[sent] = torch.where(torch.isinf(kept) & valid, kept, result[sent])
+            return _into(result.to(dtype), out, shape)
+        return _into(clamp_to(acc, dtype).to(dtype), out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         """Elementwise bound (fp32, shape of ``x``): in the BF16 rows ``|x| * 2^-8`` plus two fp32 subnormal steps
@@ -191,7 +225,7 @@ class RowOutlierCodec(Codec):
         if bound is None:
             return None
         bound = bound.reshape(rows, h).clone()
-        bound[chosen] = x2d[chosen].float().abs() * 2.0**-8 + 2 * FP32_TINY_SUB
+        bound[chosen] = x2d[chosen].float().abs() * 2.0**-8 + BF16_TINY
         return bound.reshape(x.shape)
 
     def __eq__(self, other: object) -> bool:
