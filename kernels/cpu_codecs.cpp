@@ -233,6 +233,21 @@ inline v8f load8(const float* p) {
 }
 inline void store8(float* p, v8f v) { memcpy(p, &v, sizeof v); }
 
+// The stages h >= lanes of a register-resident block of NV vectors: whole vectors pair (vector j with j + h).
+template <typename V, int NV>
+inline void butterflies_across(V* r) {
+#pragma GCC unroll 8
+  for (int h = 1; h < NV; h <<= 1)
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; i += 2 * h)
+#pragma GCC unroll 8
+      for (int j = i; j < i + h; ++j) {
+        const V a = r[j], b = r[j + h];
+        r[j] = a + b;
+        r[j + h] = a - b;
+      }
+}
+
 template <int N>
 inline void fwht_regs(v8f* r) {
   const v8i swap1 = {1, 0, 3, 2, 5, 4, 7, 6}, pick1 = {0, 9, 2, 11, 4, 13, 6, 15};
@@ -241,16 +256,7 @@ inline void fwht_regs(v8f* r) {
   constexpr int nv = N / 8;
 #pragma GCC unroll 8
   for (int i = 0; i < nv; ++i) r[i] = lane_stage(lane_stage(lane_stage(r[i], swap1, pick1), swap2, pick2), swap4, pick4);
-#pragma GCC unroll 8
-  for (int h = 1; h < nv; h <<= 1)
-#pragma GCC unroll 8
-    for (int i = 0; i < nv; i += 2 * h)
-#pragma GCC unroll 8
-      for (int j = i; j < i + h; ++j) {
-        const v8f a = r[j], b = r[j + h];
-        r[j] = a + b;
-        r[j + h] = a - b;
-      }
+  butterflies_across<v8f, nv>(r);
 }
 
 // v <- fwht(v * signs) * c for each block of N values in buf[0, len).
@@ -327,16 +333,7 @@ inline void fwht_regs16(v16f* r) {
   for (int i = 0; i < nv; ++i) {
     r[i] = lane_stage16<3>(lane_stage16<2>(lane_stage16<1>(lane_stage16<0>(r[i]))));
   }
-#pragma GCC unroll 8
-  for (int h = 1; h < nv; h <<= 1)
-#pragma GCC unroll 8
-    for (int i = 0; i < nv; i += 2 * h)
-#pragma GCC unroll 8
-      for (int j = i; j < i + h; ++j) {
-        const v16f a = r[j], b = r[j + h];
-        r[j] = a + b;
-        r[j + h] = a - b;
-      }
+  butterflies_across<v16f, nv>(r);
 }
 
 template <int N>
