@@ -216,8 +216,9 @@ class OutlierCodec(Codec):
         h = x2d.shape[1]
         if self._channels is not None:
             return self._static_indices(h, x2d.device)
-        # max |x| per channel in one pass without an |x| temporary; NaN propagates through the max.
-        score = torch.linalg.vector_norm(x2d, ord=float("inf"), dim=0).float()  # [h]
+        # max |x| per channel; NaN propagates through the max. (linalg.vector_norm(ord=inf) avoids the |x|
+        # temporary but ran 8x slower on CPU, measured on bf16 [512, 576].)
+        score = x2d.abs().amax(dim=0).float()  # [h]
         # Stable descending sorts keep ascending channel order among equals (ties to the lower index); the
         # second one, on "is NaN", moves NaN channels ahead of everything (even +Inf) keeping that order.
         order = torch.sort(torch.nan_to_num(score, nan=0.0), descending=True, stable=True).indices
