@@ -2,7 +2,7 @@
 
 Converts the embedded SmolLM2-135M once (cached), starts TP=3 local processes over gloo, and runs three
 settings of the row-parallel all-reduces in the same ranks: uncompressed, the shipped searched per-layer config
-(``megatron_tpcomp/configs/smollm2-135m-tp3-kl0.0085.json``: INT4-6 per layer, found by ``tpcomp calibrate
+(``megatron_tpcomp/configs/smollm2-135m-tp3-kl0.006.json``: INT4-8 per layer, found by ``tpcomp calibrate
 --search`` under a KL budget) and one INT4 codec everywhere (``int4:g32+had``: Hadamard-rotated, groups of 32).
 For each: greedy generation for a few prompts through megatron-core's static inference engine, perplexity on a
 slice of held-out real text, and the bytes every rank sent. Prints a comparison and which to use when.
@@ -30,7 +30,7 @@ from megatron_tpcomp.evaluation import DEFAULT_PROMPTS, prefix_len
 logger = logging.getLogger("megatron_tpcomp")
 
 #: The searched config shipped as package data (a copy of examples/configs/, which pip does not install).
-SEARCHED_CONFIG = "smollm2-135m-tp3-kl0.0085.json"
+SEARCHED_CONFIG = "smollm2-135m-tp3-kl0.006.json"
 #: Its column label in the report.
 SEARCHED_LABEL = "searched config"
 #: The shaped link timed when run as root: the comm-bound rate of ``tpcomp bench e2e`` (about half of the

@@ -24,7 +24,7 @@ device) and fails with the probe's error if gloo refuses them; the JSON records 
 Each mode runs the same tokens through the model: ``uncompressed`` (the plug-in enabled with spec ``none``, i.e.
 Megatron's own collectives: the project's tests pin that this is bit-identical to the plug-in disabled), then
 each ``--specs`` entry through the plug-in's interception (``megatron_tpcomp.enable``): a spec (``fp8``,
-``int4:g32+had``) or ``searched`` (the shipped per-layer config ``smollm2-135m-tp3-kl0.0085.json``; it applies
+``int4:g32+had``) or ``searched`` (the shipped per-layer config ``smollm2-135m-tp3-kl0.006.json``; it applies
 only to the full shape at TP=3, otherwise the mode is reported as skipped with the config check's reason).
 Per mode, in the JSON (``status`` ok | failed | skipped):
 
@@ -86,7 +86,7 @@ SMALL = {  # megatron/model.py's ModelConfig defaults: splits 1, 2 and 4 ways
     "max_sequence_length": 128,
 }
 SEARCHED = "searched"
-SEARCHED_FILE = "smollm2-135m-tp3-kl0.0085.json"
+SEARCHED_FILE = "smollm2-135m-tp3-kl0.006.json"
 DEFAULT_SPECS = ("fp8", "int4:g32+had", SEARCHED)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SEED = 1234
