@@ -15,10 +15,11 @@ rank's op, shape, codec and path. Fixed size matters: records never mismatch, so
 
 The codec digest (:func:`codec_fingerprint`) is computed generically from the codec object: its class and every
 attribute, recursively through inner codecs, dataclasses and sequences; tensors are hashed by dtype, shape and
-bytes. A new codec is covered without code here. Attributes holding dicts or sets are skipped: in this code base
-those are caches filled on use (per-device constants, index tables derived from the parameters), which differ
-with a rank's history but never change the bits; a codec must keep its parameters in scalars, tensors,
-sequences, dataclasses or codec objects.
+bytes. A new codec is covered without code here. Attributes holding dicts or sets are skipped, name and value
+(so a cache created on first use changes nothing): in this code base those are caches filled on use (per-device
+constants, index tables derived from the parameters, memoized layouts), which differ with a rank's history but
+never change the bits; a codec must keep its parameters in scalars, tensors, sequences, dataclasses or codec
+objects.
 
 ``check_ranks="first"`` (the collectives' default) runs the exchange at the first call of each distinct local
 fingerprint per process group (cached; later calls cost a tuple and a set lookup). That catches ranks set up
@@ -114,8 +115,11 @@ def _feed(h: Any, obj: Any, depth: int, active: set[int]) -> None:
                     _feed(h, getattr(obj, f.name), depth + 1, active)
             else:
                 for name in sorted(getattr(obj, "__dict__", {})):
+                    value = obj.__dict__[name]
+                    if isinstance(value, (dict, set, frozenset)):
+                        continue  # a cache, name and all: one filled lazily on first use changes nothing
                     h.update(f"{name}=".encode())
-                    _feed(h, obj.__dict__[name], depth + 1, active)
+                    _feed(h, value, depth + 1, active)
             h.update(b"};")
         finally:
             active.discard(id(obj))
