@@ -355,6 +355,17 @@ def _check_repeats(name: str, opts: list[str], spec: str) -> None:
         seen[key] = opt
 
 
+def _count_option(name: str, opts: list[str], spec: str, expected: str) -> int:
+    """The K of a modifier's only option ``k<K>`` (1 <= K <= ``MAX_OUTLIERS``), 0 when it is not given."""
+    k = 0
+    for opt in opts:
+        if opt.startswith("k") and opt[1:].isdigit() and 1 <= small_int(opt[1:]) <= MAX_OUTLIERS:
+            k = small_int(opt[1:])
+        else:
+            raise spec_error(spec, f"unknown {name} option {quote(opt)}", expected)
+    return k
+
+
 def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
     name, *opts = mod.split(":")
     _check_repeats(name, opts, spec)
@@ -373,16 +384,7 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
     if name == "outliers":
         if cs.outliers:
             raise spec_error(spec, "modifier 'outliers' given twice", VALID_MODIFIERS)
-        k = 0
-        for opt in opts:
-            if opt.startswith("k") and opt[1:].isdigit() and 1 <= small_int(opt[1:]) <= MAX_OUTLIERS:
-                k = small_int(opt[1:])
-            else:
-                raise spec_error(
-                    spec,
-                    f"unknown outliers option {quote(opt)}",
-                    f"+outliers or +outliers:k<K> with 1 <= K <= {MAX_OUTLIERS}",
-                )
+        k = _count_option(name, opts, spec, f"+outliers or +outliers:k<K> with 1 <= K <= {MAX_OUTLIERS}")
         return replace(cs, outliers=True, outliers_k=k)
     if name == "chscale":
         if cs.chscale:
@@ -393,12 +395,7 @@ def _apply_modifier(cs: CodecSpec, mod: str, spec: str) -> CodecSpec:
     if name == "rows":
         if cs.rows_k:
             raise spec_error(spec, "modifier 'rows' given twice", VALID_MODIFIERS)
-        k = 0
-        for opt in opts:
-            if opt.startswith("k") and opt[1:].isdigit() and 1 <= small_int(opt[1:]) <= MAX_OUTLIERS:
-                k = small_int(opt[1:])
-            else:
-                raise spec_error(spec, f"unknown rows option {quote(opt)}", f"+rows:k<K> with 1 <= K <= {MAX_OUTLIERS}")
+        k = _count_option(name, opts, spec, f"+rows:k<K> with 1 <= K <= {MAX_OUTLIERS}")
         if not k:
             raise spec_error(spec, "'rows' needs the number of rows", "+rows:k<K>, e.g. +rows:k4")
         return replace(cs, rows_k=k)

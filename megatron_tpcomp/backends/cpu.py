@@ -319,10 +319,7 @@ def native_format(codec: Codec) -> NativeFormat | None:
     ``fp8-e4m3:b<B>`` with fp32 scales, either one inside ``+had``, and any of these inside ``+chscale``; one
     super-block (``lcm(block, 4096)`` values, the rotation block included) must fit the library's 4096-value tile.
     Memoized on the codec (codecs do not change after construction; every call asks)."""
-    memo = codec.__dict__.setdefault("_cpu_backend_memo", {})  # a dict: a cache to the rank-agreement digest
-    if "native_format" not in memo:
-        memo["native_format"] = _native_format(codec)
-    return memo["native_format"]
+    return codec.memo("_cpu_backend_memo", "native_format", lambda: _native_format(codec))
 
 
 def _native_format(codec: Codec) -> NativeFormat | None:

@@ -34,9 +34,9 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -208,6 +208,21 @@ def clamp_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.clamp(-top, top)
 
 
+def to_bf16_saturating(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bf16 (bf16 input returned as is): finite values beyond bf16's largest finite value are
+    clamped to it instead of rounding to Inf; Inf and NaN stay."""
+    if t.dtype == torch.bfloat16:
+        return t
+    top = torch.finfo(torch.bfloat16).max
+    f = t.float()
+    return torch.where(torch.isinf(f), f, f.clamp(-top, top)).to(torch.bfloat16)
+
+
+#: Entries a codec memoizes per table (:meth:`Codec.memo`; cleared when full).
+MEMO_SIZE = 64
+_MISSING = object()
+
+
 def nonfinite_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """Bool ``[nblocks]``: True where a block holds NaN or +-Inf (such blocks decode to NaN)."""
     return ~torch.isfinite(blocks).all(dim=1)
@@ -321,6 +336,19 @@ class Codec(ABC):
         for r in range(1, count):
             acc += clamp_to(self._decode(payloads[r * nbytes : (r + 1) * nbytes], shape, torch.float32), dtype)
         return _into(acc.to(dtype), out, shape)
+
+    def memo(self, table: str, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` computed once per ``key`` and kept on this codec (codecs do not change after construction),
+        for what every call asks and costs microseconds of Python to rebuild (payload layouts, a backend's
+        format). The table is a dict attribute: a cache, which the rank-agreement digest skips."""
+        cache = self.__dict__.setdefault(table, {})
+        value = cache.get(key, _MISSING)
+        if value is _MISSING:
+            value = build()
+            if len(cache) >= MEMO_SIZE:
+                cache.clear()
+            cache[key] = value
+        return value
 
     def bits_per_value(self, shape: Sequence[int]) -> float:
         """Exact bits on the wire per input value for ``shape``: data, scales, outliers and padding."""

@@ -52,8 +52,6 @@ from megatron_tpcomp.codecs.scales import (
 
 #: Wire type of the super-block exponents.
 EXPS_DTYPE = torch.int16
-#: Layouts a block codec memoizes (one per message size it has seen; cleared when full).
-LAYOUT_CACHE_SIZE = 64
 #: Bits per value the exponents add to a large message (one per super-block): 16 / 4096.
 EXPS_BITS = 8 * EXPS_DTYPE.itemsize / SUPER_VALUES
 
@@ -111,18 +109,13 @@ class BlockCodec(Codec):
         return nblocks, -(-nblocks // self.blocks_per_super)
 
     def layout(self, shape: Sequence[int]) -> PayloadLayout:
-        # Memoized per element count: every codec call asks for it (encode, the payload check, decode), and
-        # building it costs several microseconds of Python. Layouts are never modified after construction.
+        # Per element count: every codec call asks (encode, the payload check, decode). Layouts are never modified.
         numel = numel_of(shape)
-        cache = self.__dict__.setdefault("_layouts", {})
-        layout = cache.get(numel)
-        if layout is None:
-            nblocks, nsuper = self._counts(numel)
-            layout = PayloadLayout([*self._sections(nblocks), ("exps", EXPS_DTYPE, nsuper, EXPS_DTYPE.itemsize)])
-            if len(cache) >= LAYOUT_CACHE_SIZE:
-                cache.clear()
-            cache[numel] = layout
-        return layout
+        return self.memo("_layouts", numel, lambda: self._build_layout(numel))
+
+    def _build_layout(self, numel: int) -> PayloadLayout:
+        nblocks, nsuper = self._counts(numel)
+        return PayloadLayout([*self._sections(nblocks), ("exps", EXPS_DTYPE, nsuper, EXPS_DTYPE.itemsize)])
 
     def payload_nbytes(self, shape: Sequence[int]) -> int:
         return self.layout(shape).nbytes

@@ -62,6 +62,7 @@ from megatron_tpcomp.codecs.base import (
     check_payloads,
     clamp_to,
     numel_of,
+    to_bf16_saturating,
 )
 from megatron_tpcomp.codecs.blocks import EXPS_BITS
 from megatron_tpcomp.codecs.scales import FP32_TINY_SUB, choose_exponents, pow2_mul
@@ -69,7 +70,6 @@ from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 #: Indices travel as int16: dynamic mode needs every channel index to fit.
 MAX_DYNAMIC_HIDDEN = 32768
-_BF16_MAX = torch.finfo(torch.bfloat16).max
 
 
 def _validate_channels(channels: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
@@ -242,8 +242,7 @@ class OutlierCodec(Codec):
         e = choose_exponents(top, None)  # 0 unless the outliers leave [2^-64, 2^64): see the module docstring
         scaled = pow2_mul(outl, -e)
         # Guard: a normalized finite value never reaches bf16's maximum, but never let one round to Inf.
-        scaled = torch.where(torch.isinf(scaled), scaled, scaled.clamp(-_BF16_MAX, _BF16_MAX))
-        layout.view(payload, "outliers").copy_(scaled.to(torch.bfloat16).reshape(-1))
+        layout.view(payload, "outliers").copy_(to_bf16_saturating(scaled).reshape(-1))
         layout.view(payload, "out_exp").copy_(e.to(torch.int16))
         layout.view(payload, "inner").copy_(self.inner.encode(x2d[:, rest]))  # [rows, h - K] gather
         return payload

@@ -56,24 +56,15 @@ from megatron_tpcomp.codecs.base import (
     check_payloads,
     clamp_to,
     numel_of,
+    to_bf16_saturating,
 )
 from megatron_tpcomp.codecs.blocks import EXPS_BITS
 from megatron_tpcomp.spec import CodecSpec, Example, Modifier, register_modifier
 
 #: At most one BF16 row per this many rows of a message.
 ROWS_PER_OUTLIER = 64
-_BF16_MAX = torch.finfo(torch.bfloat16).max
 #: bf16's smallest subnormal (2^-133): fp32 values below it round to 0 or to it.
 BF16_TINY = 2.0**-133
-
-
-def _to_bf16(v: torch.Tensor) -> torch.Tensor:
-    """``v`` rounded to bf16 (exact for bf16 input): finite fp32 values beyond bf16's largest are clamped to it
-    (they would round to Inf), Inf and NaN stay."""
-    if v.dtype == torch.bfloat16:
-        return v
-    f = v.float()
-    return torch.where(torch.isinf(f), f, f.clamp(-_BF16_MAX, _BF16_MAX)).to(torch.bfloat16)
 
 
 class RowOutlierCodec(Codec):
@@ -113,8 +104,11 @@ class RowOutlierCodec(Codec):
         return (n // h if h else 0), h
 
     def layout(self, shape: Sequence[int]) -> PayloadLayout:
-        """Sections for an input of ``shape`` (see the module docstring)."""
-        rows, h = self._rows_h(shape)
+        """Sections for an input of ``shape`` (see the module docstring); memoized per ``(rows, h)``."""
+        rows_h = self._rows_h(shape)
+        return self.memo("_layouts", rows_h, lambda: self._build_layout(*rows_h))
+
+    def _build_layout(self, rows: int, h: int) -> PayloadLayout:
         k = self.rows_sent(rows)
         return PayloadLayout(
             [
@@ -149,7 +143,7 @@ class RowOutlierCodec(Codec):
         if k:
             chosen = self._select(x2d, k)
             layout.view(payload, "indices").copy_(chosen)
-            layout.view(payload, "outliers").view(k, h).copy_(_to_bf16(x2d[chosen]))
+            layout.view(payload, "outliers").view(k, h).copy_(to_bf16_saturating(x2d[chosen]))
             inner = x2d.index_fill(0, chosen, 0)
         layout.view(payload, "inner").copy_(self.inner.encode(inner))
         return payload
@@ -206,9 +200,9 @@ class RowOutlierCodec(Codec):
         return _into(clamp_to(acc, dtype).to(dtype), out, shape)
 
     def max_abs_error_bound(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Elementwise bound (fp32, shape of ``x``): in the BF16 rows ``|x| * 2^-8`` plus two fp32 subnormal steps
-        (as ``+outliers``), elsewhere the inner codec's bound on the message with those rows zeroed. None when
-        the inner codec states no bound."""
+        """Elementwise bound (fp32, shape of ``x``): in the BF16 rows ``|x| * 2^-8`` plus bf16's smallest subnormal
+        (``BF16_TINY``: fp32 values below it flush), elsewhere the inner codec's bound on the message with those
+        rows zeroed. None when the inner codec states no bound."""
         check_input(x)
         rows, h = self._rows_h(x.shape)
         if rows == 0 or h == 0:
@@ -219,9 +213,7 @@ class RowOutlierCodec(Codec):
             inner = self.inner.max_abs_error_bound(x2d)
             return None if inner is None else inner.reshape(x.shape)
         chosen = self._select(x2d, k)  # same selection as encode
-        rest = x2d.clone()
-        rest[chosen] = 0
-        bound = self.inner.max_abs_error_bound(rest)
+        bound = self.inner.max_abs_error_bound(x2d.index_fill(0, chosen, 0))  # what encode gives the inner codec
         if bound is None:
             return None
         bound = bound.reshape(rows, h).clone()
@@ -242,15 +234,15 @@ def _wrap(inner: Codec, cs: CodecSpec, **_: Any) -> RowOutlierCodec:
     return RowOutlierCodec(inner, k=cs.rows_k)
 
 
-# Nominal bits on [2^20, 1024]: K rows of 1024 in bf16 besides the inner codec (K * 16 * 1024 / 2^30 bits per
-# value, < 1e-3), indices and alignment (< 1e-6).
+# Nominal bits on [2^20, 1024]: besides the inner codec, K rows of 1024 in bf16 (K * 16 * 1024 / 2^30 bits per
+# value) and K int64 indices (K * 64 / 2^30; a multiple of 16 bytes for even K, so no alignment padding).
 register_modifier(
     Modifier(
         "rows",
         _wrap,
         examples=(
-            Example("int4:g32+rows:k2", 0.12, 4.5 + EXPS_BITS + 2 * 16 * 1024 / 2**30 + 16 * 8 / 2**30),
-            Example("int4:g32+had+rows:k4", 0.12, 4.5 + EXPS_BITS + 4 * 16 * 1024 / 2**30 + 16 * 8 / 2**30),
+            Example("int4:g32+rows:k2", 0.12, 4.5 + EXPS_BITS + 2 * (16 * 1024 + 64) / 2**30),
+            Example("int4:g32+had+rows:k4", 0.12, 4.5 + EXPS_BITS + 4 * (16 * 1024 + 64) / 2**30),
         ),
     )
 )
