@@ -226,12 +226,16 @@ inline void fwht_vec(float* p, int n) {
 // Small blocks (int4:g32+had rotates blocks of 32) with N known at compile time: the block stays in registers
 // from the sign flip to the final scaling (no runtime-sized memcpy through the stack, no loop overhead per
 // stage). The same operations in the same order per lane as rotate_forward / rotate_backward below: the same bits.
-inline v8f load8(const float* p) {
-  v8f r;
+template <typename V>
+inline V loadv(const float* p) {
+  V r;
   memcpy(&r, p, sizeof r);  // fixed size: one unaligned vector load
   return r;
 }
-inline void store8(float* p, v8f v) { memcpy(p, &v, sizeof v); }
+template <typename V>
+inline void storev(float* p, V v) {
+  memcpy(p, &v, sizeof v);
+}
 
 // The stages h >= lanes of a register-resident block of NV vectors: whole vectors pair (vector j with j + h).
 template <typename V, int NV>
@@ -259,57 +263,11 @@ inline void fwht_regs(v8f* r) {
   butterflies_across<v8f, nv>(r);
 }
 
-// v <- fwht(v * signs) * c for each block of N values in buf[0, len).
-template <int N>
-inline void rotate_forward_fixed(float* buf, int len, const float* signs, float scale) {
-  const v8f c = {scale, scale, scale, scale, scale, scale, scale, scale};
-  for (int o = 0; o < len; o += N) {
-    v8f r[N / 8];
-#pragma GCC unroll 8
-    for (int i = 0; i < N / 8; ++i)
-      r[i] = load8(buf + o + 8 * i) * load8(signs + 8 * i);
-    fwht_regs<N>(r);
-#pragma GCC unroll 8
-    for (int i = 0; i < N / 8; ++i) store8(buf + o + 8 * i, r[i] * c);
-  }
-}
-
-// w <- fwht(w) * c * signs ((w * c) * s, left to right) for each block of N values in buf[0, len).
-template <int N>
-// Then each result is clamped to [-top, top] in registers (top = +inf: unchanged; NaN stays NaN: its
-// comparisons are false).
-inline void rotate_backward_fixed(float* buf, int len, const float* signs, float scale, float top) {
-  const v8f c = {scale, scale, scale, scale, scale, scale, scale, scale};
-  const v8f hi = {top, top, top, top, top, top, top, top};
-  const v8f lo = -hi;
-  for (int o = 0; o < len; o += N) {
-    v8f r[N / 8];
-#pragma GCC unroll 8
-    for (int i = 0; i < N / 8; ++i) r[i] = load8(buf + o + 8 * i);
-    fwht_regs<N>(r);
-#pragma GCC unroll 8
-    for (int i = 0; i < N / 8; ++i) {
-      v8f v = r[i] * c * load8(signs + 8 * i);
-      v = v > hi ? hi : v;
-      v = v < lo ? lo : v;
-      store8(buf + o + 8 * i, v);
-    }
-  }
-}
-#define TPC_FIXED_ROTATIONS 1
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // Blocks of 16 values or more on AVX-512 (int4:g32+had: two registers per block): stages h = 1, 2, 4, 8 pair
 // lanes inside a 16-float vector, stages h >= 16 pair whole vectors; half the instructions of the 8-float path.
 typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) {
-  v16f r;
-  memcpy(&r, p, sizeof r);
-  return r;
-}
-inline void store16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
 
 // Stage h = 1 << s inside a vector: w = v with the pairs swapped; every lane gets v + w (= a + b where it holds
 // the pair's first value a), then the lanes holding the second value b get w - v (= a - b) instead, a masked
@@ -327,7 +285,7 @@ inline v16f lane_stage16(v16f v) {
 }
 
 template <int N>
-inline void fwht_regs16(v16f* r) {
+inline void fwht_regs(v16f* r) {
   constexpr int nv = N / 16;
 #pragma GCC unroll 8
   for (int i = 0; i < nv; ++i) {
@@ -335,48 +293,52 @@ inline void fwht_regs16(v16f* r) {
   }
   butterflies_across<v16f, nv>(r);
 }
+typedef v16f vwide;  // the vector type of blocks of 16 values or more
+#else
+typedef v8f vwide;
+#endif
 
-template <int N>
-inline void rotate_forward_fixed16(float* buf, int len, const float* signs, float scale) {
-  const v16f c = v16f{} + scale;
+// v <- fwht(v * signs) * c for each block of N values in buf[0, len), in vectors V (8 or 16 floats).
+template <typename V, int N>
+inline void rotate_forward_regs(float* buf, int len, const float* signs, float scale) {
+  constexpr int L = sizeof(V) / sizeof(float), nv = N / L;
+  const V c = V{} + scale;
   for (int o = 0; o < len; o += N) {
-    v16f r[N / 16];
+    V r[nv];
 #pragma GCC unroll 8
-    for (int i = 0; i < N / 16; ++i) r[i] = load16(buf + o + 16 * i) * load16(signs + 16 * i);
-    fwht_regs16<N>(r);
+    for (int i = 0; i < nv; ++i) r[i] = loadv<V>(buf + o + L * i) * loadv<V>(signs + L * i);
+    fwht_regs<N>(r);
 #pragma GCC unroll 8
-    for (int i = 0; i < N / 16; ++i) store16(buf + o + 16 * i, r[i] * c);
+    for (int i = 0; i < nv; ++i) storev(buf + o + L * i, r[i] * c);
   }
 }
 
-template <int N>
-inline void rotate_backward_fixed16(float* buf, int len, const float* signs, float scale, float top) {
-  // (w * c) * s as one product w * (c * s): c * s is +-c exactly, and rounding to nearest is symmetric, so
-  // w * (-c) = -(w * c) to the bit (zeros' signs included); a NaN w comes out unchanged either way.
-  v16f cs[N / 16];
-  for (int i = 0; i < N / 16; ++i) cs[i] = load16(signs + 16 * i) * scale;
-  const v16f hi = v16f{} + top;
-  const v16f lo = -hi;
+// w <- fwht(w) * c * signs for each block of N values in buf[0, len), then each result clamped to [-top, top] in
+// registers (top = +inf: unchanged; NaN stays NaN: its comparisons are false). (w * c) * s is computed as one
+// product w * (c * s): c * s is +-c exactly, and rounding to nearest is symmetric, so w * (-c) = -(w * c) to the
+// bit (zeros' signs included); a NaN w comes out unchanged either way.
+template <typename V, int N>
+inline void rotate_backward_regs(float* buf, int len, const float* signs, float scale, float top) {
+  constexpr int L = sizeof(V) / sizeof(float), nv = N / L;
+  V cs[nv];
+  for (int i = 0; i < nv; ++i) cs[i] = loadv<V>(signs + L * i) * scale;
+  const V hi = V{} + top;
+  const V lo = -hi;
   for (int o = 0; o < len; o += N) {
-    v16f r[N / 16];
+    V r[nv];
 #pragma GCC unroll 8
-    for (int i = 0; i < N / 16; ++i) r[i] = load16(buf + o + 16 * i);
-    fwht_regs16<N>(r);
+    for (int i = 0; i < nv; ++i) r[i] = loadv<V>(buf + o + L * i);
+    fwht_regs<N>(r);
 #pragma GCC unroll 8
-    for (int i = 0; i < N / 16; ++i) {
-      v16f v = r[i] * cs[i];
+    for (int i = 0; i < nv; ++i) {
+      V v = r[i] * cs[i];
       v = v > hi ? hi : v;
       v = v < lo ? lo : v;
-      store16(buf + o + 16 * i, v);
+      storev(buf + o + L * i, v);
     }
   }
 }
-#define TPC_ROTATE_FORWARD_WIDE rotate_forward_fixed16
-#define TPC_ROTATE_BACKWARD_WIDE rotate_backward_fixed16
-#else
-#define TPC_ROTATE_FORWARD_WIDE rotate_forward_fixed
-#define TPC_ROTATE_BACKWARD_WIDE rotate_backward_fixed
-#endif
+#define TPC_FIXED_ROTATIONS 1
 #endif
 
 inline void fwht_any(float* v, int n) {
@@ -392,11 +354,11 @@ inline void fwht_any(float* v, int n) {
 void rotate_forward(float* buf, int len, const Rotation& r) {
 #if defined(TPC_FIXED_ROTATIONS)
   switch (r.block) {
-    case 8: rotate_forward_fixed<8>(buf, len, r.signs, r.scale); return;
-    case 16: TPC_ROTATE_FORWARD_WIDE<16>(buf, len, r.signs, r.scale); return;
-    case 32: TPC_ROTATE_FORWARD_WIDE<32>(buf, len, r.signs, r.scale); return;
-    case 64: TPC_ROTATE_FORWARD_WIDE<64>(buf, len, r.signs, r.scale); return;
-    case 128: TPC_ROTATE_FORWARD_WIDE<128>(buf, len, r.signs, r.scale); return;
+    case 8: rotate_forward_regs<v8f, 8>(buf, len, r.signs, r.scale); return;
+    case 16: rotate_forward_regs<vwide, 16>(buf, len, r.signs, r.scale); return;
+    case 32: rotate_forward_regs<vwide, 32>(buf, len, r.signs, r.scale); return;
+    case 64: rotate_forward_regs<vwide, 64>(buf, len, r.signs, r.scale); return;
+    case 128: rotate_forward_regs<vwide, 128>(buf, len, r.signs, r.scale); return;
     default: break;
   }
 #endif
@@ -412,11 +374,11 @@ void rotate_forward(float* buf, int len, const Rotation& r) {
 void rotate_backward(float* buf, int len, const Rotation& r, float top) {
 #if defined(TPC_FIXED_ROTATIONS)
   switch (r.block) {
-    case 8: rotate_backward_fixed<8>(buf, len, r.signs, r.scale, top); return;
-    case 16: TPC_ROTATE_BACKWARD_WIDE<16>(buf, len, r.signs, r.scale, top); return;
-    case 32: TPC_ROTATE_BACKWARD_WIDE<32>(buf, len, r.signs, r.scale, top); return;
-    case 64: TPC_ROTATE_BACKWARD_WIDE<64>(buf, len, r.signs, r.scale, top); return;
-    case 128: TPC_ROTATE_BACKWARD_WIDE<128>(buf, len, r.signs, r.scale, top); return;
+    case 8: rotate_backward_regs<v8f, 8>(buf, len, r.signs, r.scale, top); return;
+    case 16: rotate_backward_regs<vwide, 16>(buf, len, r.signs, r.scale, top); return;
+    case 32: rotate_backward_regs<vwide, 32>(buf, len, r.signs, r.scale, top); return;
+    case 64: rotate_backward_regs<vwide, 64>(buf, len, r.signs, r.scale, top); return;
+    case 128: rotate_backward_regs<vwide, 128>(buf, len, r.signs, r.scale, top); return;
     default: break;
   }
 #endif
