@@ -130,6 +130,31 @@ inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_
   memcpy(out + 3 * N, &w[3], N);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// The same 4N bytes from two vectors of 16 int32 q in [-qmax, qmax] (values 0-15 and 16-31, in order): vpmovdb
+// narrows them in order (truncation; every q fits in int8), then the bytes pack as store_codes32 packs them.
+template <int N>
+inline void store_codes32(__m512i q0, __m512i q1, uint8_t* out) {
+  const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q0)), _mm512_cvtepi32_epi8(q1), 1);
+  if constexpr (N == 4) {
+    const __m256i w = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi16_epi8(w));  // vpmovwb: the 16 bytes in order
+    return;
+  }
+  const __m256i codes = _mm256_add_epi8(b, _mm256_set1_epi8(static_cast<char>(1 << (N - 1))));
+  if constexpr (N == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), codes);
+    return;
+  }
+  const uint64_t w[4] = {gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 0))),
+                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 1))),
+                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 2))),
+                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 3)))};
+  for (int j = 0; j < 3; ++j) memcpy(out + j * N, &w[j], 8);
+  memcpy(out + 3 * N, &w[3], N);
+}
+#endif
+
 // 4N packed bytes at `in` -> the signed values (code - zero) of 32 codes as int8: values 0-15 in *lo, 16-31 in *hi.
 // N = 5, 6 read up to 3 bytes past the 4N (see below).
 template <int N>

@@ -129,11 +129,25 @@ inline __m256i bf16_bits8(__m256 f) {  // 8 results in the low 16 bits of each i
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(tpcomp::kBf16NaN), nan_lanes(x));
 }
 
+#if defined(__AVX512BW__)
+// 16 lanes at once: the same integer rounding and NaN rule, narrowed with vpmovdw (truncation: every result
+// fits in 16 bits).
+inline void store16_bf16(const float* v, uint16_t* p) {
+  const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(v));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i bits = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(tpcomp::kBf16NaN));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+}
+#else
 inline void store16_bf16(const float* v, uint16_t* p) {
   // packus works per 128-bit half: [a 0-3, b 0-3 | a 4-7, b 4-7]; permute 64-bit units 0, 2, 1, 3 into order.
   const __m256i packed = _mm256_packus_epi32(bf16_bits8(_mm256_loadu_ps(v)), bf16_bits8(_mm256_loadu_ps(v + 8)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
 }
+#endif
 
 inline void store8_f16(const float* v, uint16_t* p) {
   const __m256i x = _mm256_castps_si256(_mm256_loadu_ps(v));
@@ -590,10 +604,20 @@ inline __m256i hmax8x8(const __m256i a[8]) {
 }
 
 // The largest magnitude bits of eight consecutive groups of g values (g a multiple of 8), lane j for group j.
-inline __m256i absmax8(const float* v, int g) {
+// G > 0: g known at compile time (the loops unroll).
+template <int G = 0>
+inline __m256i absmax8(const float* v, int g_runtime) {
+  const int g = G > 0 ? G : g_runtime;
   __m256i partial[8];
   for (int j = 0; j < 8; ++j) partial[j] = int4_group_absmax_bits(v + j * g, g);
   return hmax8x8(partial);
+}
+
+// absmax8 for runs of eight blocks of g values over v[0, 8 n g): amax[0, 8 n).
+template <int G>
+inline void absmax8_runs(const float* v, int g, int runs, uint32_t* amax) {
+  for (int l = 0; l < runs; ++l)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(amax + 8 * l), absmax8<G>(v + 8 * l * g, g));
 }
 
 // The low bytes of eight int32 lanes, in order.
@@ -648,6 +672,19 @@ TPC_NOINLINE void int_quantize8_g(const float* v, int g_runtime, __m256i amax_bi
   const __m256 lo = _mm256_set1_ps(-static_cast<float>(kQmax)), hi = _mm256_set1_ps(static_cast<float>(kQmax));
   // 8 * g values = g vectors of 8, packed 4 vectors (32 values, 4N bytes) at a time; vector k is in group k / (g / 8).
   const int vecs_per_group = g / 8;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  // Groups of 16 values or more: 16-value vectors, each inside one group; per lane the same product, clamp and
+  // conversion as the 8-lane loop below.
+  if constexpr (G >= 16) {
+    const __m512 lo16 = _mm512_set1_ps(-static_cast<float>(kQmax)), hi16 = _mm512_set1_ps(static_cast<float>(kQmax));
+    for (int k = 0; k < g; k += 4) {
+      const __m512 t0 = _mm512_mul_ps(_mm512_loadu_ps(v + 8 * k), _mm512_set1_ps(inv[k / vecs_per_group]));
+      const __m512 t1 = _mm512_mul_ps(_mm512_loadu_ps(v + 8 * k + 16), _mm512_set1_ps(inv[(k + 2) / vecs_per_group]));
+      store_codes32<N>(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t0, lo16), hi16)),
+                       _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t1, lo16), hi16)), codes + k * N);
+    }
+  } else
+#endif
   for (int k = 0; k < g; k += 4) {
     __m256i q[4];
     for (int u = 0; u < 4; ++u) {
@@ -734,6 +771,29 @@ TPC_NOINLINE void int_accumulate8_g(const uint8_t* codes, const uint8_t* scales,
     for (int u = 0; u < 4; ++u)
       v[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), _mm256_broadcast_ss(s + (k + u) / vecs_per_group));
   };
+#if defined(__AVX512F__)
+  // Groups of 16 values or more (the compile-time sizes): 16-value vectors, each inside one group; per lane the
+  // same product q * scale and the same add as the 8-lane loops below.
+  if constexpr (G >= 16) {
+    if (!clamp) {
+      for (int k = 0; k < g; k += 4) {
+        __m128i q01, q23;
+        load_codes32<N>(codes + k * N, &q01, &q23);
+        const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q01)), _mm512_set1_ps(s[k / vecs_per_group]));
+        const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q23)), _mm512_set1_ps(s[(k + 2) / vecs_per_group]));
+        float* a = acc + 8 * k;
+        if (first) {
+          _mm512_storeu_ps(a, v0);
+          _mm512_storeu_ps(a + 16, v1);
+        } else {
+          _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), v0));
+          _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), v1));
+        }
+      }
+      return;
+    }
+  }
+#endif
   __m256 v[4];
   if (!clamp && first) {
     for (int k = 0; k < g; k += 4) {
@@ -1038,9 +1098,16 @@ constexpr uint32_t kProxyLow = (127u - 57u) << 23, kProxyHigh = (127u + 57u) << 
 inline uint32_t block_maxima(const Codec& c, const float* v, int nbt, uint32_t* amax, bool* bad) {
   int l = 0;
 #if defined(TPC_INT4_AVX2)
-  if (c.block % 8 == 0)
-    for (; l + 8 <= nbt; l += 8)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(amax + l), absmax8(v + l * c.block, c.block));
+  if (c.block % 8 == 0) {
+    const int runs = nbt / 8;
+    switch (c.block) {
+      case 32: absmax8_runs<32>(v, 32, runs, amax); break;
+      case 64: absmax8_runs<64>(v, 64, runs, amax); break;
+      case 128: absmax8_runs<128>(v, 128, runs, amax); break;
+      default: absmax8_runs<0>(v, c.block, runs, amax);
+    }
+    l = 8 * runs;
+  }
 #endif
   for (; l < nbt; ++l) {
     bool finite;
@@ -1048,7 +1115,26 @@ inline uint32_t block_maxima(const Codec& c, const float* v, int nbt, uint32_t* 
   }
   uint32_t top = 0;
   bool any_bad = false;
-  for (l = 0; l < nbt; ++l) {
+  l = 0;
+#if defined(TPC_INT4_AVX2)
+  // Eight blocks at a time: the largest finite maximum (magnitude bits order like the values, as signed int32)
+  // and whether any block holds NaN/Inf (bits >= 0x7F800000).
+  {
+    const __m256i inf = _mm256_set1_epi32(0x7F800000);
+    __m256i best = _mm256_setzero_si256(), nonfinite = _mm256_setzero_si256();
+    for (; l + 8 <= nbt; l += 8) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(amax + l));
+      const __m256i finite = _mm256_cmpgt_epi32(inf, a);
+      best = _mm256_max_epi32(best, _mm256_and_si256(a, finite));
+      nonfinite = _mm256_or_si256(nonfinite, _mm256_andnot_si256(finite, _mm256_set1_epi32(-1)));
+    }
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), best);
+    for (int j = 0; j < 8; ++j) top = lanes[j] > top ? lanes[j] : top;
+    any_bad = !_mm256_testz_si256(nonfinite, nonfinite);
+  }
+#endif
+  for (; l < nbt; ++l) {
     const uint32_t a = amax[l];
     const bool finite = a < 0x7F800000u;
     any_bad |= !finite;
