@@ -91,7 +91,14 @@ void load_tile(const void* x, int dt, int64_t start, int64_t n, float* buf, int 
     for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
   } else if (dt == kBF16) {
     const uint16_t* p = static_cast<const uint16_t*>(x) + start;
-    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_bits_to_float(p[i]);
+    int64_t i = 0;
+#if defined(TPC_INT4_AVX2) && defined(__AVX512F__)
+    // 16 at a time: zero-extend to 32 bits and shift into the high half (bf16_bits_to_float, lane for lane).
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(buf + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))), 16)));
+#endif
+    for (; i < n; ++i) buf[i] = bf16_bits_to_float(p[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) buf[i] = load(x, dt, start + i);
   }
