@@ -286,6 +286,26 @@ def test_decode_sum_writes_into_out(monkeypatch: pytest.MonkeyPatch, mode: str, 
             codec.decode_sum(payloads, 2, x.shape, torch.bfloat16, out=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("spec", ["int4:g32", "int4:g32+had", "fp8"])
+def test_outputs_of_a_mebibyte_and_more_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype
+) -> None:
+    # From 1 MiB of output on, decode-sum writes with non-temporal stores where `out` is aligned (kStreamMinBytes):
+    # the same bits as the reference, aligned or not, and nothing outside `out` touched.
+    codec = make_codec(spec)
+    x = adversarial((1000, 576), dtype, seed=11)  # 576,000 values: 1.1 MB of output
+    payloads = torch.cat([codec.encode(x), codec.encode(x * 0.5)])
+    monkeypatch.setenv(backends.ENV, MODES["off"])
+    want = codec.decode_sum(payloads, 2, x.shape, dtype)
+    monkeypatch.setenv(backends.ENV, MODES["on"])
+    for offset in (0, 16, 1):  # 0 and 16: 32-byte aligned (streamed); 1: unaligned (plain stores)
+        buf = torch.full((x.numel() + 32,), 7.0, dtype=dtype)
+        got = codec.decode_sum(payloads, 2, x.shape, dtype, out=buf[offset : offset + x.numel()])
+        assert same_bits(got, want), f"{spec} {dtype} offset {offset}"
+        assert bool((buf[:offset] == 7.0).all()) and bool((buf[offset + x.numel() :] == 7.0).all())
+
+
 def test_the_fp8_scale_cap_is_rounded_to_float32_as_torch_does() -> None:
     # native_format passes the fp8 scale cap to the library as the float32 that torch's clamp compares with;
     # it is rounded without a tensor (per-call cost): it must equal torch's rounding, ties and subnormals included.
