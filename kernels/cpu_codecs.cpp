@@ -139,23 +139,24 @@ inline __m256i bf16_bits8(__m256 f) {  // 8 results in the low 16 bits of each i
 #if defined(__AVX512BW__)
 // 16 lanes at once: the same integer rounding and NaN rule, narrowed with vpmovdw (truncation: every result
 // fits in 16 bits).
-inline __m256i bf16_bits16(const float* v) {
+inline void store16_bf16(const float* v, uint16_t* p) {
   const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(v));
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
   const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7FFFFFFF)),
                                                 _mm512_set1_epi32(0x7F800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(tpcomp::kBf16NaN)));
+  const __m512i bits = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(tpcomp::kBf16NaN));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
 }
 #else
-inline __m256i bf16_bits16(const float* v) {
+inline void store16_bf16(const float* v, uint16_t* p) {
   // packus works per 128-bit half: [a 0-3, b 0-3 | a 4-7, b 4-7]; permute 64-bit units 0, 2, 1, 3 into order.
   const __m256i packed = _mm256_packus_epi32(bf16_bits8(_mm256_loadu_ps(v)), bf16_bits8(_mm256_loadu_ps(v + 8)));
-  return _mm256_permute4x64_epi64(packed, 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
 }
 #endif
 
-inline __m128i f16_bits8(const float* v) {
+inline void store8_f16(const float* v, uint16_t* p) {
   const __m256i x = _mm256_castps_si256(_mm256_loadu_ps(v));
   const __m128i h = _mm256_cvtps_ph(_mm256_castsi256_ps(x), _MM_FROUND_TO_NEAREST_INT);
   const __m256i nan_bits = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
@@ -165,42 +166,13 @@ inline __m128i f16_bits8(const float* v) {
   // saturation keeps 0x7E00 and 0xFE00 intact.
   const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
   const __m128i bits16 = _mm_packus_epi32(_mm256_castsi256_si128(nan_bits), _mm256_extracti128_si256(nan_bits, 1));
-  return _mm_blendv_epi8(h, bits16, nan16);
-}
-
-// Stream: non-temporal stores (p aligned to the vector), for outputs too large to stay in cache: they skip
-// reading each output line before writing it (decode-sum of 8 MiB in 1 MiB chunks: 8-15% faster, measured).
-template <bool Stream>
-inline void store_bf16_runs(const float* buf, int64_t n, uint16_t* p) {
-  for (int64_t i = 0; i + 16 <= n; i += 16) {
-    const __m256i bits = bf16_bits16(buf + i);
-    if constexpr (Stream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i), bits);
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), bits);
-    }
-  }
-}
-
-template <bool Stream>
-inline void store_f16_runs(const float* buf, int64_t n, uint16_t* p) {
-  for (int64_t i = 0; i + 8 <= n; i += 8) {
-    const __m128i bits = f16_bits8(buf + i);
-    if constexpr (Stream) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), bits);
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), bits);
-    }
-  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blendv_epi8(h, bits16, nan16));
 }
 #endif
 
-// Outputs of at least this many bytes are written with non-temporal stores (store_tile's `stream`).
-constexpr int64_t kStreamMinBytes = 1 << 20;
-
 // Write buf[0, n) as dtype `dt` at out[start, start + n), each value clamped to [-top, top] first (+inf: no
-// clamp; NaN stays NaN). stream: non-temporal stores where the output is aligned (the caller fences).
-void store_tile(float* buf, int64_t n, int dt, int64_t start, void* out, float top, bool stream) {
+// clamp; NaN stays NaN).
+void store_tile(float* buf, int64_t n, int dt, int64_t start, void* out, float top) {
   if (top < tpcomp::bits_as_float(0x7F800000u))
     for (int64_t i = 0; i < n; ++i) buf[i] = tpcomp::clamp_abs(buf[i], top);
   if (dt == kF32) {
@@ -211,22 +183,12 @@ void store_tile(float* buf, int64_t n, int dt, int64_t start, void* out, float t
   int64_t i = 0;
   if (dt == kBF16) {
 #if defined(TPC_INT4_AVX2)
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
-      store_bf16_runs<true>(buf, n, p);
-    } else {
-      store_bf16_runs<false>(buf, n, p);
-    }
-    i = n / 16 * 16;
+    for (; i + 16 <= n; i += 16) store16_bf16(buf + i, p + i);
 #endif
     for (; i < n; ++i) p[i] = float_to_bf16_bits(buf[i]);
   } else {
 #if defined(TPC_INT4_AVX2)
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-      store_f16_runs<true>(buf, n, p);
-    } else {
-      store_f16_runs<false>(buf, n, p);
-    }
-    i = n / 8 * 8;
+    for (; i + 8 <= n; i += 8) store8_f16(buf + i, p + i);
 #endif
     for (; i < n; ++i) p[i] = float_to_half_bits(buf[i]);
   }
@@ -1416,10 +1378,7 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
   // scaling and the clamp to the output dtype's range follow.
   const float top = c.ch.h ? dtype_max(kF32) : dtype_max(dt);
   const float out_top = c.ch.h ? dtype_max(dt) : inf;
-  const bool stream = numel * (dt == kF32 ? 4 : 2) >= kStreamMinBytes;
-#pragma omp parallel num_threads(threads_for(numel * count, nthreads))
-  {
-#pragma omp for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(numel * count, nthreads))
   for (int64_t t = 0; t < ntiles; ++t) {
     float acc[kMaxTile];
     const int64_t start = t * tile;
@@ -1517,12 +1476,8 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
     // the channel scaling, to the output dtype's range).
     if (n > 0) {
       if (c.ch.h) channel_scale(c.ch.down, c.ch.h, start, n, acc);
-      store_tile(acc, n, dt, start, out, out_top, stream);
+      store_tile(acc, n, dt, start, out, out_top);
     }
-  }
-#if defined(TPC_INT4_AVX2)
-  if (stream) _mm_sfence();  // this thread's non-temporal stores are visible before decode-sum returns
-#endif
   }
 }
 

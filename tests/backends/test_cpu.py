@@ -291,15 +291,15 @@ def test_decode_sum_writes_into_out(monkeypatch: pytest.MonkeyPatch, mode: str, 
 def test_outputs_of_a_mebibyte_and_more_match_the_reference(
     monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype
 ) -> None:
-    # From 1 MiB of output on, decode-sum writes with non-temporal stores where `out` is aligned (kStreamMinBytes):
-    # the same bits as the reference, aligned or not, and nothing outside `out` touched.
+    # Outputs larger than the pipelined collectives' chunks, written into `out` at aligned and unaligned offsets:
+    # the same bits as the reference and nothing outside `out` touched.
     codec = make_codec(spec)
     x = adversarial((1000, 576), dtype, seed=11)  # 576,000 values: 1.1 MB of output
     payloads = torch.cat([codec.encode(x), codec.encode(x * 0.5)])
     monkeypatch.setenv(backends.ENV, MODES["off"])
     want = codec.decode_sum(payloads, 2, x.shape, dtype)
     monkeypatch.setenv(backends.ENV, MODES["on"])
-    for offset in (0, 16, 1):  # 0 and 16: 32-byte aligned (streamed); 1: unaligned (plain stores)
+    for offset in (0, 16, 1):  # 0 and 16: 32-byte aligned; 1: not
         buf = torch.full((x.numel() + 32,), 7.0, dtype=dtype)
         got = codec.decode_sum(payloads, 2, x.shape, dtype, out=buf[offset : offset + x.numel()])
         assert same_bits(got, want), f"{spec} {dtype} offset {offset}"
