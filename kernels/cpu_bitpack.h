@@ -98,23 +98,16 @@ inline void unpack_codes(const uint8_t* in, int n, int bits, int8_t* q) {
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
-// 32 codes (four vectors of int32 q in [-qmax, qmax], in value order) -> 4N bytes at `out`.
+// Pairs of adjacent int8 q in [-7, 7] -> the int16 (q_even + 8) | (q_odd + 8) << 4, in 0..255: q_even * 1 +
+// q_odd * 16 in each int16, + 0x88.
+inline __m256i int4_pair_bytes(__m256i b) {
+  return _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
+}
+
+// 32 int8 q in value order (N = 5, 6, 8) -> 4N bytes at `out`: + zero as bytes (int8 q + 2^(N-1) wraps to the
+// unsigned code), then the bytes themselves (N = 8) or 8 codes per N bytes.
 template <int N>
-inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* out) {
-  // Narrowing packs work per 128-bit half: b = [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | the same for lanes 4-7], as int8.
-  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-  if constexpr (N == 4) {
-    // Neighbours 2i, 2i + 1 are adjacent bytes: q_even * 1 + q_odd * 16 in each int16, + 0x88 = the byte
-    // (q + 8) | (q' + 8) << 4, in 0..255.
-    const __m256i w = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
-    const __m256i bytes = _mm256_packus_epi16(w, w);  // per half: its 8 bytes, twice
-    // Low half: bytes of q0-q3 lanes 0-3 (two bytes each), high half: lanes 4-7: interleave 16-bit units.
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                     _mm_unpacklo_epi16(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
-    return;
-  }
-  // Dword permute back to value order, then + zero as bytes (int8 q + 2^(N-1) wraps to the unsigned code).
-  const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+inline void store_code_bytes32(__m256i ordered, uint8_t* out) {
   const __m256i codes = _mm256_add_epi8(ordered, _mm256_set1_epi8(static_cast<char>(1 << (N - 1))));
   if constexpr (N == 8) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), codes);
@@ -130,6 +123,23 @@ inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_
   memcpy(out + 3 * N, &w[3], N);
 }
 
+// 32 codes (four vectors of int32 q in [-qmax, qmax], in value order) -> 4N bytes at `out`.
+template <int N>
+inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* out) {
+  // Narrowing packs work per 128-bit half: b = [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | the same for lanes 4-7], as int8.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+  if constexpr (N == 4) {
+    const __m256i w = int4_pair_bytes(b);
+    const __m256i bytes = _mm256_packus_epi16(w, w);  // per half: its 8 bytes, twice
+    // Low half: bytes of q0-q3 lanes 0-3 (two bytes each), high half: lanes 4-7: interleave 16-bit units.
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_unpacklo_epi16(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
+    return;
+  }
+  // Dword permute back to value order.
+  store_code_bytes32<N>(_mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)), out);
+}
+
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 // The same 4N bytes from two vectors of 16 int32 q in [-qmax, qmax] (values 0-15 and 16-31, in order): vpmovdb
 // narrows them in order (truncation; every q fits in int8), then the bytes pack as store_codes32 packs them.
@@ -137,21 +147,10 @@ template <int N>
 inline void store_codes32(__m512i q0, __m512i q1, uint8_t* out) {
   const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q0)), _mm512_cvtepi32_epi8(q1), 1);
   if constexpr (N == 4) {
-    const __m256i w = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi16(0x1001), b), _mm256_set1_epi16(0x88));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi16_epi8(w));  // vpmovwb: the 16 bytes in order
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi16_epi8(int4_pair_bytes(b)));  // vpmovwb: in order
     return;
   }
-  const __m256i codes = _mm256_add_epi8(b, _mm256_set1_epi8(static_cast<char>(1 << (N - 1))));
-  if constexpr (N == 8) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), codes);
-    return;
-  }
-  const uint64_t w[4] = {gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 0))),
-                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 1))),
-                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 2))),
-                         gather8<N>(static_cast<uint64_t>(_mm256_extract_epi64(codes, 3)))};
-  for (int j = 0; j < 3; ++j) memcpy(out + j * N, &w[j], 8);
-  memcpy(out + 3 * N, &w[3], N);
+  store_code_bytes32<N>(b, out);
 }
 #endif
 
