@@ -1392,6 +1392,15 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
         common = k > common ? k : common;
         lowest = k < lowest ? k : lowest;
       }
+#if defined(__AVX512F__)
+    // Each payload's shift for this tile (its exponent is the super-block's), for the fused all-payload paths.
+    const bool fusable = count <= kFusedPayloads;
+    Shift shifts[kFusedPayloads];
+    for (int r = 0; fusable && r < count; ++r) {
+      const int k = load_exponent(payloads + r * nbytes, c, super);
+      shifts[r] = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
+    }
+#endif
     int len = 0;
     for (int o = 0; o < tile;) {
       const int64_t b = (start + o) / c.block;
@@ -1400,17 +1409,10 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       // Eight groups at a time, payloads in order 0..count-1 for each: every value sees the same adds.
       if (c.format == kInt && c.block % 8 == 0 && o + 8 * c.block <= tile && b + 8 <= nblocks) {
 #if defined(__AVX512F__)
-        if (count <= kFusedPayloads) {
-          Shift shifts[kFusedPayloads];
-          for (int r = 0; r < count; ++r) {
-            const int k = load_exponent(payloads + r * nbytes, c, super);
-            shifts[r] = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
-          }
-          if (int_accumulate8_all(c, payloads, count, nbytes, b, shifts, acc + o)) {
-            o += 8 * c.block;
-            len = o;
-            continue;
-          }
+        if (fusable && int_accumulate8_all(c, payloads, count, nbytes, b, shifts, acc + o)) {
+          o += 8 * c.block;
+          len = o;
+          continue;
         }
 #endif
         for (int r = 0; r < count; ++r) {
@@ -1426,17 +1428,10 @@ void decode_sum(const Codec& c, const uint8_t* payloads, int count, int64_t nbyt
       }
 #endif
 #if defined(TPC_E4M3_AVX512)
-      if (c.format == kFp8E4m3 && count <= kFusedPayloads) {
-        Shift shifts[kFusedPayloads];
-        for (int r = 0; r < count; ++r) {
-          const int k = load_exponent(payloads + r * nbytes, c, super);
-          shifts[r] = c.rot.block ? shift_of(c, k - common, inf) : shift_of(c, k, top);
-        }
-        if (fp8_accumulate_fused(c, payloads, count, nbytes, b, shifts, acc + o)) {
-          o += c.block;
-          len = o;
-          continue;
-        }
+      if (c.format == kFp8E4m3 && fusable && fp8_accumulate_fused(c, payloads, count, nbytes, b, shifts, acc + o)) {
+        o += c.block;
+        len = o;
+        continue;
       }
 #endif
       for (int r = 0; r < count; ++r) {
