@@ -843,7 +843,7 @@ TPC_NOINLINE bool int_accumulate8_fused(const uint8_t* payloads, int count, int6
                                        int64_t scale_offset, const Shift* shifts, float* acc) {
   static_assert(G >= 16 && (G % 128 == 0 || 128 % G == 0), "pieces of 128 values must split into whole vectors");
   constexpr int kQmax = (1 << (N - 1)) - 1;
-  if (count > kFusedPayloads) return false;
+  if (count < 1 || count > kFusedPayloads) return false;
   alignas(64) float s[kFusedPayloads][8];
   for (int r = 0; r < count; ++r) {
     const Shift& sh = shifts[r];
@@ -865,20 +865,25 @@ TPC_NOINLINE bool int_accumulate8_fused(const uint8_t* payloads, int count, int6
     _mm256_store_ps(s[r], scaled);
   }
   constexpr int kPiece = 128;
-  for (int o = 0; o < 8 * G; o += kPiece) {
-    __m512 a[8];
-    for (int r = 0; r < count; ++r) {
-      const uint8_t* codes = payloads + r * nbytes + code_offset + o * N / 8;
+  // Payload r's 128 values from offset o as 8 vectors: x[i] = q * s_r, values o + 16 i .. o + 16 i + 15.
+  const auto values = [&](int r, int o, __m512* x) {
+    const uint8_t* codes = payloads + r * nbytes + code_offset + o * N / 8;
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        __m128i q01, q23;
-        load_codes32<N>(codes + 4 * N * j, &q01, &q23);
-        const int v = o + 32 * j;
-        const __m512 x0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q01)), _mm512_set1_ps(s[r][v / G]));
-        const __m512 x1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q23)), _mm512_set1_ps(s[r][(v + 16) / G]));
-        a[2 * j] = r == 0 ? x0 : _mm512_add_ps(a[2 * j], x0);
-        a[2 * j + 1] = r == 0 ? x1 : _mm512_add_ps(a[2 * j + 1], x1);
-      }
+    for (int j = 0; j < 4; ++j) {
+      __m128i q01, q23;
+      load_codes32<N>(codes + 4 * N * j, &q01, &q23);
+      const int v = o + 32 * j;
+      x[2 * j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q01)), _mm512_set1_ps(s[r][v / G]));
+      x[2 * j + 1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q23)), _mm512_set1_ps(s[r][(v + 16) / G]));
+    }
+  };
+  for (int o = 0; o < 8 * G; o += kPiece) {
+    __m512 a[8], x[8];
+    values(0, o, a);
+    for (int r = 1; r < count; ++r) {
+      values(r, o, x);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(a[i], x[i]);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) _mm512_storeu_ps(acc + o + 16 * i, a[i]);
