@@ -734,6 +734,28 @@ inline void int_quantize8(const Codec& c, const float* v, __m256i amax, float f,
   }
 }
 
+// The eight group scales of a run at `scales` into s[8] (times sh.f2 where the shift folds into them), and
+// whether int_accumulate8_g must clamp: where the shift does not fold, or where qmax * |scale| exceeds top (a NaN
+// scale takes the clamping path, which keeps it; top = +inf, the rotated codecs' accumulation, never clamps).
+template <int N, bool E4M3>
+inline bool group_scales8(const uint8_t* scales, const Shift& sh, float* s) {
+  constexpr int kQmax = (1 << (N - 1)) - 1;
+  __m256 raw;
+  if constexpr (E4M3) {
+    raw = e4m3_scales8(scales);
+  } else {
+    raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+  }
+  const __m256 scaled = sh.fold ? _mm256_mul_ps(raw, _mm256_set1_ps(sh.f2)) : raw;
+  _mm256_store_ps(s, scaled);
+  if (!sh.fold) return true;
+  if (!(sh.top < tpcomp::bits_as_float(0x7F800000u))) return false;
+  const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
+  const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(static_cast<float>(kQmax))),
+                                    _mm256_set1_ps(sh.top), _CMP_NLE_UQ);
+  return _mm256_movemask_ps(over) != 0;
+}
+
 // Decode eight consecutive groups and add them to acc[0, 8g) (first: overwrite), as int_accumulate does group
 // by group: per value acc = acc + float(code - zero) * scale (or acc = float(code - zero) * scale), the same two
 // roundings in the same order. The 8 fp16 scales convert in one vcvtph2ps, exact like half_bits_to_float
@@ -746,26 +768,9 @@ template <int G, int N, bool E4M3>
 TPC_NOINLINE void int_accumulate8_g(const uint8_t* codes, const uint8_t* scales, int g_runtime, const Shift& sh, bool first,
                               float* acc) {
   const int g = G > 0 ? G : g_runtime;
-  constexpr int kQmax = (1 << (N - 1)) - 1;
   alignas(32) float s[8];
-  __m256 raw;
-  if constexpr (E4M3) {
-    raw = e4m3_scales8(scales);
-  } else {
-    raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
-  }
   const bool fold = sh.fold;
-  const __m256 scaled = fold ? _mm256_mul_ps(raw, _mm256_set1_ps(sh.f2)) : raw;
-  _mm256_store_ps(s, scaled);
-  // The clamp can only bite where qmax * |scale| exceeds top (a NaN scale takes the clamping path, which keeps it;
-  // top = +inf, the rotated codecs' accumulation, never clamps).
-  bool clamp = !fold;
-  if (fold && sh.top < tpcomp::bits_as_float(0x7F800000u)) {
-    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
-    const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(static_cast<float>(kQmax))),
-                                      _mm256_set1_ps(sh.top), _CMP_NLE_UQ);
-    clamp = _mm256_movemask_ps(over) != 0;
-  }
+  const bool clamp = group_scales8<N, E4M3>(scales, sh, s);
   const __m256 f1 = _mm256_set1_ps(sh.f1), f2 = _mm256_set1_ps(sh.f2);
   const __m256 top = _mm256_set1_ps(sh.top), bottom = _mm256_set1_ps(-sh.top);
   const int vecs_per_group = g / 8;
@@ -778,29 +783,6 @@ TPC_NOINLINE void int_accumulate8_g(const uint8_t* codes, const uint8_t* scales,
     for (int u = 0; u < 4; ++u)
       v[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[u])), _mm256_broadcast_ss(s + (k + u) / vecs_per_group));
   };
-#if defined(__AVX512F__)
-  // Groups of 16 values or more (the compile-time sizes): 16-value vectors, each inside one group; per lane the
-  // same product q * scale and the same add as the 8-lane loops below.
-  if constexpr (G >= 16) {
-    if (!clamp) {
-      for (int k = 0; k < g; k += 4) {
-        __m128i q01, q23;
-        load_codes32<N>(codes + k * N, &q01, &q23);
-        const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q01)), _mm512_set1_ps(s[k / vecs_per_group]));
-        const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q23)), _mm512_set1_ps(s[(k + 2) / vecs_per_group]));
-        float* a = acc + 8 * k;
-        if (first) {
-          _mm512_storeu_ps(a, v0);
-          _mm512_storeu_ps(a + 16, v1);
-        } else {
-          _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), v0));
-          _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), v1));
-        }
-      }
-      return;
-    }
-  }
-#endif
   __m256 v[4];
   if (!clamp && first) {
     for (int k = 0; k < g; k += 4) {
@@ -842,28 +824,10 @@ template <int G, int N, bool E4M3>
 TPC_NOINLINE bool int_accumulate8_fused(const uint8_t* payloads, int count, int64_t nbytes, int64_t code_offset,
                                        int64_t scale_offset, const Shift* shifts, float* acc) {
   static_assert(G >= 16 && (G % 128 == 0 || 128 % G == 0), "pieces of 128 values must split into whole vectors");
-  constexpr int kQmax = (1 << (N - 1)) - 1;
   if (count < 1 || count > kFusedPayloads) return false;
   alignas(64) float s[kFusedPayloads][8];
-  for (int r = 0; r < count; ++r) {
-    const Shift& sh = shifts[r];
-    if (!sh.fold) return false;
-    const uint8_t* scales = payloads + r * nbytes + scale_offset;
-    __m256 raw;
-    if constexpr (E4M3) {
-      raw = e4m3_scales8(scales);
-    } else {
-      raw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
-    }
-    const __m256 scaled = _mm256_mul_ps(raw, _mm256_set1_ps(sh.f2));
-    if (sh.top < tpcomp::bits_as_float(0x7F800000u)) {
-      const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), scaled);
-      const __m256 over = _mm256_cmp_ps(_mm256_mul_ps(magnitude, _mm256_set1_ps(static_cast<float>(kQmax))),
-                                        _mm256_set1_ps(sh.top), _CMP_NLE_UQ);
-      if (_mm256_movemask_ps(over) != 0) return false;
-    }
-    _mm256_store_ps(s[r], scaled);
-  }
+  for (int r = 0; r < count; ++r)
+    if (group_scales8<N, E4M3>(payloads + r * nbytes + scale_offset, shifts[r], s[r])) return false;
   constexpr int kPiece = 128;
   // Payload r's 128 values from offset o as 8 vectors: x[i] = q * s_r, values o + 16 i .. o + 16 i + 15.
   const auto values = [&](int r, int o, __m512* x) {
