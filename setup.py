@@ -57,10 +57,31 @@ ext_modules = []
 cmdclass = {"build_py": BuildPyWithKernels}
 
 
+def _has_cuda_headers(home: str | None) -> bool:
+    return home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _point_cuda_home_at_the_toolkit() -> None:
+    """Without CUDA_HOME / CUDA_PATH, torch takes the folder above ``which nvcc``; where that nvcc is a link or a
+    wrapper script (say /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) the folder has no CUDA headers.
+    Then set CUDA_HOME, before torch.utils.cpp_extension reads it, to the first toolkit with headers among the
+    one the link points into and /usr/local/cuda (torch's own last resort)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or _has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if _has_cuda_headers(home):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _cuda_extension_reason() -> str | None:
     """None when the CUDA extension can be built, else why not."""
     if os.environ.get("TPCOMP_NO_CUDA_EXT"):
         return "TPCOMP_NO_CUDA_EXT is set"
+    _point_cuda_home_at_the_toolkit()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -70,6 +91,8 @@ def _cuda_extension_reason() -> str | None:
         return f"torch {torch.__version__} is a CPU build"
     if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return "nvcc / CUDA_HOME not found"
+    if not _has_cuda_headers(CUDA_HOME):
+        return f"no CUDA headers under CUDA_HOME={CUDA_HOME} (include/cuda_runtime.h): set CUDA_HOME to the toolkit"
     return None
 
 
