@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -130,3 +132,52 @@ def test_the_build_copies_every_kernel_source() -> None:
     manifest = (ROOT / "MANIFEST.in").read_text()
     assert "recursive-include kernels " + " ".join(f"*{s}" for s in suffixes) in manifest
     assert cpu.PACKAGE_SOURCES == "_csrc" and '("megatron_tpcomp", "_csrc")' in source
+
+
+def _setup_functions(*names: str) -> dict:
+    """The named top-level functions of setup.py, defined without running the rest of it (it calls setup())."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    module = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names], [])
+    namespace: dict = {"os": os, "shutil": shutil}
+    exec(compile(module, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def _toolkit(root: Path, headers: bool) -> Path:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return nvcc
+
+
+def test_the_build_finds_the_cuda_headers_behind_a_linked_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # nvcc on PATH as a link into the toolkit: torch would take CUDA_HOME = the link's folder's parent, which has
+    # no headers (the extension build then failed on cuda_runtime.h); setup.py points CUDA_HOME at the toolkit.
+    fns = _setup_functions("_has_cuda_headers", "_point_cuda_home_at_the_toolkit")
+    nvcc = _toolkit(tmp_path / "cuda-13.0", headers=True)
+    (tmp_path / "local" / "bin").mkdir(parents=True)
+    (tmp_path / "local" / "bin" / "nvcc").symlink_to(nvcc)
+    monkeypatch.setenv("PATH", str(tmp_path / "local" / "bin"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    fns["_point_cuda_home_at_the_toolkit"]()
+    assert Path(os.environ["CUDA_HOME"]) == (tmp_path / "cuda-13.0").resolve()
+
+
+def test_the_build_leaves_cuda_home_alone_where_it_is_set_or_already_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fns = _setup_functions("_has_cuda_headers", "_point_cuda_home_at_the_toolkit")
+    _toolkit(tmp_path / "cuda", headers=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "cuda" / "bin"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    fns["_point_cuda_home_at_the_toolkit"]()  # nvcc's own folder has the headers: torch finds them itself
+    assert "CUDA_HOME" not in os.environ
+    monkeypatch.setenv("CUDA_HOME", "/the/users/choice")
+    fns["_point_cuda_home_at_the_toolkit"]()
+    assert os.environ["CUDA_HOME"] == "/the/users/choice"
